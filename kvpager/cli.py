@@ -1,0 +1,57 @@
+"""The `kvpager` command. Each subcommand lives in its own module, exposing
+`add_arguments(parser)` and `run(args) -> int`; this file only wires them (imported lazily so
+`kvpager --help` stays fast)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help)
+COMMANDS = {
+    "demo": ("kvpager.examples.deepseek_decode", "DeepSeek-style decode loop through the runtime"),
+    "simulate": ("kvpager.runtime.simulate_cli", "simulate a continuous-batching workload (no GPU)"),
+}
+BENCHMARKS = {
+    "tables": ("kvpager.bench_tables", "block_table / cache_seqlens update cost per step"),
+    "kernel": ("kvpager.kernels.bench", "MLA decode kernel vs the GPU's measured ceilings"),
+    "scheduler": ("kvpager.runtime.bench", "scheduler + table overhead per step"),
+}
+
+
+def _add(sub, name: str, module: str, help_: str) -> None:
+    parser = sub.add_parser(name, help=help_, description=help_)
+    parser.set_defaults(_module=module)
+    importlib.import_module(module).add_arguments(parser)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpager", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Import only the module the user asked for, so one subcommand's heavy imports
+    # (matplotlib, transformers) never slow another down.
+    wanted = argv[0] if argv else None
+    for name, (module, help_) in COMMANDS.items():
+        if wanted == name:
+            _add(sub, name, module, help_)
+        else:
+            sub.add_parser(name, help=help_)
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, (module, help_) in BENCHMARKS.items():
+        if wanted == "bench" and len(argv) > 1 and argv[1] == name:
+            _add(bench_sub, name, module, help_)
+        else:
+            bench_sub.add_parser(name, help=help_)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

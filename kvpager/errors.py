@@ -1,0 +1,72 @@
+"""Typed errors. Every error kvpager raises for bad input is a KVPagerError subclass whose
+message names the bad value and how to fix it."""
+
+
+class KVPagerError(Exception):
+    """Base class of every error kvpager raises on purpose."""
+
+
+class ConfigError(KVPagerError, ValueError):
+    """A configuration value is invalid (CacheConfig, EngineConfig, CLI options)."""
+
+
+class InvalidArgument(KVPagerError, ValueError):
+    """A public function got an argument of the wrong dtype, shape, device or value."""
+
+
+class KernelUnavailable(KVPagerError, RuntimeError):
+    """The CUDA kernel was requested explicitly but cannot run here (not built, not Hopper)."""
+
+
+# --- allocator / sequences -------------------------------------------------------------------
+class AllocatorError(KVPagerError):
+    """Base class of allocator misuse."""
+
+
+class OutOfPages(AllocatorError):
+    """Not enough free pages. `requested` and `free` carry the counts."""
+
+    def __init__(self, requested: int, free: int, message: str | None = None):
+        self.requested = requested
+        self.free = free
+        super().__init__(
+            message
+            or f"requested {requested} pages but only {free} are free; free finished sequences, "
+            f"preempt, or build the cache with more pages (num_pages / memory budget)"
+        )
+
+
+class DoubleFree(AllocatorError):
+    """A page was freed while already free."""
+
+
+class UnknownPage(AllocatorError):
+    """A page id outside [0, num_pages)."""
+
+
+class RefcountUnderflow(AllocatorError):
+    """A page's reference count would go below zero."""
+
+
+class SequenceTooLong(KVPagerError):
+    """A sequence would need more pages than its table row (max_pages) can hold."""
+
+
+# --- runtime -----------------------------------------------------------------------------------
+class RequestError(KVPagerError, ValueError):
+    """A request is invalid (empty prompt, bad sampling parameters)."""
+
+
+class RequestTooLarge(RequestError):
+    """prompt + max_new_tokens can never fit in the page pool."""
+
+
+class DuplicateRequest(RequestError):
+    """A request id is already known to the engine."""
+
+
+class UnknownRequest(KVPagerError, KeyError):
+    """A request id the engine has never seen."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
