@@ -1,0 +1,190 @@
+// The only file that touches torch: argument checks, workspace allocation, and registration of
+// the custom ops torch.ops.kvpager.get_mla_metadata / torch.ops.kvpager.mla_decode.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "config.h"
+#include "launch.h"
+
+namespace {
+
+// Each check's message is built from the check itself, so text and condition cannot drift.
+#define KVP_CHECK(cond, ...) TORCH_CHECK(cond, "kvpager: ", __VA_ARGS__)
+#define KVP_CHECK_CUDA(x) KVP_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
+#define KVP_CHECK_DTYPE(x, dt) \
+  KVP_CHECK((x).scalar_type() == (dt), #x ".dtype must be ", (dt), ", got ", (x).scalar_type())
+#define KVP_CHECK_SAME_DEVICE(x, y)                                                      \
+  KVP_CHECK((x).device() == (y).device(), #x " is on ", (x).device(), " but " #y " is on ", \
+            (y).device(), "; put every tensor on one GPU")
+#define KVP_CHECK_DIM(x, n) \
+  KVP_CHECK((x).dim() == (n), #x " must have " #n " dims, got shape ", (x).sizes())
+#define KVP_CHECK_SIZE(x, i, v)                                                            \
+  KVP_CHECK((x).size(i) == (v), #x ".size(" #i ") must be " #v " = ", (v), ", got ", (x).size(i), \
+            " (shape ", (x).sizes(), ")")
+#define KVP_CHECK_LAST_CONTIGUOUS(x) \
+  KVP_CHECK((x).stride(-1) == 1, #x " must be contiguous in its last dim, got strides ", (x).strides())
+#define KVP_CHECK_CONTIGUOUS(x) KVP_CHECK((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
+#define KVP_CHECK_ARG(cond, ...) KVP_CHECK(cond, "expected " #cond ", ", __VA_ARGS__)
+#define KVP_CUDA_CHECK(expr)                                                          \
+  do {                                                                                \
+    const cudaError_t err_ = (expr);                                                  \
+    KVP_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));      \
+  } while (0)
+
+bool aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i < t.dim() - 1; ++i)
+    if (t.size(i) > 1 && t.stride(i) % kvpager::kChunkElems != 0) return false;
+  return true;
+}
+
+void check_hopper(const at::Tensor& t) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
+  KVP_CHECK(prop->major == 9, "the MLA decode kernel needs a Hopper (sm_90) GPU, but ", t.device(),
+            " is sm_", prop->major, prop->minor, "; use kvpager's reference path on this GPU");
+}
+
+int64_t num_sm_parts(int sm_count, int64_t rows, int64_t h_kv) {
+  const int64_t block_m = kvpager::block_m_for(static_cast<int>(rows));
+  const int64_t m_blocks = (rows + block_m - 1) / block_m;
+  return std::max<int64_t>(1, sm_count / (h_kv * m_blocks));
+}
+
+std::tuple<at::Tensor, at::Tensor> get_mla_metadata(const at::Tensor& cache_seqlens,
+                                                    int64_t num_heads_per_head_k,
+                                                    int64_t num_heads_k) {
+  KVP_CHECK_CUDA(cache_seqlens);
+  KVP_CHECK_DTYPE(cache_seqlens, at::kInt);
+  KVP_CHECK_DIM(cache_seqlens, 1);
+  KVP_CHECK_CONTIGUOUS(cache_seqlens);
+  KVP_CHECK_ARG(num_heads_per_head_k > 0, "got num_heads_per_head_k = ", num_heads_per_head_k,
+                " (pass s_q * h_q // h_kv)");
+  KVP_CHECK_ARG(num_heads_k > 0, "got num_heads_k = ", num_heads_k);
+  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  const int sm_count = at::cuda::getDeviceProperties(cache_seqlens.device().index())->multiProcessorCount;
+  const int64_t parts = num_sm_parts(sm_count, num_heads_per_head_k, num_heads_k);
+  const int64_t batch = cache_seqlens.size(0);
+  auto opts = cache_seqlens.options().dtype(at::kInt);
+  at::Tensor meta = at::empty({parts, kvpager::kMetadataFields}, opts);
+  at::Tensor num_splits = at::empty({batch + 1}, opts);
+  kvpager::MetadataParams p{};
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.tile_metadata = meta.data_ptr<int32_t>();
+  p.num_splits = num_splits.data_ptr<int32_t>();
+  p.batch = static_cast<int>(batch);
+  p.num_parts = static_cast<int>(parts);
+  KVP_CUDA_CHECK(kvpager::launch_mla_metadata(p, at::cuda::getCurrentCUDAStream()));
+  return {meta, num_splits};
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& block_table,
+                                              const at::Tensor& cache_seqlens, int64_t head_dim_v,
+                                              const at::Tensor& tile_scheduler_metadata,
+                                              const at::Tensor& num_splits, double softmax_scale,
+                                              bool causal) {
+  using namespace kvpager;
+  KVP_CHECK_CUDA(q);
+  for (const at::Tensor* t : {&k_cache, &block_table, &cache_seqlens, &tile_scheduler_metadata, &num_splits})
+    KVP_CHECK(t->device() == q.device(), "every tensor must be on ", q.device(), ", got one on ",
+              t->device(), "; put every tensor on one GPU");
+  check_hopper(q);
+  KVP_CHECK_ARG(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+                "q.dtype must be bfloat16 or float16, got ", q.scalar_type());
+  KVP_CHECK_DTYPE(k_cache, q.scalar_type());
+  KVP_CHECK_DIM(q, 4);
+  KVP_CHECK_DIM(k_cache, 4);
+  KVP_CHECK_SIZE(q, 3, kHeadDim);
+  KVP_CHECK_SIZE(k_cache, 1, kPageSize);
+  KVP_CHECK_SIZE(k_cache, 3, kHeadDim);
+  KVP_CHECK_ARG(head_dim_v == kHeadDimV, "got head_dim_v = ", head_dim_v, "; the kernel computes dv = 512");
+  KVP_CHECK_LAST_CONTIGUOUS(q);
+  KVP_CHECK_LAST_CONTIGUOUS(k_cache);
+  KVP_CHECK(aligned16(q) && aligned16(k_cache),
+            "q and k_cache need 16-byte aligned rows (pointer and strides multiples of 8 elements)");
+  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
+  KVP_CHECK_ARG(s_q >= 1, "got s_q = ", s_q);
+  KVP_CHECK_ARG(h_kv >= 1 && h_q % h_kv == 0, "h_q = ", h_q, " must be a multiple of h_kv = ", h_kv);
+  KVP_CHECK_DTYPE(block_table, at::kInt);
+  KVP_CHECK_DIM(block_table, 2);
+  KVP_CHECK_SIZE(block_table, 0, batch);
+  KVP_CHECK_LAST_CONTIGUOUS(block_table);
+  KVP_CHECK_DTYPE(cache_seqlens, at::kInt);
+  KVP_CHECK_DIM(cache_seqlens, 1);
+  KVP_CHECK_SIZE(cache_seqlens, 0, batch);
+  KVP_CHECK_CONTIGUOUS(cache_seqlens);
+  KVP_CHECK_DTYPE(tile_scheduler_metadata, at::kInt);
+  KVP_CHECK_DIM(tile_scheduler_metadata, 2);
+  KVP_CHECK_SIZE(tile_scheduler_metadata, 1, kMetadataFields);
+  KVP_CHECK_CONTIGUOUS(tile_scheduler_metadata);
+  KVP_CHECK_DTYPE(num_splits, at::kInt);
+  KVP_CHECK_DIM(num_splits, 1);
+  KVP_CHECK_SIZE(num_splits, 0, batch + 1);
+  KVP_CHECK_CONTIGUOUS(num_splits);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t groups = h_q / h_kv, rows = s_q * groups;
+  const int64_t parts = tile_scheduler_metadata.size(0);
+  at::Tensor out = at::empty({batch, s_q, h_q, kHeadDimV}, q.options());
+  at::Tensor lse = at::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
+  // Partials: at most one split per sequence plus one extra per part boundary.
+  at::Tensor out_accum = at::empty({batch + parts, h_kv, rows, kHeadDimV}, q.options().dtype(at::kFloat));
+  at::Tensor lse_accum = at::empty({batch + parts, h_kv, rows}, q.options().dtype(at::kFloat));
+  if (batch == 0) return {out, lse};
+
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.tile_metadata = tile_scheduler_metadata.data_ptr<int32_t>();
+  p.num_splits = num_splits.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_accum = out_accum.data_ptr<float>();
+  p.lse_accum = lse_accum.data_ptr<float>();
+  p.q_batch_stride = q.stride(0);
+  p.q_seq_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.k_page_stride = k_cache.stride(0);
+  p.k_token_stride = k_cache.stride(1);
+  p.k_head_stride = k_cache.stride(2);
+  p.block_table_stride = block_table.stride(0);
+  p.batch = static_cast<int>(batch);
+  p.s_q = static_cast<int>(s_q);
+  p.h_q = static_cast<int>(h_q);
+  p.h_kv = static_cast<int>(h_kv);
+  p.groups = static_cast<int>(groups);
+  p.rows = static_cast<int>(rows);
+  p.num_parts = static_cast<int>(parts);
+  p.num_pages = static_cast<int>(k_cache.size(0));
+  p.max_pages = static_cast<int>(block_table.size(1));
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.causal = causal;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16) {
+    KVP_CUDA_CHECK(launch_mla_decode_bf16(p, stream));
+  } else {
+    KVP_CUDA_CHECK(launch_mla_decode_fp16(p, stream));
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvpager, m) {
+  m.def("get_mla_metadata(Tensor cache_seqlens, int num_heads_per_head_k, int num_heads_k) -> (Tensor, Tensor)");
+  m.def(
+      "mla_decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+      "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kvpager, CUDA, m) {
+  m.impl("get_mla_metadata", &get_mla_metadata);
+  m.impl("mla_decode", &mla_decode);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kvpager's Hopper MLA decode kernels; the ops are torch.ops.kvpager.*";
+}

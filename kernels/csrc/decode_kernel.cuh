@@ -1,0 +1,278 @@
+// The split-KV MLA decode kernel: one CTA per (part of the batch's work, kv head, block of query
+// rows). For every sequence segment in its part it streams the segment's 64-token latent pages
+// through two shared-memory buffers (cp.async, zero-filled past the sequence end) and runs
+// online softmax with tensor-core MMAs: S = Q K^T over 576 columns, O += P V over the first 512
+// columns of the same page. Unsplit sequences write the final output; split ones write fp32
+// partials + lse for the combine kernel.
+//
+// Warp roles: 8 warps = RowGroups x ColGroups (TileShape). A warp owns 16 query rows, a slice of
+// the page's keys for S, and a slice of O's 512 columns, whose fp32 accumulator lives in its
+// registers for the whole segment. Warps sharing rows agree on the running row max through
+// shared memory each page, so all of them rescale identically (exact online softmax).
+#pragma once
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include "config.h"
+#include "params.h"
+#include "tile_ops.h"
+
+namespace kvpager {
+
+// ---- loads ----------------------------------------------------------------------------------
+
+template <int BLOCK_M, typename Elem>
+__device__ __forceinline__ void load_q_tile(const DecodeParams& p, char* sQ, int b, int hk,
+                                            int m_block) {
+  const Elem* q = static_cast<const Elem*>(p.q);
+  for (int c = threadIdx.x; c < BLOCK_M * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const int mrow = m_block * BLOCK_M + r;
+    const bool valid = mrow < p.rows;  // rows past the last query are zero
+    const int s = valid ? mrow / p.groups : 0;
+    const int g = valid ? mrow % p.groups : 0;
+    const Elem* src = q + b * p.q_batch_stride + s * p.q_seq_stride +
+                      int64_t(hk * p.groups + g) * p.q_head_stride + chunk * kChunkElems;
+    cp_async_16(sQ + swizzled(r, chunk, kRowBytes), src, valid);
+  }
+}
+
+// One page into a buffer. Rows past the sequence end are zero-filled, never read: whatever the
+// pool holds there (NaN included) cannot reach P V as 0 * NaN.
+template <typename Elem>
+__device__ __forceinline__ void load_page(const DecodeParams& p, char* sK, int b, int hk,
+                                          int page_idx, int seqlen) {
+  const int page_id = p.block_table[int64_t(b) * p.block_table_stride + page_idx];
+#ifdef KVPAGER_DEBUG
+  assert(page_id >= 0 && page_id < p.num_pages);
+#endif
+  const Elem* base = static_cast<const Elem*>(p.k_cache) + int64_t(page_id) * p.k_page_stride +
+                     int64_t(hk) * p.k_head_stride;
+  const int valid_rows = seqlen - page_idx * kPageSize;
+#pragma unroll
+  for (int i = 0; i < kPageSize * kChunksPerRow / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const bool valid = r < valid_rows;
+    const Elem* src = base + (valid ? r : 0) * p.k_token_stride + chunk * kChunkElems;
+    cp_async_16(sK + swizzled(r, chunk, kRowBytes), src, valid);
+  }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------
+
+template <typename Elem, int BLOCK_M>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_kernel(const __grid_constant__ DecodeParams p) {
+  using S = TileShape<BLOCK_M>;
+  extern __shared__ __align__(1024) char smem[];
+  char* sQ = smem + S::kSmemQ;
+  char* sK = smem + S::kSmemK;
+  char* sP = smem + S::kSmemP;
+  float* sRed = reinterpret_cast<float*>(smem + S::kSmemRed);
+
+  const int part = blockIdx.x, hk = blockIdx.y, m_block = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rg = warp / S::kColGroups, cg = warp % S::kColGroups;
+  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: rows g, g+8; cols 2t, 2t+1
+
+  const int32_t* meta = p.tile_metadata + part * kMetadataFields;
+  const int begin_b = meta[0], begin_page = meta[1], begin_split = meta[2];
+  const int end_b = meta[3], end_page = meta[4];
+
+  const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), p_base = smem_addr(sP);
+  // ldmatrix lane addressing (see the fragment layouts of mma.m16n8k16):
+  const int a_row = rg * kMmaM + (lane % 16);  // A operand (Q, P): rows 0-15, chunk +0/+1
+  const int a_chunk = lane / 16;
+  const int kb_row = cg * S::kKeysPerWarp + (lane % 8) + (lane / 16) * 8;  // B of S: key rows
+  const int kb_chunk = (lane / 8) % 2;
+  const int v_row = (lane % 8) + ((lane / 8) % 2) * 8;  // B of PV (transposed): key rows
+  const int v_chunk = lane / 16;
+  const int my_row[2] = {rg * kMmaM + g, rg * kMmaM + g + 8};  // local rows of this lane's values
+
+  for (int b = begin_b; b <= end_b; ++b) {
+    const int seqlen = p.cache_seqlens[b];
+    const int num_pages = ceil_div(seqlen, kPageSize);
+    const int ps = b == begin_b ? begin_page : 0;
+    const int pe = b == end_b ? end_page : num_pages;
+    const int split = b == begin_b ? begin_split : 0;
+    const int split_base = p.num_splits[b];
+    const int n_splits = p.num_splits[b + 1] - split_base;
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // the previous segment is done with every buffer
+    load_q_tile<BLOCK_M, Elem>(p, sQ, b, hk, m_block);
+    cute::cp_async_fence();
+    if (ps < pe) load_page<Elem>(p, sK, b, hk, ps, seqlen);
+    cute::cp_async_fence();
+    if (ps + 1 < pe) load_page<Elem>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
+    cute::cp_async_fence();
+
+    // Key j is visible to a row iff j < its limit; with causal, query s of s_q sees one key
+    // fewer than query s + 1 and the last sees the whole sequence.
+    int limit[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int s = (m_block * BLOCK_M + my_row[i]) / p.groups;
+      limit[i] = p.causal ? seqlen - p.s_q + 1 + s : seqlen;
+    }
+    const int min_limit = p.causal ? seqlen - p.s_q + 1 : seqlen;
+
+    float o[S::kOutTiles][4];
+#pragma unroll
+    for (int n = 0; n < S::kOutTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};  // in log2 units (scores * scale_log2)
+    float row_sum[2] = {0.f, 0.f};                     // this lane's share of the row sums
+
+    for (int pg = ps; pg < pe; ++pg) {
+      cute::cp_async_wait<1>();
+      __syncthreads();  // page pg (and Q) landed for every thread's copies
+      const int buf = (pg - ps) & 1;
+      const uint32_t kbuf = k_base + buf * kPageBytes;
+
+      // S = Q K^T for this warp's rows and keys.
+      float s[S::kKeyTiles][4];
+#pragma unroll
+      for (int n = 0; n < S::kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll 4
+      for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
+        uint32_t a[4];
+        ldsm_x4(q_base + swizzled(a_row, kk * 2 + a_chunk, kRowBytes), a);
+        if constexpr (S::kKeyTiles == 1) {
+          uint32_t bk[2];
+          ldsm_x2(kbuf + swizzled(kb_row, kk * 2 + kb_chunk, kRowBytes), bk);
+          mma_16x8x16<Elem>(s[0], a, bk[0], bk[1]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < S::kKeyTiles / 2; ++j) {
+            uint32_t bk[4];
+            ldsm_x4(kbuf + swizzled(kb_row + j * 16, kk * 2 + kb_chunk, kRowBytes), bk);
+            mma_16x8x16<Elem>(s[2 * j], a, bk[0], bk[1]);
+            mma_16x8x16<Elem>(s[2 * j + 1], a, bk[2], bk[3]);
+          }
+        }
+      }
+
+      // Scale; mask only on pages that reach past some row's limit.
+      const bool needs_mask = (pg + 1) * kPageSize > min_limit;
+      float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+      for (int n = 0; n < S::kKeyTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = s[n][e] * p.scale_log2;
+          if (needs_mask) {
+            const int key = pg * kPageSize + cg * S::kKeysPerWarp + n * kMmaN + 2 * t + (e & 1);
+            if (key >= limit[e >> 1]) v = -CUDART_INF_F;
+          }
+          s[n][e] = v;
+          page_max[e >> 1] = fmaxf(page_max[e >> 1], v);
+        }
+      }
+      // Row max across the quad, then across the warps that share these rows.
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        page_max[i] = quad_max(page_max[i]);
+        if (t == 0) sRed[cg * BLOCK_M + my_row[i]] = page_max[i];
+      }
+      __syncthreads();
+      float alpha[2], base[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float m = row_max[i];
+#pragma unroll
+        for (int c = 0; c < S::kColGroups; ++c) m = fmaxf(m, sRed[c * BLOCK_M + my_row[i]]);
+        base[i] = m == -CUDART_INF_F ? 0.f : m;  // a fully masked row so far: exp2(-inf) = 0
+        alpha[i] = exp2f(row_max[i] - base[i]);
+        row_max[i] = m;
+      }
+
+      // P = exp2(S - max) into shared memory (bf16/fp16) for the P V product.
+      float page_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < S::kKeyTiles; ++n) {
+        const float p0 = exp2f(s[n][0] - base[0]), p1 = exp2f(s[n][1] - base[0]);
+        const float p2 = exp2f(s[n][2] - base[1]), p3 = exp2f(s[n][3] - base[1]);
+        page_sum[0] += p0 + p1;
+        page_sum[1] += p2 + p3;
+        const int chunk = (cg * S::kKeysPerWarp + n * kMmaN) / kChunkElems;
+        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[0], chunk, S::kPRowBytes) + 4 * t) =
+            ElemOps<Elem>::pack(p0, p1);
+        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[1], chunk, S::kPRowBytes) + 4 * t) =
+            ElemOps<Elem>::pack(p2, p3);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * alpha[i] + page_sum[i];
+#pragma unroll
+      for (int n = 0; n < S::kOutTiles; ++n) {
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
+      __syncthreads();  // P complete
+
+      // O += P V, V = the first 512 columns of the page.
+#pragma unroll 1
+      for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
+        uint32_t a[4];
+        ldsm_x4(p_base + swizzled(a_row, kk * 2 + a_chunk, S::kPRowBytes), a);
+#pragma unroll
+        for (int j = 0; j < S::kOutTiles / 2; ++j) {
+          uint32_t bv[4];
+          const int chunk = (cg * S::kColsPerWarp + j * 16) / kChunkElems + v_chunk;
+          ldsm_x4_trans(kbuf + swizzled(kk * kMmaK + v_row, chunk, kRowBytes), bv);
+          mma_16x8x16<Elem>(o[2 * j], a, bv[0], bv[1]);
+          mma_16x8x16<Elem>(o[2 * j + 1], a, bv[2], bv[3]);
+        }
+      }
+      __syncthreads();  // every read of this buffer and of P is done: refill it
+      if (pg + 2 < pe) load_page<Elem>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
+      cute::cp_async_fence();
+    }
+
+    // ---- epilogue: finish the row sums, normalise, write final output or a partial ----
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float sum = quad_sum(row_sum[i]);
+      if (t == 0) sRed[cg * BLOCK_M + my_row[i]] = sum;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int mrow = m_block * BLOCK_M + my_row[i];
+      if (mrow >= p.rows) continue;
+      float l = 0.f;
+#pragma unroll
+      for (int c = 0; c < S::kColGroups; ++c) l += sRed[c * BLOCK_M + my_row[i]];
+      const bool empty = !(l > 0.f);
+      const float inv = empty ? 0.f : 1.f / l;
+      // An empty row is +inf in the final lse, but -inf (no weight) as a partial.
+      const float lse = empty ? (n_splits > 1 ? -CUDART_INF_F : CUDART_INF_F)
+                              : (row_max[i] + __log2f(l)) * 0.69314718055994531f;
+      const int s = mrow / p.groups;
+      const int head = hk * p.groups + mrow % p.groups;
+      if (n_splits <= 1) {
+        Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
+#pragma unroll
+        for (int n = 0; n < S::kOutTiles; ++n) {
+          const int col = cg * S::kColsPerWarp + n * kMmaN + 2 * t;
+          *reinterpret_cast<uint32_t*>(out + col) =
+              ElemOps<Elem>::pack(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+        }
+        if (cg == 0 && t == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
+      } else {
+        const int64_t slot_row = (int64_t(split_base + split) * p.h_kv + hk) * p.rows + mrow;
+        float* acc = p.out_accum + slot_row * kHeadDimV;
+#pragma unroll
+        for (int n = 0; n < S::kOutTiles; ++n) {
+          const int col = cg * S::kColsPerWarp + n * kMmaN + 2 * t;
+          *reinterpret_cast<float2*>(acc + col) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+        }
+        if (cg == 0 && t == 0) p.lse_accum[slot_row] = lse;
+      }
+    }
+  }
+}
+
+}  // namespace kvpager

@@ -1,0 +1,19 @@
+// Host entry points of the kernels. Plain structs in, cudaError_t out: no torch here.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace kvpager {
+
+// Split-KV schedule for a batch (one CTA, no host synchronisation).
+cudaError_t launch_mla_metadata(const MetadataParams& params, cudaStream_t stream);
+
+// Decode kernel + combine kernel on `stream`, for bf16 or fp16 q / k_cache / out.
+cudaError_t launch_mla_decode_bf16(const DecodeParams& params, cudaStream_t stream);
+cudaError_t launch_mla_decode_fp16(const DecodeParams& params, cudaStream_t stream);
+
+// Dynamic shared memory the decode kernel needs for `rows` query rows (for the binding's checks).
+int mla_decode_smem_bytes(int rows);
+
+}  // namespace kvpager
