@@ -17,6 +17,7 @@ PACKAGES = [
     "kvpager.runtime",
     "kvpager.runtime.models",
     "kvpager.examples",
+    "kvpager.examples.deepseek",
 ]
 PACKAGE_DIR = {
     "kvpager": "kvpager",
@@ -24,6 +25,7 @@ PACKAGE_DIR = {
     "kvpager.runtime": "runtime",
     "kvpager.runtime.models": "runtime/models",
     "kvpager.examples": "examples",
+    "kvpager.examples.deepseek": "examples/deepseek",
 }
 
 
@@ -39,9 +41,12 @@ def _cuda_build_reason():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
-    except ImportError:
-        return False, "torch is not installed (install torch first, then use --no-build-isolation)"
-    if torch.version.cuda is None:
+    except ImportError as exc:
+        torch = None
+        why = f"torch cannot be imported ({exc}); install torch first, then use --no-build-isolation"
+    if torch is None:
+        pass
+    elif torch.version.cuda is None:
         why = f"torch {torch.__version__} is a CPU build"
     elif CUDA_HOME is None:
         why = "nvcc / CUDA_HOME not found"
