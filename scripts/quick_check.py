@@ -104,7 +104,11 @@ def bench():
         q, k, bt, seqlens = make_case(b, s_q, h_q, 1, [sk] * b, torch.bfloat16, poison=False)
         meta, ns = ops.get_mla_metadata(seqlens, s_q * h_q, 1)
         fn = lambda: ops.mla_decode(q, k, bt, seqlens, 512, meta, ns, 576 ** -0.5, True)
-        t = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        t = do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e-3
         flops = 2 * b * s_q * h_q * sk * (576 + 512)
         byts = 2 * (b * sk * 576 + b * s_q * h_q * (576 + 512))
         print(f"b={b} s_k={sk} h_q={h_q} s_q={s_q}: {t*1e6:8.1f} us  {flops/t/1e12:6.1f} TFLOP/s ({flops/t/mm:.2f})"

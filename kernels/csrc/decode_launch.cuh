@@ -2,21 +2,17 @@
 #pragma once
 #include "combine_kernel.cuh"
 #include "decode_kernel.cuh"
+#include "decode_wgmma_kernel.cuh"
 #include "launch.h"
 
 namespace kvpager {
 
-template <typename Elem, int BLOCK_M>
-cudaError_t launch_decode_block_m(const DecodeParams& p, cudaStream_t stream) {
-  using S = TileShape<BLOCK_M>;
-  auto* kernel = mla_decode_kernel<Elem, BLOCK_M>;
-  // Raise the dynamic shared-memory limit once (also keeps the call out of graph captures
-  // after the first, eager, run).
-  static cudaError_t attr = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-  if (attr != cudaSuccess) return attr;
-  const dim3 grid(p.num_parts, p.h_kv, ceil_div(p.rows, BLOCK_M));
-  kernel<<<grid, kThreads, S::kSmemBytes, stream>>>(p);
+// Decode kernel (rows in blocks of block_m) then the combine kernel, on `stream`.
+template <typename Elem, typename Kernel>
+cudaError_t launch_with_combine(Kernel* kernel, int block_m, int smem_bytes, const DecodeParams& p,
+                                cudaStream_t stream) {
+  const dim3 grid(p.num_parts, p.h_kv, ceil_div(p.rows, block_m));
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const dim3 combine_grid(ceil_div(p.rows, kCombineRowsPerBlock), p.h_kv, p.batch);
@@ -24,13 +20,38 @@ cudaError_t launch_decode_block_m(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Raise a kernel's dynamic shared-memory limit once (statics: the first, eager call does it, so
+// later calls inside a CUDA-graph capture make no such API call).
+#define KVPAGER_SET_SMEM_ONCE(kernel, bytes)                                                   \
+  do {                                                                                         \
+    static const cudaError_t attr_ =                                                           \
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (bytes));     \
+    if (attr_ != cudaSuccess) return attr_;                                                    \
+  } while (0)
+
+template <typename Elem, int BLOCK_M>
+cudaError_t launch_mma_sync(const DecodeParams& p, cudaStream_t stream) {
+  auto* kernel = mla_decode_kernel<Elem, BLOCK_M>;
+  KVPAGER_SET_SMEM_ONCE(kernel, TileShape<BLOCK_M>::kSmemBytes);
+  return launch_with_combine<Elem>(kernel, BLOCK_M, TileShape<BLOCK_M>::kSmemBytes, p, stream);
+}
+
 template <typename Elem>
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_wgmma(const DecodeParams& p, cudaStream_t stream) {
+  auto* kernel = mla_decode_wgmma_kernel<Elem>;
+  KVPAGER_SET_SMEM_ONCE(kernel, WgmmaShape::kSmemBytes);
+  return launch_with_combine<Elem>(kernel, WgmmaShape::kBlockM, WgmmaShape::kSmemBytes, p, stream);
+}
+
+template <typename Elem>
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, KernelChoice choice) {
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
   switch (block_m_for(p.rows)) {
-    case 16: return launch_decode_block_m<Elem, 16>(p, stream);
-    case 32: return launch_decode_block_m<Elem, 32>(p, stream);
-    default: return launch_decode_block_m<Elem, 64>(p, stream);
+    case 16: return launch_mma_sync<Elem, 16>(p, stream);
+    case 32: return launch_mma_sync<Elem, 32>(p, stream);
+    default:
+      return choice == KernelChoice::kMmaSync ? launch_mma_sync<Elem, 64>(p, stream)
+                                               : launch_wgmma<Elem>(p, stream);
   }
 }
 

@@ -1,0 +1,262 @@
+// The 64-row MLA decode kernel on Hopper warpgroup MMAs (wgmma), for rows = s_q*h_q/h_kv > 32,
+// where the kernel is compute-bound. Same schedule, pipeline and masking as the mma.sync kernel
+// (decode_kernel.cuh); what changes is who multiplies:
+//   two warpgroups; WG w computes S[:, 32w:32w+32] = Q K^T (wgmma 64x32x16, Q and K straight from
+//   shared memory), the two exchange row maxima, write P to shared memory, and WG w accumulates
+//   O[:, 256w:256w+256] += P V (wgmma 64x256x16; V is the same page read MN-major) in 128 fp32
+//   registers a thread. The accumulator fragment matches mma.sync's per 8-column tile, so the
+//   softmax and epilogue logic is the same.
+#pragma once
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include "config.h"
+#include "params.h"
+#include "tile_ops.h"
+#include "wgmma_ops.h"
+
+namespace kvpager {
+
+struct WgmmaShape {
+  static constexpr int kBlockM = 64;
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kKeysPerWg = kPageSize / kWarpgroups;    // 32
+  static constexpr int kColsPerWg = kHeadDimV / kWarpgroups;    // 256
+  static constexpr int kScoreRegs = kKeysPerWg / 2;             // 64x32 fp32 over 128 threads
+  static constexpr int kOutRegs = kColsPerWg / 2;               // 64x256 fp32 over 128 threads
+  static constexpr int kSmemQ = 0;
+  static constexpr int kSmemK = kSmemQ + kBlockM * kRowBytes;
+  static constexpr int kSmemP = kSmemK + kNumPageBuffers * kPageBytes;
+  static constexpr int kSmemRed = kSmemP + kBlockM * kBlockRowBytes;
+  static constexpr int kSmemBytes = kSmemRed + kWarpgroups * kBlockM * 4 + 1024;  // + alignment
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
+};
+
+template <typename Elem>
+__device__ __forceinline__ void load_q_blocked(const DecodeParams& p, char* sQ, int b, int hk,
+                                               int m_block) {
+  const Elem* q = static_cast<const Elem*>(p.q);
+  for (int c = threadIdx.x; c < WgmmaShape::kBlockM * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const int mrow = m_block * WgmmaShape::kBlockM + r;
+    const bool valid = mrow < p.rows;
+    const int s = valid ? mrow / p.groups : 0;
+    const int g = valid ? mrow % p.groups : 0;
+    const Elem* src = q + b * p.q_batch_stride + s * p.q_seq_stride +
+                      int64_t(hk * p.groups + g) * p.q_head_stride + chunk * kChunkElems;
+    cp_async_16(sQ + blocked_offset(WgmmaShape::kBlockM, r, chunk), src, valid);
+  }
+}
+
+template <typename Elem>
+__device__ __forceinline__ void load_page_blocked(const DecodeParams& p, char* sK, int b, int hk,
+                                                  int page_idx, int seqlen) {
+  const int page_id = p.block_table[int64_t(b) * p.block_table_stride + page_idx];
+#ifdef KVPAGER_DEBUG
+  assert(page_id >= 0 && page_id < p.num_pages);
+#endif
+  const Elem* base = static_cast<const Elem*>(p.k_cache) + int64_t(page_id) * p.k_page_stride +
+                     int64_t(hk) * p.k_head_stride;
+  const int valid_rows = seqlen - page_idx * kPageSize;
+#pragma unroll
+  for (int i = 0; i < kPageSize * kChunksPerRow / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const bool valid = r < valid_rows;
+    const Elem* src = base + (valid ? r : 0) * p.k_token_stride + chunk * kChunkElems;
+    cp_async_16(sK + blocked_offset(kPageSize, r, chunk), src, valid);
+  }
+}
+
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
+  using S = WgmmaShape;
+  using Ops = GmmaOps<Elem>;
+  extern __shared__ char smem_raw[];
+  // wgmma's swizzle atoms must start on 1024-byte boundaries.
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* sQ = smem + S::kSmemQ;
+  char* sK = smem + S::kSmemK;
+  char* sP = smem + S::kSmemP;
+  float* sRed = reinterpret_cast<float*>(smem + S::kSmemRed);
+
+  const int part = blockIdx.x, hk = blockIdx.y, m_block = blockIdx.z;
+  const int wg = threadIdx.x / 128;
+  const int warp_in_wg = (threadIdx.x / 32) % 4;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int my_row[2] = {warp_in_wg * 16 + g, warp_in_wg * 16 + g + 8};
+
+  const int32_t* meta = p.tile_metadata + part * kMetadataFields;
+  const int begin_b = meta[0], begin_page = meta[1], begin_split = meta[2];
+  const int end_b = meta[3], end_page = meta[4];
+
+  const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), p_base = smem_addr(sP);
+  constexpr uint32_t kAtomBytes = 8 * kBlockRowBytes;                  // 1024: 8 rows x 128 B
+  constexpr uint32_t kQBlockBytes = S::kBlockM * kBlockRowBytes;       // 8192
+  constexpr uint32_t kPageBlockBytes = kPageSize * kBlockRowBytes;     // 8192
+
+  for (int b = begin_b; b <= end_b; ++b) {
+    const int seqlen = p.cache_seqlens[b];
+    const int num_pages = ceil_div(seqlen, kPageSize);
+    const int ps = b == begin_b ? begin_page : 0;
+    const int pe = b == end_b ? end_page : num_pages;
+    const int split = b == begin_b ? begin_split : 0;
+    const int split_base = p.num_splits[b];
+    const int n_splits = p.num_splits[b + 1] - split_base;
+
+    cute::cp_async_wait<0>();
+    __syncthreads();
+    load_q_blocked<Elem>(p, sQ, b, hk, m_block);
+    cute::cp_async_fence();
+    if (ps < pe) load_page_blocked<Elem>(p, sK, b, hk, ps, seqlen);
+    cute::cp_async_fence();
+    if (ps + 1 < pe) load_page_blocked<Elem>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
+    cute::cp_async_fence();
+
+    int limit[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int s = (m_block * S::kBlockM + my_row[i]) / p.groups;
+      limit[i] = p.causal ? seqlen - p.s_q + 1 + s : seqlen;
+    }
+    const int min_limit = p.causal ? seqlen - p.s_q + 1 : seqlen;
+
+    float o[S::kOutRegs];
+#pragma unroll
+    for (int i = 0; i < S::kOutRegs; ++i) o[i] = 0.f;
+    float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+    float row_sum[2] = {0.f, 0.f};
+
+    for (int pg = ps; pg < pe; ++pg) {
+      cute::cp_async_wait<1>();
+      fence_async_proxy();  // cp.async wrote through the generic proxy; wgmma reads via async
+      __syncthreads();
+      const int buf = (pg - ps) & 1;
+      const uint32_t kbuf = k_base + buf * kPageBytes;
+
+      // S = Q K^T for keys [32 wg, 32 wg + 32).
+      float s[S::kScoreRegs];
+#pragma unroll
+      for (int i = 0; i < S::kScoreRegs; ++i) s[i] = 0.f;
+      fence_accumulators(s);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
+        const uint32_t k_off = (kk % 4) * 32;  // 16 halfs = 32 B into the 64-column block
+        const uint64_t da = gmma_desc(q_base + (kk / 4) * kQBlockBytes + k_off, 16, kAtomBytes);
+        const uint64_t db = gmma_desc(kbuf + (kk / 4) * kPageBlockBytes +
+                                          wg * S::kKeysPerWg * kBlockRowBytes + k_off,
+                                      16, kAtomBytes);
+        gmma<typename Ops::ScoreMma>(da, db, s, kk > 0);
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_accumulators(s);
+
+      const bool needs_mask = (pg + 1) * kPageSize > min_limit;
+      float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+      for (int i = 0; i < S::kScoreRegs; ++i) {
+        const int half = (i >> 1) & 1;
+        float v = s[i] * p.scale_log2;
+        if (needs_mask) {
+          const int key = pg * kPageSize + wg * S::kKeysPerWg + (i >> 2) * kMmaN + 2 * t + (i & 1);
+          if (key >= limit[half]) v = -CUDART_INF_F;
+        }
+        s[i] = v;
+        page_max[half] = fmaxf(page_max[half], v);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        page_max[i] = quad_max(page_max[i]);
+        if (t == 0) sRed[wg * S::kBlockM + my_row[i]] = page_max[i];
+      }
+      __syncthreads();
+      float alpha[2], base[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float m = fmaxf(row_max[i], fmaxf(sRed[my_row[i]], sRed[S::kBlockM + my_row[i]]));
+        base[i] = m == -CUDART_INF_F ? 0.f : m;
+        alpha[i] = exp2f(row_max[i] - base[i]);
+        row_max[i] = m;
+      }
+      float page_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < S::kScoreRegs / 4; ++j) {
+        const float p0 = exp2f(s[4 * j + 0] - base[0]), p1 = exp2f(s[4 * j + 1] - base[0]);
+        const float p2 = exp2f(s[4 * j + 2] - base[1]), p3 = exp2f(s[4 * j + 3] - base[1]);
+        page_sum[0] += p0 + p1;
+        page_sum[1] += p2 + p3;
+        const int chunk = (wg * S::kKeysPerWg + j * kMmaN) / kChunkElems;
+        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[0], chunk, kBlockRowBytes) + 4 * t) =
+            ElemOps<Elem>::pack(p0, p1);
+        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[1], chunk, kBlockRowBytes) + 4 * t) =
+            ElemOps<Elem>::pack(p2, p3);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * alpha[i] + page_sum[i];
+#pragma unroll
+      for (int i = 0; i < S::kOutRegs; ++i) o[i] *= alpha[(i >> 1) & 1];
+      fence_async_proxy();  // P was written with plain stores; wgmma reads it next
+      __syncthreads();
+
+      // O[:, 256 wg : 256 wg + 256] += P V.
+      fence_accumulators(o);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
+        const uint64_t da = gmma_desc(p_base + kk * 32, 16, kAtomBytes);
+        const uint64_t db = gmma_desc(kbuf + wg * (S::kColsPerWg / kBlockCols) * kPageBlockBytes +
+                                          kk * kMmaK * kBlockRowBytes,
+                                      kPageBlockBytes, kAtomBytes);
+        gmma<typename Ops::OutMma>(da, db, o, true);
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_accumulators(o);
+      __syncthreads();
+      if (pg + 2 < pe) load_page_blocked<Elem>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
+      cute::cp_async_fence();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float sum = quad_sum(row_sum[i]);
+      if (t == 0) sRed[wg * S::kBlockM + my_row[i]] = sum;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int mrow = m_block * S::kBlockM + my_row[i];
+      if (mrow >= p.rows) continue;
+      const float l = sRed[my_row[i]] + sRed[S::kBlockM + my_row[i]];
+      const bool empty = !(l > 0.f);
+      const float inv = empty ? 0.f : 1.f / l;
+      const float lse = empty ? (n_splits > 1 ? -CUDART_INF_F : CUDART_INF_F)
+                              : (row_max[i] + __log2f(l)) * 0.69314718055994531f;
+      const int s = mrow / p.groups;
+      const int head = hk * p.groups + mrow % p.groups;
+      const int col0 = wg * S::kColsPerWg + 2 * t;
+      if (n_splits <= 1) {
+        Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
+#pragma unroll
+        for (int j = 0; j < S::kOutRegs / 4; ++j)
+          *reinterpret_cast<uint32_t*>(out + col0 + j * kMmaN) =
+              ElemOps<Elem>::pack(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+        if (wg == 0 && t == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
+      } else {
+        const int64_t slot_row = (int64_t(split_base + split) * p.h_kv + hk) * p.rows + mrow;
+        float* acc = p.out_accum + slot_row * kHeadDimV;
+#pragma unroll
+        for (int j = 0; j < S::kOutRegs / 4; ++j)
+          *reinterpret_cast<float2*>(acc + col0 + j * kMmaN) =
+              make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+        if (wg == 0 && t == 0) p.lse_accum[slot_row] = lse;
+      }
+    }
+  }
+}
+
+}  // namespace kvpager
