@@ -1,0 +1,17 @@
+"""kvpager.runtime: continuous batching over the paged latent KV cache, and its simulator.
+
+    from kvpager.runtime import Engine, SamplingParams, SchedulerConfig
+    from kvpager.runtime.models.tiny import TinyMLA
+    model = TinyMLA()
+    engine = Engine(model, model.cache_config(num_pages=64), SchedulerConfig(max_batch_size=8))
+    outputs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=16))
+
+docs/runtime.md describes the scheduler, the model protocol and the simulator.
+"""
+from kvpager.runtime.engine import Engine
+from kvpager.runtime.models.protocol import DecodeBatch, Model, PrefillChunk
+from kvpager.runtime.request import RequestHandle, SamplingParams, Status
+from kvpager.runtime.scheduler import SchedulerConfig
+
+__all__ = ["Engine", "SamplingParams", "SchedulerConfig", "RequestHandle", "Status", "Model",
+           "PrefillChunk", "DecodeBatch"]

@@ -1,0 +1,120 @@
+"""The contract between the engine and a model: what one step hands the model, what it returns.
+
+The engine owns the page pool, the sequences and the sampling; a model owns its weights and does
+the arithmetic. Each engine step calls the model at most once per prefill chunk and once for the
+whole decode batch:
+
+    logits = model.prefill(chunk, pool)   # float [vocab] when chunk.is_last, else None
+    logits = model.decode(batch, pool)    # float [B, s_q, vocab]
+
+Both calls must, in every layer l:
+  1. write the latent KV (576 = 512 compressed + 64 rope) of the new tokens into the cache with
+     `pool.write(l, slot_mapping, latent)` — slot = page * page_size + offset, so the model never
+     sees pages directly;
+  2. attend over the cache with `kvpager.mla.flash_mla_with_kvcache(q, pool.layer(l),
+     block_table, cache_seqlens, head_dim_v, *mla_metadata, causal=True)` — q [b, s_q, h_q, 576]
+     in the absorbed-MLA form. The metadata is computed once by the engine and shared by all
+     layers; a model must not recompute it.
+
+`cache_seqlens` already counts the new tokens (FlashMLA's convention: with causal=True, query
+row i of s_q attends to positions < cache_seqlens - s_q + i + 1). Sampling happens in the engine:
+models return raw logits (float32 preferred) and never touch the allocator or the request
+objects. A model must not keep per-request state between calls: after a preemption the engine
+recomputes a request from its tokens, with new pages.
+
+Implementations: `kvpager.runtime.models.tiny.TinyMLA` (CPU test model),
+`kvpager.examples` (DeepSeek-V3 architecture). The simulator does not call a model at all; it
+prices each step with `kvpager.runtime.models.cost.CostModel`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from kvpager.pool import PagePool
+
+
+@dataclass
+class PrefillChunk:
+    """Tokens [start, start + n) of one sequence, prefilled as a batch of one.
+
+    input_ids:     int64 [n]            the chunk's token ids
+    positions:     int64 [n]            start .. start + n - 1 (for rotary embeddings)
+    slot_mapping:  int64 [n]            cache slot of each token (write its latent KV there)
+    block_table:   int32 [1, max_pages] the sequence's pages (row padding is never read)
+    cache_seqlens: int32 [1]            start + n: tokens in the cache once this chunk is written
+    mla_metadata:  (tile_scheduler_metadata int32 [num_parts, 8], num_splits int32 [2]) from
+                   kvpager.mla.get_mla_metadata(cache_seqlens, n * h_q // h_kv, h_kv)
+    is_last:       True when the chunk completes the sequence's prefill; only then the model
+                   must return logits (of the chunk's last token).
+    """
+
+    request_id: str
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    cache_seqlens: torch.Tensor
+    mla_metadata: tuple[torch.Tensor, torch.Tensor]
+    is_last: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass
+class DecodeBatch:
+    """s_q new tokens for each of B running sequences (s_q = 1, or 1 + draft tokens in MTP mode).
+
+    input_ids:     int64 [B, s_q]
+    positions:     int64 [B, s_q]
+    slot_mapping:  int64 [B * s_q]      row-major over (b, i): write the latent KV here
+    block_table:   int32 [B, max_pages]
+    cache_seqlens: int32 [B]            includes the s_q new tokens
+    mla_metadata:  (tile_scheduler_metadata int32 [num_parts, 8], num_splits int32 [B + 1]) from
+                   kvpager.mla.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv),
+                   computed once per step and shared by every layer
+    """
+
+    request_ids: list[str]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    cache_seqlens: torch.Tensor
+    mla_metadata: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def s_q(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the engine needs from a model. Attributes are read once, at engine construction.
+
+    num_layers:  must equal the cache's CacheConfig.num_layers
+    num_heads:   h_q, query heads per token in the absorbed form (the metadata needs it)
+    vocab_size:  width of the logits
+    device:      where input tensors are placed (the pool's device)
+    """
+
+    num_layers: int
+    num_heads: int
+    vocab_size: int
+    device: torch.device
+
+    def prefill(self, chunk: PrefillChunk, pool: PagePool) -> torch.Tensor | None:
+        """Write the chunk's latent KV, attend causally; logits float [vocab] if chunk.is_last."""
+        ...
+
+    def decode(self, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
+        """Write the batch's latent KV, attend; return logits float [B, s_q, vocab]."""
+        ...

@@ -1,0 +1,185 @@
+"""One request's state: its tokens, sampling parameters, status, pages and timings.
+
+A request is plain data. The scheduler moves it between the waiting queue and the running batch;
+the engine appends tokens and timestamps; `RequestHandle` is the read-only view users hold.
+
+Invariants (checked by tests/test_runtime_engine_state.py):
+  status WAITING / PREEMPTED  -> seq is None (holds no pages), in the waiting queue
+  status RUNNING              -> seq is not None, in the running batch
+  status FINISHED / ABORTED   -> seq is None, in neither
+  seq.num_tokens == num_computed (the KV of token_ids[:num_computed] is in the cache)
+"""
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvpager.errors import RequestError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvpager.runtime.engine import Engine
+
+
+class Status(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, at the front of the queue, to be recomputed
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+DONE = (Status.FINISHED, Status.ABORTED)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature == 0 is greedy (top_k / top_p / seed ignored).
+
+    top_k: 0 keeps every token; top_p: 1.0 keeps every token; seed: the request's own
+    torch.Generator seed, so a request samples the same tokens whatever batch it runs in.
+    """
+
+    max_new_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise RequestError(f"max_new_tokens={self.max_new_tokens!r} must be a positive int")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RequestError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise RequestError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter)")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Timings:
+    """Seconds on the engine's clock (time.perf_counter, or the simulator's virtual clock)."""
+
+    arrival: float
+    admitted: float | None = None  # first admission
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per generated token
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]  # empty in the simulator, which only counts tokens
+    prompt_len: int
+    params: SamplingParams
+    timings: Timings
+    on_token: Callable[[str, int], None] | None = None
+    status: Status = Status.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    seq: object | None = None  # kvpager.sequence.Sequence (or the simulator's PageCounter)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    num_prefill: int = 0  # tokens to prefill on this admission: prompt + output so far
+    num_generated: int = 0  # == len(output_token_ids); the simulator only counts
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "length" | "stop" | "abort"
+    generator: torch.Generator | None = None
+    recorded: bool = False  # metrics have seen it finish
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.num_prefill
+
+    @property
+    def is_done(self) -> bool:
+        return self.status in DONE
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        t = self.timings
+        if t.finished is None or t.first_token is None or self.num_generated < 2:
+            return None
+        return (t.finished - t.first_token) / (self.num_generated - 1)
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: a live, read-only view of one request.
+
+    Iterating a handle streams its tokens: each `next()` returns the next generated token,
+    stepping the engine (which advances every request) while none is ready; it stops when the
+    request finishes or is aborted. For callbacks, pass `on_token=` to `Engine.submit`.
+    """
+
+    def __init__(self, request: Request, engine: Engine):
+        self._request = request
+        self._engine = engine
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def status(self) -> Status:
+        return self._request.status
+
+    @property
+    def finished(self) -> bool:
+        return self._request.is_done
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._request.finish_reason
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return list(self._request.output_token_ids)
+
+    @property
+    def timings(self) -> Timings:
+        return self._request.timings
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._request.num_preemptions
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+    def __iter__(self) -> Iterator[int]:
+        seen = 0
+        while True:
+            out = self._request.output_token_ids
+            while seen < len(out):
+                seen += 1
+                yield out[seen - 1]
+            if self._request.is_done:
+                return
+            self._engine.step()
+
+    def __repr__(self) -> str:
+        r = self._request
+        return f"RequestHandle({r.request_id!r}, {r.status.value}, {len(r.output_token_ids)} tokens)"

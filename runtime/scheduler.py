@@ -1,0 +1,229 @@
+"""FCFS continuous-batching scheduler with chunked prefill and preemption by recompute.
+
+State is two queues and the allocator: `waiting` (FCFS; preempted requests go back to its
+front) and `running` (in admission order, oldest first). One `schedule()` call plans one step:
+
+  1. every running request gets its work, oldest first: a decoding request s_q tokens
+     (s_q = 1 + num_speculative_tokens), a prefilling one its next chunk from the step's token
+     budget (decode tokens are reserved first, so prefill never starves decode). When the pages
+     a request needs are not free, the most recently admitted running requests are preempted
+     (pages freed, back to the front of `waiting`) until they are; if that reaches the request
+     itself, it is preempted too and the pass stops.
+  2. waiting requests are admitted in order while the batch, the budget and the pages allow:
+     free pages minus those promised to unfinished prefills must cover the request's whole
+     prefill plus `admit_headroom_pages` (no headroom when nothing runs, so any request that
+     fits the pool is admitted eventually). The queue head blocks the rest: strict FCFS.
+
+No starvation: the oldest running request is never preempted while a younger one runs, and a
+preempted request is readmitted before any later arrival.
+
+Cost: O(running + admitted) Python per step; pages are appended only for the tokens scheduled.
+
+A request's sequence may hold up to s_q - 1 "spare" slots beyond `num_computed` after an MTP
+step whose drafts were rejected; the next step overwrites them (Sequence has no truncate, and
+none is needed: cache_seqlens always equals num_computed + s_q while a step runs).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvpager.allocator import BlockAllocator
+from kvpager.errors import ConfigError, RequestTooLarge
+from kvpager.runtime.pages import RequestSequence
+from kvpager.runtime.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """max_batch_size: running requests at most; max_num_batched_tokens: new tokens per step
+    (decode + prefill chunks); admit_headroom_pages: free pages beyond a prompt required to admit
+    it while others run (room for them to grow); num_speculative_tokens: draft tokens per decode
+    step (MTP), s_q = 1 + this; max_model_len: prompt + output tokens at most (sets the block
+    table width)."""
+
+    max_batch_size: int = 256
+    max_num_batched_tokens: int = 4096
+    admit_headroom_pages: int = 1
+    num_speculative_tokens: int = 0
+    max_model_len: int = 32768
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.admit_headroom_pages < 0 or self.num_speculative_tokens < 0:
+            raise ConfigError("admit_headroom_pages and num_speculative_tokens must be >= 0")
+        if self.max_num_batched_tokens < self.max_batch_size * self.s_q:
+            raise ConfigError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} cannot decode a full batch "
+                f"(max_batch_size={self.max_batch_size} x s_q={self.s_q}); raise it or lower the batch"
+            )
+
+    @property
+    def s_q(self) -> int:
+        return 1 + self.num_speculative_tokens
+
+
+@dataclass
+class StepPlan:
+    """One step's work. prefill: (request, first position, tokens, slot mapping or None);
+    decode: requests decoding s_q tokens, in batch order; preempted: requests sent back."""
+
+    prefill: list[tuple[Request, int, int, object]] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    decode_kv_tokens: int = 0  # sum of the decode rows' cache_seqlens (what the kernel reads)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def check_fits(prompt_len: int, max_new_tokens: int, config: SchedulerConfig, num_pages: int,
+               page_size: int) -> None:
+    """RequestTooLarge unless the request could run alone: prompt + output (+ s_q - 1 draft
+    slots) within max_model_len and within the pool."""
+    tokens = prompt_len + max_new_tokens + config.s_q - 1
+    if prompt_len + max_new_tokens > config.max_model_len:
+        raise RequestTooLarge(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_model_len="
+            f"{config.max_model_len}; shorten the request or raise max_model_len")
+    if pages_for(tokens, page_size) > num_pages:
+        raise RequestTooLarge(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) needs "
+            f"{pages_for(tokens, page_size)} pages but the pool has {num_pages}; shorten the "
+            f"request or build a larger pool")
+
+
+class Scheduler:
+    """Plans steps; owns the queues and each running request's RequestSequence.
+
+    want_slots: prefill chunks come with their slot mapping (Sequence.append's tensor); the
+    simulator, which writes no KV, passes False and gets None (no tensor is built).
+    """
+
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, page_size: int = 64,
+                 want_slots: bool = True):
+        self.config = config
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_pages = pages_for(config.max_model_len + config.s_q, page_size)
+        self.want_slots = want_slots
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        s_q, ps = self.config.s_q, self.page_size
+        running, decode = self.running, plan.decode
+        # Reserve s_q tokens for every running request (prefilling ones too: simpler, and it
+        # costs at most s_q tokens of budget per prefilling request).
+        budget = self.config.max_num_batched_tokens - s_q * len(running)
+        kv_tokens = 0
+        # `running` only shrinks from the end while we walk it (preemption pops the youngest),
+        # so a plain for loop visits each remaining request once.
+        for req in running:
+            seq = req.seq
+            if req.num_computed >= req.num_prefill:  # decoding: up to num_computed + s_q tokens
+                target = req.num_computed + s_q  # (the sequence may hold spare MTP slots)
+                if target > len(seq.pages) * ps:  # crosses into a new page
+                    if not self._make_room(req, target - seq.num_tokens, plan):
+                        break
+                    seq.extend(target - seq.num_tokens)
+                else:  # RequestSequence.extend's fast path, inlined: this loop is the hot path
+                    seq.table_key += target - seq.num_tokens
+                    seq.num_tokens = target
+                kv_tokens += target
+                decode.append(req)
+            else:
+                n = min(req.num_prefill - req.num_computed, budget)
+                if n > 0:
+                    if not self._make_room(req, n, plan):
+                        break
+                    plan.prefill.append((req, req.num_computed, n, self._append(seq, n)))
+                    plan.num_prefill_tokens += n
+                    budget -= n
+        plan.decode_kv_tokens = kv_tokens
+        self._admit(plan, budget)
+        return plan
+
+    def _append(self, seq: RequestSequence, n: int):
+        if self.want_slots:
+            return seq.append(n)
+        seq.extend(n)
+        return None
+
+    def _make_room(self, req: Request, n: int, plan: StepPlan) -> bool:
+        """Preempt from the young end of `running` until req's next n tokens have pages.
+        False when req itself had to go."""
+        need = req.seq.pages_needed(n)
+        while self.allocator.num_free < need:
+            victim = self.running.pop()
+            self.preempt(victim)
+            plan.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        waiting, running, ps = self.waiting, self.running, self.page_size
+        if not waiting or budget <= 0 or len(running) >= self.config.max_batch_size:
+            return
+        promised = sum(pages_for(r.num_prefill, ps) - r.seq.num_pages
+                       for r in running if r.num_computed < r.num_prefill)
+        while waiting and budget > 0 and len(running) < self.config.max_batch_size:
+            req = waiting[0]
+            num_prefill = req.prompt_len + req.num_generated
+            headroom = self.config.admit_headroom_pages if running else 0
+            if self.allocator.num_free - promised < pages_for(num_prefill, ps) + headroom:
+                break
+            waiting.popleft()
+            req.status = Status.RUNNING
+            req.seq = RequestSequence(req.request_id, self.allocator, ps, self.max_pages)
+            req.num_prefill = num_prefill
+            req.num_computed = 0
+            n = min(num_prefill, budget)
+            plan.prefill.append((req, 0, n, self._append(req.seq, n)))
+            plan.num_prefill_tokens += n
+            promised += pages_for(num_prefill, ps) - req.seq.num_pages
+            budget -= n
+            running.append(req)
+
+    def preempt(self, req: Request) -> None:
+        """Free req's pages and queue it first, to be recomputed from prompt + output."""
+        req.seq.release()
+        req.seq = None
+        req.num_computed = 0
+        req.status = Status.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def retire(self, req: Request, status: Status) -> None:
+        """Finish or abort req, freeing its pages now. Running requests leave `running` at
+        `drop_retired()` (once per step, O(running))."""
+        if req.seq is not None:
+            req.seq.release()
+            req.seq = None
+        elif req.status in (Status.WAITING, Status.PREEMPTED):
+            self.waiting.remove(req)
+        req.status = status
+
+    def drop_retired(self) -> None:
+        self.running = [r for r in self.running if r.status is Status.RUNNING]
+
+    def remove_running(self, req: Request) -> None:
+        self.running.remove(req)
