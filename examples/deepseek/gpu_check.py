@@ -1,0 +1,140 @@
+"""GPU checks for the lead's device run (`python -m kvpager.examples.deepseek.gpu_check`):
+
+1. compare(): the bf16 model on the GPU with the bundled MLA kernel against (kernel) the same bf16
+   weights with the float32-compute reference MLA, and (dtype) the float32 model on the CPU;
+   greedy, same prompts, through the engine every time. Reported: free-running token agreement,
+   and teacher-forced agreement — the run under test is fed the reference's tokens, so one early
+   flip cannot derail the rest — with the logit differences.
+2. throughput(): decode tokens/s for a batch (64) with and without CUDA graphs.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kvpager.reference import mla_decode_reference
+from kvpager.runtime.request import SamplingParams
+
+from .cuda_graph import GraphedDecode
+from .runner import RunResult, build_engine, mla_path, random_prompts, timed_generate
+from .weights import demo_model_dir, load_model
+
+
+class Recorded:
+    """The model Protocol around a model: records every logits row (float32, CPU) per request;
+    with `forced`, hands the engine one-hot logits of the forced tokens (teacher forcing)."""
+
+    def __init__(self, model, forced: dict[str, list[int]] | None = None):
+        self.model, self.forced = model, forced
+        self.num_layers, self.num_heads = model.num_layers, model.num_heads
+        self.vocab_size, self.device = model.vocab_size, model.device
+        self.logits: dict[str, list[torch.Tensor]] = {}
+
+    def _take(self, rid: str, row: torch.Tensor) -> torch.Tensor:
+        self.logits.setdefault(rid, []).append(row.float().cpu())
+        if self.forced is None:
+            return row
+        return torch.nn.functional.one_hot(
+            torch.tensor(self.forced[rid][len(self.logits[rid]) - 1], device=row.device),
+            row.shape[-1]).to(row.dtype)
+
+    def prefill(self, chunk, pool):
+        out = self.model.prefill(chunk, pool)
+        return None if out is None else self._take(chunk.request_id, out)
+
+    def decode(self, batch, pool):
+        out = self.model.decode(batch, pool)
+        return torch.stack([self._take(rid, out[b, 0])[None] for b, rid in enumerate(batch.request_ids)])
+
+
+def reference_mla(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                  num_splits, softmax_scale=None, causal=False):
+    """kvpager.mla's signature, always the float32-compute PyTorch reference (any device)."""
+    return mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                softmax_scale=softmax_scale, causal=causal)
+
+
+def _greedy(model, prompts: list[list[int]], steps: int, forced=None) -> tuple[list[list[int]], Recorded]:
+    rec = Recorded(model, forced)
+    engine = build_engine(rec, len(prompts), max(map(len, prompts)) + steps, model.lm_head.weight.dtype)
+    handles = [engine.submit(p, SamplingParams(max_new_tokens=steps), request_id=str(i))
+               for i, p in enumerate(prompts)]
+    while not all(h.finished for h in handles):
+        engine.step()
+    return [h.output_token_ids for h in handles], rec
+
+
+def agreement(ref_model, test_model, prompts: list[list[int]], steps: int) -> dict[str, float]:
+    """Greedy runs of both models: free-running token agreement, and — feeding test_model the
+    reference's tokens — teacher-forced argmax agreement and logit differences."""
+    ref_tokens, ref = _greedy(ref_model, prompts, steps)
+    free_tokens, _ = _greedy(test_model, prompts, steps)
+    _, forced = _greedy(test_model, prompts, steps, forced={str(i): t for i, t in enumerate(ref_tokens)})
+    want = torch.stack([torch.stack(ref.logits[str(i)]) for i in range(len(prompts))])    # [B, steps, V]
+    got = torch.stack([torch.stack(forced.logits[str(i)]) for i in range(len(prompts))])
+    return {
+        "free_running_agreement": (torch.tensor(free_tokens) == torch.tensor(ref_tokens)).float().mean().item(),
+        "teacher_forced_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+        "max_abs_logit_diff": (got - want).abs().max().item(),
+        "mean_abs_logit_diff": (got - want).abs().mean().item(),
+        "logit_std": want.std().item(),
+    }
+
+
+def compare(model_dir: str | None = None, batch: int = 16, steps: int = 32, prompt_len: int = 256,
+            seed: int = 0, device: str = "cuda") -> dict[str, dict[str, float]]:
+    """Two comparisons, greedy, `batch` ragged prompts, `steps` tokens each (figures printed):
+    kernel:  the bf16 model on `device` with the kernel vs the same bf16 weights with the
+             float32-compute reference MLA — only the attention differs;
+    dtype:   that bf16 kernel run vs the float32 model on the CPU (reference MLA) — on a random
+             MoE model, bf16 rounding flips expert choices, so expect this lower than `kernel`."""
+    model_dir = model_dir or demo_model_dir(seed)
+    model = load_model(model_dir, device, torch.bfloat16)
+    print(f"MLA on {device}: {mla_path(torch.device(device), torch.bfloat16)}")
+    prompts = random_prompts(batch, model.vocab_size, prompt_len // 4, prompt_len, seed)
+    with_reference = load_model(model_dir, device, torch.bfloat16)
+    with_reference.mla_impl = reference_mla
+    results = {"kernel": agreement(with_reference, model, prompts, steps),
+               "dtype": agreement(load_model(model_dir, "cpu", torch.float32), model, prompts, steps)}
+    for name, figures in results.items():
+        print(f"{name}: batch {batch}, {steps} steps: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+    return results
+
+
+def throughput(model_dir: str | None = None, batch: int = 64, steps: int = 64, prompt_len: int = 512,
+               cuda_graphs: bool = False, seed: int = 0, device: str = "cuda") -> RunResult:
+    """Decode tokens/s for `batch` ragged prompts (prompt_len / 2 .. prompt_len) in bf16, after an
+    identical warm-up run (which also captures the graphs). Only steps with no prefill chunk count."""
+    model = load_model(model_dir or demo_model_dir(seed), device, torch.bfloat16)
+    engine = build_engine(model, batch, prompt_len + steps, torch.bfloat16)
+    if cuda_graphs:
+        engine.model = GraphedDecode(model, engine.allocator, batch)
+    prompts = random_prompts(batch, model.vocab_size, prompt_len // 2, prompt_len, seed)
+    params = [SamplingParams(max_new_tokens=steps)] * batch
+    timed_generate(engine, prompts, params)  # warm-up: the same run, so every graph size is captured
+    result = timed_generate(engine, prompts, params)
+    print(f"batch {batch}, prompts <= {prompt_len}, CUDA graphs {'on' if cuda_graphs else 'off'}: "
+          f"{result.decode_tokens_per_s:,.0f} decode tokens/s ({result.decode_tokens} tokens, "
+          f"{result.decode_seconds * 1e3 / max(1, result.decode_steps):.2f} ms/step)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=64, help="throughput batch (default 64)")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=512)
+    args = p.parse_args(argv)
+    compare(args.model_dir, device=args.device)
+    kw = dict(model_dir=args.model_dir, batch=args.batch, steps=args.steps, prompt_len=args.prompt_len,
+              device=args.device)
+    throughput(**kw, cuda_graphs=False)
+    throughput(**kw, cuda_graphs=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Wiring the model into kvpager.runtime: a page pool sized for the batch, the engine, ragged
+random prompts, and a timed run that separates prefill steps from pure decode steps."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvpager import kernels
+from kvpager.config import CacheConfig
+from kvpager.runtime.engine import Engine
+from kvpager.runtime.request import SamplingParams
+from kvpager.runtime.scheduler import SchedulerConfig, pages_for
+
+from .model import DeepseekV3
+
+PAGE_SIZE = 64
+
+
+def mla_path(device: torch.device, dtype: torch.dtype) -> str:
+    """Which MLA implementation kvpager.mla dispatches to for this cache, in words."""
+    if not kernels.available():
+        return f"CUDA kernel not available ({kernels.unavailable_reason()}); using the PyTorch reference MLA"
+    if not kernels.supports_device(device):
+        return f"CUDA kernel not available (device {device} is not an sm_90 GPU); using the PyTorch reference MLA"
+    if dtype not in kernels.DTYPES:
+        return f"CUDA kernel not available (it takes bf16/fp16, the cache is {dtype}); using the PyTorch reference MLA"
+    return f"CUDA kernel kvpager.kernels (sm_90, {torch.cuda.get_device_name(device)})"
+
+
+def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
+                 spare_pages: int = 1) -> Engine:
+    """An engine whose pool holds max_batch sequences of max_model_len tokens (+ spare_pages,
+    e.g. the CUDA-graph padding page), in `dtype` on the model's device."""
+    num_pages = max_batch * pages_for(max_model_len, PAGE_SIZE) + spare_pages
+    cache = CacheConfig(num_layers=model.num_layers, num_pages=num_pages, page_size=PAGE_SIZE,
+                        dtype=dtype, device=str(model.device))
+    sched = SchedulerConfig(max_batch_size=max_batch, max_model_len=max_model_len,
+                            max_num_batched_tokens=max(4096, max_model_len, max_batch))
+    return Engine(model, cache, sched)
+
+
+def random_prompts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+    """n prompts of ragged lengths in [min_len, max_len], token ids in [2, vocab) (0/1 are bos/eos)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n,), generator=gen).tolist()
+    return [torch.randint(2, vocab_size, (k,), generator=gen).tolist() for k in lens]
+
+
+@dataclass
+class RunResult:
+    outputs: list[list[int]]
+    seconds: float              # whole run
+    decode_seconds: float       # steps with no prefill chunk
+    decode_tokens: int          # tokens generated in those steps
+    decode_steps: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+def timed_generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> RunResult:
+    """Submit every prompt (with its params), step to completion; time pure-decode steps apart
+    from prefill ones."""
+    handles = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    decode_s, decode_tokens, decode_steps = 0.0, 0, 0
+    sync()
+    start = time.perf_counter()
+    while not all(h.finished for h in handles):
+        t0 = time.perf_counter()
+        plan = engine.step()
+        sync()
+        if not plan.prefill:
+            decode_s += time.perf_counter() - t0
+            decode_tokens += len(plan.decode)
+            decode_steps += 1
+    return RunResult([h.output_token_ids for h in handles], time.perf_counter() - start,
+                     decode_s, decode_tokens, decode_steps)
