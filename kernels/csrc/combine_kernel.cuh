@@ -1,6 +1,7 @@
 // Merges the fp32 partials of split sequences by their lse: out = sum_i exp(lse_i - lse) o_i,
-// lse = log(sum_i exp(lse_i)). One warp per (sequence, kv head, query row); sequences with a
-// single split were finished by the decode kernel and are skipped.
+// lse = log(sum_i exp(lse_i)). One warp per (sequence, kv head, query row, quarter of the 512
+// columns), so even a batch of one spreads over many SMs; sequences with a single split were
+// finished by the decode kernel and are skipped.
 #pragma once
 #include <cuda_runtime.h>
 #include <math_constants.h>
@@ -30,7 +31,8 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int n = p.num_splits[b + 1] - first;
   if (n <= 1) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int mrow = blockIdx.x * kCombineRowsPerBlock + warp;
+  const int quarter = blockIdx.x % kCombineColSplits;
+  const int mrow = (blockIdx.x / kCombineColSplits) * kCombineRowsPerBlock + warp;
   if (mrow >= p.rows) return;
 
   auto slot_row = [&](int i) { return (int64_t(first + i) * p.h_kv + hk) * p.rows + mrow; };
@@ -44,35 +46,28 @@ __global__ void __launch_bounds__(kCombineThreads)
   const bool empty = !(sum > 0.f);
   const float lse = empty ? CUDART_INF_F : mx + __logf(sum);
 
-  // Lane owns columns lane*4 + 128*k, k < 4: float4 loads, coalesced across the warp.
-  float acc[kCombineColsPerLane];
-#pragma unroll
-  for (int c = 0; c < kCombineColsPerLane; ++c) acc[c] = 0.f;
+  // Lane owns 4 consecutive columns of this warp's quarter: one float4 per split, coalesced.
+  const int col = quarter * (kHeadDimV / kCombineColSplits) + lane * 4;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   if (!empty) {
+#pragma unroll 4
     for (int i = 0; i < n; ++i) {
       const float w = __expf(p.lse_accum[slot_row(i)] - lse);
-      const float4* src = reinterpret_cast<const float4*>(p.out_accum + slot_row(i) * kHeadDimV);
-#pragma unroll
-      for (int k = 0; k < kCombineColsPerLane / 4; ++k) {
-        const float4 v = src[lane + 32 * k];
-        acc[4 * k + 0] += w * v.x;
-        acc[4 * k + 1] += w * v.y;
-        acc[4 * k + 2] += w * v.z;
-        acc[4 * k + 3] += w * v.w;
-      }
+      const float4 v = *reinterpret_cast<const float4*>(p.out_accum + slot_row(i) * kHeadDimV + col);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
     }
   }
   const int s = mrow / p.groups;
   const int head = hk * p.groups + mrow % p.groups;
   Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
-#pragma unroll
-  for (int k = 0; k < kCombineColsPerLane / 4; ++k) {
-    uint2 packed;
-    packed.x = ElemOps<Elem>::pack(acc[4 * k + 0], acc[4 * k + 1]);
-    packed.y = ElemOps<Elem>::pack(acc[4 * k + 2], acc[4 * k + 3]);
-    *reinterpret_cast<uint2*>(out + (lane + 32 * k) * 4) = packed;
-  }
-  if (lane == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
+  uint2 packed;
+  packed.x = ElemOps<Elem>::pack(acc.x, acc.y);
+  packed.y = ElemOps<Elem>::pack(acc.z, acc.w);
+  *reinterpret_cast<uint2*>(out + col) = packed;
+  if (lane == 0 && quarter == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
 }
 
 }  // namespace kvpager

@@ -23,10 +23,10 @@ constexpr int kMetadataFields = 8;
 constexpr int kFixedOverheadPages = 5;
 constexpr int kMetadataThreads = 256;
 
-// Combine kernel: one warp per output row.
+// Combine kernel: one warp per (output row, quarter of its 512 columns).
 constexpr int kCombineRowsPerBlock = 8;
 constexpr int kCombineThreads = kCombineRowsPerBlock * 32;
-constexpr int kCombineColsPerLane = kHeadDimV / 32;    // 16
+constexpr int kCombineColSplits = 4;                   // 128 columns = one float4 per lane
 
 // Query rows handled by one CTA, chosen from rows = s_q * h_q / h_kv (see schedule.block_m_for).
 constexpr int block_m_for(int rows) { return rows <= 16 ? 16 : rows <= 32 ? 32 : 64; }

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   char* sP = smem + S::kSmemP;
   float* sRed = reinterpret_cast<float*>(smem + S::kSmemRed);
 
-  const int part = blockIdx.x, hk = blockIdx.y, m_block = blockIdx.z;
+  const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rg = warp / S::kColGroups, cg = warp % S::kColGroups;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: rows g, g+8; cols 2t, 2t+1

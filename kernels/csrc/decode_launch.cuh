@@ -11,11 +11,12 @@ namespace kvpager {
 template <typename Elem, typename Kernel>
 cudaError_t launch_with_combine(Kernel* kernel, int block_m, int smem_bytes, const DecodeParams& p,
                                 cudaStream_t stream) {
-  const dim3 grid(p.num_parts, p.h_kv, ceil_div(p.rows, block_m));
+  // Row blocks of one part run side by side, so the second reads each page from L2.
+  const dim3 grid(ceil_div(p.rows, block_m), p.h_kv, p.num_parts);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 combine_grid(ceil_div(p.rows, kCombineRowsPerBlock), p.h_kv, p.batch);
+  const dim3 combine_grid(ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits, p.h_kv, p.batch);
   mla_combine_kernel<Elem><<<combine_grid, kCombineThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

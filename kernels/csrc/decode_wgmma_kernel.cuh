@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   char* sP = smem + S::kSmemP;
   float* sRed = reinterpret_cast<float*>(smem + S::kSmemRed);
 
-  const int part = blockIdx.x, hk = blockIdx.y, m_block = blockIdx.z;
+  const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
   const int wg = threadIdx.x / 128;
   const int warp_in_wg = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x % 32;

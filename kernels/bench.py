@@ -1,0 +1,288 @@
+"""`kvpager bench kernel`: the MLA decode kernel against the GPU's own ceilings, in one run.
+
+Measures the read-bandwidth ceiling (a large bf16 sum) and the cuBLAS bf16 8192^3 matmul rate,
+then the kernel (through kvpager.kernels.flash_mla_with_kvcache, metadata computed once per case)
+on b=128, s_k in {4096, 8192}, h_q in {16, 32, 64, 128}, s_q in {1, 2}, varlen off/on, plus two
+small batches. Reports time, TFLOPS = 2*b*s_q*h_q*mean_s_k*(d+dv)/t and
+GB/s = 2*(b*mean_s_k*h_kv*d + b*s_q*h_q*(d+dv))/t, each also as a fraction of its ceiling.
+
+Timing: triton.testing.do_bench(warmup=25, rep=200, return_mode="median"), which clears L2 before
+every call; without triton, CUDA events around each call after an L2-clearing write, median.
+Random data; KV pages are drawn in random order from a pool of at least 128 MB, so even the
+small cases read their pages from HBM, scattered as in a long-running server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+D, DV, PAGE = 576, 512, 64
+POOL_MIN_BYTES = 128 << 20
+FLUSH_BYTES = 256 << 20
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    s_q: int
+    h_q: int
+    s_k: int  # mean sequence length
+    varlen: bool
+    h_kv: int = 1
+
+
+def cases(quick: bool) -> list[Case]:
+    grid = [
+        Case(128, s_q, h_q, s_k, varlen)
+        for s_k in (4096, 8192)
+        for h_q in (16, 32, 64, 128)
+        for s_q in (1, 2)
+        for varlen in (False, True)
+    ]
+    if quick:
+        grid = [c for c in grid if c.s_k == 8192 and c.h_q in (16, 128)]
+    return grid + [Case(1, 1, 128, 4096, False), Case(8, 1, 16, 2048, False)]
+
+
+REFERENCE_CASES = [Case(8, 1, 16, 2048, False), Case(1, 1, 128, 4096, False)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="bench-kernel.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="s_k=8192, h_q in {16,128} and the small cases only")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--compare-reference", action="store_true",
+                        help="also time the PyTorch reference on a couple of small cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", action="store_true", help="plain-text table instead of rich")
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def make_timer() -> tuple[Callable[[Callable[[], object]], float], str]:
+    """Returns (time_us(fn), method)."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _event_timer, "CUDA events, L2 cleared before each call, median"
+
+    def time_us(fn: Callable[[], object]) -> float:
+        return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+    return time_us, "triton.testing.do_bench(warmup=25, rep=200, median)"
+
+
+def _event_timer(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    n = max(10, int(rep_ms / estimate_ms))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in events:
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
+# ---- ceilings -------------------------------------------------------------------------------
+
+
+def read_ceiling_gbps(time_us: Callable) -> float:
+    x = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
+    t = time_us(lambda: x.sum())
+    del x
+    return (1 << 30) * 2 / (t * 1e-6) / 1e9
+
+
+def matmul_ceiling_tflops(time_us: Callable) -> float:
+    n = 8192
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    c = torch.empty_like(a)
+    t = time_us(lambda: torch.matmul(a, b, out=c))
+    return 2 * n**3 / (t * 1e-6) / 1e12
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int) -> dict:
+    """Random q and paged cache for `case`; pages in random order from a >= 128 MB pool."""
+    torch.manual_seed(seed)
+    if case.varlen:
+        lens = torch.normal(float(case.s_k), case.s_k / 2, (case.b,)).clamp(1, 2 * case.s_k).round()
+    else:
+        lens = torch.full((case.b,), float(case.s_k))
+    lens = lens.to(torch.int32)
+    pages = (lens + PAGE - 1) // PAGE
+    total_pages = int(pages.sum())
+    page_bytes = PAGE * case.h_kv * D * torch.finfo(dtype).bits // 8
+    num_pages = max(total_pages, math.ceil(POOL_MIN_BYTES / page_bytes))
+    max_pages = int(pages.max())
+    block_table = torch.zeros(case.b, max_pages, dtype=torch.int32)
+    block_table[torch.arange(max_pages) < pages[:, None]] = torch.randperm(num_pages)[:total_pages].to(torch.int32)
+    return {
+        "q": torch.randn(case.b, case.s_q, case.h_q, D, dtype=dtype, device="cuda"),
+        "k_cache": torch.randn(num_pages, PAGE, case.h_kv, D, dtype=dtype, device="cuda"),
+        "block_table": block_table.cuda(),
+        "cache_seqlens": lens.cuda(),
+    }
+
+
+def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
+    """(mean s_k, FLOPs, bytes) of one call, as the issue defines them."""
+    mean_s_k = float(lens.double().mean())
+    flops = 2 * case.b * case.s_q * case.h_q * mean_s_k * (D + DV)
+    nbytes = 2 * (case.b * mean_s_k * case.h_kv * D + case.b * case.s_q * case.h_q * (D + DV))
+    return mean_s_k, flops, nbytes
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, ceilings: dict) -> dict:
+    from kvpager import kernels
+
+    x = make_inputs(case, dtype, seed)
+    rows = case.s_q * case.h_q // case.h_kv
+    meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv)
+
+    def call():
+        return kernels.flash_mla_with_kvcache(
+            x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], DV, meta, splits, causal=True
+        )
+
+    out, _ = call()
+    finite = bool(torch.isfinite(out).all())
+    t = time_us(call)
+    t_meta = time_us(lambda: kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv))
+    mean_s_k, flops, nbytes = work(case, x["cache_seqlens"].cpu())
+    tflops, gbps = flops / (t * 1e-6) / 1e12, nbytes / (t * 1e-6) / 1e9
+    return {
+        **asdict(case),
+        "mean_s_k": round(mean_s_k, 1),
+        "time_us": round(t, 2),
+        "tflops": round(tflops, 1),
+        "frac_matmul": round(tflops / ceilings["matmul_tflops"], 3),
+        "gbps": round(gbps, 1),
+        "frac_read": round(gbps / ceilings["read_gbps"], 3),
+        "num_parts": meta.shape[0],
+        "total_splits": int(splits[-1]),
+        "metadata_us": round(t_meta, 2),
+        "finite": finite,
+    }
+
+
+def bench_reference(case: Case, dtype: torch.dtype, seed: int, time_us: Callable) -> dict:
+    from kvpager import kernels
+    from kvpager.reference import mla_decode_reference
+
+    x = make_inputs(case, dtype, seed)
+    meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], case.s_q * case.h_q // case.h_kv, case.h_kv)
+    args = (x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], DV)
+    ours = kernels.flash_mla_with_kvcache(*args, meta, splits, causal=True)[0].double().flatten()
+    ref = mla_decode_reference(*args, causal=True)[0].double().flatten()
+    t_ref = time_us(lambda: mla_decode_reference(*args, causal=True))
+    t_ours = time_us(lambda: kernels.flash_mla_with_kvcache(*args, meta, splits, causal=True))
+    cos = float((ours @ ref) / (ours.norm() * ref.norm()).clamp(min=1e-300))
+    return {**asdict(case), "reference_us": round(t_ref, 1), "kernel_us": round(t_ours, 2),
+            "speedup": round(t_ref / t_ours, 1), "one_minus_cos": 1 - cos}
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpager import kernels
+
+    if not torch.cuda.is_available():
+        print("kvpager bench kernel: no CUDA device here; run it on an H100 / H200.")
+        return 1
+    device = torch.device("cuda")
+    if not kernels.available() or not kernels.supports_device(device):
+        why = kernels.unavailable_reason() or f"{torch.cuda.get_device_name()} is not sm_90"
+        print(f"kvpager bench kernel: the kernel cannot run here: {why}")
+        return 1
+    dtype = DTYPES[args.dtype]
+    time_us, method = make_timer()
+    props = torch.cuda.get_device_properties(device)
+    print(f"{props.name}: {props.multi_processor_count} SMs, {props.L2_cache_size >> 20} MB L2; "
+          f"torch {torch.__version__}; timing with {method}")
+    ceilings = {"read_gbps": read_ceiling_gbps(time_us), "matmul_tflops": matmul_ceiling_tflops(time_us)}
+    print(f"ceilings: read {ceilings['read_gbps']:.0f} GB/s (bf16 sum of 2 GiB), "
+          f"cuBLAS bf16 8192^3 {ceilings['matmul_tflops']:.0f} TFLOP/s")
+    results = []
+    for i, case in enumerate(cases(args.quick)):
+        results.append(bench_case(case, dtype, args.seed + i, time_us, ceilings))
+        torch.cuda.empty_cache()
+    print_table(results, args.plain)
+    reference = []
+    if args.compare_reference:
+        reference = [bench_reference(c, dtype, args.seed, time_us) for c in REFERENCE_CASES]
+        for r in reference:
+            print(f"reference b={r['b']} s_k={r['s_k']} h_q={r['h_q']}: {r['reference_us']:.0f} us, "
+                  f"kernel {r['kernel_us']:.1f} us ({r['speedup']}x), 1-cos {r['one_minus_cos']:.1e}")
+    report = {
+        "device": props.name,
+        "num_sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "timing": method,
+        "kernel_choice": os.environ.get("KVPAGER_MLA_KERNEL", "default"),
+        "ceilings": {k: round(v, 1) for k, v in ceilings.items()},
+        "results": results,
+        "reference": reference,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+    bad = [r for r in results if not r["finite"]]
+    if bad:
+        print(f"WARNING: non-finite output in {len(bad)} case(s): the kernel is wrong there")
+    return 0
+
+
+COLUMNS = [  # (header, key, format)
+    ("b", "b", "{}"), ("s_q", "s_q", "{}"), ("h_q", "h_q", "{}"), ("s_k", "mean_s_k", "{:.0f}"),
+    ("varlen", "varlen", "{}"), ("µs", "time_us", "{:.1f}"), ("TFLOPS", "tflops", "{:.0f}"),
+    ("×mm", "frac_matmul", "{:.2f}"), ("GB/s", "gbps", "{:.0f}"), ("×read", "frac_read", "{:.2f}"),
+    ("splits", "total_splits", "{}"), ("meta µs", "metadata_us", "{:.1f}"), ("finite", "finite", "{}"),
+]
+
+
+def print_table(results: list[dict], plain: bool) -> None:
+    rows = [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
+    try:
+        if plain:
+            raise ImportError
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (h, _, _) in enumerate(COLUMNS)]
+        print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths)))
+        for row in rows:
+            print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        return
+    table = Table(title="MLA decode (fractions of the ceilings measured above)")
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
