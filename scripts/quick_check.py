@@ -129,6 +129,8 @@ if __name__ == "__main__":
         (64, 1, 16, 1, [int(x) for x in torch.randint(0, 3000, (64,))], False),
         (128, 2, 128, 1, [int(x) for x in torch.randint(0, 700, (128,))], True),
         (1, 1, 1, 1, [4096], False), (2, 4, 128, 2, [4096, 1], True),
+        # prefill through the decode API: s_q = chunk length, causal
+        (1, 128, 16, 1, [300], True), (2, 256, 16, 1, [256, 400], True), (1, 64, 128, 1, [64], True),
     ]
     results = [check(*c) for c in cases]
     results.append(check(2, 2, 16, 1, [300, 65], True, torch.float16))

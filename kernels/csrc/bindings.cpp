@@ -13,26 +13,44 @@
 namespace {
 
 // Each check's message is built from the check itself, so text and condition cannot drift.
-#define KVP_CHECK(cond, ...) TORCH_CHECK(cond, "kvpager: ", __VA_ARGS__)
+// Values are turned into text here (std::to_string, c10::toString, Device::str) rather than
+// streamed: on the device image, streaming an integer through c10::str from this extension
+// crashed the process (seen 2026-11-23), so no number goes through an ostream.
+std::string text(int64_t v) { return std::to_string(v); }
+std::string text(int v) { return std::to_string(v); }
+std::string text(const char* v) { return v; }
+std::string text(const std::string& v) { return v; }
+std::string text(at::ScalarType v) { return c10::toString(v); }
+std::string text(const c10::Device& v) { return v.str(); }
+std::string text(at::IntArrayRef v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out = "kvpager: ";
+  ((out += text(args)), ...);
+  return out;
+}
+
+#define KVP_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
 #define KVP_CHECK_CUDA(x) KVP_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
 #define KVP_CHECK_DTYPE(x, dt) \
   KVP_CHECK((x).scalar_type() == (dt), #x ".dtype must be ", (dt), ", got ", (x).scalar_type())
-#define KVP_CHECK_SAME_DEVICE(x, y)                                                      \
-  KVP_CHECK((x).device() == (y).device(), #x " is on ", (x).device(), " but " #y " is on ", \
-            (y).device(), "; put every tensor on one GPU")
 #define KVP_CHECK_DIM(x, n) \
   KVP_CHECK((x).dim() == (n), #x " must have " #n " dims, got shape ", (x).sizes())
-#define KVP_CHECK_SIZE(x, i, v)                                                            \
-  KVP_CHECK((x).size(i) == (v), #x ".size(" #i ") must be " #v " = ", (v), ", got ", (x).size(i), \
-            " (shape ", (x).sizes(), ")")
+#define KVP_CHECK_SIZE(x, i, v)                                                              \
+  KVP_CHECK((x).size(i) == (v), #x ".size(" #i ") must be " #v " = ", int64_t(v), ", got ",  \
+            (x).size(i), " (shape ", (x).sizes(), ")")
 #define KVP_CHECK_LAST_CONTIGUOUS(x) \
   KVP_CHECK((x).stride(-1) == 1, #x " must be contiguous in its last dim, got strides ", (x).strides())
 #define KVP_CHECK_CONTIGUOUS(x) KVP_CHECK((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
 #define KVP_CHECK_ARG(cond, ...) KVP_CHECK(cond, "expected " #cond ", ", __VA_ARGS__)
-#define KVP_CUDA_CHECK(expr)                                                          \
-  do {                                                                                \
-    const cudaError_t err_ = (expr);                                                  \
-    KVP_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));      \
+#define KVP_CUDA_CHECK(expr)                                                                \
+  do {                                                                                      \
+    const cudaError_t err_ = (expr);                                                        \
+    KVP_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));            \
   } while (0)
 
 bool aligned16(const at::Tensor& t) {
@@ -45,7 +63,7 @@ bool aligned16(const at::Tensor& t) {
 void check_hopper(const at::Tensor& t) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   KVP_CHECK(prop->major == 9, "the MLA decode kernel needs a Hopper (sm_90) GPU, but ", t.device(),
-            " is sm_", prop->major, prop->minor, "; use kvpager's reference path on this GPU");
+            " is sm_", prop->major * 10 + prop->minor, "; use kvpager's reference path on this GPU");
 }
 
 // KVPAGER_MLA_KERNEL=mma serves 64-row blocks with the mma.sync kernel (A/B comparisons).
