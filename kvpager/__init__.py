@@ -1,6 +1,15 @@
 """kvpager: paged latent KV cache, MLA decode and continuous batching for DeepSeek-style models."""
 from kvpager import errors
+from kvpager.allocator import BlockAllocator
+from kvpager.config import CacheConfig
 from kvpager.errors import KVPagerError
+from kvpager.mla import flash_mla_with_kvcache, get_mla_metadata
+from kvpager.pool import PagePool
+from kvpager.sequence import Sequence
+from kvpager.tables import PAD_PAGE, BatchTables
 
-__all__ = ["errors", "KVPagerError"]
+__all__ = [
+    "BatchTables", "BlockAllocator", "CacheConfig", "KVPagerError", "PAD_PAGE", "PagePool",
+    "Sequence", "errors", "flash_mla_with_kvcache", "get_mla_metadata",
+]
 __version__ = "0.1.0"

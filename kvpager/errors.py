@@ -48,6 +48,14 @@ class RefcountUnderflow(AllocatorError):
     """A page's reference count would go below zero."""
 
 
+class PageNotAllocated(AllocatorError):
+    """incref of a page that is free (only allocated pages can gain references)."""
+
+
+class InvariantViolation(AllocatorError):
+    """check_invariants() found broken allocator state (a bug, never bad user input)."""
+
+
 class SequenceTooLong(KVPagerError):
     """A sequence would need more pages than its table row (max_pages) can hold."""
 

@@ -1,0 +1,144 @@
+"""CacheConfig: the one description of a paged latent KV cache, validated once at the boundary.
+
+Every validation failure raises `ConfigError` (a `KVPagerError` and a `ValueError`) whose message
+names the field, the bad value and what to change.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from kvpager.errors import ConfigError
+
+KERNEL_PAGE_SIZE = 64  # tokens per page of the Hopper kernel's k_cache (FlashMLA's block size)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+class CacheConfig(BaseModel):
+    """Shape, dtype, device and size of one paged latent KV cache (frozen).
+
+    page_size: tokens per page; must be 64 (the kernel's page) unless allow_any_page_size=True,
+        which is for the PyTorch reference path only.
+    num_layers: layers, each with its own [num_pages, page_size, num_kv_heads, head_dim] view.
+    num_kv_heads: h_kv, latent heads per token (1 for DeepSeek MLA).
+    head_dim / head_dim_v: d = 576 (512 latent + 64 RoPE) and dv = 512 (the first dv columns of
+        K are V).
+    dtype: "bfloat16" | "float16" (kernel) | "float32" (reference only); torch dtypes accepted.
+    device: where the pool lives ("cpu", "cuda", "cuda:1", torch.device accepted).
+    num_pages | memory_budget_bytes: exactly one; with a budget, num_pages = budget // bytes_per_page.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    page_size: int = KERNEL_PAGE_SIZE
+    num_layers: int
+    num_kv_heads: int = 1
+    head_dim: int = 576
+    head_dim_v: int = 512
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    num_pages: int | None = None
+    memory_budget_bytes: int | None = None
+    allow_any_page_size: bool = False
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, value: Any) -> str:
+        if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
+            return _DTYPE_NAMES[value]
+        if isinstance(value, str) and value.lower() in _DTYPES:
+            return _DTYPE_NAMES[_DTYPES[value.lower()]]
+        raise ValueError(f"dtype={value!r} is not supported; use 'bfloat16' or 'float16' "
+                         f"(kernel) or 'float32' (CPU reference)")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> str:
+        try:
+            return str(torch.device(value))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={value!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'") from None
+
+    @field_validator("num_layers", "num_kv_heads", "head_dim", "head_dim_v")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CacheConfig":
+        if self.page_size < 1:
+            raise ValueError(f"page_size={self.page_size} must be >= 1 (use {KERNEL_PAGE_SIZE})")
+        if self.page_size != KERNEL_PAGE_SIZE and not self.allow_any_page_size:
+            raise ValueError(
+                f"page_size={self.page_size}: the MLA kernel reads pages of exactly "
+                f"{KERNEL_PAGE_SIZE} tokens; use page_size={KERNEL_PAGE_SIZE}, or set "
+                f"allow_any_page_size=True to run on the PyTorch reference path only")
+        if self.head_dim_v > self.head_dim:
+            raise ValueError(f"head_dim_v={self.head_dim_v} > head_dim={self.head_dim}: V is the "
+                             f"first head_dim_v columns of K; use head_dim_v <= head_dim")
+        if (self.num_pages is None) == (self.memory_budget_bytes is None):
+            raise ValueError("give exactly one of num_pages or memory_budget_bytes (got "
+                             f"num_pages={self.num_pages}, memory_budget_bytes={self.memory_budget_bytes})")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 1")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < self.bytes_per_page:
+            raise ValueError(
+                f"memory_budget_bytes={self.memory_budget_bytes} holds no page of "
+                f"{self.bytes_per_page} bytes; raise it to at least {self.bytes_per_page}")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers (num_layers * h_kv * head_dim * itemsize)."""
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.bytes_per_token * self.page_size
+
+    @property
+    def resolved_num_pages(self) -> int:
+        """num_pages, or how many whole pages memory_budget_bytes holds."""
+        if self.num_pages is not None:
+            return self.num_pages
+        return self.memory_budget_bytes // self.bytes_per_page
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = f"{where} is required"
+        elif err["type"] == "extra_forbidden":
+            msg = f"{where} is not a CacheConfig field; check the spelling"
+        elif where and not msg.startswith(where):
+            msg = f"{where}: {msg} (got {err.get('input')!r})"
+        lines.append(msg)
+    return "invalid CacheConfig: " + "; ".join(lines)

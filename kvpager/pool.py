@@ -1,0 +1,107 @@
+"""PagePool: the latent KV cache of every layer in one tensor, viewed per layer in the kernel's
+k_cache layout."""
+from __future__ import annotations
+
+import torch
+
+from kvpager.config import CacheConfig
+from kvpager.errors import InvalidArgument
+
+
+class PagePool:
+    """`kv`: one allocation [num_layers, num_pages, page_size, h_kv, head_dim] of config.dtype on
+    config.device, zero-initialised. Slot `page * page_size + offset` is token `offset` of `page`.
+    """
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.num_layers = config.num_layers
+        self.num_pages = config.resolved_num_pages
+        self.page_size = config.page_size
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.kv = torch.zeros(
+            self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim,
+            dtype=config.torch_dtype, device=config.torch_device)
+        # One flat [slots, h_kv, d] view per layer for the scatter in write(); views, no copy.
+        self._slots = [self.kv[i].view(-1, self.num_kv_heads, self.head_dim)
+                       for i in range(self.num_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.config.bytes_per_token
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def bytes_used(self, num_used_pages: int) -> int:
+        """Bytes held by `num_used_pages` pages across all layers."""
+        return num_used_pages * self.config.bytes_per_page
+
+    def layer(self, i: int) -> torch.Tensor:
+        """k_cache of layer i: [num_pages, page_size, h_kv, head_dim], a contiguous view of `kv`."""
+        self._check_layer(i)
+        return self.kv[i]
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
+        """Scatter `latent` [n, h_kv, head_dim] (or [n, head_dim] when h_kv == 1) into the slots
+        `slot_mapping` int64 [n] of `layer`. One index_copy_; a CPU slot_mapping for a GPU pool
+        costs one small H2D copy. Slots are range-checked when slot_mapping is on the CPU."""
+        self._check_layer(layer)
+        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype != torch.int64 \
+                or slot_mapping.dim() != 1:
+            raise InvalidArgument(f"slot_mapping must be an int64 [n] tensor, got "
+                                  f"{_describe(slot_mapping)}; use Sequence.append's result")
+        n = slot_mapping.numel()
+        if latent.dim() == 2 and self.num_kv_heads == 1:
+            latent = latent.unsqueeze(1)
+        if tuple(latent.shape) != (n, self.num_kv_heads, self.head_dim):
+            raise InvalidArgument(
+                f"latent has shape {tuple(latent.shape)}, expected ({n}, {self.num_kv_heads}, "
+                f"{self.head_dim}) (or ({n}, {self.head_dim}) when num_kv_heads == 1)")
+        if latent.device != self.device:
+            raise InvalidArgument(f"latent is on {latent.device} but the pool is on {self.device}")
+        if n == 0:
+            return
+        if slot_mapping.device.type == "cpu":
+            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+            if lo < 0 or hi >= self.capacity_tokens:
+                bad = lo if lo < 0 else hi
+                raise InvalidArgument(f"slot {bad} is outside [0, {self.capacity_tokens}) "
+                                      f"({self.num_pages} pages x {self.page_size})")
+            slot_mapping = slot_mapping.to(self.device, non_blocking=True)
+        elif slot_mapping.device != self.device:
+            raise InvalidArgument(f"slot_mapping is on {slot_mapping.device}; put it on the CPU "
+                                  f"or on the pool's device {self.device}")
+        self._slots[layer].index_copy_(0, slot_mapping, latent.to(self.kv.dtype))
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy pages src[i] -> dst[i] in every layer (copy-on-write). One gather + one scatter;
+        src and dst may overlap (the gather reads everything before the scatter writes)."""
+        if len(src) != len(dst):
+            raise InvalidArgument(f"copy_pages got {len(src)} sources and {len(dst)} destinations")
+        if not src:
+            return
+        for page in (*src, *dst):
+            if not 0 <= page < self.num_pages:
+                raise InvalidArgument(f"page {page} is outside [0, {self.num_pages})")
+        if len(set(dst)) != len(dst):
+            raise InvalidArgument(f"copy_pages destinations {dst} repeat a page")
+        src_t = torch.tensor(src, dtype=torch.int64, device=self.device)
+        dst_t = torch.tensor(dst, dtype=torch.int64, device=self.device)
+        self.kv.index_copy_(1, dst_t, self.kv.index_select(1, src_t))
+
+    def _check_layer(self, i: int) -> None:
+        if not 0 <= i < self.num_layers:
+            raise InvalidArgument(f"layer {i} is outside [0, {self.num_layers})")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    return type(x).__name__

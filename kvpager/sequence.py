@@ -1,0 +1,148 @@
+"""Sequence: one request's page table (page ids + token count), growing one page at a time."""
+from __future__ import annotations
+
+import itertools
+import operator
+
+import torch
+
+from kvpager.allocator import BlockAllocator
+from kvpager.errors import InvalidArgument, SequenceTooLong
+
+# Layout ids are unique across all sequences ever made; see Sequence.table_key.
+_layout_ids = itertools.count(1)
+
+
+class Sequence:
+    """Token i of the sequence lives in slot `pages[i // page_size] * page_size + i % page_size`.
+
+    Pages are allocated only at page boundaries, so `num_pages == ceil(num_tokens / page_size)`.
+    Full pages are never written again, so they can be shared as they are (fork); only the last,
+    partly filled page is copied when a sequence that shares it appends (copy-on-write).
+
+    `table_key` = (layout_id << 32) | num_tokens is the one int BatchTables reads per row per
+    step: layout_id is globally unique and changes whenever a page entry is replaced (COW,
+    release) or a new Sequence is made, so an unchanged layout_id means the row's existing page
+    ids are still right and only entries past the old page count can be new.
+    """
+
+    __slots__ = ("seq_id", "allocator", "page_size", "max_pages", "pages", "num_tokens",
+                 "table_key", "_layout", "_pending")
+
+    def __init__(self, seq_id: object, allocator: BlockAllocator, page_size: int = 64,
+                 max_pages: int | None = None) -> None:
+        if operator.index(page_size) < 1:
+            raise InvalidArgument(f"page_size={page_size} must be >= 1")
+        if max_pages is not None and operator.index(max_pages) < 0:
+            raise InvalidArgument(f"max_pages={max_pages} must be >= 0 or None")
+        self.seq_id = seq_id
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self.pages: list[int] = []
+        self.num_tokens = 0
+        # COW copies (src, dst) not yet taken; the sequence keeps a reference on each src until
+        # take_pending_copies() so the page cannot be reused before the caller copies it.
+        self._pending: list[tuple[int, int]] = []
+        self._new_layout()
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.seq_id!r}, num_tokens={self.num_tokens}, pages={self.pages})"
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+    def pages_needed(self, n: int) -> int:
+        """Pages append(n) would allocate now: new pages past the boundary, plus one if the
+        partly filled last page is shared (copy-on-write)."""
+        n = _count(n)
+        if n == 0:
+            return 0
+        ps = self.page_size
+        new = (self.num_tokens + n + ps - 1) // ps - len(self.pages)
+        return new + self._needs_cow()
+
+    def append(self, n: int) -> torch.Tensor:
+        """Reserve slots for n new tokens; returns their slot mapping, int64 [n] on the CPU.
+        Raises SequenceTooLong (beyond max_pages) or OutOfPages, with nothing changed. Check
+        take_pending_copies() afterwards and apply those copies before writing the new slots."""
+        start = self.num_tokens
+        self.reserve(n)
+        return self.slot_mapping(start, self.num_tokens)
+
+    def reserve(self, n: int) -> None:
+        """append(n) without building the slot mapping: for the decode step, where
+        BatchTables.last_token_slots() gives the whole batch's slots in one vectorised op."""
+        n = _count(n)
+        ps = self.page_size
+        total_pages = (self.num_tokens + n + ps - 1) // ps
+        if self.max_pages is not None and total_pages > self.max_pages:
+            raise SequenceTooLong(
+                f"sequence {self.seq_id!r}: {self.num_tokens} + {n} tokens need {total_pages} "
+                f"pages but its table row holds {self.max_pages} ({self.max_pages * ps} tokens); "
+                f"stop it earlier or raise max_pages")
+        cow = n > 0 and self._needs_cow()
+        needed = total_pages - len(self.pages) + cow
+        if needed:
+            fresh = self.allocator.allocate(needed)  # OutOfPages here changes nothing
+            if cow:
+                dst = fresh.pop(0)
+                self._pending.append((self.pages[-1], dst))  # our reference on src moves here
+                self.pages[-1] = dst
+                self._layout = next(_layout_ids)
+            self.pages.extend(fresh)
+        self.num_tokens += n
+        self.table_key = (self._layout << 32) | self.num_tokens
+
+    def slot_mapping(self, start: int, end: int) -> torch.Tensor:
+        """Slots of tokens [start, end), int64 [end - start] on the CPU."""
+        ps = self.page_size
+        if not 0 <= start <= end <= self.num_tokens:
+            raise InvalidArgument(f"token range [{start}, {end}) is outside [0, {self.num_tokens}]")
+        if end - start == 1:  # the decode step: skip the vectorised path's fixed cost
+            return torch.tensor([self.pages[start // ps] * ps + start % ps], dtype=torch.int64)
+        first = start // ps
+        pos = torch.arange(start, end, dtype=torch.int64)
+        table = torch.tensor(self.pages[first:(end + ps - 1) // ps], dtype=torch.int64)
+        return table[pos // ps - first] * ps + pos % ps
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """COW copies (src, dst) accumulated by append(); the caller applies them with
+        PagePool.copy_pages before writing. Taking them releases the sequence's hold on src."""
+        copies, self._pending = self._pending, []
+        if copies:
+            self.allocator.free([src for src, _ in copies])
+        return copies
+
+    def fork(self, new_id: object) -> "Sequence":
+        """A new sequence sharing every page (each gains a reference); no data is copied."""
+        self.allocator.incref(self.pages)
+        child = Sequence(new_id, self.allocator, self.page_size, self.max_pages)
+        child.pages = list(self.pages)
+        child.num_tokens = self.num_tokens
+        child.table_key = (child._layout << 32) | child.num_tokens
+        return child
+
+    def release(self) -> None:
+        """Drop every page reference (pending COW sources too); the sequence is empty after."""
+        self.allocator.free(self.pages + [src for src, _ in self._pending])
+        self.pages, self._pending, self.num_tokens = [], [], 0
+        self._new_layout()
+
+    def _needs_cow(self) -> bool:
+        return self.num_tokens % self.page_size != 0 and self.allocator.refcount(self.pages[-1]) > 1
+
+    def _new_layout(self) -> None:
+        self._layout = next(_layout_ids)
+        self.table_key = (self._layout << 32) | self.num_tokens
+
+
+def _count(n: int) -> int:
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise InvalidArgument(f"token count {n!r} must be an int") from None
+    if n < 0:
+        raise InvalidArgument(f"token count {n} must be >= 0")
+    return n

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from kvpager import CacheConfig
+from kvpager.errors import ConfigError, KVPagerError
+
+
+def test_defaults_and_derived_sizes():
+    c = CacheConfig(num_layers=2, num_pages=10)
+    assert (c.page_size, c.num_kv_heads, c.head_dim, c.head_dim_v) == (64, 1, 576, 512)
+    assert c.torch_dtype == torch.bfloat16
+    assert c.bytes_per_token == 2 * 576 * 2
+    assert c.bytes_per_page == 64 * c.bytes_per_token
+    assert c.resolved_num_pages == 10
+
+
+def test_memory_budget_gives_whole_pages():
+    per_page = CacheConfig(num_layers=3, num_pages=1).bytes_per_page
+    c = CacheConfig(num_layers=3, memory_budget_bytes=per_page * 7 + per_page // 2)
+    assert c.resolved_num_pages == 7
+
+
+@pytest.mark.parametrize("value,name", [(torch.float16, "float16"), ("bf16", "bfloat16"),
+                                        (torch.float32, "float32"), ("fp32", "float32")])
+def test_dtype_aliases(value, name):
+    assert CacheConfig(num_layers=1, num_pages=1, dtype=value).dtype == name
+
+
+def test_frozen():
+    c = CacheConfig(num_layers=1, num_pages=1)
+    with pytest.raises(Exception):
+        c.num_pages = 3
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(page_size=32), "allow_any_page_size"),
+    (dict(page_size=0, allow_any_page_size=True), "page_size=0"),
+    (dict(dtype="int8"), "bfloat16"),
+    (dict(dtype=torch.int32), "float16"),
+    (dict(head_dim_v=600), "head_dim_v <= head_dim"),
+    (dict(num_kv_heads=0), "num_kv_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(device="gpu7"), "torch device"),
+    (dict(num_pages=None), "exactly one"),
+    (dict(memory_budget_bytes=10**9), "exactly one"),
+    (dict(num_pages=0), "num_pages=0"),
+    (dict(num_pagez=3), "not a CacheConfig field"),
+])
+def test_bad_values_say_what_to_change(kwargs, needle):
+    base = dict(num_layers=2, num_pages=4)
+    base.update(kwargs)
+    with pytest.raises(ConfigError, match=needle) as info:
+        CacheConfig(**base)
+    assert isinstance(info.value, KVPagerError) and isinstance(info.value, ValueError)
+
+
+def test_missing_num_layers_and_tiny_budget():
+    with pytest.raises(ConfigError, match="num_layers is required"):
+        CacheConfig(num_pages=1)
+    with pytest.raises(ConfigError, match="raise it to at least"):
+        CacheConfig(num_layers=1, memory_budget_bytes=100)
+
+
+def test_other_page_size_on_reference_path():
+    c = CacheConfig(num_layers=1, num_pages=2, page_size=16, allow_any_page_size=True)
+    assert c.bytes_per_page == 16 * c.bytes_per_token

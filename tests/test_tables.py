@@ -1,0 +1,144 @@
+import random
+
+import pytest
+import torch
+
+from kvpager import PAD_PAGE, BatchTables, BlockAllocator, Sequence
+from kvpager.errors import InvalidArgument, SequenceTooLong
+
+
+def check(tables_out, seqs, page_size=4):
+    block_table, cache_seqlens = tables_out
+    assert block_table.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
+    assert block_table.shape[0] == cache_seqlens.shape[0] == len(seqs)
+    for row, seq in enumerate(seqs):
+        assert cache_seqlens[row] == seq.num_tokens
+        assert block_table[row, :seq.num_pages].tolist() == seq.pages
+        assert (block_table[row, seq.num_pages:] == PAD_PAGE).all()
+
+
+@pytest.mark.parametrize("few_rows", [0, 10**6], ids=["vectorised", "per-row"])
+def test_rows_follow_growth_join_leave_move(few_rows, monkeypatch):
+    monkeypatch.setattr(BatchTables, "FEW_ROWS", few_rows)
+    a = BlockAllocator(64)
+    t = BatchTables(max_batch=6, max_pages=5, page_size=4)
+    seqs = [Sequence(i, a, 4, 5) for i in range(4)]
+    for i, s in enumerate(seqs):
+        s.append(1 + 3 * i)
+    check(t.update(seqs), seqs)
+    for s in seqs:
+        s.append(2)
+    check(t.update(seqs), seqs)
+    seqs[1].release()
+    seqs = [seqs[0], seqs[2], seqs[3]]  # leave: rows move up
+    check(t.update(seqs), seqs)
+    seqs.insert(0, Sequence(9, a, 4, 5))  # join at the front
+    seqs[0].append(17)
+    check(t.update(seqs), seqs)
+    fork = seqs[2].fork(10)
+    fork.append(1)
+    seqs.append(fork)
+    check(t.update(seqs), seqs)
+    check(t.update(seqs[::-1]), seqs[::-1])
+    check(t.update([]), [])
+    check(t.update(seqs[:2]), seqs[:2])
+
+
+def test_returns_views_of_persistent_buffers():
+    a = BlockAllocator(8)
+    t = BatchTables(4, 4, page_size=4)
+    s = Sequence(0, a, 4)
+    s.append(2)
+    bt1, cs1 = t.update([s])
+    s.append(1)
+    bt2, cs2 = t.update([s])
+    assert bt1.data_ptr() == bt2.data_ptr() and cs1.data_ptr() == cs2.data_ptr()
+    assert cs1.tolist() == [3]
+
+
+def test_only_changed_rows_are_rewritten():
+    a = BlockAllocator(64)
+    t = BatchTables(8, 4, page_size=4)
+    seqs = [Sequence(i, a, 4) for i in range(8)]
+    for s in seqs:
+        s.append(2)
+    t.update(seqs)
+    t._table[:, 1:] = -7  # sentinel in entries no sequence uses yet
+    seqs[3].append(4)  # row 3 crosses a page boundary
+    for s in seqs[:3] + seqs[4:]:
+        s.append(1)
+    bt, _ = t.update(seqs)
+    assert bt[3, 1] == seqs[3].pages[1]
+    assert (bt[[0, 1, 2, 4, 5, 6, 7], 1] == -7).all()
+
+
+@pytest.mark.parametrize("few_rows", [0, 10**6], ids=["vectorised", "per-row"])
+def test_errors_change_nothing(few_rows, monkeypatch):
+    monkeypatch.setattr(BatchTables, "FEW_ROWS", few_rows)
+    a = BlockAllocator(64)
+    t = BatchTables(2, 2, page_size=4)
+    seqs = [Sequence(i, a, 4) for i in range(3)]
+    for s in seqs:
+        s.append(5)
+    t.update(seqs[:2])
+    before = (t._table.copy(), t._lens.copy(), t._row_layout.copy())
+    with pytest.raises(InvalidArgument, match="max_batch"):
+        t.update(seqs)
+    seqs[0].append(5)  # 10 tokens = 3 pages > max_pages
+    with pytest.raises(SequenceTooLong, match="max_pages=2"):
+        t.update(seqs[:2])
+    wrong = Sequence(7, a, page_size=8)
+    wrong.append(1)
+    with pytest.raises(InvalidArgument, match="page_size"):
+        t.update([seqs[1], wrong])
+    after = (t._table, t._lens, t._row_layout)
+    assert all((x == y).all() for x, y in zip(before, after))
+    with pytest.raises(InvalidArgument):
+        BatchTables(0, 4)
+
+
+def test_last_token_slots():
+    a = BlockAllocator(16)
+    t = BatchTables(4, 4, page_size=4)
+    seqs = [Sequence(i, a, 4) for i in range(3)]
+    expected = []
+    for i, s in enumerate(seqs):
+        s.append(2 + 3 * i)
+    for s in seqs:
+        s.reserve(1)
+        expected.append(int(s.slot_mapping(s.num_tokens - 1, s.num_tokens)))
+    empty = Sequence(9, a, 4)
+    t.update(seqs + [empty])
+    assert t.last_token_slots().tolist() == expected + [-1]
+
+
+@pytest.mark.parametrize("few_rows", [0, 4, 10**6], ids=["vectorised", "mixed", "per-row"])
+def test_random_churn_matches_full_rebuild(few_rows, monkeypatch):
+    monkeypatch.setattr(BatchTables, "FEW_ROWS", few_rows)
+    rng = random.Random(1)
+    a = BlockAllocator(4000)
+    t = BatchTables(32, 16, page_size=4)
+    seqs, next_id = [], 0
+    for step in range(300):
+        for s in list(seqs):
+            if rng.random() < 0.05:
+                seqs.remove(s)
+                if rng.random() < 0.7:
+                    s.release()
+        while len(seqs) < 32 and rng.random() < 0.5:
+            s = Sequence(next_id, a, 4, 16)
+            next_id += 1
+            s.append(rng.randint(0, 20))
+            seqs.insert(rng.randint(0, len(seqs)), s)
+        if seqs and rng.random() < 0.2:
+            j = rng.randrange(len(seqs))
+            if len(seqs) < 32:
+                seqs.append(seqs[j].fork(next_id))
+                next_id += 1
+        if rng.random() < 0.1:
+            rng.shuffle(seqs)
+        for s in seqs:
+            if s.num_tokens < 60:
+                s.append(1)
+            s.take_pending_copies()
+        check(t.update(seqs), seqs)
