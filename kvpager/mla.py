@@ -37,6 +37,17 @@ def _kernels_for(device: torch.device):
     return None
 
 
+def _kernel_shapes(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) -> bool:
+    """True when the CUDA kernel computes this call: bf16/fp16, d = 576, dv = 512, 64-token
+    pages. Anything else (an fp32 model on the GPU, other head dims) runs on the reference."""
+    ok = (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 576
+          and head_dim_v == 512 and k_cache.shape[1] == 64)
+    if not ok:
+        log.debug("kvpager: this call (dtype %s, d %d, dv %d, page %d) runs on the reference MLA",
+                  q.dtype, q.shape[-1], head_dim_v, k_cache.shape[1])
+    return ok
+
+
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
                      num_heads_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV schedule for one decode step, shared by every layer.
@@ -75,7 +86,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     _check_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                   num_splits)
     kernels = _kernels_for(q.device)
-    if kernels is not None:
+    if kernels is not None and _kernel_shapes(q, k_cache, head_dim_v):
         return kernels.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
             num_splits, softmax_scale=softmax_scale, causal=causal)

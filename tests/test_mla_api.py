@@ -112,9 +112,25 @@ def test_falls_back_to_reference_and_logs_once(caplog, monkeypatch):
     assert len(lines) == 1
 
 
+def _fake_kernels(monkeypatch, calls):
+    import kvpager.kernels as kernels
+    monkeypatch.setattr(kernels, "available", lambda: True, raising=False)
+    monkeypatch.setattr(kernels, "supports_device", lambda device: True, raising=False)
+    monkeypatch.setattr(kernels, "flash_mla_with_kvcache",
+                        lambda *a, **k: calls.append("decode") or ("out", "lse"), raising=False)
+
+
+def test_fp32_or_other_head_dims_stay_on_the_reference_with_a_kernel(monkeypatch):
+    """An fp32 model (or d != 576) on a Hopper GPU must not reach the bf16/fp16-only kernel."""
+    a, calls = args(), []
+    _fake_kernels(monkeypatch, calls)
+    out, lse = flash_mla_with_kvcache(**a)
+    assert calls == [] and out.shape == (2, 1, 4, 8)
+
+
 def test_dispatches_to_kernel_when_available(monkeypatch):
     import kvpager.kernels as kernels
-    a = args()
+    a = args(d=576, dv=512, dtype=torch.bfloat16)
     calls = []
     monkeypatch.setattr(kernels, "available", lambda: True, raising=False)
     monkeypatch.setattr(kernels, "supports_device", lambda device: True, raising=False)
