@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -254,7 +253,6 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "dtype": args.dtype,
         "timing": method,
-        "kernel_choice": os.environ.get("KVPAGER_MLA_KERNEL", "default"),
         "ceilings": {k: round(v, 1) for k, v in ceilings.items()},
         "results": results,
         "reference": reference,

@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "config.h"
@@ -64,16 +63,6 @@ void check_hopper(const at::Tensor& t) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   KVP_CHECK(prop->major == 9, "the MLA decode kernel needs a Hopper (sm_90) GPU, but ", t.device(),
             " is sm_", prop->major * 10 + prop->minor, "; use kvpager's reference path on this GPU");
-}
-
-// KVPAGER_MLA_KERNEL=mma serves 64-row blocks with the mma.sync kernel (A/B comparisons).
-kvpager::KernelChoice kernel_choice() {
-  static const kvpager::KernelChoice choice = [] {
-    const char* v = std::getenv("KVPAGER_MLA_KERNEL");
-    return (v && std::string(v) == "mma") ? kvpager::KernelChoice::kMmaSync
-                                          : kvpager::KernelChoice::kDefault;
-  }();
-  return choice;
 }
 
 int64_t num_sm_parts(int sm_count, int64_t rows, int64_t h_kv) {
@@ -194,11 +183,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const KernelChoice choice = kernel_choice();
   if (q.scalar_type() == at::kBFloat16) {
-    KVP_CUDA_CHECK(launch_mla_decode_bf16(p, stream, choice));
+    KVP_CUDA_CHECK(launch_mla_decode_bf16(p, stream));
   } else {
-    KVP_CUDA_CHECK(launch_mla_decode_fp16(p, stream, choice));
+    KVP_CUDA_CHECK(launch_mla_decode_fp16(p, stream));
   }
   return {out, lse};
 }

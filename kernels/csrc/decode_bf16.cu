@@ -1,6 +1,4 @@
 #include "decode_launch.cuh"
 namespace kvpager {
-cudaError_t launch_mla_decode_bf16(const DecodeParams& p, cudaStream_t s, KernelChoice c) {
-  return launch_decode<__nv_bfloat16>(p, s, c);
-}
+cudaError_t launch_mla_decode_bf16(const DecodeParams& p, cudaStream_t s) { return launch_decode<__nv_bfloat16>(p, s); }
 }  // namespace kvpager

@@ -14,50 +14,12 @@
 #include <math_constants.h>
 
 #include "config.h"
+#include "epilogue.cuh"
 #include "params.h"
+#include "tile_loads.cuh"
 #include "tile_ops.h"
 
 namespace kvpager {
-
-// ---- loads ----------------------------------------------------------------------------------
-
-template <int BLOCK_M, typename Elem>
-__device__ __forceinline__ void load_q_tile(const DecodeParams& p, char* sQ, int b, int hk,
-                                            int m_block) {
-  const Elem* q = static_cast<const Elem*>(p.q);
-  for (int c = threadIdx.x; c < BLOCK_M * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    const int mrow = m_block * BLOCK_M + r;
-    const bool valid = mrow < p.rows;  // rows past the last query are zero
-    const int s = valid ? mrow / p.groups : 0;
-    const int g = valid ? mrow % p.groups : 0;
-    const Elem* src = q + b * p.q_batch_stride + s * p.q_seq_stride +
-                      int64_t(hk * p.groups + g) * p.q_head_stride + chunk * kChunkElems;
-    cp_async_16(sQ + swizzled(r, chunk, kRowBytes), src, valid);
-  }
-}
-
-// One page into a buffer. Rows past the sequence end are zero-filled, never read: whatever the
-// pool holds there (NaN included) cannot reach P V as 0 * NaN.
-template <typename Elem>
-__device__ __forceinline__ void load_page(const DecodeParams& p, char* sK, int b, int hk,
-                                          int page_idx, int seqlen) {
-  const int page_id = p.block_table[int64_t(b) * p.block_table_stride + page_idx];
-#ifdef KVPAGER_DEBUG
-  assert(page_id >= 0 && page_id < p.num_pages);
-#endif
-  const Elem* base = static_cast<const Elem*>(p.k_cache) + int64_t(page_id) * p.k_page_stride +
-                     int64_t(hk) * p.k_head_stride;
-  const int valid_rows = seqlen - page_idx * kPageSize;
-#pragma unroll
-  for (int i = 0; i < kPageSize * kChunksPerRow / kThreads; ++i) {
-    const int c = threadIdx.x + i * kThreads;
-    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    const bool valid = r < valid_rows;
-    const Elem* src = base + (valid ? r : 0) * p.k_token_stride + chunk * kChunkElems;
-    cp_async_16(sK + swizzled(r, chunk, kRowBytes), src, valid);
-  }
-}
 
 // ---- the kernel -----------------------------------------------------------------------------
 
@@ -101,22 +63,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     cute::cp_async_wait<0>();
     __syncthreads();  // the previous segment is done with every buffer
-    load_q_tile<BLOCK_M, Elem>(p, sQ, b, hk, m_block);
+    load_q_tile<Elem, BLOCK_M, RowSwizzled>(p, sQ, b, hk, m_block);
     cute::cp_async_fence();
-    if (ps < pe) load_page<Elem>(p, sK, b, hk, ps, seqlen);
+    if (ps < pe) load_page<Elem, RowSwizzled>(p, sK, b, hk, ps, seqlen);
     cute::cp_async_fence();
-    if (ps + 1 < pe) load_page<Elem>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
+    if (ps + 1 < pe) load_page<Elem, RowSwizzled>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
     cute::cp_async_fence();
 
-    // Key j is visible to a row iff j < its limit; with causal, query s of s_q sees one key
-    // fewer than query s + 1 and the last sees the whole sequence.
     int limit[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int s = (m_block * BLOCK_M + my_row[i]) / p.groups;
-      limit[i] = p.causal ? seqlen - p.s_q + 1 + s : seqlen;
-    }
-    const int min_limit = p.causal ? seqlen - p.s_q + 1 : seqlen;
+    for (int i = 0; i < 2; ++i) limit[i] = row_limit(p, seqlen, m_block * BLOCK_M + my_row[i]);
+    const int min_limit = row_limit(p, seqlen, 0);  // query 0 sees the fewest keys
 
     float o[S::kOutTiles][4];
 #pragma unroll
@@ -227,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       __syncthreads();  // every read of this buffer and of P is done: refill it
-      if (pg + 2 < pe) load_page<Elem>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
+      if (pg + 2 < pe) load_page<Elem, RowSwizzled>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
       cute::cp_async_fence();
     }
 
@@ -240,37 +197,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int mrow = m_block * BLOCK_M + my_row[i];
-      if (mrow >= p.rows) continue;
       float l = 0.f;
 #pragma unroll
       for (int c = 0; c < S::kColGroups; ++c) l += sRed[c * BLOCK_M + my_row[i]];
-      const bool empty = !(l > 0.f);
-      const float inv = empty ? 0.f : 1.f / l;
-      // An empty row is +inf in the final lse, but -inf (no weight) as a partial.
-      const float lse = empty ? (n_splits > 1 ? -CUDART_INF_F : CUDART_INF_F)
-                              : (row_max[i] + __log2f(l)) * 0.69314718055994531f;
-      const int s = mrow / p.groups;
-      const int head = hk * p.groups + mrow % p.groups;
-      if (n_splits <= 1) {
-        Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
-#pragma unroll
-        for (int n = 0; n < S::kOutTiles; ++n) {
-          const int col = cg * S::kColsPerWarp + n * kMmaN + 2 * t;
-          *reinterpret_cast<uint32_t*>(out + col) =
-              ElemOps<Elem>::pack(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-        }
-        if (cg == 0 && t == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
-      } else {
-        const int64_t slot_row = (int64_t(split_base + split) * p.h_kv + hk) * p.rows + mrow;
-        float* acc = p.out_accum + slot_row * kHeadDimV;
-#pragma unroll
-        for (int n = 0; n < S::kOutTiles; ++n) {
-          const int col = cg * S::kColsPerWarp + n * kMmaN + 2 * t;
-          *reinterpret_cast<float2*>(acc + col) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-        }
-        if (cg == 0 && t == 0) p.lse_accum[slot_row] = lse;
-      }
+      write_row<Elem>(p, b, hk, m_block * BLOCK_M + my_row[i], i, o, row_max[i], l,
+                      cg * S::kColsPerWarp + 2 * t, cg == 0 && t == 0, n_splits, split_base + split);
     }
   }
 }

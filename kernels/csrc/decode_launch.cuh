@@ -44,15 +44,14 @@ cudaError_t launch_wgmma(const DecodeParams& p, cudaStream_t stream) {
   return launch_with_combine<Elem>(kernel, WgmmaShape::kBlockM, WgmmaShape::kSmemBytes, p, stream);
 }
 
+// 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma.
 template <typename Elem>
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream, KernelChoice choice) {
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
   switch (block_m_for(p.rows)) {
     case 16: return launch_mma_sync<Elem, 16>(p, stream);
     case 32: return launch_mma_sync<Elem, 32>(p, stream);
-    default:
-      return choice == KernelChoice::kMmaSync ? launch_mma_sync<Elem, 64>(p, stream)
-                                               : launch_wgmma<Elem>(p, stream);
+    default: return launch_wgmma<Elem>(p, stream);
   }
 }
 

@@ -11,7 +11,9 @@
 #include <math_constants.h>
 
 #include "config.h"
+#include "epilogue.cuh"
 #include "params.h"
+#include "tile_loads.cuh"
 #include "tile_ops.h"
 #include "wgmma_ops.h"
 
@@ -31,42 +33,6 @@ struct WgmmaShape {
   static constexpr int kSmemBytes = kSmemRed + kWarpgroups * kBlockM * 4 + 1024;  // + alignment
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
-
-template <typename Elem>
-__device__ __forceinline__ void load_q_blocked(const DecodeParams& p, char* sQ, int b, int hk,
-                                               int m_block) {
-  const Elem* q = static_cast<const Elem*>(p.q);
-  for (int c = threadIdx.x; c < WgmmaShape::kBlockM * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    const int mrow = m_block * WgmmaShape::kBlockM + r;
-    const bool valid = mrow < p.rows;
-    const int s = valid ? mrow / p.groups : 0;
-    const int g = valid ? mrow % p.groups : 0;
-    const Elem* src = q + b * p.q_batch_stride + s * p.q_seq_stride +
-                      int64_t(hk * p.groups + g) * p.q_head_stride + chunk * kChunkElems;
-    cp_async_16(sQ + blocked_offset(WgmmaShape::kBlockM, r, chunk), src, valid);
-  }
-}
-
-template <typename Elem>
-__device__ __forceinline__ void load_page_blocked(const DecodeParams& p, char* sK, int b, int hk,
-                                                  int page_idx, int seqlen) {
-  const int page_id = p.block_table[int64_t(b) * p.block_table_stride + page_idx];
-#ifdef KVPAGER_DEBUG
-  assert(page_id >= 0 && page_id < p.num_pages);
-#endif
-  const Elem* base = static_cast<const Elem*>(p.k_cache) + int64_t(page_id) * p.k_page_stride +
-                     int64_t(hk) * p.k_head_stride;
-  const int valid_rows = seqlen - page_idx * kPageSize;
-#pragma unroll
-  for (int i = 0; i < kPageSize * kChunksPerRow / kThreads; ++i) {
-    const int c = threadIdx.x + i * kThreads;
-    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    const bool valid = r < valid_rows;
-    const Elem* src = base + (valid ? r : 0) * p.k_token_stride + chunk * kChunkElems;
-    cp_async_16(sK + blocked_offset(kPageSize, r, chunk), src, valid);
-  }
-}
 
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -108,24 +74,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     cute::cp_async_wait<0>();
     __syncthreads();
-    load_q_blocked<Elem>(p, sQ, b, hk, m_block);
+    load_q_tile<Elem, S::kBlockM, BlockSwizzled>(p, sQ, b, hk, m_block);
     cute::cp_async_fence();
-    if (ps < pe) load_page_blocked<Elem>(p, sK, b, hk, ps, seqlen);
+    if (ps < pe) load_page<Elem, BlockSwizzled>(p, sK, b, hk, ps, seqlen);
     cute::cp_async_fence();
-    if (ps + 1 < pe) load_page_blocked<Elem>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
+    if (ps + 1 < pe) load_page<Elem, BlockSwizzled>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
     cute::cp_async_fence();
 
     int limit[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int s = (m_block * S::kBlockM + my_row[i]) / p.groups;
-      limit[i] = p.causal ? seqlen - p.s_q + 1 + s : seqlen;
-    }
-    const int min_limit = p.causal ? seqlen - p.s_q + 1 : seqlen;
+    for (int i = 0; i < 2; ++i) limit[i] = row_limit(p, seqlen, m_block * S::kBlockM + my_row[i]);
+    const int min_limit = row_limit(p, seqlen, 0);  // query 0 sees the fewest keys
 
-    float o[S::kOutRegs];
+    float o[S::kOutRegs / 4][4];  // tile n: columns 256 wg + 8n + {2t, 2t+1} of rows g, g+8
+    float(&o_flat)[S::kOutRegs] = reinterpret_cast<float(&)[S::kOutRegs]>(o);
 #pragma unroll
-    for (int i = 0; i < S::kOutRegs; ++i) o[i] = 0.f;
+    for (int i = 0; i < S::kOutRegs; ++i) o_flat[i] = 0.f;
     float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
     float row_sum[2] = {0.f, 0.f};
 
@@ -198,12 +162,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * alpha[i] + page_sum[i];
 #pragma unroll
-      for (int i = 0; i < S::kOutRegs; ++i) o[i] *= alpha[(i >> 1) & 1];
+      for (int i = 0; i < S::kOutRegs; ++i) o_flat[i] *= alpha[(i >> 1) & 1];
       fence_async_proxy();  // P was written with plain stores; wgmma reads it next
       __syncthreads();
 
       // O[:, 256 wg : 256 wg + 256] += P V.
-      fence_accumulators(o);
+      fence_accumulators(o_flat);
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
@@ -211,13 +175,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint64_t db = gmma_desc(kbuf + wg * (S::kColsPerWg / kBlockCols) * kPageBlockBytes +
                                           kk * kMmaK * kBlockRowBytes,
                                       kPageBlockBytes, kAtomBytes);
-        gmma<typename Ops::OutMma>(da, db, o, true);
+        gmma<typename Ops::OutMma>(da, db, o_flat, true);
       }
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
-      fence_accumulators(o);
+      fence_accumulators(o_flat);
       __syncthreads();
-      if (pg + 2 < pe) load_page_blocked<Elem>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
+      if (pg + 2 < pe) load_page<Elem, BlockSwizzled>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
       cute::cp_async_fence();
     }
 
@@ -228,34 +192,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int mrow = m_block * S::kBlockM + my_row[i];
-      if (mrow >= p.rows) continue;
-      const float l = sRed[my_row[i]] + sRed[S::kBlockM + my_row[i]];
-      const bool empty = !(l > 0.f);
-      const float inv = empty ? 0.f : 1.f / l;
-      const float lse = empty ? (n_splits > 1 ? -CUDART_INF_F : CUDART_INF_F)
-                              : (row_max[i] + __log2f(l)) * 0.69314718055994531f;
-      const int s = mrow / p.groups;
-      const int head = hk * p.groups + mrow % p.groups;
-      const int col0 = wg * S::kColsPerWg + 2 * t;
-      if (n_splits <= 1) {
-        Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
-#pragma unroll
-        for (int j = 0; j < S::kOutRegs / 4; ++j)
-          *reinterpret_cast<uint32_t*>(out + col0 + j * kMmaN) =
-              ElemOps<Elem>::pack(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-        if (wg == 0 && t == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
-      } else {
-        const int64_t slot_row = (int64_t(split_base + split) * p.h_kv + hk) * p.rows + mrow;
-        float* acc = p.out_accum + slot_row * kHeadDimV;
-#pragma unroll
-        for (int j = 0; j < S::kOutRegs / 4; ++j)
-          *reinterpret_cast<float2*>(acc + col0 + j * kMmaN) =
-              make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-        if (wg == 0 && t == 0) p.lse_accum[slot_row] = lse;
-      }
-    }
+    for (int i = 0; i < 2; ++i)
+      write_row<Elem>(p, b, hk, m_block * S::kBlockM + my_row[i], i, o, row_max[i],
+                      sRed[my_row[i]] + sRed[S::kBlockM + my_row[i]], wg * S::kColsPerWg + 2 * t,
+                      wg == 0 && t == 0, n_splits, split_base + split);
   }
 }
 

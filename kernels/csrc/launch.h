@@ -9,11 +9,8 @@ namespace kvpager {
 // Split-KV schedule for a batch (one CTA, no host synchronisation).
 cudaError_t launch_mla_metadata(const MetadataParams& params, cudaStream_t stream);
 
-// Which MMA path serves 64-row blocks (rows > 32): wgmma by default; mma.sync for comparison.
-enum class KernelChoice { kDefault, kMmaSync };
-
 // Decode kernel + combine kernel on `stream`, for bf16 or fp16 q / k_cache / out.
-cudaError_t launch_mla_decode_bf16(const DecodeParams& params, cudaStream_t stream, KernelChoice choice);
-cudaError_t launch_mla_decode_fp16(const DecodeParams& params, cudaStream_t stream, KernelChoice choice);
+cudaError_t launch_mla_decode_bf16(const DecodeParams& params, cudaStream_t stream);
+cudaError_t launch_mla_decode_fp16(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace kvpager
