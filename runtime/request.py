@@ -104,6 +104,14 @@ class Request:
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     generator: torch.Generator | None = None
     recorded: bool = False  # metrics have seen it finish
+    # While num_generated < plain_until the next token cannot finish, stop or stream the
+    # request, so the engine's decode loop records it inline (0: always take the full path).
+    plain_until: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        if self.on_token is None and not p.stop_token_ids:
+            self.plain_until = p.max_new_tokens - 1
 
     @property
     def token_ids(self) -> list[int]:

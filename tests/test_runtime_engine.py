@@ -97,6 +97,25 @@ def test_stop_token_and_abort():
     assert s["requests_finished"] == 1 and s["requests_aborted"] == 1
 
 
+def test_callback_aborting_a_later_row_stops_it_in_the_same_step():
+    # The decode loop records plain rows inline; one aborted earlier in the loop gets nothing more.
+    eng = engine()
+    at_abort = []
+
+    def on_token(rid, tok):
+        if len(eng.requests[rid].output_token_ids) == 3:
+            at_abort.append(len(later.output_token_ids))
+            later.abort()
+
+    first = eng.submit(PROMPTS[0], GREEDY, on_token=on_token)  # older: earlier in the batch
+    later = eng.submit(PROMPTS[1], GREEDY)
+    while eng.has_unfinished():
+        eng.step()
+    assert later.status is Status.ABORTED and first.status is Status.FINISHED
+    assert at_abort == [len(later.output_token_ids)] == [len(later.timings.token_times)]
+    assert eng.allocator.num_used == 0
+
+
 def test_seeded_sampling_is_reproducible_across_batches():
     params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=7)
     short = SamplingParams(max_new_tokens=4)
