@@ -1,11 +1,17 @@
-"""`kvpager bench tables`: µs per step of BatchTables.update under continuous-batching churn.
+"""`kvpager bench tables`: µs per step of keeping block_table / cache_seqlens current under
+continuous-batching churn, for BatchTables.update(seqs) and for the EventTables event path.
 
 Every step a binomial(B, churn) number of sequences finish and as many new ones join (prompt
-length uniform in [1, max_len / 2]), then every sequence grows by one token. Only update() is
-timed, twice per step on two identical BatchTables: the first call
-runs with the caches as the rest of the step left them (`cold`), the second does the same work
-right after (`warm`: the code's own cost). Orders: `compact` keeps batch order and appends joiners at the end (rows after a leaver
-move up, as with a deque-based scheduler); `stable` puts each joiner in a leaver's slot.
+length uniform in [1, max_len / 2]), then every sequence grows by one token (Sequence.reserve(1),
+untimed: the allocator work is the same for both paths), so each crosses a page boundary every 64
+steps. Orders: `compact` keeps batch order and appends joiners at the end (rows after a leaver
+move up, as with a deque-based scheduler); `stable` puts each joiner in a leaver's slot; `swap`
+moves the last row into a leaver's slot and appends joiners (the EventTables contract).
+
+Timed per step: `update` path: the update(seqs) call. `events` path (swap order only): every
+leave(row) and join(seq) the churn needs, then grow(1) and view(). Each path runs on two
+identical tables: the first call runs with the caches as the rest of the step left them (`cold`),
+the second does the same work right after (`warm`: the code's own cost).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 
 from kvpager.allocator import BlockAllocator
 from kvpager.sequence import Sequence
+from kvpager.table_events import EventTables
 from kvpager.tables import BatchTables
 
 PAGE_SIZE = 64
@@ -30,19 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--churn", type=float, default=0.005,
                         help="probability that a sequence finishes in a given step")
     parser.add_argument("--max-len", type=int, default=4096, help="longest sequence, tokens")
-    parser.add_argument("--order", choices=["compact", "stable"], nargs="+",
-                        default=["compact", "stable"])
+    parser.add_argument("--order", choices=["compact", "stable", "swap"], nargs="+",
+                        default=["compact", "stable", "swap"],
+                        help="update() runs every order; the event path runs with swap")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order: str,
-          device: str, seed: int) -> tuple[list[float], list[float]]:
-    """Seconds per update() call: (cold, warm), one each per timed step."""
+          path: str, device: str, seed: int) -> tuple[list[float], list[float]]:
+    """Seconds per step spent keeping the tables current: (cold, warm), one each per timed
+    step. path: "update" or "events" (swap order only)."""
     rng = random.Random(seed)
     max_pages = -(-max_len // PAGE_SIZE)
     allocator = BlockAllocator(batch * max_pages + 1)
-    tables = [BatchTables(batch, max_pages, device, page_size=PAGE_SIZE) for _ in range(2)]
+    kind = EventTables if path == "events" else BatchTables
+    tables = [kind(batch, max_pages, device, page_size=PAGE_SIZE) for _ in range(2)]
     ids = iter(range(1 << 62))
 
     def join() -> Sequence:
@@ -54,42 +64,73 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
     # Start from a spread of lengths, as in a running server.
     for seq in seqs:
         seq.append(rng.randint(0, max_len // 2 - 1))
+    if path == "events":
+        for table in tables:
+            for seq in seqs:
+                table.join(seq)
     times: tuple[list[float], list[float]] = ([], [])
     for step in range(warmup + steps):
         finished = [i for i, s in enumerate(seqs) if rng.random() < churn or s.num_tokens >= max_len]
         for i in finished:
             seqs[i].release()
+        joined = []
         if order == "stable":
             for i in finished:
                 seqs[i] = join()
-        else:
+        elif order == "compact":
             gone = set(finished)
             seqs = [s for i, s in enumerate(seqs) if i not in gone]
             seqs.extend(join() for _ in finished)
+        else:  # swap: highest row first, so a row that moves never is a leaver
+            finished.reverse()
+            for i in finished:
+                last = seqs.pop()
+                if i < len(seqs):
+                    seqs[i] = last
+            joined = [join() for _ in finished]
+            seqs.extend(joined)
+        spent = [0.0, 0.0]
+        if path == "events":  # the caller reports leaves and joins as it schedules them
+            for k, table in enumerate(tables):
+                t0 = time.perf_counter()
+                for i in finished:
+                    table.leave(i)
+                for seq in joined:
+                    table.join(seq)
+                spent[k] = time.perf_counter() - t0
         for seq in seqs:
             seq.reserve(1)
-        for table, out in zip(tables, times):
+        for k, table in enumerate(tables):
             if device != "cpu":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            table.update(seqs)
+            if path == "events":
+                table.grow(1)
+                table.view()
+            else:
+                table.update(seqs)
             if device != "cpu":
                 torch.cuda.synchronize()
-            if step >= warmup:
-                out.append(time.perf_counter() - t0)
+            spent[k] += time.perf_counter() - t0
+        if step >= warmup:
+            for out, t in zip(times, spent):
+                out.append(t)
     return times
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"BatchTables.update, churn={args.churn}/seq/step, max_len={args.max_len}, "
-          f"device={args.device}, {args.steps} steps")
-    print(f"{'B':>5} {'order':>8} {'cache':>6} {'mean us/step':>13} {'p50':>7} {'p99':>7}")
+    print(f"block_table / cache_seqlens per step, churn={args.churn}/seq/step, "
+          f"max_len={args.max_len}, device={args.device}, {args.steps} steps")
+    print(f"{'B':>5} {'order':>8} {'cache':>6} {'mean us/step':>13} {'p50':>7} {'p99':>7}  path")
     for batch in args.batch:
-        for order in args.order:
-            runs = bench(batch, args.steps, args.warmup, args.churn, args.max_len, order,
-                         args.device, args.seed)
-            for cache, times in zip(("cold", "warm"), runs):
-                us = sorted(t * 1e6 for t in times)
+        runs = [(order, "update") for order in args.order]
+        if "swap" in args.order:
+            runs.append(("swap", "events"))
+        for order, path in runs:
+            times = bench(batch, args.steps, args.warmup, args.churn, args.max_len, order, path,
+                          args.device, args.seed)
+            for cache, ts in zip(("cold", "warm"), times):
+                us = sorted(t * 1e6 for t in ts)
                 print(f"{batch:>5} {order:>8} {cache:>6} {statistics.fmean(us):>13.1f} "
-                      f"{us[len(us) // 2]:>7.1f} {us[int(len(us) * 0.99)]:>7.1f}")
+                      f"{us[len(us) // 2]:>7.1f} {us[int(len(us) * 0.99)]:>7.1f}  {path}")
     return 0

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from kvpager import BatchTables, BlockAllocator, CacheConfig, PagePool, Sequence
+from kvpager import BatchTables, BlockAllocator, CacheConfig, EventTables, PagePool, Sequence
 from kvpager.errors import OutOfPages, SequenceTooLong
 
 PAGE, NUM_PAGES, MAX_PAGES, MAX_BATCH, LAYERS = 4, 24, 6, 6, 2
@@ -118,3 +118,84 @@ class CacheMachine(RuleBasedStateMachine):
 
 CacheMachine.TestCase.settings = settings(stateful_step_count=40)
 TestCacheMachine = CacheMachine.TestCase
+
+
+class EventTablesMachine(RuleBasedStateMachine):
+    """EventTables driven by random joins (new or forked sequences), leaves, batch-wide grows
+    (page crossings, copy-on-write), single-row growth and update() fallbacks; after every step
+    the rows equal the ground truth from the sequences."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocator = BlockAllocator(64)
+        self.tables = EventTables(MAX_BATCH, MAX_PAGES, page_size=PAGE)
+        self.batch: list[Sequence] = []
+        self.next_id = 0
+
+    @rule(n=st.integers(0, 9), fork=st.booleans(), data=st.data())
+    def join(self, n, fork, data):
+        if len(self.batch) == MAX_BATCH:
+            return
+        if fork and self.batch:
+            seq = data.draw(st.sampled_from(self.batch)).fork(self.next_id)
+        else:
+            seq = Sequence(self.next_id, self.allocator, PAGE, MAX_PAGES)
+            seq.append(n)
+        self.next_id += 1
+        assert self.tables.join(seq) == len(self.batch)
+        self.batch.append(seq)
+
+    @rule(data=st.data())
+    def leave(self, data):
+        if not self.batch:
+            return
+        row = data.draw(st.integers(0, len(self.batch) - 1))
+        self.batch[row].release()
+        moved = self.tables.leave(row)
+        last = self.batch.pop()
+        assert moved == (len(self.batch) if row < len(self.batch) else None)
+        if row < len(self.batch):
+            self.batch[row] = last
+
+    @rule(n=st.integers(1, 5))
+    def grow_all(self, n):
+        if any(s.num_tokens + n > MAX_PAGES * PAGE for s in self.batch) or sum(
+                s.pages_needed(n) for s in self.batch) > self.allocator.num_free:
+            return
+        for s in self.batch:
+            s.reserve(n)
+        self.tables.grow(n)
+        for row, s in enumerate(self.batch):
+            if s.take_pending_copies():
+                self.tables.refresh(row)
+
+    @rule(data=st.data(), n=st.integers(1, 6))
+    def grow_one(self, data, n):
+        if not self.batch:
+            return
+        row = data.draw(st.integers(0, len(self.batch) - 1))
+        seq = self.batch[row]
+        try:
+            seq.reserve(n)
+        except (OutOfPages, SequenceTooLong):
+            return
+        seq.take_pending_copies()
+        self.tables.refresh(row)
+
+    @rule(data=st.data())
+    def update_fallback(self, data):
+        self.batch = data.draw(st.permutations(self.batch))
+        self.tables.update(self.batch)
+
+    @invariant()
+    def tables_match_sequences(self):
+        block_table, cache_seqlens = self.tables.view()
+        assert block_table.shape[0] == cache_seqlens.shape[0] == len(self.batch)
+        for row, seq in enumerate(self.batch):
+            assert int(cache_seqlens[row]) == seq.num_tokens
+            assert block_table[row, :seq.num_pages].tolist() == seq.pages
+        self.tables.check(self.batch)
+
+
+EventTablesMachine.TestCase.settings = settings(stateful_step_count=40)
+TestEventTablesMachine = EventTablesMachine.TestCase

@@ -142,3 +142,115 @@ def test_random_churn_matches_full_rebuild(few_rows, monkeypatch):
                 s.append(1)
             s.take_pending_copies()
         check(t.update(seqs), seqs)
+
+
+# --- EventTables: the event path ------------------------------------------------------------
+from kvpager import EventTables  # noqa: E402
+from kvpager.table_events import BatchFull, RowOutOfRange, TablesOutOfSync  # noqa: E402
+
+
+def _events(n_seqs=3, tokens=(1, 4, 9)):
+    a = BlockAllocator(64)
+    t = EventTables(4, 5, page_size=4)
+    seqs = []
+    for i, n in zip(range(n_seqs), tokens):
+        s = Sequence(i, a, 4, 5)
+        s.append(n)
+        assert t.join(s) == i
+        seqs.append(s)
+    return a, t, seqs
+
+
+def test_event_join_grow_leave_refresh():
+    a, t, seqs = _events()
+    check(t.view(), seqs)
+    t.check(seqs)
+    for _ in range(6):  # rows cross page boundaries at different steps
+        for s in seqs:
+            s.reserve(1)
+        t.grow(1)
+        check(t.view(), seqs)
+    assert t.leave(0) == 2  # the last row moves into the gap
+    seqs[0] = seqs.pop()
+    check(t.view(), seqs)
+    assert t.leave(1) is None
+    seqs.pop()
+    t.check(seqs)
+    fork = seqs[0].fork(7)
+    t.join(fork)
+    seqs.append(fork)
+    for s in seqs:
+        s.reserve(1)  # seqs[0]'s partly filled last page is shared: copy-on-write
+    t.grow(1)
+    with pytest.raises(TablesOutOfSync):
+        t.check(seqs)
+    for row, s in enumerate(seqs):
+        if s.take_pending_copies():
+            t.refresh(row)
+    t.check(seqs)
+    seqs[1].reserve(2)  # one row grows by another amount than the batch
+    t.refresh(1)
+    t.check(seqs)
+    check(t.update(seqs[::-1]), seqs[::-1])  # the fallback, then events again
+    seqs.reverse()
+    for s in seqs:
+        s.reserve(2)
+    t.grow(2)
+    t.check(seqs)
+
+
+def test_event_grow_writes_only_crossing_rows():
+    _, t, seqs = _events(tokens=(3, 4, 2))
+    t._table[:, 1:] = -7
+    for s in seqs:
+        s.reserve(1)
+    t.grow(1)
+    assert t._table[1, 1] == seqs[1].pages[1]
+    assert (t._table[[0, 2], 1] == -7).all()
+
+
+def test_event_errors_change_nothing():
+    a, t, seqs = _events()
+    state = lambda: (t._table.copy(), t._lens.copy(), list(t._pages), list(t._layouts),  # noqa
+                     t._cap.copy(), [s.seq_id for s in t._seqs])
+    before = state()
+    for row in (3, -1, 10):
+        with pytest.raises(RowOutOfRange, match=f"row {row}"):
+            t.leave(row)
+        with pytest.raises(RowOutOfRange):
+            t.refresh(row)
+    wrong = Sequence(8, a, page_size=8)
+    with pytest.raises(InvalidArgument, match="page_size"):
+        t.join(wrong)
+    big = Sequence(9, a, 4)
+    big.append(21)  # 6 pages > max_pages=5
+    with pytest.raises(SequenceTooLong, match="max_pages=5"):
+        t.join(big)
+    seqs[0].reserve(3)  # seqs[0] will cross with grow(4); seqs[2] has not reserved
+    with pytest.raises(InvalidArgument, match="reserve"):
+        t.grow(4)
+    with pytest.raises(InvalidArgument):
+        t.grow(-1)
+    assert all(np_equal(x, y) for x, y in zip(before, state()))
+    t.join(Sequence(10, a, 4))
+    with pytest.raises(BatchFull, match="max_batch=4"):
+        t.join(Sequence(11, a, 4))
+    with pytest.raises(TablesOutOfSync):
+        t.check(seqs)
+
+
+def np_equal(x, y):
+    return (x == y).all() if hasattr(x, "all") else x == y
+
+
+def test_event_grow_too_long_changes_nothing():
+    a = BlockAllocator(64)
+    t = EventTables(2, 2, page_size=4)
+    s = Sequence(0, a, 4)  # no max_pages of its own: the tables catch it
+    s.append(8)
+    t.join(s)
+    lens = t._lens.copy()
+    s.reserve(1)
+    with pytest.raises(SequenceTooLong, match="max_pages=2"):
+        t.grow(1)
+    assert (t._lens == lens).all()

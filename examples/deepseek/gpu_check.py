@@ -1,5 +1,8 @@
 """GPU checks for the lead's device run (`python -m kvpager.examples.deepseek.gpu_check`):
 
+0. trained(): a tiny DeepseekV3 trained on a copy task (trained.py; confident predictions, so
+   token agreement measures arithmetic, not ties), bf16 with the kernel against the same bf16
+   weights with the reference MLA and against transformers' own greedy decoding (bf16, fp32).
 1. compare(): the bf16 model on the GPU with the bundled MLA kernel against (kernel) the same bf16
    weights with the float32-compute reference MLA, and (dtype) the float32 model on the CPU;
    greedy, same prompts, through the engine every time. Reported: free-running token agreement,
@@ -17,6 +20,7 @@ import torch
 from kvpager.reference import mla_decode_reference
 from kvpager.runtime.request import SamplingParams
 
+from . import trained as copy_task
 from .cuda_graph import GraphedDecode
 from .runner import RunResult, build_engine, mla_path, random_prompts, timed_generate
 from .config import ModelConfig
@@ -71,9 +75,15 @@ def agreement(ref_model, test_model, prompts: list[list[int]], steps: int) -> di
     """Greedy runs of both models: free-running token agreement, and — feeding test_model the
     reference's tokens — teacher-forced argmax agreement and logit differences."""
     ref_tokens, ref = _greedy(ref_model, prompts, steps)
+    want = torch.stack([torch.stack(ref.logits[str(i)]) for i in range(len(prompts))])    # [B, steps, V]
+    return agreement_with(ref_tokens, want, test_model, prompts, steps)
+
+
+def agreement_with(ref_tokens: list[list[int]], want: torch.Tensor, test_model,
+                   prompts: list[list[int]], steps: int) -> dict[str, float]:
+    """agreement() against given reference tokens [B][steps] and logits float32 [B, steps, V]."""
     free_tokens, _ = _greedy(test_model, prompts, steps)
     _, forced = _greedy(test_model, prompts, steps, forced={str(i): t for i, t in enumerate(ref_tokens)})
-    want = torch.stack([torch.stack(ref.logits[str(i)]) for i in range(len(prompts))])    # [B, steps, V]
     got = torch.stack([torch.stack(forced.logits[str(i)]) for i in range(len(prompts))])
     return {
         "free_running_agreement": (torch.tensor(free_tokens) == torch.tensor(ref_tokens)).float().mean().item(),
@@ -82,6 +92,46 @@ def agreement(ref_model, test_model, prompts: list[list[int]], steps: int) -> di
         "mean_abs_logit_diff": (got - want).abs().mean().item(),
         "logit_std": want.std().item(),
     }
+
+
+def trained(batch: int = 16, steps: int = 32, seed: int = 0, device: str = "cuda",
+            setting: copy_task.TrainSetting = copy_task.GPU) -> dict[str, dict[str, float]]:
+    """Train the copy-task model on `device` (float32), save it in the HF format, and run
+    compare_trained() on it (figures printed)."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        report = copy_task.train_and_save(model_dir, setting, device, seed)
+        print(f"trained copy task (period {setting.task.period}, vocab {setting.task.vocab_size}) on "
+              f"{device}: {report.steps} steps in {report.seconds:.1f} s, held-out accuracy "
+              f"{report.accuracy:.4f}, loss {report.loss:.4f}")
+        return compare_trained(model_dir, setting.task, batch, steps, seed, device)
+
+
+def compare_trained(model_dir: str, task: copy_task.CopyTask, batch: int = 16, steps: int = 32,
+                    seed: int = 0, device: str = "cuda") -> dict[str, dict[str, float]]:
+    """Greedy runs on `batch` copy prompts (ragged, up to task.seq_len - steps tokens), `steps`
+    tokens each, of the checkpoint in model_dir loaded in bf16 with the kernel, against:
+    trained_kernel:   the same bf16 weights with the float32-compute reference MLA;
+    trained_hf_bf16:  transformers' DeepseekV3ForCausalLM in bf16 (its own attention and cache);
+    trained_hf_fp32:  transformers in float32.
+    `copy_accuracy`: the kernel run's free-running tokens against the task's true continuation."""
+    import transformers
+
+    model = load_model(model_dir, device, torch.bfloat16)
+    with_reference = load_model(model_dir, device, torch.bfloat16)
+    with_reference.mla_impl = reference_mla
+    prompts = copy_task.copy_prompts(batch, task, steps, seed)
+    print(f"MLA on {device}: {mla_path(torch.device(device), torch.bfloat16)}; copy prompts "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
+    tokens, _ = _greedy(model, prompts, steps)
+    truth = [[p[1 + (len(p) - 1 + k) % task.period] for k in range(steps)] for p in prompts]
+    results = {"trained_kernel": agreement(with_reference, model, prompts, steps)}
+    results["trained_kernel"]["copy_accuracy"] = (torch.tensor(tokens) == torch.tensor(truth)).float().mean().item()
+    for name, dt in (("trained_hf_bf16", torch.bfloat16), ("trained_hf_fp32", torch.float32)):
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=dt).to(device).eval()
+        results[name] = agreement_with(*copy_task.hf_greedy(hf, prompts, steps), model, prompts, steps)
+    for name, figures in results.items():
+        print(f"{name}: batch {batch}, {steps} steps: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+    return results
 
 
 def compare(model_dir: str | None = None, batch: int = 16, steps: int = 32, prompt_len: int = 256,
@@ -141,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=512)
     args = p.parse_args(argv)
+    trained(device=args.device)
     compare(args.model_dir, device=args.device)
     kw = dict(model_dir=args.model_dir, batch=args.batch, steps=args.steps, prompt_len=args.prompt_len,
               device=args.device)
