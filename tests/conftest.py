@@ -11,6 +11,19 @@ settings.register_profile("long", max_examples=1000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models' ops are microseconds long; on a 2-core machine intra-op threads only add
+    contention (15x slower under load), so such test modules run on one thread
+    (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _has_cuda() -> bool:
     try:
         import torch

@@ -10,14 +10,7 @@ from kvpager.runtime.request import SamplingParams, Status
 from kvpager.runtime.scheduler import SchedulerConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are microseconds long; on a 2-core machine intra-op threads only add
-    contention (15x slower under load), so run them on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 MODEL = TinyMLA(num_layers=2, num_heads=4, hidden=32, vocab_size=96, seed=0)

@@ -16,6 +16,7 @@
 #include "config.h"
 #include "epilogue.cuh"
 #include "params.h"
+#include "softmax.cuh"
 #include "tile_loads.cuh"
 #include "tile_ops.h"
 
@@ -147,17 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // P = exp2(S - max) into shared memory (bf16/fp16) for the P V product.
       float page_sum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int n = 0; n < S::kKeyTiles; ++n) {
-        const float p0 = exp2f(s[n][0] - base[0]), p1 = exp2f(s[n][1] - base[0]);
-        const float p2 = exp2f(s[n][2] - base[1]), p3 = exp2f(s[n][3] - base[1]);
-        page_sum[0] += p0 + p1;
-        page_sum[1] += p2 + p3;
-        const int chunk = (cg * S::kKeysPerWarp + n * kMmaN) / kChunkElems;
-        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[0], chunk, S::kPRowBytes) + 4 * t) =
-            ElemOps<Elem>::pack(p0, p1);
-        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[1], chunk, S::kPRowBytes) + 4 * t) =
-            ElemOps<Elem>::pack(p2, p3);
-      }
+      for (int n = 0; n < S::kKeyTiles; ++n)
+        store_prob_tile<Elem>(sP, S::kPRowBytes, my_row, (cg * S::kKeysPerWarp + n * kMmaN) / kChunkElems,
+                              t, s[n][0], s[n][1], s[n][2], s[n][3], base, page_sum);
 #pragma unroll
       for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * alpha[i] + page_sum[i];
 #pragma unroll

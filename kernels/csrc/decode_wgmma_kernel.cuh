@@ -13,6 +13,7 @@
 #include "config.h"
 #include "epilogue.cuh"
 #include "params.h"
+#include "softmax.cuh"
 #include "tile_loads.cuh"
 #include "tile_ops.h"
 #include "wgmma_ops.h"
@@ -148,17 +149,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       float page_sum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int j = 0; j < S::kScoreRegs / 4; ++j) {
-        const float p0 = exp2f(s[4 * j + 0] - base[0]), p1 = exp2f(s[4 * j + 1] - base[0]);
-        const float p2 = exp2f(s[4 * j + 2] - base[1]), p3 = exp2f(s[4 * j + 3] - base[1]);
-        page_sum[0] += p0 + p1;
-        page_sum[1] += p2 + p3;
-        const int chunk = (wg * S::kKeysPerWg + j * kMmaN) / kChunkElems;
-        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[0], chunk, kBlockRowBytes) + 4 * t) =
-            ElemOps<Elem>::pack(p0, p1);
-        *reinterpret_cast<uint32_t*>(sP + swizzled(my_row[1], chunk, kBlockRowBytes) + 4 * t) =
-            ElemOps<Elem>::pack(p2, p3);
-      }
+      for (int j = 0; j < S::kScoreRegs / 4; ++j)
+        store_prob_tile<Elem>(sP, kBlockRowBytes, my_row, (wg * S::kKeysPerWg + j * kMmaN) / kChunkElems,
+                              t, s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], base, page_sum);
 #pragma unroll
       for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * alpha[i] + page_sum[i];
 #pragma unroll
