@@ -18,6 +18,7 @@
 #include "params.h"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
+#include "tile_scheduler.cuh"
 #include "tile_ops.h"
 
 namespace kvpager {
@@ -39,9 +40,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int rg = warp / S::kColGroups, cg = warp % S::kColGroups;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: rows g, g+8; cols 2t, 2t+1
 
-  const int32_t* meta = p.tile_metadata + part * kMetadataFields;
-  const int begin_b = meta[0], begin_page = meta[1], begin_split = meta[2];
-  const int end_b = meta[3], end_page = meta[4];
+  const PartWork work = part_work(p, part);
 
   const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), p_base = smem_addr(sP);
   // ldmatrix lane addressing (see the fragment layouts of mma.m16n8k16):
@@ -53,14 +52,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int v_chunk = lane / 16;
   const int my_row[2] = {rg * kMmaM + g, rg * kMmaM + g + 8};  // local rows of this lane's values
 
-  for (int b = begin_b; b <= end_b; ++b) {
-    const int seqlen = p.cache_seqlens[b];
-    const int num_pages = ceil_div(seqlen, kPageSize);
-    const int ps = b == begin_b ? begin_page : 0;
-    const int pe = b == end_b ? end_page : num_pages;
-    const int split = b == begin_b ? begin_split : 0;
-    const int split_base = p.num_splits[b];
-    const int n_splits = p.num_splits[b + 1] - split_base;
+  for (int b = work.begin_b; b <= work.end_b; ++b) {
+    const Segment seg = segment_of(p, work, b);
+    const int seqlen = seg.seqlen, ps = seg.first_page, pe = seg.end_page;
 
     cute::cp_async_wait<0>();
     __syncthreads();  // the previous segment is done with every buffer
@@ -194,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int c = 0; c < S::kColGroups; ++c) l += sRed[c * BLOCK_M + my_row[i]];
       write_row<Elem>(p, b, hk, m_block * BLOCK_M + my_row[i], i, o, row_max[i], l,
-                      cg * S::kColsPerWarp + 2 * t, cg == 0 && t == 0, n_splits, split_base + split);
+                      cg * S::kColsPerWarp + 2 * t, cg == 0 && t == 0, seg.num_splits, seg.split_slot);
     }
   }
 }

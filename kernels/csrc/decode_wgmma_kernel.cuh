@@ -15,6 +15,7 @@
 #include "params.h"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
+#include "tile_scheduler.cuh"
 #include "tile_ops.h"
 #include "wgmma_ops.h"
 
@@ -55,23 +56,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4, t = lane % 4;
   const int my_row[2] = {warp_in_wg * 16 + g, warp_in_wg * 16 + g + 8};
 
-  const int32_t* meta = p.tile_metadata + part * kMetadataFields;
-  const int begin_b = meta[0], begin_page = meta[1], begin_split = meta[2];
-  const int end_b = meta[3], end_page = meta[4];
+  const PartWork work = part_work(p, part);
 
   const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), p_base = smem_addr(sP);
   constexpr uint32_t kAtomBytes = 8 * kBlockRowBytes;                  // 1024: 8 rows x 128 B
   constexpr uint32_t kQBlockBytes = S::kBlockM * kBlockRowBytes;       // 8192
   constexpr uint32_t kPageBlockBytes = kPageSize * kBlockRowBytes;     // 8192
 
-  for (int b = begin_b; b <= end_b; ++b) {
-    const int seqlen = p.cache_seqlens[b];
-    const int num_pages = ceil_div(seqlen, kPageSize);
-    const int ps = b == begin_b ? begin_page : 0;
-    const int pe = b == end_b ? end_page : num_pages;
-    const int split = b == begin_b ? begin_split : 0;
-    const int split_base = p.num_splits[b];
-    const int n_splits = p.num_splits[b + 1] - split_base;
+  for (int b = work.begin_b; b <= work.end_b; ++b) {
+    const Segment seg = segment_of(p, work, b);
+    const int seqlen = seg.seqlen, ps = seg.first_page, pe = seg.end_page;
 
     cute::cp_async_wait<0>();
     __syncthreads();
@@ -188,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 2; ++i)
       write_row<Elem>(p, b, hk, m_block * S::kBlockM + my_row[i], i, o, row_max[i],
                       sRed[my_row[i]] + sRed[S::kBlockM + my_row[i]], wg * S::kColsPerWg + 2 * t,
-                      wg == 0 && t == 0, n_splits, split_base + split);
+                      wg == 0 && t == 0, seg.num_splits, seg.split_slot);
   }
 }
 
