@@ -56,6 +56,18 @@ class InvariantViolation(AllocatorError):
     """check_invariants() found broken allocator state (a bug, never bad user input)."""
 
 
+class RowOutOfRange(InvalidArgument):
+    """A batch-table row outside the active rows [0, B) (e.g. leave() of a row no sequence holds)."""
+
+
+class BatchFull(InvalidArgument):
+    """EventTables.join() with all max_batch rows taken."""
+
+
+class TablesOutOfSync(KVPagerError):
+    """EventTables.check() found rows that differ from what update(seqs) builds (a missed event)."""
+
+
 class SequenceTooLong(KVPagerError):
     """A sequence would need more pages than its table row (max_pages) can hold."""
 

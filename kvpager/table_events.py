@@ -8,21 +8,10 @@ from collections.abc import Sequence as SequenceList
 import numpy as np
 import torch
 
-from kvpager.errors import InvalidArgument, KVPagerError, SequenceTooLong
+from kvpager.errors import (BatchFull, InvalidArgument, KVPagerError, RowOutOfRange,
+                            SequenceTooLong, TablesOutOfSync)
 from kvpager.sequence import Sequence
 from kvpager.tables import PAD_PAGE, BatchTables
-
-
-class RowOutOfRange(InvalidArgument):
-    """A row index outside the active rows [0, B) (e.g. leave() of a row no sequence holds)."""
-
-
-class BatchFull(InvalidArgument):
-    """join() with all max_batch rows taken."""
-
-
-class TablesOutOfSync(KVPagerError):
-    """check() found rows that differ from what update(seqs) builds (a caller missed an event)."""
 
 
 class EventTables(BatchTables):
@@ -181,7 +170,6 @@ class EventTables(BatchTables):
                                   f"{[s.seq_id for s in seqs]}")
         want = BatchTables(self.max_batch, self.max_pages, "cpu", self.page_size)
         want_table, want_lens = (t.numpy() for t in want.update(seqs))
-        batch = len(seqs)
         for row, seq in enumerate(seqs):
             pages = seq.num_pages
             if (self._lens[row] != want_lens[row]

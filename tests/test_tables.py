@@ -146,7 +146,7 @@ def test_random_churn_matches_full_rebuild(few_rows, monkeypatch):
 
 # --- EventTables: the event path ------------------------------------------------------------
 from kvpager import EventTables  # noqa: E402
-from kvpager.table_events import BatchFull, RowOutOfRange, TablesOutOfSync  # noqa: E402
+from kvpager.errors import BatchFull, RowOutOfRange, TablesOutOfSync  # noqa: E402
 
 
 def _events(n_seqs=3, tokens=(1, 4, 9)):
