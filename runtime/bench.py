@@ -1,10 +1,11 @@
 """`kvpager bench scheduler`: the CPU cost the engine pays per decode step at a full batch,
-without model compute. It runs the real `Engine.step()` (scheduler, BatchTables, slot mapping,
+without model compute. It runs the real `Engine.step()` (scheduler, EventTables, slot mapping,
 input ids, sampling hand-off, per-request token bookkeeping, metrics) with a model that returns
 fixed logits, and reports:
 
   schedule   Scheduler.schedule() (page appends included)
-  tables     BatchTables.update() (block_table + cache_seqlens)
+  tables     the decode tables' events and view (Engine._advance_rows: leaves + grow +
+             refresh; EventTables.view: block_table + cache_seqlens)
   rest       everything else step() does on the host: slots, input ids, DecodeBatch, taking
              each row's token (append, counters, finish checks), metrics
   total      schedule + tables + rest: the goal (<= 200 us at 512 requests) applies to this
@@ -80,10 +81,11 @@ def measure(batch: int = 512, steps: int = 2000, prompt_len: int = 1000, mtp: in
     sched = engine.scheduler
     while len(sched.running) < batch or any(r.is_prefilling for r in sched.running):
         engine.step()  # prefill everything first
-    logs: dict[str, list[float]] = {k: [] for k in ("schedule", "tables", "model", "metadata",
-                                                    "sampling")}
+    logs: dict[str, list[float]] = {k: [] for k in ("schedule", "advance", "view", "model",
+                                                    "metadata", "sampling")}
     sched.schedule = _timed(sched.schedule, logs["schedule"])
-    engine.decode_tables.update = _timed(engine.decode_tables.update, logs["tables"])
+    engine._advance_rows = _timed(engine._advance_rows, logs["advance"])
+    engine.decode_tables.view = _timed(engine.decode_tables.view, logs["view"])
     model.decode = _timed(model.decode, logs["model"])
     engine._metadata = _timed(engine._metadata, logs["metadata"])
     engine._sample = _timed(engine._sample, logs["sampling"])
@@ -95,8 +97,9 @@ def measure(batch: int = 512, steps: int = 2000, prompt_len: int = 1000, mtp: in
     assert len(plan.decode) == batch, "a request finished or was preempted during the benchmark"
     excluded = [sum(v) for v in zip(logs["model"], logs["metadata"], logs["sampling"])]
     total = [t - x for t, x in zip(step_times, excluded)]
-    rest = [t - a - b for t, a, b in zip(total, logs["schedule"], logs["tables"])]
-    return {"schedule": logs["schedule"], "tables": logs["tables"], "rest": rest, "total": total,
+    tables = [a + v for a, v in zip(logs["advance"], logs["view"])]
+    rest = [t - a - b for t, a, b in zip(total, logs["schedule"], tables)]
+    return {"schedule": logs["schedule"], "tables": tables, "rest": rest, "total": total,
             "metadata": logs["metadata"], "sampling": logs["sampling"]}
 
 

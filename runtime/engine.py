@@ -27,6 +27,7 @@ from kvpager.config import CacheConfig
 from kvpager.errors import ConfigError, DuplicateRequest, RequestError, UnknownRequest
 from kvpager.mla import get_mla_metadata
 from kvpager.pool import PagePool
+from kvpager.table_events import EventTables
 from kvpager.tables import BatchTables
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.protocol import DecodeBatch, Model, PrefillChunk
@@ -51,7 +52,11 @@ class Engine:
         self.scheduler = Scheduler(config, self.allocator, ps)
         self.max_pages = self.scheduler.max_pages
         device = torch.device(cache_config.device)
-        self.decode_tables = BatchTables(config.max_batch_size, self.max_pages, device, ps)
+        # Decode rows, driven by events: a request joins when its prefill ends and leaves when
+        # it is retired or preempted; rows[i] holds decode_tables row i (the decode batch order).
+        self.decode_tables = EventTables(config.max_batch_size, self.max_pages, device, ps)
+        self.rows: list[Request] = []
+        self._short: dict[Request, int] = {}  # MTP rows that accepted fewer than s_q tokens
         self.prefill_tables = BatchTables(1, self.max_pages, device, ps)
         self.device = device
         self.requests: dict[str, Request] = {}  # every request ever submitted, by id
@@ -116,9 +121,11 @@ class Engine:
         """Plan and run one step; returns the plan (what ran, what was preempted).
 
         Per-request Python for a one-token decode row (the hot case at large batches): one
-        pass in the scheduler, one read in BatchTables.update, one to gather input ids, one to
-        take the sampled token (`_take_decoded`). Measured by `kvpager bench scheduler`."""
+        pass in the scheduler, one to gather input ids, one to take the sampled token
+        (`_take_decoded`); the decode tables cost O(changed rows) (`_advance_rows`). Measured
+        by `kvpager bench scheduler`."""
         plan = self.scheduler.schedule()
+        self._advance_rows(plan)
         started = now = self.clock()
         new_tokens: list[tuple[Request, list[int]]] = []
         for req, start, n, slots in plan.prefill:
@@ -128,15 +135,19 @@ class Engine:
             req.num_computed += n
             if logits is not None:
                 new_tokens.append((req, [sample_row(logits, req.params, req.generator)]))
-        decoded = self._decode(plan.decode) if plan.decode else None
+        # A copy: retiring a request during this step moves the rows (EventTables.leave).
+        reqs = self.rows.copy()
+        decoded = self._decode(reqs) if reqs else None
         now = self.clock()
         self._retired = 0
         generated = 0
         # Emit only once every model call is done: a callback may abort any request.
         for req, tokens in new_tokens:
             generated += self._emit(req, tokens, now)
+            if req.status is Status.RUNNING:  # its prefill is done: it decodes from next step
+                self._join(req)
         if decoded is not None:
-            generated += self._take_decoded(plan.decode, *decoded, now)
+            generated += self._take_decoded(reqs, *decoded, now)
         if self._retired:
             self.scheduler.drop_retired()
         if not plan.empty or plan.preempted:
@@ -156,10 +167,11 @@ class Engine:
         return self.model.prefill(chunk, self.pool)
 
     def _decode(self, reqs: list[Request]) -> tuple[list[list[int]], list[list[int]] | None]:
-        """One model call for every decoding request. Returns the sampled tokens [B][s_q] and,
-        in MTP mode, each row's input tokens (last token + drafts)."""
+        """One model call for every decoding request; reqs is `rows` (the tables' row order).
+        Returns the sampled tokens [B][s_q] and, in MTP mode, each row's input tokens (last
+        token + drafts)."""
         s_q, ps = self.config.s_q, self.page_size
-        block_table, cache_seqlens = self.decode_tables.update([r.seq for r in reqs])
+        block_table, cache_seqlens = self.decode_tables.view()
         positions = (cache_seqlens.long() - s_q)[:, None] + self._q_offsets
         slots = block_table.long().gather(1, positions // ps) * ps + positions % ps
         if s_q == 1:  # ints -> numpy -> torch: torch.tensor(list) is ~4x slower
@@ -191,9 +203,13 @@ class Engine:
         case, one pass with no call per request; the rest go through _emit."""
         generated = 0
         if rows is not None:  # MTP
+            s_q, short = self.config.s_q, self._short
+            short.clear()
             for req, row, target in zip(reqs, rows, targets):
                 accepted = accept_drafts(row[1:], target)
                 req.num_computed += len(accepted)  # KV of the last token + the accepted drafts
+                if len(accepted) < s_q:  # its sequence keeps spare slots: grows less next step
+                    short[req] = len(accepted)
                 generated += self._emit(req, accepted, now)
             return generated
         running = Status.RUNNING
@@ -243,6 +259,8 @@ class Engine:
             self._retire(req, Status.ABORTED, "abort", self.clock())
 
     def _retire(self, req: Request, status: Status, reason: str, now: float) -> None:
+        if req.row is not None:
+            self._leave(req)
         self.scheduler.retire(req, status)
         self._retired += 1
         if not req.params.greedy:
@@ -250,6 +268,45 @@ class Engine:
         req.finish_reason = reason
         req.timings.finished = now
         self.metrics.record_request(req)
+
+    # --- decode rows (EventTables events) -------------------------------------------------------
+    def _join(self, req: Request) -> None:
+        req.row = self.decode_tables.join(req.seq)
+        self.rows.append(req)
+
+    def _leave(self, req: Request) -> None:
+        """Drop req's row; the last row moves into the gap (EventTables.leave), so rows too."""
+        row, rows = req.row, self.rows
+        self.decode_tables.leave(row)
+        last = rows.pop()
+        if last is not req:
+            rows[row] = last
+            last.row = row
+        req.row = None
+
+    def _advance_rows(self, plan: StepPlan) -> None:
+        """Bring the decode tables up to the plan: preempted rows leave, then every row grew by
+        the tokens the scheduler reserved: s_q, or fewer for MTP rows whose sequence kept spare
+        slots (grow() by the least, refresh() the rest). O(preempted + rows that cross a page)
+        for one-token decoding."""
+        for req in plan.preempted:
+            if req.row is not None:
+                self._leave(req)
+        s_q, tables = self.config.s_q, self.decode_tables
+        short = self._short
+        if not short:
+            tables.grow(s_q)
+            return
+        grew = {req: n for req, n in short.items() if req.row is not None}
+        short.clear()
+        if not grew:
+            tables.grow(s_q)
+            return
+        least = min(grew.values())  # < s_q: rows not in `grew` grew by s_q
+        tables.grow(least)
+        for req in self.rows:
+            if grew.get(req, s_q) != least:
+                tables.refresh(req.row)
 
     def _record_step(self, plan: StepPlan, now: float, duration: float, generated: int) -> None:
         self.metrics.record_step(

@@ -104,6 +104,8 @@ class Request:
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     generator: torch.Generator | None = None
     recorded: bool = False  # metrics have seen it finish
+    row: int | None = None  # its row in the engine's decode tables while it decodes
+    cap: int = 0  # tokens seq's pages hold, or less (0: unknown); the scheduler's fast path
     # While num_generated < plain_until the next token cannot finish, stop or stream the
     # request, so the engine's decode loop records it inline (0: always take the full path).
     plain_until: int = field(init=False, default=0)

@@ -128,7 +128,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         s_q, ps = self.config.s_q, self.page_size
-        running, decode = self.running, plan.decode
+        running, add_decode = self.running, plan.decode.append
         # Reserve s_q tokens for every running request (prefilling ones too: simpler, and it
         # costs at most s_q tokens of budget per prefilling request).
         budget = self.config.max_num_batched_tokens - s_q * len(running)
@@ -136,24 +136,26 @@ class Scheduler:
         # `running` only shrinks from the end while we walk it (preemption pops the youngest),
         # so a plain for loop visits each remaining request once.
         for req in running:
-            seq = req.seq
-            if req.num_computed >= req.num_prefill:  # decoding: up to num_computed + s_q tokens
-                target = req.num_computed + s_q  # (the sequence may hold spare MTP slots)
-                if target > len(seq.pages) * ps:  # crosses into a new page
+            computed = req.num_computed
+            if computed >= req.num_prefill:  # decoding: up to num_computed + s_q tokens
+                target = computed + s_q  # (the sequence may hold spare MTP slots)
+                seq = req.seq
+                if target <= req.cap:  # RequestSequence.extend's fast path, inlined: hot path
+                    seq.table_key += target - seq.num_tokens
+                    seq.num_tokens = target
+                else:  # may cross into a new page (or req.cap is not known yet)
                     if not self._make_room(req, target - seq.num_tokens, plan):
                         break
                     seq.extend(target - seq.num_tokens)
-                else:  # RequestSequence.extend's fast path, inlined: this loop is the hot path
-                    seq.table_key += target - seq.num_tokens
-                    seq.num_tokens = target
+                    req.cap = len(seq.pages) * ps
                 kv_tokens += target
-                decode.append(req)
+                add_decode(req)
             else:
-                n = min(req.num_prefill - req.num_computed, budget)
+                n = min(req.num_prefill - computed, budget)
                 if n > 0:
                     if not self._make_room(req, n, plan):
                         break
-                    plan.prefill.append((req, req.num_computed, n, self._append(seq, n)))
+                    plan.prefill.append((req, computed, n, self._append(req.seq, n)))
                     plan.num_prefill_tokens += n
                     budget -= n
         plan.decode_kv_tokens = kv_tokens
@@ -193,6 +195,7 @@ class Scheduler:
             waiting.popleft()
             req.status = Status.RUNNING
             req.seq = RequestSequence(req.request_id, self.allocator, ps, self.max_pages)
+            req.cap = 0
             req.num_prefill = num_prefill
             req.num_computed = 0
             n = min(num_prefill, budget)
@@ -206,6 +209,7 @@ class Scheduler:
         """Free req's pages and queue it first, to be recomputed from prompt + output."""
         req.seq.release()
         req.seq = None
+        req.cap = 0
         req.num_computed = 0
         req.status = Status.PREEMPTED
         req.num_preemptions += 1

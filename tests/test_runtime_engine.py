@@ -1,7 +1,6 @@
 """Engine behaviour with the tiny MLA model on CPU: greedy outputs do not depend on batching,
 preemption or MTP; streaming, callbacks, abort and sampling seeds work."""
 import pytest
-import torch
 
 from kvpager.runtime.engine import Engine, accept_drafts, propose_drafts
 from kvpager.runtime.models.protocol import Model

@@ -1,6 +1,5 @@
 """Bad input raises KVPagerError subclasses at the boundary; the engine keeps serving the rest."""
 import pytest
-import torch
 
 from kvpager.errors import (ConfigError, DuplicateRequest, KVPagerError, RequestError,
                             RequestTooLarge, UnknownRequest)

@@ -37,6 +37,7 @@ class EchoModel:
         return self._logits(chunk.input_ids[-1]) if chunk.is_last else None
 
     def decode(self, batch, pool):
+        self.decoded = list(batch.request_ids)
         self._check(batch.slot_mapping, batch.block_table, batch.cache_seqlens, batch.s_q)
         return self._logits(batch.input_ids)
 
@@ -71,8 +72,12 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 8))
     def step(self, n):
+        model = self.engine.model
         for _ in range(n):
-            self.engine.step()
+            model.decoded = []
+            plan = self.engine.step()
+            # The decode batch is the tables' rows (row order), exactly the plan's decoders.
+            assert sorted(model.decoded) == sorted(r.request_id for r in plan.decode)
 
     @invariant()
     def pages_are_owned_once_and_released(self):
@@ -90,6 +95,12 @@ class EngineMachine(RuleBasedStateMachine):
             == self.submitted
         assert all(r.status is Status.RUNNING for r in sched.running)
         assert len(sched.running) <= eng.config.max_batch_size
+        # The event-driven decode tables hold every decoding request, rows dense, and nothing else.
+        decoding = [r for r in sched.running if not r.is_prefilling]
+        assert sorted(map(id, eng.rows)) == sorted(map(id, decoding))
+        assert [r.row for r in eng.rows] == list(range(len(eng.rows)))
+        assert all(r.row is None for r in eng.requests.values() if r.status is not Status.RUNNING)
+        eng.decode_tables.check([r.seq for r in eng.rows])
 
     def teardown(self):
         if hasattr(self, "engine"):
