@@ -8,7 +8,9 @@ fixed logits, and reports:
              refresh; EventTables.view: block_table + cache_seqlens)
   rest       everything else step() does on the host: slots, input ids, DecodeBatch, taking
              each row's token (append, counters, finish checks), metrics
-  total      schedule + tables + rest: the goal (<= 200 us at 512 requests) applies to this
+  total      schedule + tables + rest (the engine's whole host cost per step)
+
+Issue 3's goal, scheduler + table overhead <= 200 us at 512 requests, is schedule + tables.
   excluded   device work, timed but not in total: the model call (a no-op here), MLA metadata
              (one kernel on a GPU; the torch planner on CPU) and the argmax of sampling
 
@@ -113,5 +115,6 @@ def run(args: argparse.Namespace) -> int:
         us = sorted(v * 1e6 for v in values)
         print(f"  {name:<9} median {statistics.median(us):7.1f} us   mean {statistics.fmean(us):7.1f} us"
               f"   p90 {us[int(0.9 * (len(us) - 1))]:7.1f} us")
-    print("goal: total <= 200 us per step at 512 requests")
+    print("goal (issue 3): schedule + tables <= 200 us per step at 512 requests; total is the "
+          "engine's whole host cost")
     return 0
