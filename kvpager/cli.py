@@ -26,7 +26,9 @@ def _add(sub, name: str, module: str, help_: str) -> None:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpager", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kvpager", description="kvpager: paged latent KV cache and MLA decode for DeepSeek-style "
+        "models — the demo, the workload simulator and the benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
     # Import only the module the user asked for, so one subcommand's heavy imports
     # (matplotlib, transformers) never slow another down.
