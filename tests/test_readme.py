@@ -1,0 +1,12 @@
+"""The README's usage example runs as written (CPU, reference MLA)."""
+import re
+from pathlib import Path
+
+
+def test_readme_usage_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Using the pager\n\n```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, 1, 16, 512) and scope["lse"].shape == (2, 16, 1)
+    assert not scope["out"].isnan().any()
