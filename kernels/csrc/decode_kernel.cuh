@@ -58,12 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     cute::cp_async_wait<0>();
     __syncthreads();  // the previous segment is done with every buffer
-    load_q_tile<Elem, BLOCK_M, RowSwizzled>(p, sQ, b, hk, m_block);
-    cute::cp_async_fence();
-    if (ps < pe) load_page<Elem, RowSwizzled>(p, sK, b, hk, ps, seqlen);
-    cute::cp_async_fence();
-    if (ps + 1 < pe) load_page<Elem, RowSwizzled>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
-    cute::cp_async_fence();
+    load_segment_start<Elem, BLOCK_M, RowSwizzled>(p, sQ, sK, b, hk, m_block, ps, pe, seqlen);
 
     int limit[2];
 #pragma unroll

@@ -69,12 +69,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     cute::cp_async_wait<0>();
     __syncthreads();
-    load_q_tile<Elem, S::kBlockM, BlockSwizzled>(p, sQ, b, hk, m_block);
-    cute::cp_async_fence();
-    if (ps < pe) load_page<Elem, BlockSwizzled>(p, sK, b, hk, ps, seqlen);
-    cute::cp_async_fence();
-    if (ps + 1 < pe) load_page<Elem, BlockSwizzled>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
-    cute::cp_async_fence();
+    load_segment_start<Elem, S::kBlockM, BlockSwizzled>(p, sQ, sK, b, hk, m_block, ps, pe, seqlen);
 
     int limit[2];
 #pragma unroll

@@ -62,4 +62,19 @@ __device__ __forceinline__ void load_page(const DecodeParams& p, char* sK, int b
   }
 }
 
+// The start of a sequence segment: its Q tile, then its first two pages (pages [ps, pe)), as
+// three cp.async groups (empty ones where a page does not exist), so the page loop can always
+// wait for "all but the newest group".
+template <typename Elem, int BLOCK_M, typename Layout>
+__device__ __forceinline__ void load_segment_start(const DecodeParams& p, char* sQ, char* sK, int b,
+                                                   int hk, int m_block, int ps, int pe,
+                                                   int seqlen) {
+  load_q_tile<Elem, BLOCK_M, Layout>(p, sQ, b, hk, m_block);
+  cute::cp_async_fence();
+  if (ps < pe) load_page<Elem, Layout>(p, sK, b, hk, ps, seqlen);
+  cute::cp_async_fence();
+  if (ps + 1 < pe) load_page<Elem, Layout>(p, sK + kPageBytes, b, hk, ps + 1, seqlen);
+  cute::cp_async_fence();
+}
+
 }  // namespace kvpager
