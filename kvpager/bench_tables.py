@@ -9,9 +9,10 @@ move up, as with a deque-based scheduler); `stable` puts each joiner in a leaver
 moves the last row into a leaver's slot and appends joiners (the EventTables contract).
 
 Timed per step: `update` path: the update(seqs) call. `events` path (swap order only): every
-leave(row) and join(seq) the churn needs, then grow(1) and view(). Each path runs on two
-identical tables: the first call runs with the caches as the rest of the step left them (`cold`),
-the second does the same work right after (`warm`: the code's own cost).
+leave(row) and join(seq) the churn needs, then grow(1) and view(); it runs join/leave/grow in C++
+when kvpager._row_events is built, and `events-py` times the same events on the Python path.
+Each path runs on two identical tables: the first call runs with the caches as the rest of the
+step left them (`cold`), the second does the same work right after (`warm`: the code's own cost).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 from kvpager.allocator import BlockAllocator
 from kvpager.sequence import Sequence
-from kvpager.table_events import EventTables
+from kvpager.table_events import NATIVE_AVAILABLE, EventTables
 from kvpager.tables import BatchTables
 
 PAGE_SIZE = 64
@@ -47,12 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order: str,
           path: str, device: str, seed: int) -> tuple[list[float], list[float]]:
     """Seconds per step spent keeping the tables current: (cold, warm), one each per timed
-    step. path: "update" or "events" (swap order only)."""
+    step. path: "update", "events" or "events-py" (swap order only)."""
     rng = random.Random(seed)
     max_pages = -(-max_len // PAGE_SIZE)
     allocator = BlockAllocator(batch * max_pages + 1)
-    kind = EventTables if path == "events" else BatchTables
-    tables = [kind(batch, max_pages, device, page_size=PAGE_SIZE) for _ in range(2)]
+    if path == "update":
+        tables = [BatchTables(batch, max_pages, device, PAGE_SIZE) for _ in range(2)]
+    else:
+        native = None if path == "events" else False
+        tables = [EventTables(batch, max_pages, device, PAGE_SIZE, native) for _ in range(2)]
+    events = path != "update"
     ids = iter(range(1 << 62))
 
     def join() -> Sequence:
@@ -64,7 +69,7 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
     # Start from a spread of lengths, as in a running server.
     for seq in seqs:
         seq.append(rng.randint(0, max_len // 2 - 1))
-    if path == "events":
+    if events:
         for table in tables:
             for seq in seqs:
                 table.join(seq)
@@ -90,7 +95,7 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
             joined = [join() for _ in finished]
             seqs.extend(joined)
         spent = [0.0, 0.0]
-        if path == "events":  # the caller reports leaves and joins as it schedules them
+        if events:  # the caller reports leaves and joins as it schedules them
             for k, table in enumerate(tables):
                 t0 = time.perf_counter()
                 for i in finished:
@@ -104,7 +109,7 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
             if device != "cpu":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if path == "events":
+            if events:
                 table.grow(1)
                 table.view()
             else:
@@ -120,12 +125,13 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
 
 def run(args: argparse.Namespace) -> int:
     print(f"block_table / cache_seqlens per step, churn={args.churn}/seq/step, "
-          f"max_len={args.max_len}, device={args.device}, {args.steps} steps")
+          f"max_len={args.max_len}, device={args.device}, {args.steps} steps; events path: "
+          f"{'C++ (kvpager._row_events)' if NATIVE_AVAILABLE else 'Python (C++ module not built)'}")
     print(f"{'B':>5} {'order':>8} {'cache':>6} {'mean us/step':>13} {'p50':>7} {'p99':>7}  path")
     for batch in args.batch:
         runs = [(order, "update") for order in args.order]
         if "swap" in args.order:
-            runs.append(("swap", "events"))
+            runs += [("swap", "events")] + ([("swap", "events-py")] if NATIVE_AVAILABLE else [])
         for order, path in runs:
             times = bench(batch, args.steps, args.warmup, args.churn, args.max_len, order, path,
                           args.device, args.seed)

@@ -38,3 +38,14 @@ def test_readme_usage_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].shape == (2, 1, 16, 512)
     assert scope["cache_seqlens"].tolist() == [100, 101]
+
+
+def test_row_events_are_built_where_a_compiler_is():
+    """pip builds kvpager._row_events as an optional extension: a missing compiler falls back
+    quietly to the Python path, so guard against a silent fallback where one exists."""
+    import shutil
+
+    from kvpager import table_events
+
+    if shutil.which("c++") or shutil.which("g++"):
+        assert table_events.NATIVE_AVAILABLE, "kvpager._row_events failed to build; see pip -v"

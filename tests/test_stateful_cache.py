@@ -5,13 +5,15 @@ every live sequence reads its tokens back exactly, both through Sequence.pages a
 rows BatchTables built for it."""
 from collections import Counter
 
+import numpy as np
+
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from kvpager import BatchTables, BlockAllocator, CacheConfig, EventTables, PagePool, Sequence
-from kvpager.errors import OutOfPages, SequenceTooLong
+from kvpager.errors import KVPagerError, OutOfPages, SequenceTooLong
 
 PAGE, NUM_PAGES, MAX_PAGES, MAX_BATCH, LAYERS = 4, 24, 6, 6, 2
 
@@ -122,15 +124,34 @@ TestCacheMachine = CacheMachine.TestCase
 
 class EventTablesMachine(RuleBasedStateMachine):
     """EventTables driven by random joins (new or forked sequences), leaves, batch-wide grows
-    (page crossings, copy-on-write), single-row growth and update() fallbacks; after every step
-    the rows equal the ground truth from the sequences."""
+    (page crossings, copy-on-write), single-row growth, update() fallbacks and bad events; after
+    every step the rows equal the ground truth from the sequences. Two tables take every event:
+    the C++ path (when built) and the Python path; their buffers must stay identical, bit for
+    bit, and they must fail alike."""
 
     def __init__(self):
         super().__init__()
         self.allocator = BlockAllocator(64)
         self.tables = EventTables(MAX_BATCH, MAX_PAGES, page_size=PAGE)
+        self.twin = EventTables(MAX_BATCH, MAX_PAGES, page_size=PAGE, native=False)
         self.batch: list[Sequence] = []
         self.next_id = 0
+
+    def both(self, event, *args):
+        """Apply one event to both tables: the same result, or the same error type."""
+        outcomes = []
+        for tables in (self.tables, self.twin):
+            try:
+                result = getattr(tables, event)(*args)
+                if event == "update":  # (block_table, cache_seqlens) views
+                    result = tuple(t.tolist() for t in result)
+                outcomes.append(("ok", result))
+            except Exception as exc:  # noqa: BLE001 - compared below
+                outcomes.append(("error", type(exc)))
+        assert outcomes[0] == outcomes[1], (event, args, outcomes)
+        if outcomes[0][0] == "error":
+            raise outcomes[0][1]("raised by both tables")
+        return outcomes[0][1]
 
     @rule(n=st.integers(0, 9), fork=st.booleans(), data=st.data())
     def join(self, n, fork, data):
@@ -142,7 +163,7 @@ class EventTablesMachine(RuleBasedStateMachine):
             seq = Sequence(self.next_id, self.allocator, PAGE, MAX_PAGES)
             seq.append(n)
         self.next_id += 1
-        assert self.tables.join(seq) == len(self.batch)
+        assert self.both("join", seq) == len(self.batch)
         self.batch.append(seq)
 
     @rule(data=st.data())
@@ -151,7 +172,7 @@ class EventTablesMachine(RuleBasedStateMachine):
             return
         row = data.draw(st.integers(0, len(self.batch) - 1))
         self.batch[row].release()
-        moved = self.tables.leave(row)
+        moved = self.both("leave", row)
         last = self.batch.pop()
         assert moved == (len(self.batch) if row < len(self.batch) else None)
         if row < len(self.batch):
@@ -164,10 +185,10 @@ class EventTablesMachine(RuleBasedStateMachine):
             return
         for s in self.batch:
             s.reserve(n)
-        self.tables.grow(n)
+        self.both("grow", n)
         for row, s in enumerate(self.batch):
             if s.take_pending_copies():
-                self.tables.refresh(row)
+                self.both("refresh", row)
 
     @rule(data=st.data(), n=st.integers(1, 6))
     def grow_one(self, data, n):
@@ -180,12 +201,52 @@ class EventTablesMachine(RuleBasedStateMachine):
         except (OutOfPages, SequenceTooLong):
             return
         seq.take_pending_copies()
-        self.tables.refresh(row)
+        self.both("refresh", row)
 
     @rule(data=st.data())
     def update_fallback(self, data):
         self.batch = data.draw(st.permutations(self.batch))
-        self.tables.update(self.batch)
+        self.both("update", self.batch)
+
+    @rule(data=st.data(), event=st.sampled_from(["leave", "refresh", "grow", "join_long",
+                                                 "grow_unreserved"]))
+    def bad_event(self, data, event):
+        """Events that must fail: both tables raise the same KVPagerError, nothing changes."""
+        before = self.buffers(self.tables)
+        if event in ("leave", "refresh"):
+            args = (data.draw(st.sampled_from([-1, len(self.batch), MAX_BATCH + 3])),)
+        elif event == "grow":
+            args = (data.draw(st.sampled_from([-1, MAX_PAGES * PAGE + 1])),)
+        elif event == "join_long":
+            if len(self.batch) == MAX_BATCH:
+                return
+            seq = Sequence(self.next_id, self.allocator)  # no max_pages: the tables catch it
+            self.next_id += 1
+            try:
+                seq.append(MAX_PAGES * PAGE + 1)
+            except OutOfPages:
+                return
+            event, args = "join", (seq,)
+        else:  # grow without reserve: a row at a page boundary lacks its next page
+            if not any(s.num_tokens % PAGE == 0 for s in self.batch):
+                return
+            event, args = "grow", (1,)
+        try:
+            self.both(event, *args)
+        except KVPagerError:
+            pass
+        else:
+            raise AssertionError(f"{event}{args} should have failed")
+        finally:
+            if event == "join":
+                args[0].release()
+        after = self.buffers(self.tables)
+        assert all(np.array_equal(x, y) for x, y in zip(before, after)), event
+
+    @staticmethod
+    def buffers(tables):
+        return (tables._table.copy(), tables._lens.copy(), tables._cap.copy(),
+                tables._pages.copy(), tables._layouts.copy(), len(tables._seqs))
 
     @invariant()
     def tables_match_sequences(self):
@@ -195,6 +256,9 @@ class EventTablesMachine(RuleBasedStateMachine):
             assert int(cache_seqlens[row]) == seq.num_tokens
             assert block_table[row, :seq.num_pages].tolist() == seq.pages
         self.tables.check(self.batch)
+        for mine, twin in zip(self.buffers(self.tables), self.buffers(self.twin)):
+            assert np.array_equal(mine, twin)
+        assert np.array_equal(self.tables._dirty, self.twin._dirty)
 
 
 EventTablesMachine.TestCase.settings = settings(stateful_step_count=40)

@@ -146,12 +146,24 @@ def test_random_churn_matches_full_rebuild(few_rows, monkeypatch):
 
 # --- EventTables: the event path ------------------------------------------------------------
 from kvpager import EventTables  # noqa: E402
+from kvpager import table_events  # noqa: E402
 from kvpager.errors import BatchFull, RowOutOfRange, TablesOutOfSync  # noqa: E402
 
+# Every EventTables test runs on both paths: the C++ row events and the Python one.
+PATHS = [pytest.param(False, id="python"),
+         pytest.param(True, id="native", marks=pytest.mark.skipif(
+             not table_events.NATIVE_AVAILABLE, reason="kvpager._row_events not built"))]
 
-def _events(n_seqs=3, tokens=(1, 4, 9)):
+
+@pytest.fixture(params=PATHS)
+def native(request):
+    return request.param
+
+
+def _events(native, n_seqs=3, tokens=(1, 4, 9)):
     a = BlockAllocator(64)
-    t = EventTables(4, 5, page_size=4)
+    t = EventTables(4, 5, page_size=4, native=native)
+    assert t.native == native
     seqs = []
     for i, n in zip(range(n_seqs), tokens):
         s = Sequence(i, a, 4, 5)
@@ -161,8 +173,8 @@ def _events(n_seqs=3, tokens=(1, 4, 9)):
     return a, t, seqs
 
 
-def test_event_join_grow_leave_refresh():
-    a, t, seqs = _events()
+def test_event_join_grow_leave_refresh(native):
+    a, t, seqs = _events(native)
     check(t.view(), seqs)
     t.check(seqs)
     for _ in range(6):  # rows cross page boundaries at different steps
@@ -199,8 +211,8 @@ def test_event_join_grow_leave_refresh():
     t.check(seqs)
 
 
-def test_event_grow_writes_only_crossing_rows():
-    _, t, seqs = _events(tokens=(3, 4, 2))
+def test_event_grow_writes_only_crossing_rows(native):
+    _, t, seqs = _events(native, tokens=(3, 4, 2))
     t._table[:, 1:] = -7
     for s in seqs:
         s.reserve(1)
@@ -209,12 +221,12 @@ def test_event_grow_writes_only_crossing_rows():
     assert (t._table[[0, 2], 1] == -7).all()
 
 
-def test_event_errors_change_nothing():
-    a, t, seqs = _events()
-    state = lambda: (t._table.copy(), t._lens.copy(), list(t._pages), list(t._layouts),  # noqa
+def test_event_errors_change_nothing(native):
+    a, t, seqs = _events(native)
+    state = lambda: (t._table.copy(), t._lens.copy(), t._pages.copy(), t._layouts.copy(),  # noqa
                      t._cap.copy(), [s.seq_id for s in t._seqs])
     before = state()
-    for row in (3, -1, 10):
+    for row in (3, -1, 10, 2**70):
         with pytest.raises(RowOutOfRange, match=f"row {row}"):
             t.leave(row)
         with pytest.raises(RowOutOfRange):
@@ -229,8 +241,11 @@ def test_event_errors_change_nothing():
     seqs[0].reserve(3)  # seqs[0] will cross with grow(4); seqs[2] has not reserved
     with pytest.raises(InvalidArgument, match="reserve"):
         t.grow(4)
-    with pytest.raises(InvalidArgument):
-        t.grow(-1)
+    for n in (-1, 21, 2**70):  # beyond max_pages * page_size = 20
+        with pytest.raises(InvalidArgument, match="max_pages"):
+            t.grow(n)
+    with pytest.raises(TypeError):
+        t.leave(1.5)
     assert all(np_equal(x, y) for x, y in zip(before, state()))
     t.join(Sequence(10, a, 4))
     with pytest.raises(BatchFull, match="max_batch=4"):
@@ -243,9 +258,9 @@ def np_equal(x, y):
     return (x == y).all() if hasattr(x, "all") else x == y
 
 
-def test_event_grow_too_long_changes_nothing():
+def test_event_grow_too_long_changes_nothing(native):
     a = BlockAllocator(64)
-    t = EventTables(2, 2, page_size=4)
+    t = EventTables(2, 2, page_size=4, native=native)
     s = Sequence(0, a, 4)  # no max_pages of its own: the tables catch it
     s.append(8)
     t.join(s)
@@ -254,3 +269,23 @@ def test_event_grow_too_long_changes_nothing():
     with pytest.raises(SequenceTooLong, match="max_pages=2"):
         t.grow(1)
     assert (t._lens == lens).all()
+
+
+def test_event_native_true_without_the_module(monkeypatch):
+    monkeypatch.setattr(table_events, "NATIVE_AVAILABLE", False)
+    with pytest.raises(InvalidArgument, match="_row_events was not built"):
+        EventTables(2, 2, page_size=4, native=True)
+    assert not EventTables(2, 2, page_size=4).native  # native=None: the Python path
+
+
+def test_event_page_ids_beyond_int32_go_to_the_python_path(native):
+    """The C++ path takes only ids it can store; anything else is the Python path's to judge
+    (here numpy raises on the overflow) and nothing changes."""
+    a = BlockAllocator(8)
+    t = EventTables(2, 2, page_size=4, native=native)
+    s = Sequence(0, a, 4)
+    s.append(2)
+    s.pages[0] = 2**40
+    with pytest.raises(OverflowError):
+        t.join(s)
+    assert t.batch_size == 0 and t._pages[0] == 0
