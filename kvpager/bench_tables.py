@@ -13,6 +13,8 @@ leave(row) and join(seq) the churn needs, then grow(1) and view(); it runs join/
 when kvpager._row_events is built, and `events-py` times the same events on the Python path.
 Each path runs on two identical tables: the first call runs with the caches as the rest of the
 step left them (`cold`), the second does the same work right after (`warm`: the code's own cost).
+On a GPU (--device cuda) the figure is the host time the step pays (the queue is idle before each
+call, the copies it enqueues run on); --sync times until the device tables are ready instead.
 """
 from __future__ import annotations
 
@@ -43,10 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="update() runs every order; the event path runs with swap")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sync", action="store_true",
+                        help="on a GPU, time until the device tables are ready (synchronize after "
+                             "each call) instead of the host time the step pays")
 
 
 def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order: str,
-          path: str, device: str, seed: int) -> tuple[list[float], list[float]]:
+          path: str, device: str, seed: int, sync: bool = False) -> tuple[list[float], list[float]]:
     """Seconds per step spent keeping the tables current: (cold, warm), one each per timed
     step. path: "update", "events" or "events-py" (swap order only)."""
     rng = random.Random(seed)
@@ -107,14 +112,14 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
             seq.reserve(1)
         for k, table in enumerate(tables):
             if device != "cpu":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # an idle queue, as after the step's sampling
             t0 = time.perf_counter()
             if events:
                 table.grow(1)
                 table.view()
             else:
                 table.update(seqs)
-            if device != "cpu":
+            if sync:
                 torch.cuda.synchronize()
             spent[k] += time.perf_counter() - t0
         if step >= warmup:
@@ -126,7 +131,9 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
 def run(args: argparse.Namespace) -> int:
     print(f"block_table / cache_seqlens per step, churn={args.churn}/seq/step, "
           f"max_len={args.max_len}, device={args.device}, {args.steps} steps; events path: "
-          f"{'C++ (kvpager._row_events)' if NATIVE_AVAILABLE else 'Python (C++ module not built)'}")
+          f"{'C++ (kvpager._row_events)' if NATIVE_AVAILABLE else 'Python (C++ module not built)'}"
+          + ("" if args.device == "cpu" else
+             "; until the device tables are ready" if args.sync else "; host time (no sync)"))
     print(f"{'B':>5} {'order':>8} {'cache':>6} {'mean us/step':>13} {'p50':>7} {'p99':>7}  path")
     for batch in args.batch:
         runs = [(order, "update") for order in args.order]
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             runs += [("swap", "events")] + ([("swap", "events-py")] if NATIVE_AVAILABLE else [])
         for order, path in runs:
             times = bench(batch, args.steps, args.warmup, args.churn, args.max_len, order, path,
-                          args.device, args.seed)
+                          args.device, args.seed, args.sync)
             for cache, ts in zip(("cold", "warm"), times):
                 us = sorted(t * 1e6 for t in ts)
                 print(f"{batch:>5} {order:>8} {cache:>6} {statistics.fmean(us):>13.1f} "

@@ -73,6 +73,8 @@ class EventTables(BatchTables):
         self._on_host = self.device.type == "cpu"
         self._max_tokens = max_pages * page_size
         self._grow_views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._stages: list | None = None  # pinned upload buffers, made on the first GPU view()
+        self._stage_index = 0
         self._native = None
         if native is not False and NATIVE_AVAILABLE:
             # Addresses of buffers this object keeps alive and never rebinds; _seqs is shared.
@@ -201,21 +203,40 @@ class EventTables(BatchTables):
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_table int32 [B, max_pages], cache_seqlens int32 [B]): views of the persistent
-        buffers. On the CPU they share the host mirrors: no copy. On a GPU: one H2D copy of
-        cache_seqlens[:B] plus one per row changed since the last view() (one range copy when
-        many changed)."""
+        buffers. On the CPU they share the host mirrors: no copy. On a GPU: one packed H2D copy
+        of cache_seqlens[:B] and the rows changed since the last view(), enqueued on the current
+        stream (see _upload)."""
         batch = len(self._seqs)
         result = (self._views.get(batch) or self._make_views(batch))[5]
-        if self._on_host:
-            return result
-        dirty = np.flatnonzero(self._dirty[:batch]).tolist()
-        self._dirty[:] = 0
-        if len(dirty) > 8:
-            dirty = [slice(dirty[0], dirty[-1] + 1)]
-        for rows in dirty:  # pageable memory: staged before copy_ returns (see update())
-            self.block_table[rows].copy_(self._host_table[rows], non_blocking=True)
-        self.cache_seqlens[:batch].copy_(self._host_lens[:batch], non_blocking=True)
+        if not self._on_host:
+            self._upload(batch)
         return result
+
+    def _upload(self, batch: int) -> None:
+        """Bring the device tables up to date: cache_seqlens[:B], the changed rows and their ids
+        are packed into one pinned staging buffer, copied in one H2D transfer, then scattered on
+        the device (three async ops on the current stream, whatever the number of rows). Two
+        staging buffers alternate; each is rewritten only after its last copy has completed."""
+        rows = np.flatnonzero(self._dirty[:batch])
+        self._dirty[:] = 0
+        k, mp = len(rows), self.max_pages
+        if self._stages is None:
+            size = 2 * self.max_batch + self.max_batch * mp
+            pinned = [torch.empty(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self._stages = [(host, host.numpy(), torch.empty_like(host, device=self.device),
+                             torch.cuda.Event()) for host in pinned]
+        self._stage_index ^= 1
+        host, packed, dev, copied = self._stages[self._stage_index]
+        copied.synchronize()  # recorded two uploads ago: already done unless the GPU lags
+        end = batch + k + k * mp  # [cache_seqlens[:B] | row ids | rows]
+        packed[:batch] = self._lens[:batch]
+        packed[batch:batch + k] = rows
+        packed[batch + k:end].reshape(k, mp)[:] = self._table[rows]
+        dev[:end].copy_(host[:end], non_blocking=True)
+        copied.record()
+        self.cache_seqlens[:batch].copy_(dev[:batch], non_blocking=True)
+        if k:
+            self.block_table[dev[batch:batch + k]] = dev[batch + k:end].view(k, mp)
 
     def check(self, seqs: SequenceList[Sequence]) -> None:
         """Raise TablesOutOfSync unless the rows equal what update(seqs) builds on fresh tables:
