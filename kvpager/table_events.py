@@ -73,14 +73,26 @@ class EventTables(BatchTables):
         self._on_host = self.device.type == "cpu"
         self._max_tokens = max_pages * page_size
         self._grow_views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._stages: list | None = None  # pinned upload buffers, made on the first GPU view()
-        self._stage_index = 0
+        if not self._on_host:
+            self._make_upload_buffers()
         self._native = None
         if native is not False and NATIVE_AVAILABLE:
             # Addresses of buffers this object keeps alive and never rebinds; _seqs is shared.
             self._native = RowEvents(*(a.ctypes.data for a in (
                 self._table, self._lens, self._cap, self._pages, self._layouts, self._dirty)),
                 self._seqs, max_batch, max_pages, page_size)
+
+    def _make_upload_buffers(self) -> None:
+        """For _upload: one device buffer [cache_seqlens (max_batch) | ids | rows] (the int64 ids
+        start 8-byte aligned) and two pinned host twins, each with the event of its last copy."""
+        self._ids_at = self.max_batch + self.max_batch % 2
+        size = self._ids_at + 2 * self.max_batch + self.max_batch * self.max_pages
+        self._device_buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
+        self._device_buffer[:self.max_batch].copy_(self.cache_seqlens)
+        self.cache_seqlens = self._device_buffer[:self.max_batch]
+        pinned = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._stages = [(host, host.numpy(), torch.cuda.Event()) for host in pinned]
+        self._stage_index = 0
 
     @property
     def batch_size(self) -> int:
@@ -213,30 +225,26 @@ class EventTables(BatchTables):
         return result
 
     def _upload(self, batch: int) -> None:
-        """Bring the device tables up to date: cache_seqlens[:B], the changed rows and their ids
-        are packed into one pinned staging buffer, copied in one H2D transfer, then scattered on
-        the device (three async ops on the current stream, whatever the number of rows). Two
-        staging buffers alternate; each is rewritten only after its last copy has completed."""
+        """Bring the device tables up to date with two async ops on the current stream, whatever
+        the number of changed rows: one H2D copy from a pinned staging buffer packed as
+        [cache_seqlens | changed row ids (int64) | those rows], landing in the device buffer whose
+        head *is* cache_seqlens, then one index_copy_ of the rows into block_table. Two staging
+        buffers alternate; each is rewritten only after its last copy has completed."""
         rows = np.flatnonzero(self._dirty[:batch])
         self._dirty[:] = 0
-        k, mp = len(rows), self.max_pages
-        if self._stages is None:
-            size = 2 * self.max_batch + self.max_batch * mp
-            pinned = [torch.empty(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-            self._stages = [(host, host.numpy(), torch.empty_like(host, device=self.device),
-                             torch.cuda.Event()) for host in pinned]
+        k, mp, base = len(rows), self.max_pages, self._ids_at
+        host, packed, copied = self._stages[self._stage_index]
         self._stage_index ^= 1
-        host, packed, dev, copied = self._stages[self._stage_index]
-        copied.synchronize()  # recorded two uploads ago: already done unless the GPU lags
-        end = batch + k + k * mp  # [cache_seqlens[:B] | row ids | rows]
-        packed[:batch] = self._lens[:batch]
-        packed[batch:batch + k] = rows
-        packed[batch + k:end].reshape(k, mp)[:] = self._table[rows]
-        dev[:end].copy_(host[:end], non_blocking=True)
+        copied.synchronize()  # recorded two uploads ago: done unless the GPU lags that far
+        end = base + 2 * k + k * mp
+        packed[:self.max_batch] = self._lens
+        packed[base:base + 2 * k].view(np.int64)[:] = rows
+        packed[base + 2 * k:end].reshape(k, mp)[:] = self._table[rows]
+        self._device_buffer[:end].copy_(host[:end], non_blocking=True)
         copied.record()
-        self.cache_seqlens[:batch].copy_(dev[:batch], non_blocking=True)
         if k:
-            self.block_table[dev[batch:batch + k]] = dev[batch + k:end].view(k, mp)
+            ids = self._device_buffer[base:base + 2 * k].view(torch.int64)
+            self.block_table.index_copy_(0, ids, self._device_buffer[base + 2 * k:end].view(k, mp))
 
     def check(self, seqs: SequenceList[Sequence]) -> None:
         """Raise TablesOutOfSync unless the rows equal what update(seqs) builds on fresh tables:
