@@ -84,14 +84,15 @@ class EventTables(BatchTables):
 
     def _make_upload_buffers(self) -> None:
         """For _upload: one device buffer [cache_seqlens (max_batch) | ids | rows] (the int64 ids
-        start 8-byte aligned) and two pinned host twins, each with the event of its last copy."""
+        start 8-byte aligned) and two pinned host twins, each with the event of its last copy and
+        its cached slices."""
         self._ids_at = self.max_batch + self.max_batch % 2
         size = self._ids_at + 2 * self.max_batch + self.max_batch * self.max_pages
         self._device_buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
         self._device_buffer[:self.max_batch].copy_(self.cache_seqlens)
         self.cache_seqlens = self._device_buffer[:self.max_batch]
         pinned = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-        self._stages = [(host, host.numpy(), torch.cuda.Event()) for host in pinned]
+        self._stages = [(host, host.numpy(), torch.cuda.Event(), {}) for host in pinned]
         self._stage_index = 0
 
     @property
@@ -229,22 +230,32 @@ class EventTables(BatchTables):
         the number of changed rows: one H2D copy from a pinned staging buffer packed as
         [cache_seqlens | changed row ids (int64) | those rows], landing in the device buffer whose
         head *is* cache_seqlens, then one index_copy_ of the rows into block_table. Two staging
-        buffers alternate; each is rewritten only after its last copy has completed."""
+        buffers alternate; each is rewritten only after its last copy has completed. Torch calls
+        cost ~2-8 µs each here, so the slices for k changed rows are made once and cached."""
         rows = np.flatnonzero(self._dirty[:batch])
         self._dirty[:] = 0
         k, mp, base = len(rows), self.max_pages, self._ids_at
-        host, packed, copied = self._stages[self._stage_index]
+        stage = self._stages[self._stage_index]
         self._stage_index ^= 1
+        packed, copied, slices = stage[1], stage[2], stage[3]
         copied.synchronize()  # recorded two uploads ago: done unless the GPU lags that far
-        end = base + 2 * k + k * mp
         packed[:self.max_batch] = self._lens
         packed[base:base + 2 * k].view(np.int64)[:] = rows
-        packed[base + 2 * k:end].reshape(k, mp)[:] = self._table[rows]
-        self._device_buffer[:end].copy_(host[:end], non_blocking=True)
+        packed[base + 2 * k:base + 2 * k + k * mp].reshape(k, mp)[:] = self._table[rows]
+        host, dev, ids, new_rows = slices.get(k) or self._upload_slices(stage, k)
+        dev.copy_(host, non_blocking=True)
         copied.record()
         if k:
-            ids = self._device_buffer[base:base + 2 * k].view(torch.int64)
-            self.block_table.index_copy_(0, ids, self._device_buffer[base + 2 * k:end].view(k, mp))
+            self.block_table.index_copy_(0, ids, new_rows)
+
+    def _upload_slices(self, stage: tuple, k: int) -> tuple:
+        """(host, device, ids int64 [k], rows [k, max_pages]) slices of one stage for k rows."""
+        base, end = self._ids_at, self._ids_at + 2 * k + k * self.max_pages
+        dev = self._device_buffer
+        slices = (stage[0][:end], dev[:end], dev[base:base + 2 * k].view(torch.int64),
+                  dev[base + 2 * k:end].view(k, self.max_pages))
+        stage[3][k] = slices
+        return slices
 
     def check(self, seqs: SequenceList[Sequence]) -> None:
         """Raise TablesOutOfSync unless the rows equal what update(seqs) builds on fresh tables:
