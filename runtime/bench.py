@@ -70,8 +70,12 @@ def _timed(fn: Callable, log: list[float]) -> Callable:
 def measure(batch: int = 512, steps: int = 2000, prompt_len: int = 1000, mtp: int = 0) -> dict:
     """Per-step seconds (lists) of each part, after every request is decoding."""
     s_q = 1 + mtp
-    max_len = prompt_len + (steps + 16) * s_q + 64
-    config = SchedulerConfig(max_batch_size=batch, max_num_batched_tokens=max(batch * s_q, 8192),
+    budget = max(batch * s_q, 8192)
+    # Requests whose prefill ends early decode s_q tokens a step while the rest prefill: room
+    # for those steps too, so that no request finishes inside the timed steps.
+    prefill_steps = -(-batch * prompt_len // budget) + 1
+    max_len = prompt_len + (steps + prefill_steps + 16) * s_q + 64
+    config = SchedulerConfig(max_batch_size=batch, max_num_batched_tokens=budget,
                              num_speculative_tokens=mtp, max_model_len=max_len)
     cache = CacheConfig(num_layers=1, num_pages=batch * (-(-max_len // 64) + 1), head_dim=2,
                         head_dim_v=1, dtype="float32")

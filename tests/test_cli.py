@@ -20,3 +20,22 @@ def test_console_script_help():
     assert result.returncode == 0
     for name in ("demo", "simulate", "bench"):
         assert name in result.stdout
+
+
+def test_bench_tables_times_both_event_paths(capsys):
+    from kvpager.table_events import NATIVE_AVAILABLE
+
+    assert cli.main(["bench", "tables", "--batch", "16", "--steps", "20", "--warmup", "5",
+                     "--order", "swap"]) == 0
+    paths = {line.split()[-1] for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith("16 ")}
+    assert paths == ({"update", "events", "events-py"} if NATIVE_AVAILABLE else
+                     {"update", "events"})
+
+
+def test_bench_scheduler_with_mtp_keeps_every_request_running(capsys):
+    """512 requests, 1000-token prompts, 3 tokens a step: requests that finish prefill early
+    decode while the rest prefill, and none may finish inside the timed steps."""
+    assert cli.main(["bench", "scheduler", "--mtp", "2", "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "s_q=3" in out and "schedule" in out

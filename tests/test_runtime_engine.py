@@ -1,6 +1,8 @@
 """Engine behaviour with the tiny MLA model on CPU: greedy outputs do not depend on batching,
 preemption or MTP; streaming, callbacks, abort and sampling seeds work."""
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvpager.runtime.engine import Engine, accept_drafts, propose_drafts
 from kvpager.runtime.models.protocol import Model
@@ -89,6 +91,25 @@ def test_stop_token_and_abort():
     assert s["requests_finished"] == 1 and s["requests_aborted"] == 1
 
 
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_callback_aborting_its_request_on_the_last_token_retires_it_once(mtp):
+    eng = engine(num_speculative_tokens=mtp)
+    params = SamplingParams(max_new_tokens=5)
+
+    def on_token(rid, tok):
+        if len(eng.requests[rid].output_token_ids) == params.max_new_tokens:
+            eng.abort(rid)
+
+    handle = eng.submit(PROMPTS[0], params, on_token=on_token)
+    other = eng.submit(PROMPTS[1], params)
+    while eng.has_unfinished():
+        eng.step()
+    assert handle.status is Status.ABORTED and other.status is Status.FINISHED
+    assert (eng.metrics.aborted, eng.metrics.finished) == (1, 1)
+    assert len(eng.scheduler.running) == 0 and eng.allocator.num_used == 0
+    assert eng.decode_tables.batch_size == 0
+
+
 def test_callback_aborting_a_later_row_stops_it_in_the_same_step():
     # The decode loop records plain rows inline; one aborted earlier in the loop gets nothing more.
     eng = engine()
@@ -116,7 +137,27 @@ def test_seeded_sampling_is_reproducible_across_batches():
     assert alone == batched
 
 
+def _propose_drafts_naive(token_ids, k, max_ngram=3):
+    """The definition, token by token: the oracle for the backward list.index search."""
+    if k == 0:
+        return []
+    for n in range(min(max_ngram, len(token_ids) - 1), 0, -1):
+        tail = token_ids[-n:]
+        for start in range(len(token_ids) - n - 1, -1, -1):
+            if token_ids[start:start + n] == tail:
+                follow = token_ids[start + n:start + n + k]
+                return follow + [token_ids[-1]] * (k - len(follow))
+    return [token_ids[-1]] * k
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(0, 3),
+       st.integers(1, 4))
+def test_propose_drafts_matches_its_definition(token_ids, k, max_ngram):
+    assert propose_drafts(token_ids, k, max_ngram) == _propose_drafts_naive(token_ids, k, max_ngram)
+
+
 def test_draft_helpers():
+    assert propose_drafts([28, 29, 0, 2, 1, 2, 1, 21, 0, 29], 2) == [0, 2]  # only n=1 matches
     assert propose_drafts([1, 2, 3, 9, 1, 2], 2) == [3, 9]
     assert propose_drafts([4, 5], 3) == [5, 5, 5]
     assert accept_drafts([7, 8], [7, 8, 9]) == [7, 8, 9]
