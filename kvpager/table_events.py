@@ -12,6 +12,7 @@ import torch
 from kvpager.errors import (BatchFull, InvalidArgument, KVPagerError, RowOutOfRange,
                             SequenceTooLong, TablesOutOfSync)
 from kvpager.sequence import Sequence
+from kvpager.table_upload import TableUpload
 from kvpager.tables import PAD_PAGE, BatchTables
 
 try:  # the C++ hot loops (kvpager/csrc/row_events.cpp); optional, same results
@@ -70,30 +71,18 @@ class EventTables(BatchTables):
         self._pages_mv, self._layouts_mv = memoryview(self._pages), memoryview(self._layouts)
         self._dirty_mv = memoryview(self._dirty)
         self._pad = memoryview(np.full(max_pages, PAD_PAGE, dtype=np.int32))
-        self._on_host = self.device.type == "cpu"
         self._max_tokens = max_pages * page_size
         self._grow_views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        if not self._on_host:
-            self._make_upload_buffers()
+        self._upload = None
+        if self.device.type != "cpu":
+            self._upload = TableUpload(max_batch, max_pages, self.device, self.cache_seqlens)
+            self.cache_seqlens = self._upload.cache_seqlens
         self._native = None
         if native is not False and NATIVE_AVAILABLE:
             # Addresses of buffers this object keeps alive and never rebinds; _seqs is shared.
             self._native = RowEvents(*(a.ctypes.data for a in (
                 self._table, self._lens, self._cap, self._pages, self._layouts, self._dirty)),
                 self._seqs, max_batch, max_pages, page_size)
-
-    def _make_upload_buffers(self) -> None:
-        """For _upload: one device buffer [cache_seqlens (max_batch) | ids | rows] (the int64 ids
-        start 8-byte aligned) and two pinned host twins, each with the event of its last copy and
-        its cached slices."""
-        self._ids_at = self.max_batch + self.max_batch % 2
-        size = self._ids_at + 2 * self.max_batch + self.max_batch * self.max_pages
-        self._device_buffer = torch.zeros(size, dtype=torch.int32, device=self.device)
-        self._device_buffer[:self.max_batch].copy_(self.cache_seqlens)
-        self.cache_seqlens = self._device_buffer[:self.max_batch]
-        pinned = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-        self._stages = [(host, host.numpy(), torch.cuda.Event(), {}) for host in pinned]
-        self._stage_index = 0
 
     @property
     def batch_size(self) -> int:
@@ -217,45 +206,13 @@ class EventTables(BatchTables):
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_table int32 [B, max_pages], cache_seqlens int32 [B]): views of the persistent
         buffers. On the CPU they share the host mirrors: no copy. On a GPU: one packed H2D copy
-        of cache_seqlens[:B] and the rows changed since the last view(), enqueued on the current
-        stream (see _upload)."""
+        of cache_seqlens and the rows changed since the last view() plus one scatter, enqueued
+        on the current stream (TableUpload)."""
         batch = len(self._seqs)
         result = (self._views.get(batch) or self._make_views(batch))[5]
-        if not self._on_host:
-            self._upload(batch)
+        if self._upload is not None:
+            self._upload.upload(batch, self._lens, self._table, self._dirty, self.block_table)
         return result
-
-    def _upload(self, batch: int) -> None:
-        """Bring the device tables up to date with two async ops on the current stream, whatever
-        the number of changed rows: one H2D copy from a pinned staging buffer packed as
-        [cache_seqlens | changed row ids (int64) | those rows], landing in the device buffer whose
-        head *is* cache_seqlens, then one index_copy_ of the rows into block_table. Two staging
-        buffers alternate; each is rewritten only after its last copy has completed. Torch calls
-        cost ~2-8 µs each here, so the slices for k changed rows are made once and cached."""
-        rows = np.flatnonzero(self._dirty[:batch])
-        self._dirty[:] = 0
-        k, mp, base = len(rows), self.max_pages, self._ids_at
-        stage = self._stages[self._stage_index]
-        self._stage_index ^= 1
-        packed, copied, slices = stage[1], stage[2], stage[3]
-        copied.synchronize()  # recorded two uploads ago: done unless the GPU lags that far
-        packed[:self.max_batch] = self._lens
-        packed[base:base + 2 * k].view(np.int64)[:] = rows
-        packed[base + 2 * k:base + 2 * k + k * mp].reshape(k, mp)[:] = self._table[rows]
-        host, dev, ids, new_rows = slices.get(k) or self._upload_slices(stage, k)
-        dev.copy_(host, non_blocking=True)
-        copied.record()
-        if k:
-            self.block_table.index_copy_(0, ids, new_rows)
-
-    def _upload_slices(self, stage: tuple, k: int) -> tuple:
-        """(host, device, ids int64 [k], rows [k, max_pages]) slices of one stage for k rows."""
-        base, end = self._ids_at, self._ids_at + 2 * k + k * self.max_pages
-        dev = self._device_buffer
-        slices = (stage[0][:end], dev[:end], dev[base:base + 2 * k].view(torch.int64),
-                  dev[base + 2 * k:end].view(k, self.max_pages))
-        stage[3][k] = slices
-        return slices
 
     def check(self, seqs: SequenceList[Sequence]) -> None:
         """Raise TablesOutOfSync unless the rows equal what update(seqs) builds on fresh tables:
