@@ -54,14 +54,7 @@ class RowEvents {
     if (count > max_pages_ || tokens < 0 || tokens > count * page_size_) return kNotHandled;
     ids_.resize(count);
     for (Py_ssize_t i = 0; i < count; ++i) {  // check every id before writing any
-      int overflow = 0;
-      const long long id =
-          PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(pages.ptr(), i), &overflow);
-      if (overflow || id < 0 || id > INT32_MAX) {
-        PyErr_Clear();
-        return kNotHandled;
-      }
-      ids_[i] = static_cast<int32_t>(id);
+      if (!page_id(PyList_GET_ITEM(pages.ptr(), i), &ids_[i])) return kNotHandled;
     }
     if (PyList_Append(list, seq.ptr()) != 0) throw py::error_already_set();
     int32_t* out = table_ + row * max_pages_;
@@ -124,14 +117,7 @@ class RowEvents {
       if (!pages || !PyList_CheckExact(pages.ptr()) || PyList_GET_SIZE(pages.ptr()) < want) {
         return false;
       }
-      int overflow = 0;
-      const long long id =
-          PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(pages.ptr(), old), &overflow);
-      if (overflow || id < 0 || id > INT32_MAX) {
-        PyErr_Clear();
-        return false;
-      }
-      ids_[i] = static_cast<int32_t>(id);
+      if (!page_id(PyList_GET_ITEM(pages.ptr(), old), &ids_[i])) return false;
     }
     for (Py_ssize_t row = 0; row < batch; ++row) lens_[row] += static_cast<int32_t>(n);
     for (size_t i = 0; i < crossed_.size(); ++i) {
@@ -148,6 +134,18 @@ class RowEvents {
   // Entries an earlier occupant left past the new count go back to PAD_PAGE (0).
   void pad(Py_ssize_t row, int64_t count, int64_t old) {
     if (old > count) std::memset(table_ + row * max_pages_ + count, 0, (old - count) * 4);
+  }
+
+  // A page id the table can hold (an int in [0, 2^31)); anything else is the Python path's.
+  static bool page_id(PyObject* item, int32_t* out) {
+    int overflow = 0;
+    const long long id = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow || id < 0 || id > INT32_MAX) {
+      PyErr_Clear();
+      return false;
+    }
+    *out = static_cast<int32_t>(id);
+    return true;
   }
 
   static py::object attr(py::handle obj, const py::object& name) {
