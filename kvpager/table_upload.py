@@ -14,12 +14,9 @@ class TableUpload:
     both enqueued on the current stream. The twins alternate and each is rewritten only after
     the event of its last copy has completed, so the host never races a transfer in flight.
 
-    Torch calls cost ~2-8 µs each on the host (slicing included), so for up to GRAPHED_ROWS
-    changed rows the copy, the event record and the scatter are captured once per (twin, k) as a
-    CUDA graph and a step replays it: a few numpy ops plus one launch. More rows run eagerly.
+    Torch calls cost ~2-8 µs each on the host (slicing included), so every slice for k changed
+    rows is made once and cached: a step costs a few numpy ops plus copy_, record, index_copy_.
     """
-
-    GRAPHED_ROWS = 32
 
     def __init__(self, max_batch: int, max_pages: int, device: torch.device,
                  cache_seqlens: torch.Tensor) -> None:
@@ -30,9 +27,7 @@ class TableUpload:
         self._device[:max_batch].copy_(cache_seqlens)
         self.cache_seqlens = self._device[:max_batch]
         pinned = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-        # external: recorded by the graphs too (an event-record node), not only eagerly
-        self._stages = [(host, host.numpy(), torch.cuda.Event(external=True), {}, {})
-                        for host in pinned]
+        self._stages = [(host, host.numpy(), torch.cuda.Event(), {}) for host in pinned]
         self._next = 0
 
     def upload(self, batch: int, lens: np.ndarray, table: np.ndarray, dirty: np.ndarray,
@@ -48,29 +43,11 @@ class TableUpload:
         packed[:self.max_batch] = lens
         packed[base:base + 2 * k].view(np.int64)[:] = rows
         packed[base + 2 * k:base + 2 * k + k * mp].reshape(k, mp)[:] = table[rows]
-        graph = stage[4].get(k)
-        if graph is None and k <= self.GRAPHED_ROWS:
-            graph = self._capture(stage, k, block_table)
-        if graph is not None:
-            graph.replay()
-            return
         host, dev, ids, new_rows = slices.get(k) or self._slices(stage, k)
         dev.copy_(host, non_blocking=True)
         copied.record()
         if k:
             block_table.index_copy_(0, ids, new_rows)
-
-    def _capture(self, stage: tuple, k: int, block_table: torch.Tensor) -> torch.cuda.CUDAGraph:
-        """The upload of k rows from this twin as a graph (made on first use: ~ms, once)."""
-        host, dev, ids, new_rows = stage[3].get(k) or self._slices(stage, k)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            dev.copy_(host, non_blocking=True)
-            stage[2].record()
-            if k:
-                block_table.index_copy_(0, ids, new_rows)
-        stage[4][k] = graph
-        return graph
 
     def _slices(self, stage: tuple, k: int) -> tuple:
         """(host, device, ids int64 [k], rows [k, max_pages]) slices of one stage for k rows."""
