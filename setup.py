@@ -20,6 +20,7 @@ PACKAGES = [
     "kvpager.runtime.models",
     "kvpager.examples",
     "kvpager.examples.deepseek",
+    "kvpager.benchmarks",
 ]
 PACKAGE_DIR = {
     "kvpager": "kvpager",
@@ -28,6 +29,7 @@ PACKAGE_DIR = {
     "kvpager.runtime.models": "runtime/models",
     "kvpager.examples": "examples",
     "kvpager.examples.deepseek": "examples/deepseek",
+    "kvpager.benchmarks": "benchmarks",
 }
 
 

@@ -13,9 +13,9 @@ COMMANDS = {
     "simulate": ("kvpager.runtime.simulate_cli", "simulate a continuous-batching workload (no GPU)"),
 }
 BENCHMARKS = {
-    "tables": ("kvpager.bench_tables", "block_table / cache_seqlens update cost per step"),
-    "kernel": ("kvpager.kernels.bench", "MLA decode kernel vs the GPU's measured ceilings"),
-    "scheduler": ("kvpager.runtime.bench", "scheduler + table overhead per step"),
+    "tables": ("kvpager.benchmarks.tables", "block_table / cache_seqlens update cost per step"),
+    "kernel": ("kvpager.benchmarks.kernel", "MLA decode kernel vs the GPU's measured ceilings"),
+    "scheduler": ("kvpager.benchmarks.scheduler", "scheduler + table overhead per step"),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvpager import kernels
-from kvpager.kernels import bench
+from kvpager.benchmarks import kernel as bench
 
 CASES = [bench.Case(1, 1, 128, 4096, False), bench.Case(8, 1, 16, 2048, False),
          bench.Case(8, 1, 128, 4096, False), bench.Case(32, 1, 128, 4096, False)]

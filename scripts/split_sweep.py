@@ -7,7 +7,8 @@ num_parts, without a rebuild.
 import torch
 
 from kvpager import kernels  # noqa: F401 - loads the op library
-from kvpager.kernels import bench, schedule
+from kvpager.benchmarks import kernel as bench
+from kvpager.kernels import schedule
 
 CASES = [bench.Case(1, 1, 128, 4096, False), bench.Case(8, 1, 16, 2048, False),
          bench.Case(8, 1, 128, 4096, False), bench.Case(32, 1, 128, 4096, False),

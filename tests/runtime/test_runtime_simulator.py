@@ -6,7 +6,7 @@ import pytest
 
 from kvpager.cli import main
 from kvpager.errors import InvalidArgument
-from kvpager.runtime import bench
+from kvpager.benchmarks import scheduler as bench
 from kvpager.runtime.models.cost import CostModel
 from kvpager.runtime.scheduler import SchedulerConfig
 from kvpager.runtime.simulator import Simulator

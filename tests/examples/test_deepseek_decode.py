@@ -50,7 +50,7 @@ def test_sampling_is_seeded_per_request(capsys):
 
 
 def test_script_runs_standalone_and_reports_bad_options(tmp_path, cache_home):
-    script = Path(__file__).parents[1] / "examples" / "deepseek_decode.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "deepseek_decode.py"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
     ok = subprocess.run([sys.executable, str(script), "--batch", "2", "--max-new-tokens", "2"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
