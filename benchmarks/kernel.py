@@ -57,12 +57,12 @@ REFERENCE_CASES = [Case(8, 1, 16, 2048, False), Case(1, 1, 128, 4096, False)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="bench-kernel.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--out", default="bench-kernel.json", help="JSON results")
     parser.add_argument("--quick", action="store_true", help="s_k=8192, h_q in {16,128} and the small cases only")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="q and cache dtype")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time the PyTorch reference on a couple of small cases")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random inputs seed")
     parser.add_argument("--plain", action="store_true", help="plain-text table instead of rich")
 
 
@@ -219,15 +219,14 @@ def bench_reference(case: Case, dtype: torch.dtype, seed: int, time_us: Callable
 
 def run(args: argparse.Namespace) -> int:
     from kvpager import kernels
+    from kvpager.errors import KernelUnavailable
 
     if not torch.cuda.is_available():
-        print("kvpager bench kernel: no CUDA device here; run it on an H100 / H200.")
-        return 1
+        raise KernelUnavailable("no CUDA device here; run it on an H100 / H200")
     device = torch.device("cuda")
     if not kernels.available() or not kernels.supports_device(device):
         why = kernels.unavailable_reason() or f"{torch.cuda.get_device_name()} is not sm_90"
-        print(f"kvpager bench kernel: the kernel cannot run here: {why}")
-        return 1
+        raise KernelUnavailable(f"the kernel cannot run here: {why}")
     dtype = DTYPES[args.dtype]
     time_us, method = make_timer()
     props = torch.cuda.get_device_properties(device)

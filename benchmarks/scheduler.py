@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvpager.cli_args import nonneg_int, positive_int
 from kvpager.config import CacheConfig
 from kvpager.runtime.engine import Engine
 from kvpager.runtime.request import SamplingParams
@@ -34,10 +35,10 @@ VOCAB = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=512, help="running requests (default 512)")
-    parser.add_argument("--steps", type=int, default=2000, help="timed decode steps (default 2000)")
-    parser.add_argument("--prompt-len", type=int, default=1000)
-    parser.add_argument("--mtp", type=int, default=0, help="draft tokens per step (s_q = 1 + mtp)")
+    parser.add_argument("--batch", type=positive_int, default=512, help="running requests")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="timed decode steps")
+    parser.add_argument("--prompt-len", type=positive_int, default=1000, help="prompt tokens")
+    parser.add_argument("--mtp", type=nonneg_int, default=0, help="draft tokens per step (s_q = 1 + mtp)")
 
 
 class FixedLogits:

@@ -21,9 +21,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
+from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
+
+from kvpager.cli_args import at_least, nonneg_int, positive_int, probability
 
 from kvpager.allocator import BlockAllocator
 from kvpager.sequence import Sequence
@@ -31,29 +36,34 @@ from kvpager.table_events import NATIVE_AVAILABLE, EventTables
 from kvpager.tables import BatchTables
 
 PAGE_SIZE = 64
+PROGRESS_EVERY = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256, 512])
-    parser.add_argument("--steps", type=int, default=2000, help="timed steps per batch size")
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--churn", type=float, default=0.005,
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[64, 256, 512],
+                        help="batch sizes to time")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="timed steps per batch size")
+    parser.add_argument("--warmup", type=nonneg_int, default=200, help="untimed steps first")
+    parser.add_argument("--churn", type=probability, default=0.005,
                         help="probability that a sequence finishes in a given step")
-    parser.add_argument("--max-len", type=int, default=4096, help="longest sequence, tokens")
+    parser.add_argument("--max-len", type=at_least(2, int), default=4096, help="longest sequence, tokens")
     parser.add_argument("--order", choices=["compact", "stable", "swap"], nargs="+",
                         default=["compact", "stable", "swap"],
                         help="update() runs every order; the event path runs with swap")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the tables live (cpu, cuda)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="churn and lengths seed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--sync", action="store_true",
                         help="on a GPU, time until the device tables are ready (synchronize after "
                              "each call) instead of the host time the step pays")
 
 
 def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order: str,
-          path: str, device: str, seed: int, sync: bool = False) -> tuple[list[float], list[float]]:
+          path: str, device: str, seed: int, sync: bool = False,
+          progress: Callable[[int], object] | None = None) -> tuple[list[float], list[float]]:
     """Seconds per step spent keeping the tables current: (cold, warm), one each per timed
-    step. path: "update", "events" or "events-py" (swap order only)."""
+    step. path: "update", "events" or "events-py" (swap order only). progress(n): n more steps
+    done (called every PROGRESS_EVERY steps, outside the timed parts)."""
     rng = random.Random(seed)
     max_pages = -(-max_len // PAGE_SIZE)
     allocator = BlockAllocator(batch * max_pages + 1)
@@ -125,6 +135,10 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, order
         if step >= warmup:
             for out, t in zip(times, spent):
                 out.append(t)
+        if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
+            progress(PROGRESS_EVERY)
+    if progress is not None:
+        progress((warmup + steps) % PROGRESS_EVERY)
     return times
 
 
@@ -135,15 +149,21 @@ def run(args: argparse.Namespace) -> int:
           + ("" if args.device == "cpu" else
              "; until the device tables are ready" if args.sync else "; host time (no sync)"))
     print(f"{'B':>5} {'order':>8} {'cache':>6} {'mean us/step':>13} {'p50':>7} {'p99':>7}  path")
-    for batch in args.batch:
-        runs = [(order, "update") for order in args.order]
-        if "swap" in args.order:
-            runs += [("swap", "events")] + ([("swap", "events-py")] if NATIVE_AVAILABLE else [])
-        for order, path in runs:
-            times = bench(batch, args.steps, args.warmup, args.churn, args.max_len, order, path,
-                          args.device, args.seed, args.sync)
-            for cache, ts in zip(("cold", "warm"), times):
-                us = sorted(t * 1e6 for t in ts)
-                print(f"{batch:>5} {order:>8} {cache:>6} {statistics.fmean(us):>13.1f} "
-                      f"{us[len(us) // 2]:>7.1f} {us[int(len(us) * 0.99)]:>7.1f}  {path}")
+    runs = [(order, "update") for order in args.order]
+    if "swap" in args.order:
+        runs += [("swap", "events")] + ([("swap", "events-py")] if NATIVE_AVAILABLE else [])
+    total = len(args.batch) * len(runs) * (args.warmup + args.steps)
+    # The bar goes to stderr and is cleared when done: stdout keeps only the table.
+    with tqdm(total=total, unit="step", desc="bench tables", leave=False,
+              disable=args.no_progress, mininterval=0.5) as bar:
+        for batch in args.batch:
+            for order, path in runs:
+                bar.set_postfix_str(f"B={batch} {order} {path}", refresh=False)
+                times = bench(batch, args.steps, args.warmup, args.churn, args.max_len, order,
+                              path, args.device, args.seed, args.sync, bar.update)
+                for cache, ts in zip(("cold", "warm"), times):
+                    us = sorted(t * 1e6 for t in ts)
+                    bar.write(f"{batch:>5} {order:>8} {cache:>6} {statistics.fmean(us):>13.1f} "
+                              f"{us[len(us) // 2]:>7.1f} {us[int(len(us) * 0.99)]:>7.1f}  {path}",
+                              file=sys.stdout)
     return 0

@@ -13,54 +13,71 @@ import sys
 
 import torch
 
+from kvpager.cli_args import nonneg_float, nonneg_int, positive_int
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_arg(text: str) -> torch.device:
+    """--device: a torch device this process can use (argparse type)."""
+    from kvpager.config import CacheConfig
+    from kvpager.errors import ConfigError
+
+    try:  # CacheConfig's device check: the one place that knows what "usable" means
+        return torch.device(CacheConfig(num_layers=1, num_pages=1, device=text).device)
+    except ConfigError as exc:
+        why = str(exc).removeprefix("invalid CacheConfig: ").replace("device=", "--device ")
+        raise argparse.ArgumentTypeError(why) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", help="DeepseekV3 checkpoint directory (default: the random demo model)")
-    parser.add_argument("--batch", type=int, default=8, help="requests decoded together (default 8)")
-    parser.add_argument("--max-new-tokens", "--steps", dest="max_new_tokens", type=int, default=32,
-                        help="tokens generated per request (default 32)")
-    parser.add_argument("--prompt-len", type=int, default=48,
-                        help="longest prompt; prompts are ragged in [prompt_len / 4, prompt_len] (default 48)")
-    parser.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when present)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="requests decoded together")
+    parser.add_argument("--max-new-tokens", "--steps", dest="max_new_tokens", type=positive_int, default=32,
+                        help="tokens generated per request")
+    parser.add_argument("--prompt-len", type=positive_int, default=48,
+                        help="longest prompt; prompts are ragged in [prompt_len / 4, prompt_len]; "
+                             "prompt_len + max_new_tokens must fit the model's max_position_embeddings")
+    parser.add_argument("--device", type=device_arg, default=None,
+                        help="cpu | cuda[:i] (default: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and cache (default: bfloat16 on cuda, float32 on cpu)")
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    sampling.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature")
-    parser.add_argument("--seed", type=int, default=0, help="demo weights, prompts and sampling (default 0)")
+    sampling.add_argument("--temperature", type=nonneg_float, default=0.0,
+                          help="sample at this temperature (0: greedy)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="demo weights, prompts and sampling")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the decode step from CUDA graphs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the demo's small matrices gain nothing "
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="CPU threads for torch (1: the demo's small matrices gain nothing "
                              "from more, and OpenMP threads stall badly on a busy machine)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpager.errors import KVPagerError
-
-    try:
-        return _run(args)
-    except KVPagerError as exc:
-        print(f"kvpager demo: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+    """KVPagerError propagates: kvpager.cli.main (or main() below) prints it, exit status 2."""
     from kvpager.errors import ConfigError
+    from kvpager.examples.deepseek.config import load_config
     from kvpager.examples.deepseek.cuda_graph import GraphedDecode
     from kvpager.examples.deepseek.runner import build_engine, mla_path, random_prompts, timed_generate
     from kvpager.examples.deepseek.weights import demo_model_dir, load_model
     from kvpager.runtime.request import SamplingParams
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    if min(args.batch, args.max_new_tokens, args.prompt_len, args.threads) < 1:
-        raise ConfigError("--batch, --max-new-tokens, --prompt-len and --threads must be >= 1")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device, not {device}; drop it or use --device cuda")
+    # each request its own seed: the same seed would draw the same uniforms for every request
+    params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed + i)
+              for i in range(args.batch)]
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or demo_model_dir(args.seed)
+    cfg = load_config(model_dir)  # a small JSON: check the lengths before loading any weight
+    if args.prompt_len + args.max_new_tokens > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
+            f"model's max_position_embeddings ({cfg.max_position_embeddings}); keep their sum "
+            f"within it")
     model = load_model(model_dir, device, dtype)
-    cfg = model.config
     print(f"model: {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads, {cfg.n_routed_experts} routed experts, vocab {cfg.vocab_size}) "
           f"on {device}, {str(dtype).removeprefix('torch.')}")
@@ -70,9 +87,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.cuda_graphs:
         engine.model = GraphedDecode(model, engine.allocator, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
-    # each request its own seed: the same seed would draw the same uniforms for every request
-    params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed + i)
-              for i in range(args.batch)]
     if device.type == "cuda":  # the same run once untimed: CUDA / cuBLAS start-up, graph capture
         timed_generate(engine, prompts, params)
     result = timed_generate(engine, prompts, params)
@@ -89,9 +103,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepseek_decode", description=__doc__.splitlines()[0])
+    """`python examples/deepseek_decode.py`: the same command outside `kvpager`."""
+    from kvpager.errors import KVPagerError
+
+    parser = argparse.ArgumentParser(prog="deepseek_decode", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (KVPagerError, OSError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,12 +23,20 @@ class BlockAllocator:
 
     Every method checks its whole argument before changing anything, so a raised error leaves
     the allocator exactly as it was (all or nothing).
+
+    page_size: tokens per page of the pool these ids index (None: not known). The allocator does
+    not use it; it carries it so that a Sequence, which turns page ids into slots, is checked
+    against the pool's page size (a Sequence with another page size would write into other
+    sequences' slots). Build it as `BlockAllocator(pool.num_pages, pool.page_size)`.
     """
 
-    def __init__(self, num_pages: int) -> None:
-        num_pages = operator.index(num_pages)
+    def __init__(self, num_pages: int, page_size: int | None = None) -> None:
+        num_pages = _int_arg("num_pages", num_pages)
         if num_pages < 1:
             raise InvalidArgument(f"num_pages={num_pages} must be >= 1")
+        if page_size is not None and _int_arg("page_size", page_size) < 1:
+            raise InvalidArgument(f"page_size={page_size} must be >= 1 or None")
+        self.page_size = page_size
         self._num_pages = num_pages
         # Reversed so that pop() hands out 0, 1, 2, ... first: easier to read in debugging.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
@@ -47,7 +55,7 @@ class BlockAllocator:
         return self._num_pages - len(self._free)
 
     def can_allocate(self, n: int) -> bool:
-        return 0 <= n <= len(self._free)
+        return 0 <= _int_arg("n", n) <= len(self._free)
 
     def refcount(self, page: int) -> int:
         self._check_known(page)
@@ -56,7 +64,7 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         """n fresh pages, each with refcount 1. Raises OutOfPages (nothing allocated) when fewer
         than n are free. O(n)."""
-        n = operator.index(n)
+        n = _int_arg("n", n)
         if n < 0:
             raise InvalidArgument(f"cannot allocate n={n} pages; n must be >= 0")
         if n > len(self._free):
@@ -129,6 +137,9 @@ class BlockAllocator:
             raise UnknownPage(f"page {page!r} is not a page id in [0, {self._num_pages})")
 
     def _checked(self, pages: Iterable[int]) -> list[int]:
+        if not isinstance(pages, Iterable) or isinstance(pages, (str, bytes, Mapping)):
+            one = f"; for one page pass [{pages}]" if type(pages) is int else ""
+            raise InvalidArgument(f"pages={pages!r} must be a list of page ids (ints){one}")
         pages = [p if type(p) is int else _as_page(p) for p in pages]
         for page in pages:
             self._check_known(page)
@@ -141,6 +152,18 @@ class BlockAllocator:
         if count > have:
             raise RefcountUnderflow(f"page {page} is freed {count} times but has only {have} "
                                     f"reference(s)")
+
+
+def _int_arg(name: str, value: object) -> int:
+    """value as an int (numpy / torch integers accepted), else InvalidArgument naming it."""
+    if type(value) is int:
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise InvalidArgument(f"{name}={value!r} ({type(value).__name__}) must be an int")
 
 
 def _as_page(page: object) -> object:

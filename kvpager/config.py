@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from kvpager.errors import ConfigError
+from kvpager.validation import describe
 
 KERNEL_PAGE_SIZE = 64  # tokens per page of the Hopper kernel's k_cache (FlashMLA's block size)
 
@@ -69,9 +70,11 @@ class CacheConfig(BaseModel):
     @classmethod
     def _device(cls, value: Any) -> str:
         try:
-            return str(torch.device(value))
+            device = torch.device(value)
         except (RuntimeError, TypeError):
             raise ValueError(f"device={value!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'") from None
+        _check_device_present(device)
+        return str(device)
 
     @field_validator("num_layers", "num_kv_heads", "head_dim", "head_dim_v")
     @classmethod
@@ -130,15 +133,18 @@ class CacheConfig(BaseModel):
 
 
 def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = f"{where} is required"
-        elif err["type"] == "extra_forbidden":
-            msg = f"{where} is not a CacheConfig field; check the spelling"
-        elif where and not msg.startswith(where):
-            msg = f"{where}: {msg} (got {err.get('input')!r})"
-        lines.append(msg)
-    return "invalid CacheConfig: " + "; ".join(lines)
+    return describe(exc, "CacheConfig", CacheConfig.model_fields)
+
+
+def _check_device_present(device: torch.device) -> None:
+    """A CUDA device this process can use, or ValueError saying why not (at config time, not
+    as a raw assertion deep inside the first allocation)."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible")
+        raise ValueError(f"device={str(device)!r}: {why}; use device='cpu'")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) "
+                         f"are visible; use an index below that")

@@ -90,6 +90,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         return kernels.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
             num_splits, softmax_scale=softmax_scale, causal=causal)
+    _check_metadata_parts(q, k_cache, tile_scheduler_metadata)
     _check_values(k_cache, block_table, cache_seqlens)
     return mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                 softmax_scale=softmax_scale, causal=causal)
@@ -148,6 +149,27 @@ def _check_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, 
         raise InvalidArgument(
             f"tile_scheduler_metadata {tuple(metadata.shape)} / num_splits "
             f"{tuple(num_splits.shape)} do not fit a batch of {b}; pass get_mla_metadata's result")
+
+
+def _check_metadata_parts(q, k_cache, metadata):
+    """Metadata planned for other heads (e.g. get_mla_metadata for h_q = 16 reused with
+    h_q = 128) has another number of parts, one per SM group of the plan: compare the row count
+    with what get_mla_metadata would plan for this q. Arithmetic only. Head counts that plan
+    the same parts get the same schedule, so they pass and are harmless."""
+    from kvpager.kernels import schedule
+
+    b, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    rows = s_q * h_q // h_kv
+    sms = [NUM_SMS_CPU]
+    if q.device.type == "cuda":
+        sms.append(torch.cuda.get_device_properties(q.device).multi_processor_count)
+    expected = {schedule.num_sm_parts(n, rows, h_kv) for n in sms}
+    if metadata.shape[0] not in expected:
+        raise InvalidArgument(
+            f"tile_scheduler_metadata has {metadata.shape[0]} parts but this call (s_q={s_q}, "
+            f"h_q={h_q}, h_kv={h_kv}) plans {min(expected)}: it was computed for other heads; call "
+            f"get_mla_metadata(cache_seqlens, s_q * h_q // h_kv = {rows}, h_kv = {h_kv})")
 
 
 def _check_values(k_cache, block_table, cache_seqlens):

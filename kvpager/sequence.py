@@ -7,6 +7,7 @@ import operator
 import torch
 
 from kvpager.allocator import BlockAllocator
+from kvpager.config import KERNEL_PAGE_SIZE
 from kvpager.errors import InvalidArgument, SequenceTooLong
 
 # Layout ids are unique across all sequences ever made; see Sequence.table_key.
@@ -29,11 +30,10 @@ class Sequence:
     __slots__ = ("seq_id", "allocator", "page_size", "max_pages", "pages", "num_tokens",
                  "table_key", "_layout", "_pending")
 
-    def __init__(self, seq_id: object, allocator: BlockAllocator, page_size: int = 64,
+    def __init__(self, seq_id: object, allocator: BlockAllocator, page_size: int | None = None,
                  max_pages: int | None = None) -> None:
-        if operator.index(page_size) < 1:
-            raise InvalidArgument(f"page_size={page_size} must be >= 1")
-        if max_pages is not None and operator.index(max_pages) < 0:
+        page_size = _check_page_size(allocator, page_size)
+        if max_pages is not None and _count(max_pages, "max_pages") < 0:
             raise InvalidArgument(f"max_pages={max_pages} must be >= 0 or None")
         self.seq_id = seq_id
         self.allocator = allocator
@@ -138,11 +138,29 @@ class Sequence:
         self.table_key = (self._layout << 32) | self.num_tokens
 
 
-def _count(n: int) -> int:
+def _count(n: int, what: str = "token count") -> int:
     try:
         n = operator.index(n)
     except TypeError:
-        raise InvalidArgument(f"token count {n!r} must be an int") from None
+        raise InvalidArgument(f"{what} {n!r} must be an int") from None
     if n < 0:
-        raise InvalidArgument(f"token count {n} must be >= 0")
+        raise InvalidArgument(f"{what} {n} must be >= 0")
     return n
+
+
+def _check_page_size(allocator: BlockAllocator, page_size: int | None) -> int:
+    """The sequence's page size: the one its allocator's pool uses (BlockAllocator.page_size),
+    or 64 when neither says. A sequence whose page size differs from its pool's would compute
+    slots inside other sequences' pages, so a mismatch is refused here, where it enters."""
+    if not isinstance(allocator, BlockAllocator):
+        raise InvalidArgument(f"allocator must be a BlockAllocator, got {type(allocator).__name__}")
+    pool_size = allocator.page_size
+    if page_size is None:
+        return pool_size or KERNEL_PAGE_SIZE
+    if _count(page_size, "page_size") < 1:
+        raise InvalidArgument(f"page_size={page_size} must be >= 1")
+    if pool_size is not None and page_size != pool_size:
+        raise InvalidArgument(f"page_size={page_size} differs from the page size of the pool the "
+                              f"allocator serves ({pool_size}); build the Sequence with "
+                              f"page_size={pool_size} (or omit it)")
+    return operator.index(page_size)

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import operator
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence as Seq
 
 import numpy as np
 import torch
@@ -39,16 +42,31 @@ logger = logging.getLogger("kvpager")
 
 
 class Engine:
+    """The serving loop's state: pool, allocator, scheduler, decode tables and the requests.
+
+    Memory stays bounded however long it serves: `requests` holds the unfinished requests and
+    only the last `retain_finished` finished ones (a finished request's callback and generator
+    are dropped at once; its handle keeps the outputs), and `metrics` keeps aggregates and
+    latency reservoirs, not per-step series (`full_metrics=True` keeps those, as the simulator
+    does).
+
+    On the CPU, torch's default intra-op threads make small models (the tiny test model, the
+    demo) slow on a busy machine; the first CPU engine of a process logs a warning when torch
+    uses more than one thread (README, "Threads").
+    """
+
     def __init__(self, model: Model, cache_config: CacheConfig,
-                 config: SchedulerConfig | None = None, clock: Callable[[], float] = time.perf_counter):
+                 config: SchedulerConfig | None = None, clock: Callable[[], float] = time.perf_counter,
+                 *, retain_finished: int = 1024, full_metrics: bool = False):
+        _check_engine_args(model, cache_config, config, clock, retain_finished, full_metrics)
         self.config = config = config or SchedulerConfig()
         if model.num_layers != cache_config.num_layers:
             raise ConfigError(f"model has {model.num_layers} layers but CacheConfig.num_layers="
                               f"{cache_config.num_layers}; build the cache for the model")
         self.model, self.cache_config, self.clock = model, cache_config, clock
         self.pool = PagePool(cache_config)
-        self.allocator = BlockAllocator(cache_config.resolved_num_pages)
         ps = self.page_size = cache_config.page_size
+        self.allocator = BlockAllocator(cache_config.resolved_num_pages, ps)
         self.scheduler = Scheduler(config, self.allocator, ps)
         self.max_pages = self.scheduler.max_pages
         device = torch.device(cache_config.device)
@@ -59,32 +77,55 @@ class Engine:
         self._short: dict[Request, int] = {}  # MTP rows that accepted fewer than s_q tokens
         self.prefill_tables = BatchTables(1, self.max_pages, device, ps)
         self.device = device
-        self.requests: dict[str, Request] = {}  # every request ever submitted, by id
-        self.metrics = Metrics(self.allocator.num_pages)
+        # Unfinished requests and the last retain_finished finished ones (ids in _finished).
+        self.requests: dict[str, Request] = {}
+        self.retain_finished = retain_finished
+        self._finished: deque[str] = deque()
+        self.metrics = Metrics(self.allocator.num_pages, keep_all=full_metrics)
         self._ids = itertools.count()
         self._q_offsets = torch.arange(config.s_q, device=device)
         self._num_sampling = 0  # unfinished requests that do not decode greedily
         self._retired = 0  # requests retired during the current step
+        if device.type == "cpu":
+            _warn_cpu_threads()
 
     # --- public API --------------------------------------------------------------------------
     def submit(self, prompt_token_ids: Seq[int], params: SamplingParams | None = None,
                request_id: str | None = None, on_token: Callable[[str, int], None] | None = None,
                arrival_time: float | None = None) -> RequestHandle:
         """Queue a request; raises RequestError subclasses for bad input, nothing else changes.
-        on_token(request_id, token) is called for every generated token, in order."""
-        params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise RequestError("empty prompt: a request needs at least one prompt token")
-        if any(t < 0 or t >= self.model.vocab_size for t in prompt):
-            raise RequestError(f"prompt token ids must be in [0, {self.model.vocab_size})")
-        request_id = str(next(self._ids)) if request_id is None else request_id
-        if request_id in self.requests:
+
+        prompt_token_ids: ints in [0, vocab_size) (a list, or an integer numpy array / torch
+        tensor); params: a SamplingParams (default: greedy, 16 tokens); request_id: a str not
+        in use (default: a fresh id, never one in use); on_token(request_id, token): called for
+        every generated token, in order; arrival_time: a finite number on the engine's clock
+        (default: now)."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}; "
+                               f"build one, e.g. SamplingParams(max_new_tokens=16)")
+        prompt = check_prompt(prompt_token_ids, self.model.vocab_size)
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"request_id={request_id!r} ({type(request_id).__name__}) must be "
+                               f"a str or None (None: the engine picks one)")
+        if on_token is not None and not callable(on_token):
+            raise RequestError(f"on_token={on_token!r} is not callable; pass a function "
+                               f"on_token(request_id, token) or None")
+        if arrival_time is not None:
+            if isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float)) \
+                    or not math.isfinite(arrival_time):
+                raise RequestError(f"arrival_time={arrival_time!r} must be a finite number of "
+                                   f"seconds on the engine's clock, or None (now)")
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while request_id in self.requests:  # never one a user chose
+                request_id = str(next(self._ids))
+        elif request_id in self.requests:
             raise DuplicateRequest(f"request id {request_id!r} was already submitted; use a new id")
         check_fits(len(prompt), params.max_new_tokens, self.config, self.allocator.num_pages,
                    self.page_size)
         req = Request(request_id, prompt, len(prompt), params,
-                      Timings(self.clock() if arrival_time is None else arrival_time),
+                      Timings(self.clock() if arrival_time is None else float(arrival_time)),
                       on_token=on_token, generator=make_generator(params, self.device))
         if not params.greedy:
             self._num_sampling += 1
@@ -94,9 +135,14 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its pages; aborting a finished request does nothing."""
+        if not isinstance(request_id, str):
+            raise RequestError(f"request_id={request_id!r} ({type(request_id).__name__}) must be "
+                               f"a str")
         req = self.requests.get(request_id)
         if req is None:
-            raise UnknownRequest(f"no request with id {request_id!r} was submitted")
+            raise UnknownRequest(f"no request with id {request_id!r} is known: it was never "
+                                 f"submitted, or it finished more than retain_finished="
+                                 f"{self.retain_finished} requests ago")
         if req.is_done:
             return
         running = req.status is Status.RUNNING
@@ -268,6 +314,17 @@ class Engine:
         req.finish_reason = reason
         req.timings.finished = now
         self.metrics.record_request(req)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        """A finished request needs no callback or generator; its bookkeeping goes once
+        retain_finished newer ones have finished (its handle keeps the outputs). O(1)."""
+        req.on_token = None
+        req.generator = None
+        finished = self._finished
+        finished.append(req.request_id)
+        if len(finished) > self.retain_finished:
+            del self.requests[finished.popleft()]
 
     # --- decode rows (EventTables events) -------------------------------------------------------
     def _join(self, req: Request) -> None:
@@ -315,6 +372,79 @@ class Engine:
             generated=generated, pages_used=self.allocator.num_used, pages_free=self.allocator.num_free,
             preemptions=len(plan.preempted), waiting=len(self.scheduler.waiting),
         )
+
+
+def check_prompt(token_ids: object, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, each in [0, vocab_size); RequestError naming the first bad
+    one otherwise. Accepts a sequence of ints or an integer numpy array / torch tensor [n]."""
+    if isinstance(token_ids, (torch.Tensor, np.ndarray)):
+        integer = (token_ids.dtype.kind in "iu" if isinstance(token_ids, np.ndarray) else
+                   not (token_ids.dtype.is_floating_point or token_ids.dtype.is_complex
+                        or token_ids.dtype == torch.bool))
+        if token_ids.ndim != 1 or not integer:
+            raise RequestError(f"prompt_token_ids must be a 1-d integer array, got "
+                               f"{token_ids.dtype} {tuple(token_ids.shape)}")
+        token_ids = token_ids.tolist()
+    elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
+        raise RequestError(f"prompt_token_ids={token_ids!r:.40} must be a list of token ids "
+                           f"(ints); tokenize text first")
+    prompt = []
+    for i, t in enumerate(token_ids):
+        if type(t) is not int:
+            t = _token(t, i)
+        if not 0 <= t < vocab_size:
+            raise RequestError(f"prompt token id {t} at position {i} is outside the model's "
+                               f"vocabulary [0, {vocab_size})")
+        prompt.append(t)
+    if not prompt:
+        raise RequestError("empty prompt: a request needs at least one prompt token")
+    return prompt
+
+
+def _token(value: object, i: int) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise RequestError(f"prompt token {value!r} at position {i} is a {type(value).__name__}, not "
+                       f"an int token id")
+
+
+def _check_engine_args(model: object, cache_config: object, config: object, clock: object,
+                       retain_finished: object, full_metrics: object) -> None:
+    if not isinstance(model, Model):
+        raise ConfigError(f"model {type(model).__name__} does not follow the Model protocol "
+                          f"(num_layers, num_heads, vocab_size, prefill, decode); see "
+                          f"kvpager.runtime.models.protocol")
+    if not isinstance(cache_config, CacheConfig):
+        raise ConfigError(f"cache_config must be a CacheConfig, got {type(cache_config).__name__}")
+    if config is not None and not isinstance(config, SchedulerConfig):
+        raise ConfigError(f"config must be a SchedulerConfig or None, got {type(config).__name__}")
+    if not callable(clock):
+        raise ConfigError(f"clock={clock!r} must be callable (returns seconds)")
+    if type(retain_finished) is not int or retain_finished < 0:
+        raise ConfigError(f"retain_finished={retain_finished!r} must be an int >= 0 (finished "
+                          f"requests the engine remembers)")
+    if not isinstance(full_metrics, bool):
+        raise ConfigError(f"full_metrics={full_metrics!r} must be True or False")
+
+
+_threads_warned = False
+
+
+def _warn_cpu_threads() -> None:
+    """Once per process: torch's intra-op threads turn microsecond ops into contention (2
+    prompts x 16 tokens of the tiny model: 8.8 s at 2 threads on a busy 2-core machine, 0.03 s
+    at one)."""
+    global _threads_warned
+    threads = torch.get_num_threads()
+    if _threads_warned or threads <= 1:
+        return
+    _threads_warned = True
+    logger.warning(
+        "kvpager: engine on the CPU with torch using %d threads; small models run much faster "
+        "with torch.set_num_threads(1), above all on a busy machine (README, 'Threads')", threads)
 
 
 def propose_drafts(token_ids: list[int], k: int, max_ngram: int = 3) -> list[int]:

@@ -1,12 +1,15 @@
-"""Per-step and per-request metrics, kept as columns (array('d'): 8 bytes a value, so a
-million-step simulation stays small) so recording a step is a few appends; summarised into
-percentiles at the end."""
+"""Per-step and per-request metrics. The simulator keeps everything, as columns (array('d'): 8
+bytes a value, so a million-step simulation stays small; recording a step is a few appends); the
+engine keeps bounded aggregates and latency reservoirs (`Metrics(keep_all=False)`), so a
+long-running server's memory does not grow with the requests it has served."""
 from __future__ import annotations
 
+import random
 from array import array
-from dataclasses import dataclass, field
 
 import numpy as np
+
+from kvpager.errors import ConfigError
 
 from kvpager.runtime.request import Request, Status
 
@@ -22,26 +25,93 @@ STEP_COLUMNS = (
     "preemptions",     # this step
     "waiting",         # queue length after the step
 )
+SERIES = ("time", "batch_size", "page_utilisation", "waiting", "waiting_max", "preemptions",
+          "throughput_tok_s")
 PERCENTILES = (50, 90, 99)
+RESERVOIR_SIZE = 4096  # latency samples kept per metric when not keeping everything
 
 
-@dataclass
+class Samples:
+    """One latency's values: all of them (capacity None), or a uniform random sample of at most
+    `capacity` (reservoir sampling: the i-th value replaces a random kept one with probability
+    capacity / i), so a server running for weeks keeps O(capacity) floats. count and total are
+    exact either way, so the mean is exact; percentiles from a 4096-value reservoir are within
+    about a percentile point of the truth."""
+
+    __slots__ = ("values", "count", "total", "capacity", "_rng")
+
+    def __init__(self, capacity: int | None = None, seed: int = 0) -> None:
+        self.values: list[float] = []
+        self.count = 0
+        self.total = 0.0
+        self.capacity = capacity
+        self._rng = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        if self.capacity is None or len(self.values) < self.capacity:
+            self.values.append(value)
+            return
+        j = self._rng.randrange(self.count)
+        if j < self.capacity:
+            self.values[j] = value
+
+    def __len__(self) -> int:
+        return self.count
+
+    def summary(self) -> dict[str, float | None]:
+        """mean (exact) and p50 / p90 / p99 (of the kept values)."""
+        out = summarise(np.asarray(self.values, dtype=np.float64))
+        if self.count:
+            out["mean"] = self.total / self.count
+        return out
+
+
 class Metrics:
-    num_pages: int
-    steps: dict[str, array] = field(default_factory=lambda: {c: array("d") for c in STEP_COLUMNS})
-    ttft: list[float] = field(default_factory=list)
-    tpot: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
-    queued: list[float] = field(default_factory=list)  # arrival -> first admission
-    output_tokens: int = 0
-    finished: int = 0
-    aborted: int = 0
-    first_arrival: float | None = None
+    """Run totals, per-step aggregates and per-request latencies (ttft, tpot, e2e, queued: a
+    `Samples` each).
+
+    keep_all=True (the simulator): every step's STEP_COLUMNS (`steps`, for `timeseries()`) and
+    every request's latencies. keep_all=False (the engine's default: a server runs
+    indefinitely): no per-step series (`steps` is None) and a RESERVOIR_SIZE reservoir per
+    latency, so memory stays bounded; `summary()` gives the same fields either way.
+    """
+
+    def __init__(self, num_pages: int, keep_all: bool = True,
+                 reservoir_size: int = RESERVOIR_SIZE) -> None:
+        self.num_pages = num_pages
+        self.keep_all = keep_all
+        self.steps: dict[str, array] | None = (
+            {c: array("d") for c in STEP_COLUMNS} if keep_all else None)
+        cap = None if keep_all else reservoir_size
+        self.ttft, self.tpot, self.e2e = Samples(cap, 1), Samples(cap, 2), Samples(cap, 3)
+        self.queued = Samples(cap, 4)  # arrival -> first admission
+        self.output_tokens = 0
+        self.finished = 0
+        self.aborted = 0
+        self.first_arrival: float | None = None
+        # per-step aggregates, kept in both modes
+        self.num_steps = 0
+        self.last_time = 0.0
+        self.batch_size_total = 0.0
+        self.pages_used_total = 0.0
+        self.pages_used_max = 0.0
+        self.preemptions = 0
 
     def record_step(self, **values: float) -> None:
         """One value per STEP_COLUMNS name."""
-        for name, column in self.steps.items():
-            column.append(values[name])
+        if self.steps is not None:
+            for name, column in self.steps.items():
+                column.append(values[name])
+        self.num_steps += 1
+        self.last_time = values["time"]
+        self.batch_size_total += values["batch_size"]
+        used = values["pages_used"]
+        self.pages_used_total += used
+        if used > self.pages_used_max:
+            self.pages_used_max = used
+        self.preemptions += values["preemptions"]
 
     def record_request(self, req: Request) -> None:
         """Called once when req finishes or is aborted."""
@@ -54,62 +124,69 @@ class Metrics:
         self.finished += 1
         self.output_tokens += req.num_generated
         if t.first_token is not None:
-            self.ttft.append(t.first_token - t.arrival)
+            self.ttft.add(t.first_token - t.arrival)
         if t.admitted is not None:
-            self.queued.append(t.admitted - t.arrival)
-        self.e2e.append(t.finished - t.arrival)
+            self.queued.add(t.admitted - t.arrival)
+        self.e2e.add(t.finished - t.arrival)
         tpot = req.tpot
         if tpot is not None:
-            self.tpot.append(tpot)
+            self.tpot.add(tpot)
 
     def summary(self) -> dict:
         """Totals, throughput and p50/p90/p99 (+ mean) of each latency, in seconds."""
-        steps = self.steps
-        end = steps["time"][-1] if steps["time"] else 0.0
+        n = self.num_steps
+        end = self.last_time if n else 0.0
         elapsed = max(end - (self.first_arrival or 0.0), 1e-12)
-        used = np.asarray(steps["pages_used"], dtype=np.float64)
         out = {
             "requests_finished": self.finished,
             "requests_aborted": self.aborted,
             "output_tokens": self.output_tokens,
-            "steps": len(steps["time"]),
+            "steps": n,
             "elapsed_s": elapsed,
             "throughput_tok_s": self.output_tokens / elapsed,
             "throughput_req_s": self.finished / elapsed,
-            "preemptions": int(sum(steps["preemptions"])),
-            "mean_batch_size": float(np.mean(steps["batch_size"])) if steps["time"] else 0.0,
-            "page_utilisation_mean": float(used.mean() / self.num_pages) if used.size else 0.0,
-            "page_utilisation_max": float(used.max() / self.num_pages) if used.size else 0.0,
+            "preemptions": int(self.preemptions),
+            "mean_batch_size": self.batch_size_total / n if n else 0.0,
+            "page_utilisation_mean": self.pages_used_total / n / self.num_pages if n else 0.0,
+            "page_utilisation_max": self.pages_used_max / self.num_pages if n else 0.0,
         }
         for name in ("ttft", "tpot", "e2e", "queued"):
-            values = np.asarray(getattr(self, name), dtype=np.float64)
-            out[name] = summarise(values)
+            out[name] = getattr(self, name).summary()
         return out
 
-
     def timeseries(self, bins: int = 1000) -> dict[str, list[float]]:
-        """Per-step columns averaged over `bins` equal time bins (empty bins dropped): time
-        (bin centre, s), batch_size, page_utilisation (0..1), waiting, throughput_tok_s."""
+        """Per-step columns over `bins` equal time bins (empty bins dropped): time (bin centre,
+        s), batch_size (mean), page_utilisation (mean, 0..1), waiting (mean queue length),
+        waiting_max (the longest queue seen in the bin), preemptions (sum), throughput_tok_s.
+        Needs keep_all=True."""
+        if self.steps is None:
+            raise ConfigError("this Metrics keeps no per-step series (keep_all=False, the "
+                              "engine's default); build it with keep_all=True for timeseries()")
         t = np.frombuffer(self.steps["time"], dtype=np.float64)
         if t.size == 0:
-            return {k: [] for k in ("time", "batch_size", "page_utilisation", "waiting", "throughput_tok_s")}
+            return {k: [] for k in SERIES}
         edges = np.linspace(t[0], t[-1] + 1e-9, bins + 1)
         which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, bins - 1)
         count = np.bincount(which, minlength=bins)
         keep = count > 0
 
-        def mean(name: str) -> np.ndarray:
-            col = np.frombuffer(self.steps[name], dtype=np.float64)
-            return np.bincount(which, weights=col, minlength=bins)[keep] / count[keep]
+        def column(name: str) -> np.ndarray:
+            return np.frombuffer(self.steps[name], dtype=np.float64)
 
-        generated = np.bincount(which, weights=np.frombuffer(self.steps["generated"]), minlength=bins)
+        def total(name: str) -> np.ndarray:
+            return np.bincount(which, weights=column(name), minlength=bins)[keep]
+
+        waiting_max = np.zeros(bins)
+        np.maximum.at(waiting_max, which, column("waiting"))
         width = edges[1] - edges[0]
         return {
             "time": ((edges[:-1] + edges[1:]) / 2)[keep].tolist(),
-            "batch_size": mean("batch_size").tolist(),
-            "page_utilisation": (mean("pages_used") / self.num_pages).tolist(),
-            "waiting": mean("waiting").tolist(),
-            "throughput_tok_s": (generated[keep] / width).tolist(),
+            "batch_size": (total("batch_size") / count[keep]).tolist(),
+            "page_utilisation": (total("pages_used") / count[keep] / self.num_pages).tolist(),
+            "waiting": (total("waiting") / count[keep]).tolist(),
+            "waiting_max": waiting_max[keep].tolist(),
+            "preemptions": total("preemptions").tolist(),
+            "throughput_tok_s": (total("generated") / width).tolist(),
         }
 
 

@@ -12,12 +12,14 @@ Invariants (checked by tests/test_runtime_engine_state.py):
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pydantic import field_validator, model_validator
 
 from kvpager.errors import RequestError
+from kvpager.validation import Int, validated
 
 if TYPE_CHECKING:
     import torch
@@ -36,31 +38,51 @@ class Status(str, enum.Enum):
 DONE = (Status.FINISHED, Status.ABORTED)
 
 
-@dataclass(frozen=True)
+@validated(RequestError)
 class SamplingParams:
     """How to pick tokens. temperature == 0 is greedy (top_k / top_p / seed ignored).
 
-    top_k: 0 keeps every token; top_p: 1.0 keeps every token; seed: the request's own
-    torch.Generator seed, so a request samples the same tokens whatever batch it runs in.
+    max_new_tokens: tokens to generate at most (>= 1); stop_token_ids: a sequence of token ids
+    that end the request (stored as a tuple); top_k: 0 keeps every token; top_p: 1.0 keeps
+    every token; seed: the request's own torch.Generator seed in [0, 2**64), so a request
+    samples the same tokens whatever batch it runs in.
+
+    Frozen and strict (kvpager.validation): a bad field raises RequestError naming it, and
+    nothing is converted silently (`top_k=1.5`, `max_new_tokens="8"` are errors).
     """
 
-    max_new_tokens: int = 16
-    stop_token_ids: tuple[int, ...] = ()
+    max_new_tokens: Int = 16
+    stop_token_ids: tuple[Int, ...] = ()
     temperature: float = 0.0
-    top_k: int = 0
+    top_k: Int = 0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: Int | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise RequestError(f"max_new_tokens={self.max_new_tokens!r} must be a positive int")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise RequestError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _stop_ids(cls, value: Any) -> Any:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            example = f"[{value}]" if isinstance(value, int) else "[2]"
+            raise ValueError(f"stop_token_ids={value!r} must be a sequence of token ids; pass "
+                             f"a list or tuple of ints, e.g. stop_token_ids={example}")
+        return tuple(value)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SamplingParams":
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids} holds a negative id; token ids "
+                             f"are >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.top_k < 0:
-            raise RequestError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
         if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter)")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter)")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**64) or None")
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -177,7 +199,10 @@ class RequestHandle:
         return self._request.num_preemptions
 
     def abort(self) -> None:
-        self._engine.abort(self.request_id)
+        """Abort the request; nothing happens once it has finished (even after the engine has
+        forgotten it)."""
+        if not self._request.is_done:
+            self._engine.abort(self.request_id)
 
     def __iter__(self) -> Iterator[int]:
         seen = 0

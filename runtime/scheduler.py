@@ -28,37 +28,47 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pydantic import model_validator
+
 from kvpager.allocator import BlockAllocator
 from kvpager.errors import ConfigError, RequestTooLarge
+from kvpager.validation import Int, validated
 from kvpager.runtime.pages import RequestSequence
 from kvpager.runtime.request import Request, Status
 
 
-@dataclass(frozen=True)
+@validated(ConfigError)
 class SchedulerConfig:
     """max_batch_size: running requests at most; max_num_batched_tokens: new tokens per step
     (decode + prefill chunks); admit_headroom_pages: free pages beyond a prompt required to admit
     it while others run (room for them to grow); num_speculative_tokens: draft tokens per decode
     step (MTP), s_q = 1 + this; max_model_len: prompt + output tokens at most (sets the block
-    table width)."""
+    table width).
 
-    max_batch_size: int = 256
-    max_num_batched_tokens: int = 4096
-    admit_headroom_pages: int = 1
-    num_speculative_tokens: int = 0
-    max_model_len: int = 32768
+    Frozen and strict (kvpager.validation): a bad or misspelt field raises ConfigError naming
+    it; reading a field costs what a plain dataclass field does (the scheduler reads them every
+    step)."""
 
-    def __post_init__(self) -> None:
+    max_batch_size: Int = 256
+    max_num_batched_tokens: Int = 4096
+    admit_headroom_pages: Int = 1
+    num_speculative_tokens: Int = 0
+    max_model_len: Int = 32768
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SchedulerConfig":
         for name in ("max_batch_size", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        if self.admit_headroom_pages < 0 or self.num_speculative_tokens < 0:
-            raise ConfigError("admit_headroom_pages and num_speculative_tokens must be >= 0")
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("admit_headroom_pages", "num_speculative_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_num_batched_tokens < self.max_batch_size * self.s_q:
-            raise ConfigError(
+            raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} cannot decode a full batch "
                 f"(max_batch_size={self.max_batch_size} x s_q={self.s_q}); raise it or lower the batch"
             )
+        return self
 
     @property
     def s_q(self) -> int:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
+from kvpager.cli_args import (at_least, input_file, nonneg_float, nonneg_int, output_dir,
+                              positive_float, positive_int, probability)
 from kvpager.config import CacheConfig
-from kvpager.errors import KVPagerError
+from kvpager.errors import ConfigError
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import (DEEPSEEK_V3_LAYERS, H100_READ_BANDWIDTH, CostModel)
 from kvpager.runtime.scheduler import SchedulerConfig
@@ -22,47 +25,57 @@ from kvpager.runtime.workload import Workload, load_trace, synthetic
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl = parser.add_argument_group("workload")
-    wl.add_argument("--trace", type=Path, help="CSV or JSONL with arrival,prompt_len,output_len "
-                    "(replaces the synthetic workload)")
-    wl.add_argument("--requests", type=int, default=10_000, help="synthetic requests (default 10000)")
-    wl.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second (default 40)")
-    wl.add_argument("--arrivals", choices=("poisson", "bursty"), default="poisson")
-    wl.add_argument("--burstiness", type=float, default=4.0,
-                    help="coefficient of variation of bursty inter-arrival gaps (default 4)")
-    wl.add_argument("--length-dist", choices=("lognormal", "uniform"), default="lognormal")
-    wl.add_argument("--prompt-mean", type=float, default=512)
-    wl.add_argument("--output-mean", type=float, default=128)
-    wl.add_argument("--sigma", type=float, default=1.0, help="lognormal shape (default 1.0)")
-    wl.add_argument("--seed", type=int, default=0, help="workload and MTP acceptance seed")
+    wl.add_argument("--trace", type=input_file, help="CSV or JSONL with arrival,prompt_len,"
+                    "output_len (replaces the synthetic workload)")
+    wl.add_argument("--requests", type=positive_int, default=10_000, help="synthetic requests")
+    wl.add_argument("--rate", type=positive_float, default=40.0, help="mean arrivals per second")
+    wl.add_argument("--arrivals", choices=("poisson", "bursty"), default="poisson",
+                    help="arrival process")
+    wl.add_argument("--burstiness", type=positive_float, default=4.0,
+                    help="coefficient of variation of bursty inter-arrival gaps")
+    wl.add_argument("--length-dist", choices=("lognormal", "uniform"), default="lognormal",
+                    help="prompt and output length distribution")
+    wl.add_argument("--prompt-mean", type=at_least(1), default=512.0, help="mean prompt tokens")
+    wl.add_argument("--output-mean", type=at_least(1), default=128.0, help="mean output tokens")
+    wl.add_argument("--sigma", type=nonneg_float, default=1.0, help="lognormal shape")
+    wl.add_argument("--seed", type=nonneg_int, default=0, help="workload and MTP acceptance seed")
 
     sched = parser.add_argument_group("scheduler and cache")
-    sched.add_argument("--kv-memory-gb", type=float, default=40.0,
-                       help="KV pool size in GiB (default 40); pages = budget // page bytes")
-    sched.add_argument("--num-pages", type=int, help="pool size in pages (overrides --kv-memory-gb)")
-    sched.add_argument("--max-batch-size", type=int, default=256)
-    sched.add_argument("--max-tokens", type=int, default=4096, help="token budget per step")
-    sched.add_argument("--headroom-pages", type=int, default=1)
-    sched.add_argument("--max-model-len", type=int, default=16384)
-    sched.add_argument("--mtp", type=int, default=0, help="draft tokens per decode step (s_q = 1 + mtp)")
-    sched.add_argument("--accept-rate", type=float, default=0.7, help="MTP draft acceptance rate")
+    sched.add_argument("--kv-memory-gb", type=positive_float, default=40.0,
+                       help="KV pool size in GiB; pages = budget // page bytes")
+    sched.add_argument("--num-pages", type=positive_int,
+                       help="pool size in pages (overrides --kv-memory-gb)")
+    sched.add_argument("--max-batch-size", type=positive_int, default=256,
+                       help="running requests at most")
+    sched.add_argument("--max-tokens", type=positive_int, default=4096, help="token budget per step")
+    sched.add_argument("--headroom-pages", type=nonneg_int, default=1,
+                       help="free pages beyond a prompt needed to admit it while others run")
+    sched.add_argument("--max-model-len", type=positive_int, default=16384,
+                       help="prompt + output tokens at most")
+    sched.add_argument("--mtp", type=nonneg_int, default=0,
+                       help="draft tokens per decode step (s_q = 1 + mtp)")
+    sched.add_argument("--accept-rate", type=probability, default=0.7,
+                       help="MTP draft acceptance rate, in [0, 1]")
 
     cost = parser.add_argument_group("cost model (defaults: DeepSeek-V3 on an H100)")
-    cost.add_argument("--bandwidth", type=float, default=H100_READ_BANDWIDTH, help="KV read B/s")
-    cost.add_argument("--num-layers", type=int, default=DEEPSEEK_V3_LAYERS)
-    cost.add_argument("--per-step-ms", type=float, default=CostModel.per_step_s * 1e3)
-    cost.add_argument("--per-token-us", type=float, default=CostModel.per_token_s * 1e6)
+    cost.add_argument("--bandwidth", type=positive_float, default=H100_READ_BANDWIDTH,
+                      help="KV read B/s")
+    cost.add_argument("--num-layers", type=positive_int, default=DEEPSEEK_V3_LAYERS,
+                      help="layers whose KV each step reads")
+    cost.add_argument("--per-step-ms", type=nonneg_float, default=CostModel.per_step_s * 1e3,
+                      help="fixed cost of a step (launches, weights, sampling)")
+    cost.add_argument("--per-token-us", type=nonneg_float, default=CostModel.per_token_s * 1e6,
+                      help="non-attention compute per new token")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, help="write summary.json and timeline.png here")
+    out.add_argument("--out", type=output_dir,
+                     help="directory to write summary.json and timeline.png into")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        sim, workload = _build(args)
-    except (KVPagerError, OSError) as exc:
-        print(f"kvpager simulate: {exc}")
-        return 2
+    """KVPagerError / OSError propagate to kvpager.cli.main, which prints them (exit 2)."""
+    sim, workload = _build(args)
     started = time.perf_counter()
     metrics = _run_with_progress(sim, len(workload), not args.no_progress)
     wall = time.perf_counter() - started
@@ -76,13 +89,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Config fields as the user knows them: the flags.
+_FLAGS = {"max_batch_size": "--max-batch-size", "max_num_batched_tokens": "--max-tokens",
+          "admit_headroom_pages": "--headroom-pages", "num_speculative_tokens": "--mtp",
+          "max_model_len": "--max-model-len", "num_pages": "--num-pages",
+          "num_layers": "--num-layers"}
+
+
+def _in_flags(exc: ConfigError) -> ConfigError:
+    """The config's own check, its message in flag names."""
+    text = re.sub(r"^invalid \w+: ", "", str(exc))
+    for field, flag in _FLAGS.items():
+        text = re.sub(rf"\b{field}\b", flag, text)
+    return ConfigError(text)
+
+
 def _build(args: argparse.Namespace) -> tuple[Simulator, Workload]:
-    cache = CacheConfig(num_layers=args.num_layers, dtype="bfloat16",
-                        **({"num_pages": args.num_pages} if args.num_pages
-                           else {"memory_budget_bytes": int(args.kv_memory_gb * 2**30)}))
-    config = SchedulerConfig(max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_tokens,
-                             admit_headroom_pages=args.headroom_pages, num_speculative_tokens=args.mtp,
-                             max_model_len=args.max_model_len)
+    try:
+        if args.num_pages is None:
+            pages = int(args.kv_memory_gb * 2**30) // _page_bytes(args.num_layers)
+            if pages < 1:
+                raise ConfigError(f"--kv-memory-gb {args.kv_memory_gb:g} holds no page "
+                                  f"({_page_bytes(args.num_layers)} bytes at --num-layers "
+                                  f"{args.num_layers}); raise it or give --num-pages")
+        cache = CacheConfig(num_layers=args.num_layers, dtype="bfloat16",
+                            **({"num_pages": args.num_pages} if args.num_pages is not None
+                               else {"memory_budget_bytes": int(args.kv_memory_gb * 2**30)}))
+        config = SchedulerConfig(max_batch_size=args.max_batch_size,
+                                 max_num_batched_tokens=args.max_tokens,
+                                 admit_headroom_pages=args.headroom_pages,
+                                 num_speculative_tokens=args.mtp, max_model_len=args.max_model_len)
+    except ConfigError as exc:
+        raise _in_flags(exc) from None
     cost = CostModel(read_bandwidth=args.bandwidth, num_layers=args.num_layers,
                      bytes_per_token_per_layer=cache.bytes_per_token // args.num_layers,
                      per_step_s=args.per_step_ms * 1e-3, per_token_s=args.per_token_us * 1e-6)
@@ -96,6 +134,10 @@ def _build(args: argparse.Namespace) -> tuple[Simulator, Workload]:
     sim = Simulator(workload, cache.resolved_num_pages, config, cost, cache.page_size,
                     accept_rate=args.accept_rate, seed=args.seed)
     return sim, workload
+
+
+def _page_bytes(num_layers: int) -> int:
+    return CacheConfig(num_layers=num_layers, num_pages=1, dtype="bfloat16").bytes_per_page
 
 
 def _run_with_progress(sim: Simulator, total: int, show: bool) -> Metrics:
@@ -138,35 +180,60 @@ def _print_summary(s: dict) -> None:
 
 def write_outputs(out: Path, metrics: Metrics, summary: dict, config: dict) -> None:
     """out/summary.json: config, summary, per-request latencies, binned per-step timeline;
-    out/timeline.png: batch size, page utilisation and queue length over simulated time."""
+    out/timeline.png: batch size, page utilisation (preemptions marked) and queue length over
+    simulated time, the configuration in the title."""
     out.mkdir(parents=True, exist_ok=True)
     series = metrics.timeseries()
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()
+              if not k.startswith("_") and k not in ("func", "command")}
     doc = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()
-                   if not k.startswith("_") and k != "func"},
+        "config": config,
         "summary": summary,
-        "requests": {"ttft_s": metrics.ttft, "tpot_s": metrics.tpot, "e2e_s": metrics.e2e},
+        "requests": {"ttft_s": metrics.ttft.values, "tpot_s": metrics.tpot.values,
+                     "e2e_s": metrics.e2e.values},
         "timeline": series,
     }
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
-    _plot(series, out / "timeline.png")
+    _plot(series, out / "timeline.png", _title(config, summary))
 
 
-def _plot(series: dict[str, list[float]], path: Path) -> None:
+def _title(c: dict, s: dict) -> str:
+    """The run's configuration in two lines: workload, then pool / scheduler / cost model."""
+    if c.get("trace"):
+        load = f"trace {Path(c['trace']).name}"
+    else:
+        load = (f"{c['requests']} requests, {c['arrivals']} {c['rate']:g}/s, {c['length_dist']} "
+                f"prompt {c['prompt_mean']:g} / output {c['output_mean']:g} tokens")
+    mtp = f", MTP {c['mtp']} @ {c['accept_rate']:g}" if c.get("mtp") else ""
+    return (f"kvpager simulate: {load}\n{s['num_pages']} pages, batch <= {c['max_batch_size']}, "
+            f"{c['max_tokens']} tokens/step{mtp}, {c['num_layers']} layers, "
+            f"{c['bandwidth'] / 1e12:g} TB/s, seed {c['seed']}")
+
+
+def _plot(series: dict[str, list[float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
-    panels = (("batch_size", "batch size", 1), ("page_utilisation", "pages used (%)", 100),
-              ("waiting", "queue length", 1))
-    for ax, (key, label, scale) in zip(axes, panels):
-        ax.plot(series["time"], [v * scale for v in series[key]], lw=0.8)
-        ax.set_ylabel(label)
+    t = series["time"]
+    fig, (batch, pages, queue) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    batch.plot(t, series["batch_size"], lw=0.8)
+    batch.set_ylabel("batch size (mean)")
+    pages.plot(t, [v * 100 for v in series["page_utilisation"]], lw=0.8)
+    pages.set_ylabel("pages used (%, mean)")
+    pages.set_ylim(0, 105)
+    hit = [(x, n) for x, n in zip(t, series["preemptions"]) if n > 0]
+    if hit:  # a marker at the top of the pages panel for every bin with a preemption
+        pages.scatter([x for x, _ in hit], [102] * len(hit), marker="v", color="tab:red", s=14,
+                      label=f"preemptions ({int(sum(n for _, n in hit))} in {len(hit)} bins)")
+        pages.legend(loc="lower right", fontsize="small")
+    queue.step(t, series["waiting_max"], where="mid", lw=0.8)
+    queue.set_ylabel("queue length (max)")
+    for ax in (batch, pages, queue):
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("simulated time (s)")
-    fig.suptitle("kvpager simulate")
+    queue.set_xlabel("simulated time (s)")
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -35,7 +35,7 @@ class Simulator:
         self.config = config or SchedulerConfig()
         self.cost = cost or CostModel()
         self.page_size = page_size
-        self.allocator = BlockAllocator(num_pages)
+        self.allocator = BlockAllocator(num_pages, page_size)
         self.scheduler = Scheduler(self.config, self.allocator, page_size, want_slots=False)
         self.metrics = Metrics(num_pages)
         self.accept_rate = accept_rate
@@ -54,6 +54,8 @@ class Simulator:
             while i < n and arrival[i] <= self.clock:
                 self._submit(i, arrival[i], prompt[i], output[i])
                 i += 1
+            if not sched.has_work():  # every arrival so far was rejected (RequestTooLarge)
+                continue
             plan = sched.schedule()
             if plan.empty:
                 if sched.running:

@@ -35,6 +35,7 @@ class Recorded:
         self.model, self.forced = model, forced
         self.num_layers, self.num_heads = model.num_layers, model.num_heads
         self.vocab_size, self.device = model.vocab_size, model.device
+        self.config = model.config  # build_engine checks max_position_embeddings
         self.logits: dict[str, list[torch.Tensor]] = {}
 
     def _take(self, rid: str, row: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from kvpager import kernels
 from kvpager.config import CacheConfig
+from kvpager.errors import ConfigError
 from kvpager.runtime.engine import Engine
 from kvpager.runtime.request import SamplingParams
 from kvpager.runtime.scheduler import SchedulerConfig, pages_for
@@ -16,6 +17,7 @@ from kvpager.runtime.scheduler import SchedulerConfig, pages_for
 from .model import DeepseekV3
 
 PAGE_SIZE = 64
+TOKEN_BUDGET = 2048  # new tokens per engine step: the prefill chunk size
 
 
 def mla_path(device: torch.device, dtype: torch.dtype) -> str:
@@ -30,14 +32,20 @@ def mla_path(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
-                 spare_pages: int = 1) -> Engine:
+                 spare_pages: int = 1, token_budget: int = TOKEN_BUDGET) -> Engine:
     """An engine whose pool holds max_batch sequences of max_model_len tokens (+ spare_pages,
-    e.g. the CUDA-graph padding page), in `dtype` on the model's device."""
+    e.g. the CUDA-graph padding page), in `dtype` on the model's device. A step takes at most
+    token_budget new tokens (at least one per running request), so a long prompt is prefilled
+    in chunks of about that size: its activations stay O(token_budget), whatever its length."""
+    limit = model.config.max_position_embeddings
+    if max_model_len > limit:
+        raise ConfigError(f"max_model_len={max_model_len} exceeds the model's "
+                          f"max_position_embeddings ({limit}); keep prompt + new tokens within it")
     num_pages = max_batch * pages_for(max_model_len, PAGE_SIZE) + spare_pages
     cache = CacheConfig(num_layers=model.num_layers, num_pages=num_pages, page_size=PAGE_SIZE,
                         dtype=dtype, device=str(model.device))
     sched = SchedulerConfig(max_batch_size=max_batch, max_model_len=max_model_len,
-                            max_num_batched_tokens=max(4096, max_model_len, max_batch))
+                            max_num_batched_tokens=max(token_budget, max_batch))
     return Engine(model, cache, sched)
 
 
