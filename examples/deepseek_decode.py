@@ -26,7 +26,7 @@ def device_arg(text: str) -> torch.device:
     try:  # CacheConfig's device check: the one place that knows what "usable" means
         return torch.device(CacheConfig(num_layers=1, num_pages=1, device=text).device)
     except ConfigError as exc:
-        why = str(exc).removeprefix("invalid CacheConfig: ").replace("device=", "--device ")
+        why = str(exc).removeprefix("invalid CacheConfig: ").replace("device=", "")
         raise argparse.ArgumentTypeError(why) from None
 
 

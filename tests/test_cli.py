@@ -1,5 +1,12 @@
+import json
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
 
 from kvpager import cli
 
@@ -39,3 +46,114 @@ def test_bench_scheduler_with_mtp_keeps_every_request_running(capsys):
     assert cli.main(["bench", "scheduler", "--mtp", "2", "--steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "s_q=3" in out and "schedule" in out
+
+
+# --- user mistakes: `kvpager <command>: error: ...`, exit status 2, never a traceback ----------
+# (the command line as docs/bad-inputs.md shows it, a regex the error line matches); {file} is
+# an existing file, {missing} a path that does not exist, {bad_trace} a CSV without output_len.
+CLI_MISTAKES = [
+    ("kvpager simulate --num-pages 0", r"argument --num-pages: 0 must be >= 1"),
+    ("kvpager simulate --accept-rate 1.5", r"argument --accept-rate: 1.5 is not a probability"),
+    ("kvpager simulate --sigma -1", r"argument --sigma: -1 must be >= 0"),
+    ("kvpager simulate --mtp -1", r"argument --mtp: -1 must be >= 0"),
+    ("kvpager simulate --mtp 20",
+     r"--max-tokens=4096 cannot decode a full batch \(--max-batch-size=256 x s_q=21\)"),
+    ("kvpager simulate --out {file}", r"argument --out: .* exists and is not a directory"),
+    ("kvpager simulate --trace {missing}", r"argument --trace: .* does not exist"),
+    ("kvpager simulate --trace {bad_trace}", r"trace .* lacks \['output_len'\]"),
+    ("kvpager simulate --kv-memory-gb 0.00001", r"--kv-memory-gb 1e-05 holds no page"),
+    ("kvpager simulate --rate nan", r"argument --rate: 'nan' is not a finite number"),
+    ("kvpager simulate --requests x", r"argument --requests: 'x' is not an int"),
+    ("kvpager bench tables --churn 2", r"argument --churn: 2 is not a probability"),
+    ("kvpager bench scheduler --batch 0", r"argument --batch: 0 must be >= 1"),
+    ("kvpager bench kernel (no Hopper GPU)", r"(no CUDA device here|the kernel cannot run here)"),
+    ("kvpager simulatte", r"argument command: invalid choice: 'simulatte'"),
+]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """kvpager's exit status and stderr, whether argparse exits or main returns."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, match", CLI_MISTAKES, ids=[m[0] for m in CLI_MISTAKES])
+def test_user_mistakes_get_one_error_line_and_status_2(line, match, tmp_path, capsys):
+    existing = tmp_path / "existing.txt"
+    existing.write_text("x")
+    bad_trace = tmp_path / "bad.csv"
+    bad_trace.write_text("arrival,prompt_len\n0,1\n")
+    if "kernel" in line and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv = line.split(" (")[0].format(file=existing, missing=tmp_path / "nope.csv",
+                                      bad_trace=bad_trace).split()[1:]
+    code, err = run_cli(argv + (["--no-progress"] if argv[0] == "simulate" else []), capsys)
+    command = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
+    assert code == 2
+    assert "Traceback" not in err
+    assert re.search(rf"^kvpager( {command})?: error: .*{match}", err, re.M), err
+
+
+def test_every_cli_mistake_is_in_the_docs_table():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md").read_text()
+    missing = [line for line, _ in CLI_MISTAKES if f"| `{line}` |" not in doc]
+    assert not missing, f"add these to docs/bad-inputs.md: {missing}"
+
+
+def test_simulate_ends_cleanly_when_the_last_arrival_is_rejected(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival,prompt_len,output_len\n0.0,100,20\n0.1,100000,20\n")
+    out = tmp_path / "out"
+    assert cli.main(["simulate", "--trace", str(trace), "--no-progress", "--out", str(out)]) == 0
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["summary"]["requests_finished"] == 1 and doc["summary"]["requests_rejected"] == 1
+    assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_simulate_with_every_request_rejected_still_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["simulate", "--requests", "20", "--num-pages", "1", "--no-progress",
+                     "--out", str(out)]) == 0
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["summary"]["requests_rejected"] == 20 and doc["summary"]["steps"] == 0
+    assert (out / "timeline.png").exists()
+
+
+def test_help_does_not_import_torch_and_answers_fast():
+    code = ("import sys\nfrom kvpager import cli\ntry:\n    cli.main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("[]"), result.stdout + result.stderr
+    seconds = []
+    for _ in range(3):  # the best of three: another job on the machine can stall one run
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kvpager.cli", "--help"], capture_output=True,
+                       timeout=60, check=True)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 0.5, f"kvpager --help took {min(seconds):.2f} s"
+
+
+def test_version_and_defaults_in_help(capsys):
+    from kvpager import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"kvpager {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "synthetic requests (default: 10000)" in text and "(default: 0.7)" in text
+
+
+def test_bench_tables_shows_a_progress_bar_on_stderr(capsys):
+    args = ["bench", "tables", "--batch", "4", "--steps", "150", "--warmup", "0", "--order", "swap"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "bench tables" in captured.err and "step" in captured.err
+    assert "bench tables" not in captured.out  # the figures' table stays clean
+    assert cli.main(args + ["--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

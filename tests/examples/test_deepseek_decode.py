@@ -3,6 +3,7 @@ runs it through the engine and prints the MLA path, tokens/s and sample tokens."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from kvpager.cli import main as kvpager_main
 from kvpager.errors import ConfigError
 from kvpager.examples.deepseek.config import ModelConfig
 from kvpager.examples.deepseek.cuda_graph import GraphedDecode
-from kvpager.examples.deepseek.runner import build_engine
+from kvpager.examples.deepseek.runner import TOKEN_BUDGET, build_engine
 from kvpager.examples.deepseek.weights import random_model
+from kvpager.runtime.request import SamplingParams
 
 ARGS = ["--batch", "3", "--max-new-tokens", "4", "--prompt-len", "20"]
 TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -64,3 +66,60 @@ def test_cuda_graphs_refuse_a_cpu_model():
     engine = build_engine(model, 2, 64, torch.float32)
     with pytest.raises(ConfigError, match="CUDA"):
         GraphedDecode(model, engine.allocator, 2)
+
+
+# (the command line as docs/bad-inputs.md shows it, a regex the error line matches); each is
+# refused before any weight is loaded.
+DEMO_MISTAKES = [
+    ("kvpager demo --device cuda (CPU-only torch)", r"argument --device: 'cuda': this torch build has no CUDA; use 'cpu'"),
+    ("kvpager demo --device gpu", r"argument --device: 'gpu' is not a torch device"),
+    ("kvpager demo --temperature -1", r"argument --temperature: -1 must be >= 0"),
+    ("kvpager demo --batch 0", r"argument --batch: 0 must be >= 1"),
+    ("kvpager demo --prompt-len 17000",
+     r"--prompt-len 17000 \+ --max-new-tokens 32 exceeds the model's max_position_embeddings \(16384\)"),
+    ("kvpager demo --prompt-len 100000", r"max_position_embeddings"),
+    ("kvpager demo --cuda-graphs (on the CPU)", r"--cuda-graphs needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("line, match", DEMO_MISTAKES, ids=[m[0] for m in DEMO_MISTAKES])
+def test_demo_mistakes_are_refused_before_the_model_loads(line, match, monkeypatch, capsys):
+    if torch.cuda.is_available() and "cuda" in line:
+        pytest.skip("a GPU is present")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("kvpager.examples.deepseek.weights.load_model", no_loading)
+    try:
+        code = kvpager_main(line.split(" (")[0].split()[1:])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.search(rf"^kvpager demo: error: .*{match}", err, re.M), err
+
+
+def test_every_demo_mistake_is_in_the_docs_table():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md").read_text()
+    missing = [line for line, _ in DEMO_MISTAKES if f"| `{line}` |" not in doc]
+    assert not missing, f"add these to docs/bad-inputs.md: {missing}"
+
+
+def test_long_prompts_are_prefilled_in_chunks_of_the_token_budget():
+    model = random_model(TINY)
+    engine = build_engine(model, 1, 5000, torch.float32)
+    assert engine.config.max_num_batched_tokens == TOKEN_BUDGET < 5000
+    engine.submit([2 + i % 200 for i in range(4000)], SamplingParams(max_new_tokens=1))
+    chunks = []
+    for _ in range(2):  # plan only: no model call needed
+        for req, _, n, _ in engine.scheduler.schedule().prefill:
+            chunks.append(n)
+            req.num_computed += n
+    assert chunks == [TOKEN_BUDGET, 4000 - TOKEN_BUDGET]
+
+
+def test_build_engine_refuses_lengths_beyond_the_models_positions():
+    model = random_model(TINY)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        build_engine(model, 1, TINY.max_position_embeddings + 1, torch.float32)

@@ -163,3 +163,24 @@ def test_draft_helpers():
     assert accept_drafts([7, 8], [7, 8, 9]) == [7, 8, 9]
     assert accept_drafts([7, 1], [7, 8, 9]) == [7, 8]
     assert accept_drafts([0, 8], [7, 8, 9]) == [7]
+
+
+def test_a_cpu_engine_warns_once_when_torch_uses_several_threads(caplog, monkeypatch):
+    import torch
+
+    from kvpager.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_threads_warned", False)
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level("WARNING", logger="kvpager"):
+            engine()
+            engine()
+    finally:
+        torch.set_num_threads(1)
+    warnings = [r for r in caplog.records if "torch.set_num_threads(1)" in r.getMessage()]
+    assert len(warnings) == 1 and "2 threads" in warnings[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(engine_module, "_threads_warned", False)
+    engine()  # one thread: nothing to say
+    assert not caplog.records

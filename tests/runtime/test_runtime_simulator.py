@@ -76,3 +76,25 @@ def test_cli_writes_outputs(tmp_path, capsys):
 def test_scheduler_bench_runs():
     times = bench.measure(batch=64, steps=20, prompt_len=100)
     assert len(times["total"]) == 20 and np.all(np.asarray(times["total"]) > 0)
+
+
+def test_timeline_shows_the_longest_queue_and_every_preemption():
+    wl = synthetic(300, 200.0, seed=1, length_dist="uniform", prompt_mean=300, output_mean=200)
+    sim, metrics = simulate(wl, num_pages=40)
+    series = metrics.timeseries(bins=50)
+    waiting = np.frombuffer(metrics.steps["waiting"])
+    assert max(series["waiting_max"]) == waiting.max()  # the peak, not a bin's mean
+    assert all(m >= a for m, a in zip(series["waiting_max"], series["waiting"]))
+    assert sum(series["preemptions"]) == metrics.summary()["preemptions"] > 0
+
+
+def test_png_title_names_the_configuration(tmp_path, monkeypatch, capsys):
+    from kvpager.runtime import simulate_cli
+
+    titles = []
+    monkeypatch.setattr(simulate_cli, "_plot", lambda series, path, title: titles.append(title))
+    assert main(["simulate", "--requests", "50", "--rate", "7", "--arrivals", "bursty",
+                 "--num-pages", "300", "--max-batch-size", "16", "--mtp", "1", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    for part in ("50 requests", "bursty 7/s", "300 pages", "batch <= 16", "MTP 1 @ 0.7", "seed 0"):
+        assert part in titles[0]
