@@ -91,7 +91,7 @@ class Metrics:
         self.finished = 0
         self.aborted = 0
         self.first_arrival: float | None = None
-        # per-step aggregates, kept in both modes
+        # per-step aggregates: folded in by record_step, or from the columns by summary()
         self.num_steps = 0
         self.last_time = 0.0
         self.batch_size_total = 0.0
@@ -100,10 +100,12 @@ class Metrics:
         self.preemptions = 0
 
     def record_step(self, **values: float) -> None:
-        """One value per STEP_COLUMNS name."""
+        """One value per STEP_COLUMNS name: appended to the columns (keep_all), else folded
+        into the aggregates (summary() reads whichever is kept)."""
         if self.steps is not None:
             for name, column in self.steps.items():
                 column.append(values[name])
+            return
         self.num_steps += 1
         self.last_time = values["time"]
         self.batch_size_total += values["batch_size"]
@@ -132,8 +134,21 @@ class Metrics:
         if tpot is not None:
             self.tpot.add(tpot)
 
+    def _fold_columns(self) -> None:
+        """The per-step aggregates, from the columns (keep_all: record_step only appends)."""
+        steps = self.steps
+        used = np.frombuffer(steps["pages_used"], dtype=np.float64)
+        self.num_steps = used.size
+        self.last_time = steps["time"][-1] if used.size else 0.0
+        self.batch_size_total = float(np.sum(steps["batch_size"]))
+        self.pages_used_total = float(used.sum())
+        self.pages_used_max = float(used.max()) if used.size else 0.0
+        self.preemptions = int(sum(steps["preemptions"]))
+
     def summary(self) -> dict:
         """Totals, throughput and p50/p90/p99 (+ mean) of each latency, in seconds."""
+        if self.steps is not None:
+            self._fold_columns()
         n = self.num_steps
         end = self.last_time if n else 0.0
         elapsed = max(end - (self.first_arrival or 0.0), 1e-12)
