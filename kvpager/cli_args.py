@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 
@@ -78,9 +79,16 @@ def input_file(text: str) -> Path:
 
 
 def output_dir(text: str) -> Path:
-    """A directory to write into: new, or an existing directory (its files are replaced)."""
+    """A directory to write into: new, or an existing directory (its files are replaced); in a
+    place this process can write, so that a long run does not fail at its very end."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory; give a new or "
                                          f"an existing directory")
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: {parent} is not a writable "
+                                         f"directory")
     return path

@@ -39,8 +39,9 @@ def synthetic(num_requests: int, rate: float, seed: int = 0, arrivals: str = "po
     if arrivals == "poisson":
         gaps = rng.exponential(1.0 / rate, num_requests)
     elif arrivals == "bursty":
-        if burstiness <= 0:
-            raise ConfigError(f"burstiness={burstiness} must be > 0 (1 = Poisson, > 1 = bursty)")
+        if not 0.01 <= burstiness <= 100:
+            raise ConfigError(f"burstiness={burstiness} must be in [0.01, 100] (the coefficient "
+                              f"of variation of the gaps: 1 = Poisson, > 1 = bursty)")
         shape = 1.0 / burstiness**2  # gamma CV = 1/sqrt(shape)
         gaps = rng.gamma(shape, 1.0 / (rate * shape), num_requests)
     else:
@@ -69,12 +70,20 @@ def load_trace(path: str | Path) -> Workload:
     path = Path(path)
     if not path.exists():
         raise InvalidArgument(f"trace {path} does not exist")
-    if path.suffix in (".jsonl", ".ndjson"):
-        with path.open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+    try:
+        if path.suffix in (".jsonl", ".ndjson"):
+            with path.open() as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+    except (ValueError, csv.Error) as exc:  # bad JSON, not UTF-8 text, a malformed CSV
+        raise InvalidArgument(f"trace {path} cannot be read as "
+                              f"{'JSONL' if path.suffix in ('.jsonl', '.ndjson') else 'CSV'}: "
+                              f"{exc}") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise InvalidArgument(f"trace {path}: every JSONL line must be an object with keys "
+                              f"{list(FIELDS)}")
     if not rows:
         raise InvalidArgument(f"trace {path} has no rows")
     missing = [k for k in FIELDS if k not in rows[0]]

@@ -50,7 +50,8 @@ def test_bench_scheduler_with_mtp_keeps_every_request_running(capsys):
 
 # --- user mistakes: `kvpager <command>: error: ...`, exit status 2, never a traceback ----------
 # (the command line as docs/bad-inputs.md shows it, a regex the error line matches); {file} is
-# an existing file, {missing} a path that does not exist, {bad_trace} a CSV without output_len.
+# an existing file, {missing} a path that does not exist, {bad_trace} a CSV without output_len,
+# {bad_jsonl} a JSONL file whose second line is not JSON.
 CLI_MISTAKES = [
     ("kvpager simulate --num-pages 0", r"argument --num-pages: 0 must be >= 1"),
     ("kvpager simulate --accept-rate 1.5", r"argument --accept-rate: 1.5 is not a probability"),
@@ -61,6 +62,8 @@ CLI_MISTAKES = [
     ("kvpager simulate --out {file}", r"argument --out: .* exists and is not a directory"),
     ("kvpager simulate --trace {missing}", r"argument --trace: .* does not exist"),
     ("kvpager simulate --trace {bad_trace}", r"trace .* lacks \['output_len'\]"),
+    ("kvpager simulate --trace {bad_jsonl}", r"trace .*bad.jsonl cannot be read as JSONL"),
+    ("kvpager simulate --arrivals bursty --burstiness 1e-300", r"burstiness=1e-300 must be in \[0.01, 100\]"),
     ("kvpager simulate --kv-memory-gb 0.00001", r"--kv-memory-gb 1e-05 holds no page"),
     ("kvpager simulate --rate nan", r"argument --rate: 'nan' is not a finite number"),
     ("kvpager simulate --requests x", r"argument --requests: 'x' is not an int"),
@@ -86,10 +89,12 @@ def test_user_mistakes_get_one_error_line_and_status_2(line, match, tmp_path, ca
     existing.write_text("x")
     bad_trace = tmp_path / "bad.csv"
     bad_trace.write_text("arrival,prompt_len\n0,1\n")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"arrival": 0, "prompt_len": 3, "output_len": 2}\n{bad json\n')
     if "kernel" in line and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     argv = line.split(" (")[0].format(file=existing, missing=tmp_path / "nope.csv",
-                                      bad_trace=bad_trace).split()[1:]
+                                      bad_trace=bad_trace, bad_jsonl=bad_jsonl).split()[1:]
     code, err = run_cli(argv + (["--no-progress"] if argv[0] == "simulate" else []), capsys)
     command = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
     assert code == 2
