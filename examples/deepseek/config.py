@@ -119,7 +119,16 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found: --model-dir must hold a DeepseekV3 config.json")
-    return from_hf_dict(json.loads(path.read_text()))
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ConfigError(f"{path} is not a JSON config: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a DeepseekV3 config)")
+    try:
+        return from_hf_dict(config)
+    except TypeError as exc:  # a field of the wrong type reached ModelConfig's checks
+        raise ConfigError(f"{path} is not a DeepseekV3 config: {exc}") from None
 
 
 def save_config(cfg: ModelConfig, model_dir: str | Path) -> None:

@@ -123,3 +123,9 @@ def test_build_engine_refuses_lengths_beyond_the_models_positions():
     model = random_model(TINY)
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         build_engine(model, 1, TINY.max_position_embeddings + 1, torch.float32)
+
+
+def test_a_config_that_is_not_json_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    assert kvpager_main(["demo", "--model-dir", str(tmp_path)]) == 2
+    assert re.search(r"^kvpager demo: error: .*config.json is not a JSON config", capsys.readouterr().err, re.M)
