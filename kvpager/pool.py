@@ -14,6 +14,8 @@ class PagePool:
     """
 
     def __init__(self, config: CacheConfig) -> None:
+        if not isinstance(config, CacheConfig):
+            raise InvalidArgument(f"PagePool takes a CacheConfig, got {type(config).__name__}")
         self.config = config
         self.num_layers = config.num_layers
         self.num_pages = config.resolved_num_pages
@@ -58,6 +60,9 @@ class PagePool:
             raise InvalidArgument(f"slot_mapping must be an int64 [n] tensor, got "
                                   f"{_describe(slot_mapping)}; use Sequence.append's result")
         n = slot_mapping.numel()
+        if not isinstance(latent, torch.Tensor):
+            raise InvalidArgument(f"latent must be a tensor [n, h_kv, head_dim], got "
+                                  f"{type(latent).__name__}")
         if latent.dim() == 2 and self.num_kv_heads == 1:
             latent = latent.unsqueeze(1)
         if tuple(latent.shape) != (n, self.num_kv_heads, self.head_dim):
@@ -97,8 +102,9 @@ class PagePool:
         self.kv.index_copy_(1, dst_t, self.kv.index_select(1, src_t))
 
     def _check_layer(self, i: int) -> None:
-        if not 0 <= i < self.num_layers:
-            raise InvalidArgument(f"layer {i} is outside [0, {self.num_layers})")
+        if type(i) is not int and (isinstance(i, bool) or not hasattr(i, "__index__")) \
+                or not 0 <= i < self.num_layers:
+            raise InvalidArgument(f"layer {i!r} is not an int in [0, {self.num_layers})")
 
 
 def _describe(x: object) -> str:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvpager import BlockAllocator, CacheConfig, Sequence, flash_mla_with_kvcache, get_mla_metadata
+from kvpager import (BlockAllocator, CacheConfig, PagePool, Sequence, flash_mla_with_kvcache,
+                     get_mla_metadata)
 from kvpager.errors import (ConfigError, DoubleFree, DuplicateRequest, InvalidArgument,
                             KVPagerError, RequestError, RequestTooLarge, UnknownRequest)
 from kvpager.runtime.engine import Engine
@@ -113,6 +114,13 @@ CASES = [
     ("Sequence('s', None)", lambda: Sequence("s", None), InvalidArgument, r"must be a BlockAllocator"),
     ("Sequence.append(2.5)", lambda: Sequence("s", BlockAllocator(8)).append(2.5),
      InvalidArgument, r"token count 2.5 must be an int"),
+    ("PagePool({'num_layers': 1})", lambda: PagePool({"num_layers": 1}),
+     InvalidArgument, r"PagePool takes a CacheConfig, got dict"),
+    ("pool.layer(2.5)", lambda: PagePool(cache()).layer(2.5), InvalidArgument,
+     r"layer 2.5 is not an int in \[0, 1\)"),
+    ("pool.write(0, slots, [0.0] * 576)",
+     lambda: PagePool(cache()).write(0, torch.tensor([0]), [0.0] * 576), InvalidArgument,
+     r"latent must be a tensor"),
     ("MLA metadata for h_q=16 used with h_q=128", mla_with_metadata_for_other_heads,
      InvalidArgument, r"computed for other heads"),
     # the engine
