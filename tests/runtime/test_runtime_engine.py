@@ -168,9 +168,9 @@ def test_draft_helpers():
 def test_a_cpu_engine_warns_once_when_torch_uses_several_threads(caplog, monkeypatch):
     import torch
 
-    from kvpager.runtime import engine as engine_module
+    from kvpager.runtime import checks
 
-    monkeypatch.setattr(engine_module, "_threads_warned", False)
+    monkeypatch.setattr(checks, "_threads_warned", False)
     torch.set_num_threads(2)
     try:
         with caplog.at_level("WARNING", logger="kvpager"):
@@ -181,6 +181,6 @@ def test_a_cpu_engine_warns_once_when_torch_uses_several_threads(caplog, monkeyp
     warnings = [r for r in caplog.records if "torch.set_num_threads(1)" in r.getMessage()]
     assert len(warnings) == 1 and "2 threads" in warnings[0].getMessage()
     caplog.clear()
-    monkeypatch.setattr(engine_module, "_threads_warned", False)
+    monkeypatch.setattr(checks, "_threads_warned", False)
     engine()  # one thread: nothing to say
     assert not caplog.records
