@@ -3,7 +3,7 @@
 KVPAGER_BUILD_CUDA=1 forces the extension (fails loudly if it cannot be built),
 KVPAGER_BUILD_CUDA=0 skips it; unset, it is built when torch is a CUDA build and nvcc is found.
 KVPAGER_DEBUG=1 builds with device-side asserts and line info.
-The small C++ module behind EventTables (kvpager._row_events) is built everywhere a C++ compiler
+The small C++ module behind BlockTables (kvpager._block_table) is built everywhere a C++ compiler
 is found; it is optional (a failed build leaves the pure-Python path, same results).
 """
 import glob
@@ -98,20 +98,20 @@ def _cuda_extension():
     )
 
 
-def _row_events_extension():
-    """kvpager._row_events: plain C++ against the pybind11 headers torch ships (no libtorch)."""
+def _block_table_extension():
+    """kvpager._block_table: plain C++ against the pybind11 headers torch ships (no libtorch)."""
     from setuptools import Extension
 
     try:
         import torch
     except ImportError:
-        _say("skipping the C++ row events (torch, whose pybind11 headers they use, is not "
-             "installed); EventTables will use its Python path.")
+        _say("skipping the C++ block-table rows (torch, whose pybind11 headers they use, is not "
+             "installed); BlockTables will use its Python path.")
         return []
     include = os.path.join(os.path.dirname(torch.__file__), "include")
     return [Extension(
-        "kvpager._row_events",
-        sources=["kvpager/csrc/row_events.cpp"],
+        "kvpager._block_table",
+        sources=["kvpager/csrc/block_table.cpp"],
         include_dirs=[include],
         language="c++",
         extra_compile_args=["-O2", "-std=c++17", "-fvisibility=hidden"],
@@ -120,7 +120,7 @@ def _row_events_extension():
 
 
 def _build_options():
-    ext_modules = _row_events_extension()
+    ext_modules = _block_table_extension()
     build, reason = _cuda_build_reason()
     if not build:
         _say(f"skipping the CUDA kernel extension ({reason}); kvpager will use the PyTorch reference MLA.")

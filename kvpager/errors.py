@@ -7,7 +7,7 @@ class KVPagerError(Exception):
 
 
 class ConfigError(KVPagerError, ValueError):
-    """A configuration value is invalid (CacheConfig, EngineConfig, CLI options)."""
+    """A configuration value is invalid (CacheConfig, SchedulerConfig, CLI options)."""
 
 
 class InvalidArgument(KVPagerError, ValueError):
@@ -56,16 +56,17 @@ class InvariantViolation(AllocatorError):
     """check_invariants() found broken allocator state (a bug, never bad user input)."""
 
 
-class RowOutOfRange(InvalidArgument):
-    """A batch-table row outside the active rows [0, B) (e.g. leave() of a row no sequence holds)."""
+class NoSuchRow(InvalidArgument):
+    """A handle that holds no row in the block tables (never joined, or already left)."""
 
 
 class BatchFull(InvalidArgument):
-    """EventTables.join() with all max_batch rows taken."""
+    """BlockTables.join() with all max_batch rows taken."""
 
 
 class TablesOutOfSync(KVPagerError):
-    """EventTables.check() found rows that differ from what update(seqs) builds (a missed event)."""
+    """The block tables disagree with the sequences: a grow() no reserve made, or check() found
+    a missed event."""
 
 
 class SequenceTooLong(KVPagerError):

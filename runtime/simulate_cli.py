@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from kvpager.config import CacheConfig
+from kvpager import CacheConfig
 from kvpager.errors import KVPagerError
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import (DEEPSEEK_V3_LAYERS, H100_READ_BANDWIDTH, CostModel)

@@ -6,12 +6,13 @@ from kvpager import cli
 
 def test_bench_tables_prints_figures(capsys):
     code = cli.main(["bench", "tables", "--batch", "8", "--steps", "20", "--warmup", "5",
-                     "--order", "stable", "--churn", "0.2", "--max-len", "256"])
+                     "--path", "events", "rebuild", "--churn", "0.2", "--max-len", "256"])
     out = capsys.readouterr().out
     assert code == 0
     lines = [line.split() for line in out.splitlines() if line.strip().startswith("8 ")]
-    assert {line[2] for line in lines} == {"cold", "warm"}
-    assert all(float(line[3]) > 0 for line in lines)
+    assert {line[1] for line in lines} == {"cold", "warm"}
+    assert {line[-1] for line in lines} == {"events", "rebuild"}
+    assert all(float(line[2]) > 0 for line in lines)
 
 
 def test_console_script_help():
@@ -23,14 +24,13 @@ def test_console_script_help():
 
 
 def test_bench_tables_times_both_event_paths(capsys):
-    from kvpager.table_events import NATIVE_AVAILABLE
+    from kvpager.block_table import NATIVE_AVAILABLE
 
-    assert cli.main(["bench", "tables", "--batch", "16", "--steps", "20", "--warmup", "5",
-                     "--order", "swap"]) == 0
+    assert cli.main(["bench", "tables", "--batch", "16", "--steps", "20", "--warmup", "5"]) == 0
     paths = {line.split()[-1] for line in capsys.readouterr().out.splitlines()
              if line.strip().startswith("16 ")}
-    assert paths == ({"update", "events", "events-py"} if NATIVE_AVAILABLE else
-                     {"update", "events"})
+    assert paths == ({"rebuild", "events", "events-py"} if NATIVE_AVAILABLE else
+                     {"rebuild", "events"})
 
 
 def test_bench_scheduler_with_mtp_keeps_every_request_running(capsys):

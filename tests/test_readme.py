@@ -10,3 +10,4 @@ def test_readme_usage_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].shape == (2, 1, 16, 512) and scope["lse"].shape == (2, 16, 1)
     assert not scope["out"].isnan().any()
+    assert scope["cache_seqlens"].tolist() == [100, 101]

@@ -1,0 +1,392 @@
+"""BlockTables: the kernel's block_table and cache_seqlens for a batch, kept by events.
+
+A page id's path: Sequence.reserve allocates it; the owner of the sequence reports it here
+(join / append_pages, keyed by a handle the owner chooses); view() hands block_table and
+cache_seqlens to the device (TableUpload on a GPU); kvpager.mla reads them. The tables never
+read a Sequence except in rebuild() and check(), the plain paths.
+"""
+from __future__ import annotations
+
+import operator
+from array import array
+from collections.abc import Hashable, Iterable
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kvpager.errors import BatchFull, InvalidArgument, NoSuchRow, SequenceTooLong, TablesOutOfSync
+from kvpager.table_upload import TableUpload
+
+if TYPE_CHECKING:
+    from kvpager.sequence import Sequence
+
+try:  # the row primitives in C++ (kvpager/csrc/block_table.cpp); optional, same results
+    from kvpager._block_table import Rows as NativeRows
+except ImportError:
+    NativeRows = None
+
+NATIVE_AVAILABLE = NativeRows is not None
+"""Whether the C++ row primitives were built (pip builds them wherever a C++ compiler exists)."""
+
+PAD_PAGE = 0
+"""Entries past a row's pages hold PAD_PAGE: a valid page id, so a stray (speculative) read stays
+in bounds, but nothing may rely on it: readers use the first ceil(cache_seqlens[b] / page_size)."""
+
+
+def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor,
+                 page_size: int) -> torch.Tensor:
+    """Cache slot (page * page_size + offset) of each position: int64, positions' shape.
+    block_table int32 [b, max_pages], positions int64 [b, s] (token indices of row b's sequence).
+    One gather on block_table's device."""
+    return block_table.long().gather(1, positions // page_size) * page_size + positions % page_size
+
+
+class BlockTables:
+    """block_table int32 [max_batch, max_pages] and cache_seqlens int32 [max_batch]; rows 0..B-1
+    are in use, one per handle (any hashable the caller owns: a request, a sequence).
+
+    Events carry their data and check it before changing anything (errors change nothing):
+      join(handle, page_ids, num_tokens) -> row: the handle takes row B.
+      append_pages(handle, page_ids, start=None): the handle's sequence gained pages (start <
+        the pages held: entries from start were replaced, e.g. copy-on-write).
+      grow(n, total_tokens): every row grew by n tokens (or by n[r], one int per row);
+        total_tokens is the rows' sum after it, which the tables check, so a grow the
+        sequences did not make (no Sequence.reserve) is refused.
+      leave(handle): the last row moves into the gap (so rows stay dense).
+      rebuild(seqs, handles=None): every row from scratch (the plain path; also how a caller
+        re-derives the tables after a failure).
+    Reads: view(), handles (row order), row(handle), num_pages(handle), crossing(n), check().
+
+    Invariants, for row r < B whose handle's sequence is s:
+      cache_seqlens[r] == s.num_tokens <= pages[r] * page_size;
+      block_table[r, :pages[r]] == s.pages, and entries past them hold PAD_PAGE;
+      total == sum(cache_seqlens[:B]).
+    Cost: join / append_pages O(pages given), leave O(pages moved), grow and crossing one pass
+    over [B]; no event reads a Sequence. The row primitives run in C++ when built (native=None
+    picks them; False forces the Python twin, which gives bit-identical buffers).
+    """
+
+    def __init__(self, max_batch: int, max_pages: int, device: torch.device | str = "cpu",
+                 page_size: int = 64, native: bool | None = None) -> None:
+        for name, value in (("max_batch", max_batch), ("max_pages", max_pages),
+                            ("page_size", page_size)):
+            if operator.index(value) < 1:
+                raise InvalidArgument(f"{name}={value} must be >= 1")
+        if max_pages * page_size >= 2**31:
+            raise InvalidArgument(f"max_pages * page_size = {max_pages * page_size} tokens does "
+                                  f"not fit cache_seqlens' int32; lower max_pages")
+        if native and not NATIVE_AVAILABLE:
+            raise InvalidArgument("native=True but kvpager._block_table was not built; reinstall "
+                                  "kvpager where a C++ compiler is available, or pass native=None")
+        self.max_batch, self.max_pages, self.page_size = max_batch, max_pages, page_size
+        self.device = torch.device(device)
+        self._table = np.full((max_batch, max_pages), PAD_PAGE, dtype=np.int32)
+        self._lens = np.zeros(max_batch, dtype=np.int32)
+        self._pages = np.zeros(max_batch, dtype=np.int32)  # page ids written per row
+        self._dirty = np.zeros(max_batch, dtype=np.uint8)  # rows to upload at the next view()
+        self._handles: list[Hashable] = []
+        self._row: dict[Hashable, int] = {}
+        self._total = 0
+        self._lens_mv, self._pages_mv = memoryview(self._lens), memoryview(self._pages)
+        buffers = (self._table, self._lens, self._pages, self._dirty)
+        if native is not False and NATIVE_AVAILABLE:
+            # Addresses of buffers this object keeps alive and never rebinds.
+            self._rows = NativeRows(*(b.ctypes.data for b in buffers), max_batch, max_pages,
+                                    page_size)
+        else:
+            self._rows = PyRows(*buffers, page_size)
+        self.native = not isinstance(self._rows, PyRows)
+        self.block_table, self.cache_seqlens = torch.from_numpy(self._table), \
+            torch.from_numpy(self._lens)
+        self._upload = None
+        if self.device.type != "cpu":
+            self.block_table = self.block_table.to(self.device)
+            self._upload = TableUpload(max_batch, max_pages, self.device, self.cache_seqlens)
+            self.cache_seqlens = self._upload.cache_seqlens
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- reads ---------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return len(self._handles)
+
+    @property
+    def handles(self) -> list[Hashable]:
+        """The handles in row order (the batch order of view()). Do not mutate; copy it to
+        iterate while events may change the rows."""
+        return self._handles
+
+    def __contains__(self, handle: Hashable) -> bool:
+        return handle in self._row
+
+    def row(self, handle: Hashable) -> int:
+        """The row holding `handle`'s sequence; it changes when another row leaves."""
+        row = self._row.get(handle)
+        if row is None:
+            raise NoSuchRow(f"{handle!r} holds no row in these tables; join() it first")
+        return row
+
+    def num_pages(self, handle: Hashable) -> int:
+        """Page ids the handle's row holds."""
+        return self._pages_mv[self.row(handle)]
+
+    def crossing(self, n: int | Seq[int]) -> list[tuple[Hashable, int]]:
+        """(handle, pages held) of the rows whose next n tokens (n[r] for row r) need page ids
+        the tables do not hold: give them with append_pages before grow(n). One pass over [B]."""
+        batch, step = len(self._handles), _scalar(n)
+        if step is not None:
+            rows = self._rows.crossing(step, batch)
+        else:
+            rows = np.flatnonzero(self._lens[:batch] + self._amounts(n) > self._room(batch)).tolist()
+        handles, pages = self._handles, self._pages_mv
+        return [(handles[r], pages[r]) for r in rows]
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table int32 [B, max_pages], cache_seqlens int32 [B]) on the device: views of
+        persistent buffers, valid until the next event. CPU: the host buffers, no copy. GPU:
+        one packed H2D copy of cache_seqlens and the rows changed since the last view(), plus
+        one scatter, enqueued on the current stream (TableUpload)."""
+        batch = len(self._handles)
+        result = self._views.get(batch)
+        if result is None:
+            result = self._views[batch] = (self.block_table[:batch], self.cache_seqlens[:batch])
+        if self._upload is not None:
+            self._upload.upload(batch, self._lens, self._table, self._dirty, self.block_table)
+        return result
+
+    # --- events --------------------------------------------------------------------------------
+    def join(self, handle: Hashable, page_ids: Seq[int], num_tokens: int) -> int:
+        """Give `handle` row B holding page_ids and num_tokens; returns B. O(len(page_ids)).
+        Raises BatchFull, InvalidArgument (handle already in, bad ids or length) or
+        SequenceTooLong (more than max_pages ids)."""
+        row = len(self._handles)
+        if handle in self._row:
+            raise InvalidArgument(f"{handle!r} already holds row {self._row[handle]}; leave() it "
+                                  f"first or use append_pages()")
+        if row == self.max_batch:
+            raise BatchFull(f"cannot join {handle!r}: all max_batch={self.max_batch} rows are "
+                            f"taken; leave() one first or build with a larger max_batch")
+        count = self._check_pages(handle, len(page_ids))
+        if type(num_tokens) is not int or not 0 <= num_tokens <= count * self.page_size:
+            raise InvalidArgument(f"{handle!r}: num_tokens={num_tokens!r} must be an int in "
+                                  f"[0, {count} pages * {self.page_size}]")
+        self._write(handle, row, page_ids, 0, num_tokens)
+        self._handles.append(handle)
+        self._row[handle] = row
+        self._total += num_tokens
+        return row
+
+    def append_pages(self, handle: Hashable, page_ids: Seq[int], start: int | None = None) -> None:
+        """The handle's sequence now holds page_ids at entries [start, start + len(page_ids))
+        and no more: new pages (start=None: after those held) or, with start < the pages held,
+        replaced ones (copy-on-write of the last page). O(len(page_ids))."""
+        row = self.row(handle)
+        held = self._pages_mv[row]
+        start = held if start is None else start
+        if type(start) is not int or not 0 <= start <= held:
+            raise InvalidArgument(f"append_pages({handle!r}, start={start!r}): start must be an "
+                                  f"int in [0, {held}] (the pages the row holds)")
+        end = self._check_pages(handle, start + len(page_ids))
+        if self._lens_mv[row] > end * self.page_size:
+            raise InvalidArgument(f"{handle!r} holds {self._lens_mv[row]} tokens: {end} pages "
+                                  f"are too few")
+        self._write(handle, row, page_ids, start, -1)
+
+    def grow(self, n: int | Seq[int], total_tokens: int) -> None:
+        """Every row grew by n tokens (n[r] for row r, in row order): call it after the
+        sequences reserved them and their new pages were reported (crossing / append_pages).
+        total_tokens: the rows' tokens after the growth (the sum of their sequences'
+        num_tokens). Raises InvalidArgument (a row lacks the pages, a bad n) or TablesOutOfSync
+        (total_tokens disagrees: a grow no Sequence.reserve made) with nothing changed. One pass
+        over [B] (C++ for an int n)."""
+        batch, step = len(self._handles), _scalar(n)
+        if step is not None:
+            if not 0 <= step <= self.max_pages * self.page_size:
+                raise InvalidArgument(f"grow(n={n}): n must be in [0, max_pages * page_size = "
+                                      f"{self.max_pages * self.page_size}]")
+            after = self._total + step * batch
+        else:
+            n = self._amounts(n)
+            after = self._total + int(n.sum())
+        if after != total_tokens:
+            raise TablesOutOfSync(
+                f"grow: the rows would hold {after} tokens but total_tokens={total_tokens!r}; "
+                f"reserve the tokens on every row's sequence first and pass the sum of their "
+                f"num_tokens")
+        bad = self._rows.grow(step, batch) if step is not None else self._grow_rows(n, batch)
+        if bad >= 0:
+            raise InvalidArgument(
+                f"grow: row {bad} ({self._handles[bad]!r}) would hold more tokens than its "
+                f"{self._pages_mv[bad]} pages; report its new pages with append_pages first "
+                f"(crossing(n) lists them)")
+        self._total = after
+
+    def leave(self, handle: Hashable) -> None:
+        """Drop `handle`'s row; the last row moves into the gap. O(pages moved)."""
+        row = self.row(handle)
+        handles = self._handles
+        last = len(handles) - 1
+        self._total -= self._lens_mv[row]
+        if row != last:
+            self._rows.move(last, row)
+            moved = handles[row] = handles[last]
+            self._row[moved] = row
+        handles.pop()
+        del self._row[handle]
+
+    def rebuild(self, seqs: Seq[Sequence], handles: Seq[Hashable] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 0..len(seqs)-1 from the sequences (handles: one per sequence, default the
+        sequences themselves), then view(). O(sum of pages). Raises InvalidArgument or
+        SequenceTooLong before changing anything."""
+        handles = list(seqs) if handles is None else list(handles)
+        if len(handles) != len(seqs) or len(set(handles)) != len(handles):
+            raise InvalidArgument(f"rebuild needs one distinct handle per sequence: "
+                                  f"{len(seqs)} sequences, {len(set(handles))} distinct handles")
+        if len(seqs) > self.max_batch:
+            raise InvalidArgument(f"batch of {len(seqs)} sequences exceeds "
+                                  f"max_batch={self.max_batch}")
+        for seq in seqs:
+            if seq.page_size != self.page_size:
+                raise InvalidArgument(f"sequence {seq.seq_id!r} has page_size={seq.page_size} "
+                                      f"but the tables use {self.page_size}")
+            self._check_pages(seq.seq_id, seq.num_pages)
+        self._handles, self._row, self._total = [], {}, 0
+        for seq, handle in zip(seqs, handles):
+            self.join(handle, seq.pages, seq.num_tokens)
+        return self.view()
+
+    def check(self, seqs: Seq[Sequence], handles: Iterable[Hashable] | None = None) -> None:
+        """Raise TablesOutOfSync unless row r holds handles[r] (default seqs[r]) and seqs[r]'s
+        pages and num_tokens. O(B * pages); for tests and debugging."""
+        handles = list(seqs) if handles is None else list(handles)
+        if [id(h) for h in handles] != [id(h) for h in self._handles]:
+            raise TablesOutOfSync(f"rows hold {self._handles} but the batch is {handles}")
+        for row, seq in enumerate(seqs):
+            n = seq.num_pages
+            if (self._lens[row] != seq.num_tokens or self._pages[row] != n
+                    or self._table[row, :n].tolist() != seq.pages):
+                raise TablesOutOfSync(
+                    f"row {row} ({handles[row]!r}): tables hold {int(self._lens[row])} tokens, "
+                    f"pages {self._table[row, :self._pages[row]].tolist()}; the sequence has "
+                    f"{seq.num_tokens}, {seq.pages}. An event was missed")
+        if self._total != int(self._lens[:len(seqs)].sum()):
+            raise TablesOutOfSync(f"total {self._total} != sum of cache_seqlens (a tables bug)")
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _check_pages(self, handle: Hashable, count: int) -> int:
+        if count > self.max_pages:
+            raise SequenceTooLong(
+                f"{handle!r} needs {count} pages but the table holds max_pages={self.max_pages}; "
+                f"build the tables with a larger max_pages or give sequences "
+                f"max_pages={self.max_pages}")
+        return count
+
+    def _write(self, handle: Hashable, row: int, page_ids: Seq[int], start: int,
+               num_tokens: int) -> None:
+        if not self._rows.write(row, page_ids, start, num_tokens):
+            raise InvalidArgument(f"{handle!r}: page ids must be ints in [0, 2**31), got "
+                                  f"{list(page_ids)!r}")
+
+    def _room(self, batch: int) -> np.ndarray:
+        return self._pages[:batch].astype(np.int64) * self.page_size
+
+    def _amounts(self, n: Seq[int]) -> np.ndarray:
+        """Per-row growth, checked: int64 [B]."""
+        batch = len(self._handles)
+        n = np.asarray(n)
+        if n.size == 0:  # [] is float64 to numpy
+            n = n.astype(np.int64)
+        if n.shape != (batch,) or n.dtype.kind not in "iu" or (batch and n.min() < 0):
+            raise InvalidArgument(f"per-row growth must be {batch} ints >= 0 (one per row), "
+                                  f"got {n!r}")
+        return n.astype(np.int64)
+
+    def _grow_rows(self, n: np.ndarray, batch: int) -> int:
+        """grow by n[r] per row (numpy, both paths): -1, or the first row lacking pages."""
+        bad = np.flatnonzero(self._lens[:batch] + n > self._room(batch))
+        if bad.size:
+            return int(bad[0])
+        self._lens[:batch] += n.astype(np.int32)
+        return -1
+
+
+def _scalar(n: object) -> int | None:
+    """n as an int, or None when it is not one (a per-row sequence)."""
+    if type(n) is int:
+        return n
+    try:
+        return operator.index(n)
+    except TypeError:
+        return None
+
+
+class PyRows:
+    """The row primitives in Python: the twin of kvpager/csrc/block_table.cpp (same arguments,
+    same results, bit for bit). The caller (BlockTables) has checked rows and counts."""
+
+    def __init__(self, table: np.ndarray, lens: np.ndarray, pages: np.ndarray,
+                 dirty: np.ndarray, page_size: int) -> None:
+        self._max_pages, self._page_size = table.shape[1], page_size
+        self._lens_np = lens
+        self._cap_np = pages * page_size  # tokens each row's pages hold (derived, private)
+        # Single entries through flat memoryviews: ~30 ns each against ~120 ns for numpy.
+        self._flat = memoryview(table.reshape(-1))
+        self._lens, self._pages, self._dirty = memoryview(lens), memoryview(pages), \
+            memoryview(dirty)
+        self._cap = memoryview(self._cap_np)
+        self._pad = memoryview(np.full(self._max_pages, PAD_PAGE, dtype=np.int32))
+        self._mask = np.zeros(len(lens), dtype=bool)
+        self._views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def write(self, row: int, ids: Seq[int], start: int, num_tokens: int) -> bool:
+        """ids into entries [start, start + len(ids)); the row then holds that many pages (an
+        earlier occupant's entries past them are padded); num_tokens >= 0 sets its length.
+        False, nothing changed, when an id is not an int in [0, 2**31)."""
+        try:
+            ids = array("i", ids)
+        except (TypeError, OverflowError):
+            return False
+        if ids and min(ids) < 0:
+            return False
+        end, old, base = start + len(ids), self._pages[row], row * self._max_pages
+        self._flat[base + start:base + end] = ids
+        if old > end:
+            self._flat[base + end:base + old] = self._pad[:old - end]
+        self._pages[row], self._cap[row] = end, end * self._page_size
+        if num_tokens >= 0:
+            self._lens[row] = num_tokens
+        self._dirty[row] = 1
+        return True
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's pages and length into row dst."""
+        flat, count, old = self._flat, self._pages[src], self._pages[dst]
+        s, d = src * self._max_pages, dst * self._max_pages
+        flat[d:d + count] = flat[s:s + count]
+        if old > count:
+            flat[d + count:d + old] = self._pad[:old - count]
+        self._pages[dst], self._cap[dst], self._lens[dst] = count, self._cap[src], self._lens[src]
+        self._dirty[dst] = 1
+
+    def crossing(self, n: int, batch: int) -> list[int]:
+        """Rows r < batch whose length + n exceeds their pages * page_size."""
+        lens, cap, mask = self._views.get(batch) or self._view(batch)
+        np.greater(lens, cap - n, out=mask)
+        return mask.nonzero()[0].tolist()
+
+    def grow(self, n: int, batch: int) -> int:
+        """Every row r < batch grows by n: -1, or (nothing changed) the first row lacking pages."""
+        lens, cap, mask = self._views.get(batch) or self._view(batch)
+        np.greater(lens, cap - n, out=mask)
+        if mask.any():
+            return int(mask.argmax())
+        lens += n
+        return -1
+
+    def _view(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        views = self._views[batch] = (self._lens_np[:batch], self._cap_np[:batch],
+                                      self._mask[:batch])
+        return views

@@ -1,0 +1,122 @@
+// The row primitives of kvpager.block_table.BlockTables in C++ (the Python twin: PyRows).
+//
+// BlockTables owns the numpy buffers (passed here as addresses and kept alive by it), the
+// handles and every check on rows and counts. A primitive takes its data as arguments (page
+// ids, lengths), never reads a Python attribute, and gives the same result as PyRows bit for
+// bit; tests drive both and compare the buffers.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+class Rows {
+ public:
+  Rows(uintptr_t table, uintptr_t lens, uintptr_t pages, uintptr_t dirty, int max_batch,
+       int max_pages, int page_size)
+      : table_(reinterpret_cast<int32_t*>(table)),
+        lens_(reinterpret_cast<int32_t*>(lens)),
+        pages_(reinterpret_cast<int32_t*>(pages)),
+        dirty_(reinterpret_cast<uint8_t*>(dirty)),
+        max_batch_(max_batch),
+        max_pages_(max_pages),
+        page_size_(page_size) {}
+
+  // ids into entries [start, start + len(ids)); the row then holds that many pages (an earlier
+  // occupant's entries past them are padded); num_tokens >= 0 sets its length. False, nothing
+  // changed, when an id is not an int in [0, 2^31).
+  bool write(Py_ssize_t row, py::handle ids, Py_ssize_t start, int64_t num_tokens) {
+    PyObject* seq = PySequence_Fast(ids.ptr(), "page ids must be a sequence");
+    if (!seq) {
+      PyErr_Clear();
+      return false;
+    }
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    ids_.resize(count);
+    bool ok = true;
+    for (Py_ssize_t i = 0; i < count && ok; ++i) ok = page_id(items[i], &ids_[i]);
+    Py_DECREF(seq);
+    if (!ok) return false;
+    const int64_t end = start + count, old = pages_[row];
+    int32_t* out = table_ + row * max_pages_;
+    if (count) std::memcpy(out + start, ids_.data(), count * sizeof(int32_t));
+    if (old > end) std::memset(out + end, 0, (old - end) * sizeof(int32_t));  // PAD_PAGE
+    pages_[row] = static_cast<int32_t>(end);
+    if (num_tokens >= 0) lens_[row] = static_cast<int32_t>(num_tokens);
+    dirty_[row] = 1;
+    return true;
+  }
+
+  // Row src's pages and length into row dst.
+  void move(Py_ssize_t src, Py_ssize_t dst) {
+    const int32_t count = pages_[src], old = pages_[dst];
+    int32_t* out = table_ + dst * max_pages_;
+    std::memcpy(out, table_ + src * max_pages_, count * sizeof(int32_t));
+    if (old > count) std::memset(out + count, 0, (old - count) * sizeof(int32_t));
+    pages_[dst] = count;
+    lens_[dst] = lens_[src];
+    dirty_[dst] = 1;
+  }
+
+  // Rows r < batch whose length + n exceeds their pages * page_size.
+  py::list crossing(int64_t n, Py_ssize_t batch) {
+    py::list rows;
+    for (Py_ssize_t r = 0; r < batch; ++r) {
+      if (lens_[r] + n > static_cast<int64_t>(pages_[r]) * page_size_) rows.append(r);
+    }
+    return rows;
+  }
+
+  // Every row r < batch grows by n: -1, or (nothing changed) the first row lacking pages.
+  Py_ssize_t grow(int64_t n, Py_ssize_t batch) {
+    for (Py_ssize_t r = 0; r < batch; ++r) {
+      if (lens_[r] + n > static_cast<int64_t>(pages_[r]) * page_size_) return r;
+    }
+    const int32_t step = static_cast<int32_t>(n);
+    for (Py_ssize_t r = 0; r < batch; ++r) lens_[r] += step;
+    return -1;
+  }
+
+ private:
+  // An int (or an object with __index__, as Python's array accepts) in [0, 2^31).
+  static bool page_id(PyObject* item, int32_t* out) {
+    py::object index = py::reinterpret_steal<py::object>(
+        PyLong_Check(item) ? (Py_INCREF(item), item) : PyNumber_Index(item));
+    if (!index) {
+      PyErr_Clear();
+      return false;
+    }
+    int overflow = 0;
+    const long long id = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (overflow || id < 0 || id > INT32_MAX) {
+      PyErr_Clear();
+      return false;
+    }
+    *out = static_cast<int32_t>(id);
+    return true;
+  }
+
+  int32_t* table_;
+  int32_t* lens_;
+  int32_t* pages_;
+  uint8_t* dirty_;
+  const int max_batch_, max_pages_, page_size_;
+  std::vector<int32_t> ids_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_block_table, m) {
+  m.doc() = "C++ row primitives of kvpager.block_table.BlockTables (see block_table.cpp)";
+  py::class_<Rows>(m, "Rows")
+      .def(py::init<uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, int, int>())
+      .def("write", &Rows::write)
+      .def("move", &Rows::move)
+      .def("crossing", &Rows::crossing)
+      .def("grow", &Rows::grow);
+}
