@@ -16,12 +16,14 @@ logger = logging.getLogger("kvpager")
 
 class Bookkeeping:
     """Per-request state changes after the model ran. on_retire(req) runs first thing when a
-    request finishes or is aborted (the engine frees its decode row there)."""
+    request finishes or is aborted (the engine frees its decode row there). keep_tokens=False
+    (the simulator) counts tokens without storing them or their times."""
 
     def __init__(self, scheduler: Scheduler, metrics: Metrics, clock: Callable[[], float],
-                 on_retire: Callable[[Request], None] | None = None) -> None:
+                 on_retire: Callable[[Request], None] | None = None,
+                 keep_tokens: bool = True) -> None:
         self.scheduler, self.metrics, self.clock = scheduler, metrics, clock
-        self.on_retire = on_retire
+        self.on_retire, self.keep_tokens = on_retire, keep_tokens
         self.retired = 0  # requests retired since the last end_step()
 
     def prefilled(self, req: Request, n: int, now: float) -> None:
@@ -34,16 +36,17 @@ class Bookkeeping:
         """One token per row (s_q = 1): tokens[i] = [token] for reqs[i]. Returns how many were
         emitted. Rows that cannot end, stop or stream this step (Request.plain_until) take
         the inlined common case, with no call per request; the rest go through emit()."""
-        generated = 0
+        generated, keep = 0, self.keep_tokens
         running = Status.RUNNING
         for req, (token,) in zip(reqs, tokens):
             req.num_computed += 1
             n = req.num_generated
             if n < req.plain_until and req.status is running:
-                req.output_token_ids.append(token)
                 req.num_generated = n + 1
-                req.timings.token_times.append(now)
                 generated += 1
+                if keep:
+                    req.output_token_ids.append(token)
+                    req.timings.token_times.append(now)
             else:
                 generated += self.emit(req, [token], now)
         return generated
@@ -60,11 +63,12 @@ class Bookkeeping:
             return 0
         p, t = req.params, req.timings
         for i, token in enumerate(tokens):
-            req.output_token_ids.append(token)
             req.num_generated += 1
             if t.first_token is None:
                 t.first_token = now
-            t.token_times.append(now)
+            if self.keep_tokens:
+                req.output_token_ids.append(token)
+                t.token_times.append(now)
             self._callback(req, token)
             if req.is_done:  # the callback aborted it (or raised): retired once, already
                 return i + 1

@@ -8,7 +8,7 @@ progress, one token per decode row — or 1 + accepted drafts in MTP mode — re
 pages in the same step, metrics). Per step this is O(running requests) of plain Python.
 
 Requests are pool-less: sequences reserve pages from the real allocator, but no tensor is built
-and every token is 0 (only counts and times matter here).
+and tokens are counted, not stored (every token is 0).
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class Simulator:
         self.allocator = BlockAllocator(num_pages)
         self.scheduler = Scheduler(self.config, self.allocator, page_size)
         self.metrics = Metrics(num_pages)
-        self.book = Bookkeeping(self.scheduler, self.metrics, lambda: self.clock)
+        self.book = Bookkeeping(self.scheduler, self.metrics, lambda: self.clock,
+                                keep_tokens=False)
         self.accept_rate = accept_rate
         self.rng = random.Random(seed)
         self.clock = 0.0
