@@ -1,6 +1,7 @@
-"""FlashMLA's API: get_mla_metadata + flash_mla_with_kvcache. Checks the arguments, then runs the
-Hopper kernel (kvpager.kernels) when it is built and the tensors are on an sm_90 GPU, else the
-PyTorch reference (kvpager.reference)."""
+"""FlashMLA's API: get_mla_metadata + flash_mla_with_kvcache. The one place an MLA call's
+arguments are checked; then it runs the Hopper kernel (kvpager.kernels, a thin wrapper that checks
+nothing) when it is built and the tensors are on an sm_90 GPU, else the PyTorch reference
+(kvpager.reference)."""
 from __future__ import annotations
 
 import logging
@@ -37,11 +38,11 @@ def _kernels_for(device: torch.device):
     return None
 
 
-def _kernel_shapes(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) -> bool:
+def _kernel_shapes(kernels, q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) -> bool:
     """True when the CUDA kernel computes this call: bf16/fp16, d = 576, dv = 512, 64-token
     pages. Anything else (an fp32 model on the GPU, other head dims) runs on the reference."""
-    ok = (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 576
-          and head_dim_v == 512 and k_cache.shape[1] == 64)
+    ok = (q.dtype in kernels.DTYPES and q.shape[-1] == kernels.HEAD_DIM
+          and head_dim_v == kernels.HEAD_DIM_V and k_cache.shape[1] == kernels.PAGE_SIZE)
     if not ok:
         log.debug("kvpager: this call (dtype %s, d %d, dv %d, page %d) runs on the reference MLA",
                   q.dtype, q.shape[-1], head_dim_v, k_cache.shape[1])
@@ -86,7 +87,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     _check_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                   num_splits)
     kernels = _kernels_for(q.device)
-    if kernels is not None and _kernel_shapes(q, k_cache, head_dim_v):
+    if kernels is not None and _kernel_shapes(kernels, q, k_cache, head_dim_v):
+        _check_parts(kernels, q, k_cache, tile_scheduler_metadata)
         return kernels.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
             num_splits, softmax_scale=softmax_scale, causal=causal)
@@ -102,6 +104,21 @@ def _check_int32(t: torch.Tensor, name: str, dim: int) -> None:
         raise InvalidArgument(f"{name} has dtype {t.dtype}; it must be torch.int32")
     if t.dim() != dim:
         raise InvalidArgument(f"{name} has shape {tuple(t.shape)}; it must have {dim} dims")
+    if dim == 1 and not t.is_contiguous():
+        raise InvalidArgument(f"{name} must be contiguous (strides {t.stride()}); call "
+                              f".contiguous()")
+
+
+def _check_parts(kernels, q: torch.Tensor, k_cache: torch.Tensor, metadata: torch.Tensor) -> None:
+    """The kernel walks exactly num_sm_parts(num_sms, rows, h_kv) parts of the metadata."""
+    h_kv = k_cache.shape[2]
+    rows = q.shape[1] * q.shape[2] // h_kv
+    parts = kernels.schedule.num_sm_parts(kernels.num_sms(q.device), rows, h_kv)
+    if metadata.shape[0] != parts or not metadata.is_contiguous():
+        raise InvalidArgument(
+            f"tile_scheduler_metadata has shape {tuple(metadata.shape)} but this call (s_q * h_q "
+            f"// h_kv = {rows} rows, h_kv = {h_kv}) needs a contiguous [{parts}, 8] on this GPU: "
+            f"compute it with get_mla_metadata(cache_seqlens, {rows}, {h_kv})")
 
 
 def _check_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, num_splits):
