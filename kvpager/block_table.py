@@ -332,7 +332,7 @@ class PyRows:
         self._max_pages, self._page_size = table.shape[1], page_size
         self._lens_np = lens
         self._cap_np = pages * page_size  # tokens each row's pages hold (derived, private)
-        # Single entries through flat memoryviews: ~30 ns each against ~120 ns for numpy.
+        # Single entries through flat memoryviews: much cheaper than numpy scalar indexing.
         self._flat = memoryview(table.reshape(-1))
         self._lens, self._pages, self._dirty = memoryview(lens), memoryview(pages), \
             memoryview(dirty)
