@@ -6,8 +6,8 @@ length uniform in [1, max_len / 2]), then every sequence grows by one token (Seq
 untimed: the allocator work is the same for every path), so each crosses a page boundary every
 64 steps.
 
-Timed per step: `events`: every leave and join the churn needs, crossing(1) and append_pages for
-the rows that gained a page, grow(1) and view() (the row primitives in C++ when
+Timed per step: `events`: every leave and join the churn needs, crossing(1), grow(1) with the
+new pages of the rows that crossed one, and view() (the row primitives in C++ when
 kvpager._block_table is built); `events-py`: the same on the Python twin; `rebuild`: rebuild(seqs)
 (every row from its sequence). Each path runs on two identical tables: the first call runs with
 the caches as the rest of the step left them (`cold`), the second does the same work right after
@@ -94,9 +94,7 @@ def bench(batch: int, steps: int, warmup: int, churn: float, max_len: int, path:
             if path == "rebuild":
                 table.rebuild(seqs)
             else:
-                for seq, held in table.crossing(1):
-                    table.append_pages(seq, seq.pages[held:])
-                table.grow(1, total)
+                table.grow(1, total, [(s, s.pages[held:]) for s, held in table.crossing(1)])
                 table.view()
             if sync:
                 torch.cuda.synchronize()

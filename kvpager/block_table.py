@@ -135,11 +135,14 @@ class BlockTables:
     def crossing(self, n: int | Seq[int]) -> list[tuple[Hashable, int]]:
         """(handle, pages held) of the rows whose next n tokens (n[r] for row r) need page ids
         the tables do not hold: give them with append_pages before grow(n). One pass over [B]."""
-        batch, step = len(self._handles), _scalar(n)
+        batch = len(self._handles)
+        step = n if type(n) is int else _scalar(n)
         if step is not None:
             rows = self._rows.crossing(step, batch)
         else:
             rows = np.flatnonzero(self._lens[:batch] + self._amounts(n) > self._room(batch)).tolist()
+        if not rows:
+            return []
         handles, pages = self._handles, self._pages_mv
         return [(handles[r], pages[r]) for r in rows]
 
@@ -182,26 +185,35 @@ class BlockTables:
         """The handle's sequence now holds page_ids at entries [start, start + len(page_ids))
         and no more: new pages (start=None: after those held) or, with start < the pages held,
         replaced ones (copy-on-write of the last page). O(len(page_ids))."""
-        row = self.row(handle)
+        row = self._row.get(handle)  # the hot event (a row crossed a page): checks inlined
+        if row is None:
+            self.row(handle)  # raises NoSuchRow
         held = self._pages_mv[row]
-        start = held if start is None else start
-        if type(start) is not int or not 0 <= start <= held:
+        if start is None:
+            start = held
+        elif type(start) is not int or not 0 <= start <= held:
             raise InvalidArgument(f"append_pages({handle!r}, start={start!r}): start must be an "
                                   f"int in [0, {held}] (the pages the row holds)")
-        end = self._check_pages(handle, start + len(page_ids))
+        end = start + len(page_ids)
+        if end > self.max_pages:
+            self._check_pages(handle, end)  # raises SequenceTooLong
         if self._lens_mv[row] > end * self.page_size:
             raise InvalidArgument(f"{handle!r} holds {self._lens_mv[row]} tokens: {end} pages "
                                   f"are too few")
-        self._write(handle, row, page_ids, start, -1)
+        if not self._rows.write(row, page_ids, start, -1):
+            self._write(handle, row, page_ids, start, -1)  # raises InvalidArgument
 
-    def grow(self, n: int | Seq[int], total_tokens: int) -> None:
-        """Every row grew by n tokens (n[r] for row r, in row order): call it after the
-        sequences reserved them and their new pages were reported (crossing / append_pages).
-        total_tokens: the rows' tokens after the growth (the sum of their sequences'
-        num_tokens). Raises InvalidArgument (a row lacks the pages, a bad n) or TablesOutOfSync
-        (total_tokens disagrees: a grow no Sequence.reserve made) with nothing changed. One pass
-        over [B] (C++ for an int n)."""
-        batch, step = len(self._handles), _scalar(n)
+    def grow(self, n: int | Seq[int], total_tokens: int,
+             new_pages: Iterable[tuple[Hashable, Seq[int]]] = ()) -> None:
+        """Every row grew by n tokens (n[r] for row r, in row order), after the sequences
+        reserved them. new_pages: (handle, page ids) of the rows whose sequences gained pages
+        (crossing(n) lists them), appended first. total_tokens: the rows' tokens after the
+        growth (the sum of their sequences' num_tokens), which the tables check. Raises
+        InvalidArgument (a row lacks pages, bad ids or n), SequenceTooLong, NoSuchRow or
+        TablesOutOfSync (total_tokens disagrees: a grow no Sequence.reserve made), with nothing
+        changed. One pass over [B] plus the new ids (C++ for an int n)."""
+        batch = len(self._handles)
+        step = n if type(n) is int else _scalar(n)
         if step is not None:
             if not 0 <= step <= self.max_pages * self.page_size:
                 raise InvalidArgument(f"grow(n={n}): n must be in [0, max_pages * page_size = "
@@ -215,12 +227,22 @@ class BlockTables:
                 f"grow: the rows would hold {after} tokens but total_tokens={total_tokens!r}; "
                 f"reserve the tokens on every row's sequence first and pass the sum of their "
                 f"num_tokens")
-        bad = self._rows.grow(step, batch) if step is not None else self._grow_rows(n, batch)
+        rows, ids = [], []
+        for handle, page_ids in new_pages:
+            row = self.row(handle)
+            self._check_pages(handle, self._pages_mv[row] + len(page_ids))
+            rows.append(row)
+            ids.append(page_ids)
+        if len(rows) > 1 and len(set(rows)) < len(rows):
+            raise InvalidArgument("grow: new_pages lists a handle twice")
+        bad = self._rows.grow(step, batch, rows, ids) if step is not None else \
+            self._grow_rows(n, batch, rows, ids)
+        if bad == -2:
+            raise InvalidArgument(f"grow: page ids must be ints in [0, 2**31), got {ids!r}")
         if bad >= 0:
             raise InvalidArgument(
                 f"grow: row {bad} ({self._handles[bad]!r}) would hold more tokens than its "
-                f"{self._pages_mv[bad]} pages; report its new pages with append_pages first "
-                f"(crossing(n) lists them)")
+                f"{self._pages_mv[bad]} pages; pass its new pages (crossing(n) lists the rows)")
         self._total = after
 
     def leave(self, handle: Hashable) -> None:
@@ -304,11 +326,23 @@ class BlockTables:
                                   f"got {n!r}")
         return n.astype(np.int64)
 
-    def _grow_rows(self, n: np.ndarray, batch: int) -> int:
-        """grow by n[r] per row (numpy, both paths): -1, or the first row lacking pages."""
-        bad = np.flatnonzero(self._lens[:batch] + n > self._room(batch))
+    def _grow_rows(self, n: np.ndarray, batch: int, rows: list[int], ids: list) -> int:
+        """grow by n[r] per row (numpy, both paths): -1, -2 (bad ids) or the first row lacking
+        pages, nothing changed unless -1."""
+        try:
+            arrays = [array("i", x) for x in ids]
+        except (TypeError, OverflowError):
+            return -2
+        if any(a and min(a) < 0 for a in arrays):
+            return -2
+        cap = self._room(batch)
+        for row, a in zip(rows, arrays):
+            cap[row] += len(a) * self.page_size
+        bad = np.flatnonzero(self._lens[:batch] + n > cap)
         if bad.size:
             return int(bad[0])
+        for row, a in zip(rows, arrays):
+            self._rows.write(row, a, self._pages_mv[row], -1)
         self._lens[:batch] += n.astype(np.int32)
         return -1
 
@@ -377,12 +411,27 @@ class PyRows:
         np.greater(lens, cap - n, out=mask)
         return mask.nonzero()[0].tolist()
 
-    def grow(self, n: int, batch: int) -> int:
-        """Every row r < batch grows by n: -1, or (nothing changed) the first row lacking pages."""
+
+    def grow(self, n: int, batch: int, rows: list[int], ids: list[Seq[int]]) -> int:
+        """Append ids[i] to row rows[i]'s pages, then every row r < batch grows by n. Returns
+        -1; or, nothing changed, -2 (an id is not an int in [0, 2**31)) or the first row whose
+        pages would hold too few tokens."""
         lens, cap, mask = self._views.get(batch) or self._view(batch)
+        if rows:
+            try:
+                arrays = [array("i", x) for x in ids]
+            except (TypeError, OverflowError):
+                return -2
+            if any(a and min(a) < 0 for a in arrays):
+                return -2
+            cap = cap.copy()
+            for row, a in zip(rows, arrays):
+                cap[row] += len(a) * self._page_size
         np.greater(lens, cap - n, out=mask)
         if mask.any():
             return int(mask.argmax())
+        for row, a in zip(rows, arrays if rows else ()):
+            self.write(row, a, self._pages[row], -1)
         lens += n
         return -1
 

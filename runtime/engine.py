@@ -223,9 +223,8 @@ class Engine:
         s_q, short = self.config.s_q, self._short
         grew = [short.get(req, s_q) for req in tables.handles] if short else s_q
         short.clear()
-        for req, held in tables.crossing(grew):
-            tables.append_pages(req, req.seq.pages[held:])
-        tables.grow(grew, plan.decode_kv_tokens)
+        new_pages = [(req, req.seq.pages[held:]) for req, held in tables.crossing(grew)]
+        tables.grow(grew, plan.decode_kv_tokens, new_pages)
 
     def _on_retire(self, req: Request) -> None:
         if req in self.decode_tables:

@@ -24,27 +24,19 @@ class Rows {
         dirty_(reinterpret_cast<uint8_t*>(dirty)),
         max_batch_(max_batch),
         max_pages_(max_pages),
-        page_size_(page_size) {}
+        page_size_(page_size),
+        extra_(max_batch, 0) {}
 
   // ids into entries [start, start + len(ids)); the row then holds that many pages (an earlier
   // occupant's entries past them are padded); num_tokens >= 0 sets its length. False, nothing
   // changed, when an id is not an int in [0, 2^31).
   bool write(Py_ssize_t row, py::handle ids, Py_ssize_t start, int64_t num_tokens) {
-    PyObject* seq = PySequence_Fast(ids.ptr(), "page ids must be a sequence");
-    if (!seq) {
-      PyErr_Clear();
-      return false;
-    }
-    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
-    ids_.resize(count);
-    bool ok = true;
-    for (Py_ssize_t i = 0; i < count && ok; ++i) ok = page_id(items[i], &ids_[i]);
-    Py_DECREF(seq);
-    if (!ok) return false;
+    flat_.clear();
+    if (!append_ids(ids.ptr())) return false;
+    const int64_t count = static_cast<int64_t>(flat_.size());
     const int64_t end = start + count, old = pages_[row];
     int32_t* out = table_ + row * max_pages_;
-    if (count) std::memcpy(out + start, ids_.data(), count * sizeof(int32_t));
+    if (count) std::memcpy(out + start, flat_.data(), count * sizeof(int32_t));
     if (old > end) std::memset(out + end, 0, (old - end) * sizeof(int32_t));  // PAD_PAGE
     pages_[row] = static_cast<int32_t>(end);
     if (num_tokens >= 0) lens_[row] = static_cast<int32_t>(num_tokens);
@@ -72,17 +64,59 @@ class Rows {
     return rows;
   }
 
-  // Every row r < batch grows by n: -1, or (nothing changed) the first row lacking pages.
-  Py_ssize_t grow(int64_t n, Py_ssize_t batch) {
-    for (Py_ssize_t r = 0; r < batch; ++r) {
-      if (lens_[r] + n > static_cast<int64_t>(pages_[r]) * page_size_) return r;
+  // Appends ids[i] to row rows[i]'s pages, then every row r < batch grows by n. Returns -1; or,
+  // nothing changed, -2 (an id is not an int in [0, 2^31)) or the first row whose pages would
+  // hold too few tokens. The caller has checked the rows (distinct, active, room for the ids).
+  Py_ssize_t grow(int64_t n, Py_ssize_t batch, py::list rows, py::list ids) {
+    const Py_ssize_t k = PyList_GET_SIZE(rows.ptr());
+    flat_.clear();
+    starts_.assign(1, 0);
+    for (Py_ssize_t i = 0; i < k; ++i) {  // convert every id before changing anything
+      const Py_ssize_t row = PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i));
+      if (!append_ids(PyList_GET_ITEM(ids.ptr(), i))) return -2;
+      starts_.push_back(static_cast<int64_t>(flat_.size()));
+      extra_[row] = static_cast<int32_t>(starts_[i + 1] - starts_[i]);
     }
+    Py_ssize_t bad = -1;
+    for (Py_ssize_t r = 0; r < batch && bad < 0; ++r) {
+      if (lens_[r] + n > static_cast<int64_t>(pages_[r] + extra_[r]) * page_size_) bad = r;
+    }
+    for (Py_ssize_t i = 0; i < k; ++i) {
+      const Py_ssize_t row = PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i));
+      const int32_t count = extra_[row];
+      extra_[row] = 0;
+      if (bad >= 0) continue;
+      std::memcpy(table_ + row * max_pages_ + pages_[row], flat_.data() + starts_[i],
+                  count * sizeof(int32_t));
+      pages_[row] += count;
+      dirty_[row] = 1;
+    }
+    if (bad >= 0) return bad;
     const int32_t step = static_cast<int32_t>(n);
     for (Py_ssize_t r = 0; r < batch; ++r) lens_[r] += step;
     return -1;
   }
 
  private:
+  // Appends the ids of a sequence to flat_; false (flat_ partly filled) on a bad one.
+  bool append_ids(PyObject* ids) {
+    PyObject* seq = PySequence_Fast(ids, "page ids must be a sequence");
+    if (!seq) {
+      PyErr_Clear();
+      return false;
+    }
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    bool ok = true;
+    for (Py_ssize_t i = 0; i < count && ok; ++i) {
+      int32_t id;
+      ok = page_id(items[i], &id);
+      if (ok) flat_.push_back(id);
+    }
+    Py_DECREF(seq);
+    return ok;
+  }
+
   // An int (or an object with __index__, as Python's array accepts) in [0, 2^31).
   static bool page_id(PyObject* item, int32_t* out) {
     py::object index = py::reinterpret_steal<py::object>(
@@ -106,7 +140,9 @@ class Rows {
   int32_t* pages_;
   uint8_t* dirty_;
   const int max_batch_, max_pages_, page_size_;
-  std::vector<int32_t> ids_;
+  std::vector<int32_t> flat_;     // ids being converted
+  std::vector<int64_t> starts_;   // where each row's ids start in flat_ (grow)
+  std::vector<int32_t> extra_;    // per row: ids grow() appends (0 outside a call)
 };
 
 }  // namespace

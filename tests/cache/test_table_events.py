@@ -34,15 +34,18 @@ def make(native, tokens=(1, 4, 9), max_batch=4, max_pages=5):
     return a, t, seqs
 
 
-def step(t, seqs, n=1):
+def step(t, seqs, n=1, one_by_one=False):
     """What a serving loop does each step: reserve, report new pages, grow."""
     for s in seqs:
         k = s.reserve(n)
         if k and s.take_pending_copies():  # copy-on-write: the last old entry changed too
             t.append_pages(s, s.pages[-k:], start=s.num_pages - k)
-    for s, held in t.crossing(n):
-        t.append_pages(s, s.pages[held:])
-    t.grow(n, sum(s.num_tokens for s in seqs))
+    new_pages = [(s, s.pages[held:]) for s, held in t.crossing(n)]
+    if one_by_one:
+        for s, ids in new_pages:
+            t.append_pages(s, ids)
+        new_pages = []
+    t.grow(n, sum(s.num_tokens for s in seqs), new_pages)
 
 
 def state(t):
@@ -57,8 +60,8 @@ def same(x, y):
 def test_join_grow_leave_follow_the_sequences(native):
     a, t, seqs = make(native)
     t.check(seqs)
-    for _ in range(6):  # rows cross page boundaries at different steps
-        step(t, seqs)
+    for i in range(6):  # rows cross page boundaries at different steps
+        step(t, seqs, one_by_one=i % 2)
         t.check(seqs)
     block_table_, cache_seqlens = t.view()
     assert cache_seqlens.tolist() == [7, 10, 15]
@@ -96,7 +99,7 @@ def test_grow_before_reserve_is_refused(native):
     seqs[0].reserve(3)  # crosses into a page the tables were not told about
     for s in seqs[1:]:
         s.reserve(3)
-    with pytest.raises(InvalidArgument, match="append_pages"):
+    with pytest.raises(InvalidArgument, match="new pages"):
         t.grow(3, sum(s.num_tokens for s in seqs))
     assert same(before, state(t))
 
@@ -123,6 +126,12 @@ def test_bad_events_change_nothing(native):
         (lambda: t.grow(21, 0), InvalidArgument),
         (lambda: t.grow([1, 1], 0), InvalidArgument),  # per row: 3 rows
         (lambda: t.grow([1, -1, 1], 0), InvalidArgument),
+        (lambda: t.grow(0, 14, [(seqs[0], [2**31])]), InvalidArgument),
+        (lambda: t.grow(0, 14, [(seqs[0], [7]), (seqs[0], [8])]), InvalidArgument),
+        (lambda: t.grow(0, 14, [(stranger, [7])]), NoSuchRow),
+        (lambda: t.grow(0, 14, [(seqs[0], [7] * 5)]), SequenceTooLong),
+        (lambda: t.grow([0, 0, 0], 14, [(seqs[0], [-7])]), InvalidArgument),
+        (lambda: t.grow([9, 0, 0], 23, [(seqs[0], [7])]), InvalidArgument),  # 10 > 2 pages
     ]:
         with pytest.raises(error):
             call()
@@ -139,9 +148,8 @@ def test_per_row_growth(native):
     for s, n in zip(seqs, amounts):
         s.reserve(n)
     assert [s.seq_id for s, _ in t.crossing(amounts)] == [0, 1]
-    for s, held in t.crossing(amounts):
-        t.append_pages(s, s.pages[held:])
-    t.grow(amounts, sum(s.num_tokens for s in seqs))
+    new_pages = [(s, s.pages[held:]) for s, held in t.crossing(amounts)]
+    t.grow(amounts, sum(s.num_tokens for s in seqs), new_pages)
     t.check(seqs)
 
 
@@ -199,9 +207,7 @@ class TwinMachine(RuleBasedStateMachine):
 
     def report(self, seq, k):
         """The pages reserve() said changed (copy-on-write included)."""
-        if k:
-            seq.take_pending_copies()
-            self.both("append_pages", seq, seq.pages[-k:], start=seq.num_pages - k)
+        self.both("append_pages", seq, seq.pages[-k:], start=seq.num_pages - k)
 
     @precondition(lambda self: len(self.batch) < MAX_BATCH)
     @rule(n=st.integers(0, 9), fork=st.booleans(), data=st.data())
@@ -234,11 +240,17 @@ class TwinMachine(RuleBasedStateMachine):
         if any(s.num_tokens + n > MAX_PAGES * PAGE for s, n in zip(self.batch, amounts)) or sum(
                 s.pages_needed(n) for s, n in zip(self.batch, amounts)) > self.allocator.num_free:
             return
+        new_pages = []
         for s, n in zip(self.batch, amounts):
-            self.report(s, s.reserve(n))
+            k = s.reserve(n)
+            if k and (s.take_pending_copies() or data.draw(st.booleans())):
+                self.report(s, k)  # copy-on-write, or one append_pages event
+            elif k:
+                new_pages.append((s, s.pages[-k:]))  # with the grow
         n = amounts if per_row else (amounts[0] if amounts else 1)
-        assert self.both("crossing", n) == []
-        self.both("grow", n, sum(s.num_tokens for s in self.batch))
+        assert sorted(h.seq_id for h, _ in self.both("crossing", n)) == sorted(
+            h.seq_id for h, _ in new_pages)
+        self.both("grow", n, sum(s.num_tokens for s in self.batch), new_pages)
 
     @rule(data=st.data())
     def rebuild(self, data):
@@ -264,9 +276,14 @@ class TwinMachine(RuleBasedStateMachine):
                 return
             event, args = "join", (-2, list(range(MAX_PAGES + 1)), 1)
         elif event == "bad_ids":
-            if len(self.batch) == MAX_BATCH:
+            bad = [data.draw(st.sampled_from([-1, 2**31, 2**64, 0.5]))]
+            if self.batch and data.draw(st.booleans()):  # new pages of a grow
+                seq = data.draw(st.sampled_from(self.batch))
+                event, args = "grow", (0, total, [(seq, bad)])
+            elif len(self.batch) == MAX_BATCH:
                 return
-            event, args = "join", (-3, [data.draw(st.sampled_from([-1, 2**31, 2**64, 0.5]))], 1)
+            else:
+                event, args = "join", (-3, bad, 1)
         else:  # grow without reporting the pages: a row at a page boundary lacks its next one
             if not self.batch or not any(s.num_tokens % PAGE == 0 for s in self.batch):
                 return

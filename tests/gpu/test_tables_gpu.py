@@ -54,9 +54,13 @@ def test_block_tables_on_cuda_follow_churn(native, max_batch):
         n = rng.choice([1, 1, 1, 3])
         for seq in seqs:
             seq.reserve(n)
-        for seq, held in tables.crossing(n):
-            tables.append_pages(seq, seq.pages[held:])
-        tables.grow(n, sum(s.num_tokens for s in seqs))
+        if step % 2:
+            new_pages = [(s, s.pages[held:]) for s, held in tables.crossing(n)]
+        else:  # the same pages, one append_pages event each
+            for seq, held in tables.crossing(n):
+                tables.append_pages(seq, seq.pages[held:])
+            new_pages = []
+        tables.grow(n, sum(s.num_tokens for s in seqs), new_pages)
         if step % 7 == 0 or step > 390:
             _assert_matches(tables.view(), seqs)
         else:
