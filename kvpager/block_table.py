@@ -8,7 +8,6 @@ read a Sequence except in rebuild() and check(), the plain paths.
 from __future__ import annotations
 
 import operator
-from array import array
 from collections.abc import Hashable, Iterable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
@@ -22,6 +21,8 @@ from kvpager.table_upload import TableUpload
 if TYPE_CHECKING:
     from kvpager.sequence import Sequence
 
+from kvpager.block_table_rows import PAD_PAGE, PyRows
+
 try:  # the row primitives in C++ (kvpager/csrc/block_table.cpp); optional, same results
     from kvpager._block_table import Rows as NativeRows
 except ImportError:
@@ -29,10 +30,6 @@ except ImportError:
 
 NATIVE_AVAILABLE = NativeRows is not None
 """Whether the C++ row primitives were built (pip builds them wherever a C++ compiler exists)."""
-
-PAD_PAGE = 0
-"""Entries past a row's pages hold PAD_PAGE: a valid page id, so a stray (speculative) read stays
-in bounds, but nothing may rely on it: readers use the first ceil(cache_seqlens[b] / page_size)."""
 
 
 def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor,
@@ -51,13 +48,13 @@ class BlockTables:
       join(handle, page_ids, num_tokens) -> row: the handle takes row B.
       append_pages(handle, page_ids, start=None): the handle's sequence gained pages (start <
         the pages held: entries from start were replaced, e.g. copy-on-write).
-      grow(n, total_tokens): every row grew by n tokens (or by n[r], one int per row);
-        total_tokens is the rows' sum after it, which the tables check, so a grow the
-        sequences did not make (no Sequence.reserve) is refused.
+      grow(n, total_tokens, new_pages=()): every row grew by n tokens (or n[r] per row), the
+        rows crossing(n) lists with the page ids they gained; total_tokens is the rows' sum
+        after it, which the tables check, so a grow no Sequence.reserve made is refused.
       leave(handle): the last row moves into the gap (so rows stay dense).
       rebuild(seqs, handles=None): every row from scratch (the plain path; also how a caller
         re-derives the tables after a failure).
-    Reads: view(), handles (row order), row(handle), num_pages(handle), crossing(n), check().
+    Reads: view(), handles (row order), row(handle), crossing(n), check().
 
     Invariants, for row r < B whose handle's sequence is s:
       cache_seqlens[r] == s.num_tokens <= pages[r] * page_size;
@@ -128,19 +125,11 @@ class BlockTables:
             raise NoSuchRow(f"{handle!r} holds no row in these tables; join() it first")
         return row
 
-    def num_pages(self, handle: Hashable) -> int:
-        """Page ids the handle's row holds."""
-        return self._pages_mv[self.row(handle)]
-
     def crossing(self, n: int | Seq[int]) -> list[tuple[Hashable, int]]:
         """(handle, pages held) of the rows whose next n tokens (n[r] for row r) need page ids
-        the tables do not hold: give them with append_pages before grow(n). One pass over [B]."""
-        batch = len(self._handles)
-        step = n if type(n) is int else _scalar(n)
-        if step is not None:
-            rows = self._rows.crossing(step, batch)
-        else:
-            rows = np.flatnonzero(self._lens[:batch] + self._amounts(n) > self._room(batch)).tolist()
+        the tables do not hold: pass them to grow(n, ..., new_pages). One pass over [B]."""
+        step, per_row = self._growth(n)
+        rows = self._rows.crossing(step, per_row, len(self._handles))
         if not rows:
             return []
         handles, pages = self._handles, self._pages_mv
@@ -185,23 +174,17 @@ class BlockTables:
         """The handle's sequence now holds page_ids at entries [start, start + len(page_ids))
         and no more: new pages (start=None: after those held) or, with start < the pages held,
         replaced ones (copy-on-write of the last page). O(len(page_ids))."""
-        row = self._row.get(handle)  # the hot event (a row crossed a page): checks inlined
-        if row is None:
-            self.row(handle)  # raises NoSuchRow
+        row = self.row(handle)
         held = self._pages_mv[row]
-        if start is None:
-            start = held
-        elif type(start) is not int or not 0 <= start <= held:
+        start = held if start is None else start
+        if type(start) is not int or not 0 <= start <= held:
             raise InvalidArgument(f"append_pages({handle!r}, start={start!r}): start must be an "
                                   f"int in [0, {held}] (the pages the row holds)")
-        end = start + len(page_ids)
-        if end > self.max_pages:
-            self._check_pages(handle, end)  # raises SequenceTooLong
+        end = self._check_pages(handle, start + len(page_ids))
         if self._lens_mv[row] > end * self.page_size:
             raise InvalidArgument(f"{handle!r} holds {self._lens_mv[row]} tokens: {end} pages "
                                   f"are too few")
-        if not self._rows.write(row, page_ids, start, -1):
-            self._write(handle, row, page_ids, start, -1)  # raises InvalidArgument
+        self._write(handle, row, page_ids, start, -1)
 
     def grow(self, n: int | Seq[int], total_tokens: int,
              new_pages: Iterable[tuple[Hashable, Seq[int]]] = ()) -> None:
@@ -213,15 +196,8 @@ class BlockTables:
         TablesOutOfSync (total_tokens disagrees: a grow no Sequence.reserve made), with nothing
         changed. One pass over [B] plus the new ids (C++ for an int n)."""
         batch = len(self._handles)
-        step = n if type(n) is int else _scalar(n)
-        if step is not None:
-            if not 0 <= step <= self.max_pages * self.page_size:
-                raise InvalidArgument(f"grow(n={n}): n must be in [0, max_pages * page_size = "
-                                      f"{self.max_pages * self.page_size}]")
-            after = self._total + step * batch
-        else:
-            n = self._amounts(n)
-            after = self._total + int(n.sum())
+        step, per_row = self._growth(n)
+        after = self._total + (step * batch if per_row is None else int(per_row.sum()))
         if after != total_tokens:
             raise TablesOutOfSync(
                 f"grow: the rows would hold {after} tokens but total_tokens={total_tokens!r}; "
@@ -235,8 +211,7 @@ class BlockTables:
             ids.append(page_ids)
         if len(rows) > 1 and len(set(rows)) < len(rows):
             raise InvalidArgument("grow: new_pages lists a handle twice")
-        bad = self._rows.grow(step, batch, rows, ids) if step is not None else \
-            self._grow_rows(n, batch, rows, ids)
+        bad = self._rows.grow(step, per_row, batch, rows, ids)
         if bad == -2:
             raise InvalidArgument(f"grow: page ids must be ints in [0, 2**31), got {ids!r}")
         if bad >= 0:
@@ -312,130 +287,20 @@ class BlockTables:
             raise InvalidArgument(f"{handle!r}: page ids must be ints in [0, 2**31), got "
                                   f"{list(page_ids)!r}")
 
-    def _room(self, batch: int) -> np.ndarray:
-        return self._pages[:batch].astype(np.int64) * self.page_size
-
-    def _amounts(self, n: Seq[int]) -> np.ndarray:
-        """Per-row growth, checked: int64 [B]."""
-        batch = len(self._handles)
-        n = np.asarray(n)
-        if n.size == 0:  # [] is float64 to numpy
-            n = n.astype(np.int64)
-        if n.shape != (batch,) or n.dtype.kind not in "iu" or (batch and n.min() < 0):
-            raise InvalidArgument(f"per-row growth must be {batch} ints >= 0 (one per row), "
-                                  f"got {n!r}")
-        return n.astype(np.int64)
-
-    def _grow_rows(self, n: np.ndarray, batch: int, rows: list[int], ids: list) -> int:
-        """grow by n[r] per row (numpy, both paths): -1, -2 (bad ids) or the first row lacking
-        pages, nothing changed unless -1."""
-        try:
-            arrays = [array("i", x) for x in ids]
-        except (TypeError, OverflowError):
-            return -2
-        if any(a and min(a) < 0 for a in arrays):
-            return -2
-        cap = self._room(batch)
-        for row, a in zip(rows, arrays):
-            cap[row] += len(a) * self.page_size
-        bad = np.flatnonzero(self._lens[:batch] + n > cap)
-        if bad.size:
-            return int(bad[0])
-        for row, a in zip(rows, arrays):
-            self._rows.write(row, a, self._pages_mv[row], -1)
-        self._lens[:batch] += n.astype(np.int32)
-        return -1
-
-
-def _scalar(n: object) -> int | None:
-    """n as an int, or None when it is not one (a per-row sequence)."""
-    if type(n) is int:
-        return n
-    try:
-        return operator.index(n)
-    except TypeError:
-        return None
-
-
-class PyRows:
-    """The row primitives in Python: the twin of kvpager/csrc/block_table.cpp (same arguments,
-    same results, bit for bit). The caller (BlockTables) has checked rows and counts."""
-
-    def __init__(self, table: np.ndarray, lens: np.ndarray, pages: np.ndarray,
-                 dirty: np.ndarray, page_size: int) -> None:
-        self._max_pages, self._page_size = table.shape[1], page_size
-        self._lens_np = lens
-        self._cap_np = pages * page_size  # tokens each row's pages hold (derived, private)
-        # Single entries through flat memoryviews: much cheaper than numpy scalar indexing.
-        self._flat = memoryview(table.reshape(-1))
-        self._lens, self._pages, self._dirty = memoryview(lens), memoryview(pages), \
-            memoryview(dirty)
-        self._cap = memoryview(self._cap_np)
-        self._pad = memoryview(np.full(self._max_pages, PAD_PAGE, dtype=np.int32))
-        self._mask = np.zeros(len(lens), dtype=bool)
-        self._views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def write(self, row: int, ids: Seq[int], start: int, num_tokens: int) -> bool:
-        """ids into entries [start, start + len(ids)); the row then holds that many pages (an
-        earlier occupant's entries past them are padded); num_tokens >= 0 sets its length.
-        False, nothing changed, when an id is not an int in [0, 2**31)."""
-        try:
-            ids = array("i", ids)
-        except (TypeError, OverflowError):
-            return False
-        if ids and min(ids) < 0:
-            return False
-        end, old, base = start + len(ids), self._pages[row], row * self._max_pages
-        self._flat[base + start:base + end] = ids
-        if old > end:
-            self._flat[base + end:base + old] = self._pad[:old - end]
-        self._pages[row], self._cap[row] = end, end * self._page_size
-        if num_tokens >= 0:
-            self._lens[row] = num_tokens
-        self._dirty[row] = 1
-        return True
-
-    def move(self, src: int, dst: int) -> None:
-        """Row src's pages and length into row dst."""
-        flat, count, old = self._flat, self._pages[src], self._pages[dst]
-        s, d = src * self._max_pages, dst * self._max_pages
-        flat[d:d + count] = flat[s:s + count]
-        if old > count:
-            flat[d + count:d + old] = self._pad[:old - count]
-        self._pages[dst], self._cap[dst], self._lens[dst] = count, self._cap[src], self._lens[src]
-        self._dirty[dst] = 1
-
-    def crossing(self, n: int, batch: int) -> list[int]:
-        """Rows r < batch whose length + n exceeds their pages * page_size."""
-        lens, cap, mask = self._views.get(batch) or self._view(batch)
-        np.greater(lens, cap - n, out=mask)
-        return mask.nonzero()[0].tolist()
-
-
-    def grow(self, n: int, batch: int, rows: list[int], ids: list[Seq[int]]) -> int:
-        """Append ids[i] to row rows[i]'s pages, then every row r < batch grows by n. Returns
-        -1; or, nothing changed, -2 (an id is not an int in [0, 2**31)) or the first row whose
-        pages would hold too few tokens."""
-        lens, cap, mask = self._views.get(batch) or self._view(batch)
-        if rows:
+    def _growth(self, n: int | Seq[int]) -> tuple[int, np.ndarray | None]:
+        """(n, None) for one n for every row, or (0, int64 [B]) for one n per row; checked."""
+        if type(n) is not int:
             try:
-                arrays = [array("i", x) for x in ids]
-            except (TypeError, OverflowError):
-                return -2
-            if any(a and min(a) < 0 for a in arrays):
-                return -2
-            cap = cap.copy()
-            for row, a in zip(rows, arrays):
-                cap[row] += len(a) * self._page_size
-        np.greater(lens, cap - n, out=mask)
-        if mask.any():
-            return int(mask.argmax())
-        for row, a in zip(rows, arrays if rows else ()):
-            self.write(row, a, self._pages[row], -1)
-        lens += n
-        return -1
-
-    def _view(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        views = self._views[batch] = (self._lens_np[:batch], self._cap_np[:batch],
-                                      self._mask[:batch])
-        return views
+                n = operator.index(n)
+            except TypeError:
+                per_row = np.asarray(n)
+                per_row = per_row.astype(np.int64) if per_row.size == 0 else per_row
+                if per_row.shape != (len(self._handles),) or per_row.dtype.kind not in "iu" or (
+                        per_row.size and per_row.min() < 0):
+                    raise InvalidArgument(f"per-row growth must be {len(self._handles)} ints "
+                                          f">= 0 (one per row), got {n!r}") from None
+                return 0, per_row.astype(np.int64)
+        if not 0 <= n <= self.max_pages * self.page_size:
+            raise InvalidArgument(f"grow(n={n}): n must be in [0, max_pages * page_size = "
+                                  f"{self.max_pages * self.page_size}]")
+        return n, None

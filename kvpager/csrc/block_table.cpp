@@ -55,19 +55,24 @@ class Rows {
     dirty_[dst] = 1;
   }
 
-  // Rows r < batch whose length + n exceeds their pages * page_size.
-  py::list crossing(int64_t n, Py_ssize_t batch) {
+  // Rows r < batch whose length + n (per_row[r] when given) exceeds their pages * page_size.
+  py::list crossing(int64_t n, py::object per_row, Py_ssize_t batch) {
+    const int64_t* step = amounts(per_row, batch);
     py::list rows;
     for (Py_ssize_t r = 0; r < batch; ++r) {
-      if (lens_[r] + n > static_cast<int64_t>(pages_[r]) * page_size_) rows.append(r);
+      if (lens_[r] + (step ? step[r] : n) > static_cast<int64_t>(pages_[r]) * page_size_) {
+        rows.append(r);
+      }
     }
     return rows;
   }
 
-  // Appends ids[i] to row rows[i]'s pages, then every row r < batch grows by n. Returns -1; or,
-  // nothing changed, -2 (an id is not an int in [0, 2^31)) or the first row whose pages would
-  // hold too few tokens. The caller has checked the rows (distinct, active, room for the ids).
-  Py_ssize_t grow(int64_t n, Py_ssize_t batch, py::list rows, py::list ids) {
+  // Appends ids[i] to row rows[i]'s pages, then every row r < batch grows by n (per_row[r] when
+  // given). Returns -1; or, nothing changed, -2 (an id is not an int in [0, 2^31)) or the first
+  // row whose pages would hold too few tokens. The caller has checked the rows (distinct,
+  // active, room for the ids) and the amounts (>= 0, one per row).
+  Py_ssize_t grow(int64_t n, py::object per_row, Py_ssize_t batch, py::list rows, py::list ids) {
+    const int64_t* step = amounts(per_row, batch);
     const Py_ssize_t k = PyList_GET_SIZE(rows.ptr());
     flat_.clear();
     starts_.assign(1, 0);
@@ -79,7 +84,8 @@ class Rows {
     }
     Py_ssize_t bad = -1;
     for (Py_ssize_t r = 0; r < batch && bad < 0; ++r) {
-      if (lens_[r] + n > static_cast<int64_t>(pages_[r] + extra_[r]) * page_size_) bad = r;
+      const int64_t add = step ? step[r] : n;
+      if (lens_[r] + add > static_cast<int64_t>(pages_[r] + extra_[r]) * page_size_) bad = r;
     }
     for (Py_ssize_t i = 0; i < k; ++i) {
       const Py_ssize_t row = PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i));
@@ -92,12 +98,22 @@ class Rows {
       dirty_[row] = 1;
     }
     if (bad >= 0) return bad;
-    const int32_t step = static_cast<int32_t>(n);
-    for (Py_ssize_t r = 0; r < batch; ++r) lens_[r] += step;
+    for (Py_ssize_t r = 0; r < batch; ++r) lens_[r] += static_cast<int32_t>(step ? step[r] : n);
     return -1;
   }
 
  private:
+  // Per-row amounts: None (nullptr), or a C-contiguous int64 buffer of `batch` values (the
+  // caller, BlockTables, made it so). It stays alive while the caller holds per_row.
+  static const int64_t* amounts(const py::object& per_row, Py_ssize_t batch) {
+    if (per_row.is_none()) return nullptr;
+    py::buffer_info info = py::buffer(per_row).request();
+    if (info.itemsize != 8 || info.ndim != 1 || info.shape[0] != batch) {
+      throw py::value_error("per_row must be int64 [batch]");
+    }
+    return static_cast<const int64_t*>(info.ptr);
+  }
+
   // Appends the ids of a sequence to flat_; false (flat_ partly filled) on a bad one.
   bool append_ids(PyObject* ids) {
     PyObject* seq = PySequence_Fast(ids, "page ids must be a sequence");

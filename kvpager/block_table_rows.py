@@ -1,0 +1,99 @@
+"""PyRows: the row primitives of kvpager.block_table.BlockTables in Python, the twin of
+kvpager/csrc/block_table.cpp: same arguments, same results, bit for bit (tests drive both). The
+caller (BlockTables) owns the buffers and has checked rows and counts."""
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence as Seq
+
+import numpy as np
+
+PAD_PAGE = 0
+"""Entries past a row's pages hold PAD_PAGE: a valid page id, so a stray (speculative) read stays
+in bounds, but nothing may rely on it: readers use the first ceil(cache_seqlens[b] / page_size)."""
+
+
+class PyRows:
+    """table int32 [max_batch, max_pages], lens / pages int32 [max_batch] (tokens and page ids
+    per row), dirty uint8 [max_batch] (rows changed since the last upload)."""
+
+    def __init__(self, table: np.ndarray, lens: np.ndarray, pages: np.ndarray,
+                 dirty: np.ndarray, page_size: int) -> None:
+        self._max_pages, self._page_size = table.shape[1], page_size
+        self._lens_np = lens
+        self._cap_np = pages * page_size  # tokens each row's pages hold (derived, private)
+        # Single entries through flat memoryviews: much cheaper than numpy scalar indexing.
+        self._flat = memoryview(table.reshape(-1))
+        self._lens, self._pages, self._dirty = memoryview(lens), memoryview(pages), \
+            memoryview(dirty)
+        self._cap = memoryview(self._cap_np)
+        self._pad = memoryview(np.full(self._max_pages, PAD_PAGE, dtype=np.int32))
+        self._mask = np.zeros(len(lens), dtype=bool)
+        self._views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def write(self, row: int, ids: Seq[int], start: int, num_tokens: int) -> bool:
+        """ids into entries [start, start + len(ids)); the row then holds that many pages (an
+        earlier occupant's entries past them are padded); num_tokens >= 0 sets its length.
+        False, nothing changed, when an id is not an int in [0, 2**31)."""
+        try:
+            ids = array("i", ids)
+        except (TypeError, OverflowError):
+            return False
+        if ids and min(ids) < 0:
+            return False
+        end, old, base = start + len(ids), self._pages[row], row * self._max_pages
+        self._flat[base + start:base + end] = ids
+        if old > end:
+            self._flat[base + end:base + old] = self._pad[:old - end]
+        self._pages[row], self._cap[row] = end, end * self._page_size
+        if num_tokens >= 0:
+            self._lens[row] = num_tokens
+        self._dirty[row] = 1
+        return True
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's pages and length into row dst."""
+        flat, count, old = self._flat, self._pages[src], self._pages[dst]
+        s, d = src * self._max_pages, dst * self._max_pages
+        flat[d:d + count] = flat[s:s + count]
+        if old > count:
+            flat[d + count:d + old] = self._pad[:old - count]
+        self._pages[dst], self._cap[dst], self._lens[dst] = count, self._cap[src], self._lens[src]
+        self._dirty[dst] = 1
+
+    def crossing(self, n: int, per_row: np.ndarray | None, batch: int) -> list[int]:
+        """Rows r < batch whose length + n (per_row[r] when given) exceeds their pages *
+        page_size."""
+        lens, cap, mask = self._views.get(batch) or self._view(batch)
+        np.greater(lens, cap - (n if per_row is None else per_row), out=mask)
+        return mask.nonzero()[0].tolist()
+
+    def grow(self, n: int, per_row: np.ndarray | None, batch: int, rows: list[int],
+             ids: list[Seq[int]]) -> int:
+        """Append ids[i] to row rows[i]'s pages, then every row r < batch grows by n
+        (per_row[r] when given). Returns -1; or, nothing changed, -2 (an id is not an int in
+        [0, 2**31)) or the first row whose pages would hold too few tokens."""
+        lens, cap, mask = self._views.get(batch) or self._view(batch)
+        try:
+            arrays = [array("i", x) for x in ids]
+        except (TypeError, OverflowError):
+            return -2
+        if any(a and min(a) < 0 for a in arrays):
+            return -2
+        if rows:
+            cap = cap.copy()
+            for row, a in zip(rows, arrays):
+                cap[row] += len(a) * self._page_size
+        step = n if per_row is None else per_row
+        np.greater(lens, cap - step, out=mask)
+        if mask.any():
+            return int(mask.argmax())
+        for row, a in zip(rows, arrays):
+            self.write(row, a, self._pages[row], -1)
+        lens += step
+        return -1
+
+    def _view(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        views = self._views[batch] = (self._lens_np[:batch], self._cap_np[:batch],
+                                      self._mask[:batch])
+        return views
