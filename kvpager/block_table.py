@@ -203,10 +203,13 @@ class BlockTables:
                 f"grow: the rows would hold {after} tokens but total_tokens={total_tokens!r}; "
                 f"reserve the tokens on every row's sequence first and pass the sum of their "
                 f"num_tokens")
-        rows, ids = [], []
-        for handle, page_ids in new_pages:
-            row = self.row(handle)
-            self._check_pages(handle, self._pages_mv[row] + len(page_ids))
+        rows, ids, row_of, pages = [], [], self._row, self._pages_mv
+        for handle, page_ids in new_pages:  # ~B / page_size rows a step: checks inlined
+            row = row_of.get(handle)
+            if row is None:
+                self.row(handle)  # raises NoSuchRow
+            if pages[row] + len(page_ids) > self.max_pages:
+                self._check_pages(handle, pages[row] + len(page_ids))  # raises
             rows.append(row)
             ids.append(page_ids)
         if len(rows) > 1 and len(set(rows)) < len(rows):

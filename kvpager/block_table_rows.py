@@ -80,16 +80,24 @@ class PyRows:
             return -2
         if any(a and min(a) < 0 for a in arrays):
             return -2
-        if rows:
-            cap = cap.copy()
-            for row, a in zip(rows, arrays):
-                cap[row] += len(a) * self._page_size
         step = n if per_row is None else per_row
-        np.greater(lens, cap - step, out=mask)
-        if mask.any():
+        np.greater(lens, cap - step, out=mask)  # rows short of pages before the new ones
+        if rows:
+            new = dict(zip(rows, arrays))
+            for r in mask.nonzero()[0].tolist():
+                more = len(new.get(r, ()))
+                if self._lens[r] + (n if per_row is None else int(per_row[r])) > \
+                        self._cap[r] + more * self._page_size:
+                    return r
+            flat, pages, cap_mv, ps = self._flat, self._pages, self._cap, self._page_size
+            for row, a in zip(rows, arrays):
+                start = row * self._max_pages + pages[row]
+                flat[start:start + len(a)] = a
+                pages[row] += len(a)
+                cap_mv[row] = pages[row] * ps
+                self._dirty[row] = 1
+        elif mask.any():
             return int(mask.argmax())
-        for row, a in zip(rows, arrays):
-            self.write(row, a, self._pages[row], -1)
         lens += step
         return -1
 
