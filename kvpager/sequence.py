@@ -71,14 +71,24 @@ class Sequence:
 
     def reserve(self, n: int) -> int:
         """append(n) without building the slot mapping (the engine computes slots from the block
-        table). Returns how many entries at the end of `pages` are new: pages[-k:] (fresh pages,
-        and the last old one when it was copied on write; 0 when none), the event a block table
-        takes with append_pages. O(1) within the held pages; raises like append()."""
-        tokens = self.num_tokens + n if type(n) is int else -1
-        if 0 <= tokens <= self._room and n >= 0:  # the hot path: no page changes
-            self.num_tokens = tokens
+        table): reserve_to(num_tokens + n)."""
+        return self.reserve_to(self.num_tokens + _count(n))
+
+    def reserve_to(self, num_tokens: int) -> int:
+        """Grow to num_tokens tokens (>= the current count), allocating pages as append() does.
+        Returns how many entries at the end of `pages` are new: pages[-k:] (fresh pages, and
+        the last old one when it was copied on write; 0 when none), the event a block table
+        takes. O(1) within the held pages; raises like append() with nothing changed."""
+        if num_tokens.__class__ is int and self.num_tokens <= num_tokens <= self._room:
+            self.num_tokens = num_tokens  # the hot path: no page changes
             return 0
-        n = _count(n)
+        try:
+            n = operator.index(num_tokens) - self.num_tokens
+        except TypeError:
+            raise InvalidArgument(f"token count {num_tokens!r} must be an int") from None
+        if n < 0:
+            raise InvalidArgument(f"reserve_to({num_tokens}): sequence {self.seq_id!r} already "
+                                  f"holds {self.num_tokens} tokens")
         ps = self.page_size
         total_pages = (self.num_tokens + n + ps - 1) // ps
         if self.max_pages is not None and total_pages > self.max_pages:

@@ -134,13 +134,12 @@ class Scheduler:
             computed = req.num_computed
             if computed >= req.num_prefill:  # decoding: up to num_computed + s_q tokens
                 target = computed + s_q  # (the sequence may hold spare MTP slots)
-                seq = req.seq
                 try:
-                    seq.reserve(target - seq.num_tokens)  # O(1) within the held pages
+                    req.seq.reserve_to(target)  # O(1) within the held pages
                 except OutOfPages:
-                    if not self._make_room(req, target - seq.num_tokens, plan):
+                    if not self._make_room(req, target - req.seq.num_tokens, plan):
                         break
-                    seq.reserve(target - seq.num_tokens)
+                    req.seq.reserve_to(target)
                 kv_tokens += target
                 add_decode(req)
             else:

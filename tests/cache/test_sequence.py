@@ -159,3 +159,13 @@ def test_reserve_rejects_bad_counts_with_nothing_changed(n):
     with pytest.raises(InvalidArgument):
         s.reserve(n)
     assert snapshot(s) == before
+
+
+def test_reserve_to_grows_to_a_total():
+    s = Sequence(0, BlockAllocator(4), page_size=4)
+    assert s.reserve_to(3) == 1 and s.reserve_to(3) == 0 and s.reserve_to(5) == 1
+    before = snapshot(s)
+    for bad in (4, 2.0, "6", None):  # shrinking, or not an int
+        with pytest.raises(InvalidArgument):
+            s.reserve_to(bad)
+    assert snapshot(s) == before
