@@ -78,6 +78,7 @@ class BlockTables:
             raise InvalidArgument("native=True but kvpager._block_table was not built; reinstall "
                                   "kvpager where a C++ compiler is available, or pass native=None")
         self.max_batch, self.max_pages, self.page_size = max_batch, max_pages, page_size
+        self._max_tokens = max_pages * page_size
         self.device = torch.device(device)
         self._table = np.full((max_batch, max_pages), PAD_PAGE, dtype=np.int32)
         self._lens = np.zeros(max_batch, dtype=np.int32)
@@ -128,8 +129,10 @@ class BlockTables:
     def crossing(self, n: int | Seq[int]) -> list[tuple[Hashable, int]]:
         """(handle, pages held) of the rows whose next n tokens (n[r] for row r) need page ids
         the tables do not hold: pass them to grow(n, ..., new_pages). One pass over [B]."""
-        step, per_row = self._growth(n)
-        rows = self._rows.crossing(step, per_row, len(self._handles))
+        if type(n) is int and 0 <= n <= self._max_tokens:
+            rows = self._rows.crossing(n, None, len(self._handles))
+        else:
+            rows = self._rows.crossing(*self._growth(n), len(self._handles))
         if not rows:
             return []
         handles, pages = self._handles, self._pages_mv
@@ -196,8 +199,11 @@ class BlockTables:
         TablesOutOfSync (total_tokens disagrees: a grow no Sequence.reserve made), with nothing
         changed. One pass over [B] plus the new ids (C++ for an int n)."""
         batch = len(self._handles)
-        step, per_row = self._growth(n)
-        after = self._total + (step * batch if per_row is None else int(per_row.sum()))
+        if type(n) is int and 0 <= n <= self._max_tokens:
+            step, per_row, after = n, None, self._total + n * batch
+        else:
+            step, per_row = self._growth(n)
+            after = self._total + (step * batch if per_row is None else int(per_row.sum()))
         if after != total_tokens:
             raise TablesOutOfSync(
                 f"grow: the rows would hold {after} tokens but total_tokens={total_tokens!r}; "
@@ -212,11 +218,11 @@ class BlockTables:
                 self._check_pages(handle, pages[row] + len(page_ids))  # raises
             rows.append(row)
             ids.append(page_ids)
-        if len(rows) > 1 and len(set(rows)) < len(rows):
-            raise InvalidArgument("grow: new_pages lists a handle twice")
         bad = self._rows.grow(step, per_row, batch, rows, ids)
         if bad == -2:
             raise InvalidArgument(f"grow: page ids must be ints in [0, 2**31), got {ids!r}")
+        if bad == -3:
+            raise InvalidArgument("grow: new_pages lists a handle twice")
         if bad >= 0:
             raise InvalidArgument(
                 f"grow: row {bad} ({self._handles[bad]!r}) would hold more tokens than its "
@@ -303,7 +309,7 @@ class BlockTables:
                     raise InvalidArgument(f"per-row growth must be {len(self._handles)} ints "
                                           f">= 0 (one per row), got {n!r}") from None
                 return 0, per_row.astype(np.int64)
-        if not 0 <= n <= self.max_pages * self.page_size:
+        if not 0 <= n <= self._max_tokens:
             raise InvalidArgument(f"grow(n={n}): n must be in [0, max_pages * page_size = "
-                                  f"{self.max_pages * self.page_size}]")
+                                  f"{self._max_tokens}]")
         return n, None

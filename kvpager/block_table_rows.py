@@ -72,7 +72,8 @@ class PyRows:
              ids: list[Seq[int]]) -> int:
         """Append ids[i] to row rows[i]'s pages, then every row r < batch grows by n
         (per_row[r] when given). Returns -1; or, nothing changed, -2 (an id is not an int in
-        [0, 2**31)) or the first row whose pages would hold too few tokens."""
+        [0, 2**31)), -3 (a row listed twice) or the first row whose pages would hold too few
+        tokens."""
         lens, cap, mask = self._views.get(batch) or self._view(batch)
         try:
             arrays = [array("i", x) for x in ids]
@@ -84,6 +85,8 @@ class PyRows:
         np.greater(lens, cap - step, out=mask)  # rows short of pages before the new ones
         if rows:
             new = dict(zip(rows, arrays))
+            if len(new) < len(rows):
+                return -3
             for r in mask.nonzero()[0].tolist():
                 more = len(new.get(r, ()))
                 if self._lens[r] + (n if per_row is None else int(per_row[r])) > \

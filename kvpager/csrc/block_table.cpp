@@ -68,36 +68,41 @@ class Rows {
   }
 
   // Appends ids[i] to row rows[i]'s pages, then every row r < batch grows by n (per_row[r] when
-  // given). Returns -1; or, nothing changed, -2 (an id is not an int in [0, 2^31)) or the first
-  // row whose pages would hold too few tokens. The caller has checked the rows (distinct,
-  // active, room for the ids) and the amounts (>= 0, one per row).
+  // given). Returns -1; or, nothing changed, -2 (an id is not an int in [0, 2^31)), -3 (a row
+  // listed twice) or the first row whose pages would hold too few tokens. The caller has
+  // checked the rows (active, room for the ids) and the amounts (>= 0, one per row).
   Py_ssize_t grow(int64_t n, py::object per_row, Py_ssize_t batch, py::list rows, py::list ids) {
     const int64_t* step = amounts(per_row, batch);
     const Py_ssize_t k = PyList_GET_SIZE(rows.ptr());
+    rows_.clear();
     flat_.clear();
     starts_.assign(1, 0);
-    for (Py_ssize_t i = 0; i < k; ++i) {  // convert every id before changing anything
-      const Py_ssize_t row = PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i));
-      if (!append_ids(PyList_GET_ITEM(ids.ptr(), i))) return -2;
-      starts_.push_back(static_cast<int64_t>(flat_.size()));
-      extra_[row] = static_cast<int32_t>(starts_[i + 1] - starts_[i]);
-    }
     Py_ssize_t bad = -1;
-    for (Py_ssize_t r = 0; r < batch && bad < 0; ++r) {
-      const int64_t add = step ? step[r] : n;
-      if (lens_[r] + add > static_cast<int64_t>(pages_[r] + extra_[r]) * page_size_) bad = r;
+    for (Py_ssize_t i = 0; i < k && bad == -1; ++i) {  // convert every id first
+      rows_.push_back(PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i)));
+      if (!append_ids(PyList_GET_ITEM(ids.ptr(), i))) bad = -2;
+      starts_.push_back(static_cast<int64_t>(flat_.size()));
     }
-    for (Py_ssize_t i = 0; i < k; ++i) {
-      const Py_ssize_t row = PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i));
-      const int32_t count = extra_[row];
+    for (size_t i = 0; i < rows_.size(); ++i) {  // extra_ is all 0 outside this call
+      if (bad == -1 && extra_[rows_[i]] != 0) bad = -3;
+      extra_[rows_[i]] += static_cast<int32_t>(starts_[i + 1] - starts_[i]) + 1;
+    }
+    for (Py_ssize_t r = 0; r < batch && bad == -1; ++r) {
+      const int64_t add = step ? step[r] : n;
+      const int32_t more = extra_[r] ? extra_[r] - 1 : 0;
+      if (lens_[r] + add > static_cast<int64_t>(pages_[r] + more) * page_size_) bad = r;
+    }
+    for (size_t i = 0; i < rows_.size(); ++i) {
+      const Py_ssize_t row = rows_[i];
       extra_[row] = 0;
-      if (bad >= 0) continue;
+      if (bad != -1) continue;
+      const int64_t count = starts_[i + 1] - starts_[i];
       std::memcpy(table_ + row * max_pages_ + pages_[row], flat_.data() + starts_[i],
                   count * sizeof(int32_t));
-      pages_[row] += count;
+      pages_[row] += static_cast<int32_t>(count);
       dirty_[row] = 1;
     }
-    if (bad >= 0) return bad;
+    if (bad != -1) return bad;
     for (Py_ssize_t r = 0; r < batch; ++r) lens_[r] += static_cast<int32_t>(step ? step[r] : n);
     return -1;
   }
@@ -157,8 +162,9 @@ class Rows {
   uint8_t* dirty_;
   const int max_batch_, max_pages_, page_size_;
   std::vector<int32_t> flat_;     // ids being converted
-  std::vector<int64_t> starts_;   // where each row's ids start in flat_ (grow)
-  std::vector<int32_t> extra_;    // per row: ids grow() appends (0 outside a call)
+  std::vector<Py_ssize_t> rows_;  // grow(): the rows that gain ids
+  std::vector<int64_t> starts_;   // grow(): where each row's ids start in flat_
+  std::vector<int32_t> extra_;    // grow(): per row, 1 + the ids it gains (0 outside a call)
 };
 
 }  // namespace
