@@ -84,6 +84,7 @@ class BlockTables:
         self._lens = np.zeros(max_batch, dtype=np.int32)
         self._pages = np.zeros(max_batch, dtype=np.int32)  # page ids written per row
         self._dirty = np.zeros(max_batch, dtype=np.uint8)  # rows to upload at the next view()
+        # Row order and handle -> row: the row primitives hold these two (never rebound).
         self._handles: list[Hashable] = []
         self._row: dict[Hashable, int] = {}
         self._total = 0
@@ -92,9 +93,9 @@ class BlockTables:
         if native is not False and NATIVE_AVAILABLE:
             # Addresses of buffers this object keeps alive and never rebinds.
             self._rows = NativeRows(*(b.ctypes.data for b in buffers), max_batch, max_pages,
-                                    page_size)
+                                    page_size, self._handles, self._row)
         else:
-            self._rows = PyRows(*buffers, page_size)
+            self._rows = PyRows(*buffers, page_size, self._handles, self._row)
         self.native = not isinstance(self._rows, PyRows)
         self.block_table, self.cache_seqlens = torch.from_numpy(self._table), \
             torch.from_numpy(self._lens)
@@ -121,22 +122,17 @@ class BlockTables:
 
     def row(self, handle: Hashable) -> int:
         """The row holding `handle`'s sequence; it changes when another row leaves."""
-        row = self._row.get(handle)
-        if row is None:
-            raise NoSuchRow(f"{handle!r} holds no row in these tables; join() it first")
-        return row
+        try:
+            return self._row[handle]
+        except (KeyError, TypeError):  # TypeError: unhashable, so never joined
+            raise NoSuchRow(f"{handle!r} holds no row in these tables; join() it first") from None
 
     def crossing(self, n: int | Seq[int]) -> list[tuple[Hashable, int]]:
         """(handle, pages held) of the rows whose next n tokens (n[r] for row r) need page ids
         the tables do not hold: pass them to grow(n, ..., new_pages). One pass over [B]."""
         if type(n) is int and 0 <= n <= self._max_tokens:
-            rows = self._rows.crossing(n, None, len(self._handles))
-        else:
-            rows = self._rows.crossing(*self._growth(n), len(self._handles))
-        if not rows:
-            return []
-        handles, pages = self._handles, self._pages_mv
-        return [(handles[r], pages[r]) for r in rows]
+            return self._rows.crossing(n, None, len(self._handles))
+        return self._rows.crossing(*self._growth(n), len(self._handles))
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_table int32 [B, max_pages], cache_seqlens int32 [B]) on the device: views of
@@ -157,6 +153,8 @@ class BlockTables:
         Raises BatchFull, InvalidArgument (handle already in, bad ids or length) or
         SequenceTooLong (more than max_pages ids)."""
         row = len(self._handles)
+        if not isinstance(handle, Hashable):
+            raise InvalidArgument(f"handle {handle!r} is not hashable; use the request or an id")
         if handle in self._row:
             raise InvalidArgument(f"{handle!r} already holds row {self._row[handle]}; leave() it "
                                   f"first or use append_pages()")
@@ -209,25 +207,33 @@ class BlockTables:
                 f"grow: the rows would hold {after} tokens but total_tokens={total_tokens!r}; "
                 f"reserve the tokens on every row's sequence first and pass the sum of their "
                 f"num_tokens")
-        rows, ids, row_of, pages = [], [], self._row, self._pages_mv
-        for handle, page_ids in new_pages:  # ~B / page_size rows a step: checks inlined
-            row = row_of.get(handle)
-            if row is None:
-                self.row(handle)  # raises NoSuchRow
-            if pages[row] + len(page_ids) > self.max_pages:
-                self._check_pages(handle, pages[row] + len(page_ids))  # raises
-            rows.append(row)
-            ids.append(page_ids)
-        bad = self._rows.grow(step, per_row, batch, rows, ids)
-        if bad == -2:
-            raise InvalidArgument(f"grow: page ids must be ints in [0, 2**31), got {ids!r}")
-        if bad == -3:
-            raise InvalidArgument("grow: new_pages lists a handle twice")
+        new_pages = new_pages if type(new_pages) is list else list(new_pages)
+        bad = self._rows.grow(step, per_row, batch, new_pages)
+        if bad != -1:
+            self._grow_error(bad, new_pages)
+        self._total = after
+
+    def _grow_error(self, bad: int, new_pages: list) -> None:
+        """Raise what grow's primitive refused: a row short of pages (bad >= 0), or new_pages
+        themselves (checked again here, in Python, to name the problem)."""
         if bad >= 0:
             raise InvalidArgument(
                 f"grow: row {bad} ({self._handles[bad]!r}) would hold more tokens than its "
                 f"{self._pages_mv[bad]} pages; pass its new pages (crossing(n) lists the rows)")
-        self._total = after
+        rows = set()
+        for pair in new_pages:
+            try:
+                handle, page_ids = pair
+                count = len(page_ids)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"grow: new_pages holds {pair!r}; it takes (handle, page "
+                                      f"ids) pairs") from None
+            row = self.row(handle)
+            self._check_pages(handle, self._pages_mv[row] + count)
+            if row in rows:
+                raise InvalidArgument(f"grow: new_pages lists {handle!r} twice")
+            rows.add(row)
+        raise InvalidArgument(f"grow: page ids must be ints in [0, 2**31), got {new_pages!r}")
 
     def leave(self, handle: Hashable) -> None:
         """Drop `handle`'s row; the last row moves into the gap. O(pages moved)."""
@@ -259,7 +265,9 @@ class BlockTables:
                 raise InvalidArgument(f"sequence {seq.seq_id!r} has page_size={seq.page_size} "
                                       f"but the tables use {self.page_size}")
             self._check_pages(seq.seq_id, seq.num_pages)
-        self._handles, self._row, self._total = [], {}, 0
+        self._handles.clear()
+        self._row.clear()
+        self._total = 0
         for seq, handle in zip(seqs, handles):
             self.join(handle, seq.pages, seq.num_tokens)
         return self.view()

@@ -18,7 +18,8 @@ class PyRows:
     per row), dirty uint8 [max_batch] (rows changed since the last upload)."""
 
     def __init__(self, table: np.ndarray, lens: np.ndarray, pages: np.ndarray,
-                 dirty: np.ndarray, page_size: int) -> None:
+                 dirty: np.ndarray, page_size: int, handles: list, row_of: dict) -> None:
+        self._handles, self._row_of = handles, row_of  # BlockTables' row order and index
         self._max_pages, self._page_size = table.shape[1], page_size
         self._lens_np = lens
         self._cap_np = pages * page_size  # tokens each row's pages hold (derived, private)
@@ -61,42 +62,47 @@ class PyRows:
         self._pages[dst], self._cap[dst], self._lens[dst] = count, self._cap[src], self._lens[src]
         self._dirty[dst] = 1
 
-    def crossing(self, n: int, per_row: np.ndarray | None, batch: int) -> list[int]:
-        """Rows r < batch whose length + n (per_row[r] when given) exceeds their pages *
-        page_size."""
+    def crossing(self, n: int, per_row: np.ndarray | None, batch: int) -> list[tuple]:
+        """(handle, pages held) of the rows r < batch whose length + n (per_row[r] when given)
+        exceeds their pages * page_size."""
         lens, cap, mask = self._views.get(batch) or self._view(batch)
         np.greater(lens, cap - (n if per_row is None else per_row), out=mask)
-        return mask.nonzero()[0].tolist()
+        handles, pages = self._handles, self._pages
+        return [(handles[r], pages[r]) for r in mask.nonzero()[0].tolist()]
 
-    def grow(self, n: int, per_row: np.ndarray | None, batch: int, rows: list[int],
-             ids: list[Seq[int]]) -> int:
-        """Append ids[i] to row rows[i]'s pages, then every row r < batch grows by n
-        (per_row[r] when given). Returns -1; or, nothing changed, -2 (an id is not an int in
-        [0, 2**31)), -3 (a row listed twice) or the first row whose pages would hold too few
-        tokens."""
+    def grow(self, n: int, per_row: np.ndarray | None, batch: int, new_pages: list) -> int:
+        """Append each (handle, ids) of new_pages to the handle's row, then every row r < batch
+        grows by n (per_row[r] when given). Returns -1; or, nothing changed, -2 (a handle
+        without a row, too many pages, a row listed twice, an id not an int in [0, 2**31)) or
+        the first row whose pages would hold too few tokens."""
         lens, cap, mask = self._views.get(batch) or self._view(batch)
-        try:
-            arrays = [array("i", x) for x in ids]
-        except (TypeError, OverflowError):
-            return -2
-        if any(a and min(a) < 0 for a in arrays):
-            return -2
+        new: dict[int, array] = {}
+        for pair in new_pages:
+            try:
+                handle, ids = pair
+                row = self._row_of.get(handle)
+                ids = array("i", ids) if row is not None else None
+            except (TypeError, ValueError, OverflowError):
+                return -2
+            if row is None:
+                return -2
+            if (ids and min(ids) < 0) or self._pages[row] + len(ids) > self._max_pages or \
+                    row in new:
+                return -2
+            new[row] = ids
         step = n if per_row is None else per_row
         np.greater(lens, cap - step, out=mask)  # rows short of pages before the new ones
-        if rows:
-            new = dict(zip(rows, arrays))
-            if len(new) < len(rows):
-                return -3
+        if new:
             for r in mask.nonzero()[0].tolist():
                 more = len(new.get(r, ()))
                 if self._lens[r] + (n if per_row is None else int(per_row[r])) > \
                         self._cap[r] + more * self._page_size:
                     return r
             flat, pages, cap_mv, ps = self._flat, self._pages, self._cap, self._page_size
-            for row, a in zip(rows, arrays):
+            for row, ids in new.items():
                 start = row * self._max_pages + pages[row]
-                flat[start:start + len(a)] = a
-                pages[row] += len(a)
+                flat[start:start + len(ids)] = ids
+                pages[row] += len(ids)
                 cap_mv[row] = pages[row] * ps
                 self._dirty[row] = 1
         elif mask.any():

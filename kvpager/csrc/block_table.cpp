@@ -1,9 +1,10 @@
 // The row primitives of kvpager.block_table.BlockTables in C++ (the Python twin: PyRows).
 //
-// BlockTables owns the numpy buffers (passed here as addresses and kept alive by it), the
-// handles and every check on rows and counts. A primitive takes its data as arguments (page
-// ids, lengths), never reads a Python attribute, and gives the same result as PyRows bit for
-// bit; tests drive both and compare the buffers.
+// BlockTables owns the numpy buffers (passed here as addresses and kept alive by it), its row
+// order and handle -> row index (a list and a dict it never rebinds, read here) and the checks
+// that name a bad value. A primitive takes its data as arguments (page ids, lengths), never
+// reads a Python attribute, and gives the same result as PyRows bit for bit; tests drive both
+// and compare the buffers.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -17,7 +18,7 @@ namespace {
 class Rows {
  public:
   Rows(uintptr_t table, uintptr_t lens, uintptr_t pages, uintptr_t dirty, int max_batch,
-       int max_pages, int page_size)
+       int max_pages, int page_size, py::list handles, py::dict row_of)
       : table_(reinterpret_cast<int32_t*>(table)),
         lens_(reinterpret_cast<int32_t*>(lens)),
         pages_(reinterpret_cast<int32_t*>(pages)),
@@ -25,6 +26,8 @@ class Rows {
         max_batch_(max_batch),
         max_pages_(max_pages),
         page_size_(page_size),
+        handles_(std::move(handles)),
+        row_of_(std::move(row_of)),
         extra_(max_batch, 0) {}
 
   // ids into entries [start, start + len(ids)); the row then holds that many pages (an earlier
@@ -55,37 +58,40 @@ class Rows {
     dirty_[dst] = 1;
   }
 
-  // Rows r < batch whose length + n (per_row[r] when given) exceeds their pages * page_size.
+  // (handle, pages held) of the rows r < batch whose length + n (per_row[r] when given)
+  // exceeds their pages * page_size.
   py::list crossing(int64_t n, py::object per_row, Py_ssize_t batch) {
     const int64_t* step = amounts(per_row, batch);
     py::list rows;
     for (Py_ssize_t r = 0; r < batch; ++r) {
       if (lens_[r] + (step ? step[r] : n) > static_cast<int64_t>(pages_[r]) * page_size_) {
-        rows.append(r);
+        rows.append(py::make_tuple(py::handle(PyList_GET_ITEM(handles_.ptr(), r)), pages_[r]));
       }
     }
     return rows;
   }
 
-  // Appends ids[i] to row rows[i]'s pages, then every row r < batch grows by n (per_row[r] when
-  // given). Returns -1; or, nothing changed, -2 (an id is not an int in [0, 2^31)), -3 (a row
-  // listed twice) or the first row whose pages would hold too few tokens. The caller has
-  // checked the rows (active, room for the ids) and the amounts (>= 0, one per row).
-  Py_ssize_t grow(int64_t n, py::object per_row, Py_ssize_t batch, py::list rows, py::list ids) {
+  // Appends each (handle, ids) of new_pages to the handle's row, then every row r < batch grows
+  // by n (per_row[r] when given). Returns -1; or, nothing changed, -2 (a handle without a row,
+  // too many pages, a row listed twice, an id not an int in [0, 2^31)) or the first row whose
+  // pages would hold too few tokens.
+  Py_ssize_t grow(int64_t n, py::object per_row, Py_ssize_t batch, py::list new_pages) {
     const int64_t* step = amounts(per_row, batch);
-    const Py_ssize_t k = PyList_GET_SIZE(rows.ptr());
     rows_.clear();
     flat_.clear();
     starts_.assign(1, 0);
     Py_ssize_t bad = -1;
-    for (Py_ssize_t i = 0; i < k && bad == -1; ++i) {  // convert every id first
-      rows_.push_back(PyLong_AsSsize_t(PyList_GET_ITEM(rows.ptr(), i)));
-      if (!append_ids(PyList_GET_ITEM(ids.ptr(), i))) bad = -2;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(new_pages.ptr()) && bad == -1; ++i) {
+      const Py_ssize_t row = new_row(PyList_GET_ITEM(new_pages.ptr(), i));
+      if (row < 0) {
+        bad = -2;
+        break;
+      }
+      rows_.push_back(row);
       starts_.push_back(static_cast<int64_t>(flat_.size()));
-    }
-    for (size_t i = 0; i < rows_.size(); ++i) {  // extra_ is all 0 outside this call
-      if (bad == -1 && extra_[rows_[i]] != 0) bad = -3;
-      extra_[rows_[i]] += static_cast<int32_t>(starts_[i + 1] - starts_[i]) + 1;
+      const int64_t count = starts_.back() - starts_[starts_.size() - 2];
+      if (extra_[row] != 0 || pages_[row] + count > max_pages_) bad = -2;  // twice, too many
+      extra_[row] = static_cast<int32_t>(count) + 1;  // extra_ is all 0 outside this call
     }
     for (Py_ssize_t r = 0; r < batch && bad == -1; ++r) {
       const int64_t add = step ? step[r] : n;
@@ -108,6 +114,28 @@ class Rows {
   }
 
  private:
+  // The row of one (handle, ids) pair, its ids appended to flat_; -1 when the handle holds no
+  // row or an id is bad.
+  Py_ssize_t new_row(PyObject* pair) {
+    PyObject* seq = PySequence_Fast(pair, "");
+    if (!seq) {
+      PyErr_Clear();
+      return -1;
+    }
+    Py_ssize_t row = -1;
+    if (PySequence_Fast_GET_SIZE(seq) == 2) {
+      PyObject* found = PyDict_GetItemWithError(row_of_.ptr(), PySequence_Fast_ITEMS(seq)[0]);
+      if (found) row = PyLong_AsSsize_t(found);
+      if (PyErr_Occurred()) {  // an unhashable handle
+        PyErr_Clear();
+        row = -1;
+      }
+      if (row >= 0 && !append_ids(PySequence_Fast_ITEMS(seq)[1])) row = -1;
+    }
+    Py_DECREF(seq);
+    return row;
+  }
+
   // Per-row amounts: None (nullptr), or a C-contiguous int64 buffer of `batch` values (the
   // caller, BlockTables, made it so). It stays alive while the caller holds per_row.
   static const int64_t* amounts(const py::object& per_row, Py_ssize_t batch) {
@@ -161,6 +189,8 @@ class Rows {
   int32_t* pages_;
   uint8_t* dirty_;
   const int max_batch_, max_pages_, page_size_;
+  py::list handles_;  // BlockTables' row order
+  py::dict row_of_;   // BlockTables' handle -> row
   std::vector<int32_t> flat_;     // ids being converted
   std::vector<Py_ssize_t> rows_;  // grow(): the rows that gain ids
   std::vector<int64_t> starts_;   // grow(): where each row's ids start in flat_
@@ -172,7 +202,8 @@ class Rows {
 PYBIND11_MODULE(_block_table, m) {
   m.doc() = "C++ row primitives of kvpager.block_table.BlockTables (see block_table.cpp)";
   py::class_<Rows>(m, "Rows")
-      .def(py::init<uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, int, int>())
+      .def(py::init<uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, int, int, py::list,
+                    py::dict>())
       .def("write", &Rows::write)
       .def("move", &Rows::move)
       .def("crossing", &Rows::crossing)

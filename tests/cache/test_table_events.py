@@ -132,6 +132,9 @@ def test_bad_events_change_nothing(native):
         (lambda: t.grow(0, 14, [(seqs[0], [7] * 5)]), SequenceTooLong),
         (lambda: t.grow([0, 0, 0], 14, [(seqs[0], [-7])]), InvalidArgument),
         (lambda: t.grow([9, 0, 0], 23, [(seqs[0], [7])]), InvalidArgument),  # 10 > 2 pages
+        (lambda: t.grow(0, 14, [(seqs[0],)]), InvalidArgument),
+        (lambda: t.grow(0, 14, [([], [7])]), NoSuchRow),  # unhashable: no row
+        (lambda: t.grow(0, 14, [(seqs[0], 7)]), InvalidArgument),
     ]:
         with pytest.raises(error):
             call()
