@@ -195,7 +195,7 @@ class BlockTables:
         growth (the sum of their sequences' num_tokens), which the tables check. Raises
         InvalidArgument (a row lacks pages, bad ids or n), SequenceTooLong, NoSuchRow or
         TablesOutOfSync (total_tokens disagrees: a grow no Sequence.reserve made), with nothing
-        changed. One pass over [B] plus the new ids (C++ for an int n)."""
+        changed. One pass over [B] plus the new ids."""
         batch = len(self._handles)
         if type(n) is int and 0 <= n <= self._max_tokens:
             step, per_row, after = n, None, self._total + n * batch
