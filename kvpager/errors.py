@@ -85,6 +85,18 @@ class DuplicateRequest(RequestError):
     """A request id is already known to the engine."""
 
 
+class QueueFull(RequestError):
+    """The AsyncEngine's waiting queue is at max_waiting: retry later."""
+
+
+class EngineClosed(KVPagerError, RuntimeError):
+    """submit() on an AsyncEngine that is shutting down."""
+
+
+class EngineDead(KVPagerError, RuntimeError):
+    """The AsyncEngine's step loop stopped after an unexpected error; requests cannot run."""
+
+
 class UnknownRequest(KVPagerError, KeyError):
     """A request id the engine has never seen."""
 
