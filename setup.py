@@ -20,6 +20,7 @@ PACKAGES = [
     "kvpager.runtime.models",
     "kvpager.examples",
     "kvpager.examples.deepseek",
+    "kvpager.examples.server",
     "kvpager.benchmarks",
 ]
 PACKAGE_DIR = {
@@ -29,6 +30,7 @@ PACKAGE_DIR = {
     "kvpager.runtime.models": "runtime/models",
     "kvpager.examples": "examples",
     "kvpager.examples.deepseek": "examples/deepseek",
+    "kvpager.examples.server": "examples/server",
     "kvpager.benchmarks": "benchmarks",
 }
 
