@@ -10,7 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+import urllib.error
+import urllib.request
+
 import openai
 import pytest
 
@@ -39,9 +41,9 @@ def server():
         if proc.poll() is not None:
             pytest.fail(f"server exited: {proc.stdout.read()}")
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+            if urllib.request.urlopen(f"{base}/health", timeout=1).status == 200:
                 break
-        except httpx.HTTPError:
+        except (urllib.error.URLError, OSError):
             time.sleep(0.2)
     else:
         proc.kill()
@@ -66,8 +68,13 @@ def expected(prompt: list[int], n: int) -> list[int]:
     return engine.generate([prompt], SamplingParams(max_new_tokens=n))[0]
 
 
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 def gauge(server: str, name: str) -> float:
-    text = httpx.get(f"{server}/metrics", timeout=5).text
+    text = get(f"{server}/metrics")
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
@@ -137,7 +144,7 @@ def test_bad_requests_get_400_with_a_clear_message(client, kwargs, needle):
 
 def test_metrics_count_finished_requests_and_latencies(server, client):
     client.completions.create(model="m", prompt=[5, 6], max_tokens=3, temperature=0)
-    text = httpx.get(f"{server}/metrics", timeout=5).text
+    text = get(f"{server}/metrics")
     assert re.search(r'^kvpager_requests_total\{finish_reason="length"\} [1-9]', text, re.M)
     assert re.search(r"^kvpager_ttft_seconds_count [1-9]", text, re.M)
     assert "kvpager_kv_pages_total" in text
