@@ -1,9 +1,13 @@
-// The only file that touches torch: argument checks, workspace allocation, and registration of
-// the custom ops torch.ops.kvpager.get_mla_metadata / torch.ops.kvpager.mla_decode.
+// The only file that touches torch: workspace allocation, registration of the custom ops
+// torch.ops.kvpager.get_mla_metadata / torch.ops.kvpager.mla_decode, and the checks that keep the
+// kernels' memory accesses in bounds (device, dtype, ranks, the sizes and strides they index by).
+// What an argument means (head_dim_v, s_q >= 1, h_q % h_kv, the metadata's part count, the GPU
+// generation) is kvpager.mla's to validate, once, in Python.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "config.h"
@@ -59,10 +63,18 @@ bool aligned16(const at::Tensor& t) {
   return true;
 }
 
-void check_hopper(const at::Tensor& t) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
-  KVP_CHECK(prop->major == 9, "the MLA decode kernel needs a Hopper (sm_90) GPU, but ", t.device(),
-            " is sm_", prop->major * 10 + prop->minor, "; use kvpager's reference path on this GPU");
+// Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
+// the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
+// KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch.
+kvpager::DecodeOptions options_from_env() {
+  kvpager::DecodeOptions options;
+  const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
+  const std::string name = kernel ? kernel : "seesaw";
+  KVP_CHECK(name == "seesaw" || name == "lockstep", "KVPAGER_MLA_KERNEL must be seesaw or lockstep, got ", name);
+  options.seesaw = name == "seesaw";
+  const char* pdl = std::getenv("KVPAGER_PDL");
+  options.pdl = !(pdl && std::string(pdl) == "0");
+  return options;
 }
 
 int64_t num_sm_parts(int sm_count, int64_t rows, int64_t h_kv) {
@@ -109,7 +121,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   for (const at::Tensor* t : {&k_cache, &block_table, &cache_seqlens, &tile_scheduler_metadata, &num_splits})
     KVP_CHECK(t->device() == q.device(), "every tensor must be on ", q.device(), ", got one on ",
               t->device(), "; put every tensor on one GPU");
-  check_hopper(q);
   KVP_CHECK_ARG(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
                 "q.dtype must be bfloat16 or float16, got ", q.scalar_type());
   KVP_CHECK_DTYPE(k_cache, q.scalar_type());
@@ -118,14 +129,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   KVP_CHECK_SIZE(q, 3, kHeadDim);
   KVP_CHECK_SIZE(k_cache, 1, kPageSize);
   KVP_CHECK_SIZE(k_cache, 3, kHeadDim);
-  KVP_CHECK_ARG(head_dim_v == kHeadDimV, "got head_dim_v = ", head_dim_v, "; the kernel computes dv = 512");
   KVP_CHECK_LAST_CONTIGUOUS(q);
   KVP_CHECK_LAST_CONTIGUOUS(k_cache);
   KVP_CHECK(aligned16(q) && aligned16(k_cache),
             "q and k_cache need 16-byte aligned rows (pointer and strides multiples of 8 elements)");
   const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
-  KVP_CHECK_ARG(s_q >= 1, "got s_q = ", s_q);
-  KVP_CHECK_ARG(h_kv >= 1 && h_q % h_kv == 0, "h_q = ", h_q, " must be a multiple of h_kv = ", h_kv);
+  KVP_CHECK_ARG(h_kv >= 1, "got k_cache.size(2) = h_kv = ", h_kv);
   KVP_CHECK_DTYPE(block_table, at::kInt);
   KVP_CHECK_DIM(block_table, 2);
   KVP_CHECK_SIZE(block_table, 0, batch);
@@ -182,11 +191,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   p.max_pages = static_cast<int>(block_table.size(1));
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal;
+  const DecodeOptions options = options_from_env();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) {
-    KVP_CUDA_CHECK(launch_mla_decode_bf16(p, stream));
+    KVP_CUDA_CHECK(launch_mla_decode_bf16(p, options, stream));
   } else {
-    KVP_CUDA_CHECK(launch_mla_decode_fp16(p, stream));
+    KVP_CUDA_CHECK(launch_mla_decode_fp16(p, options, stream));
   }
   return {out, lse};
 }

@@ -1,11 +1,11 @@
-// The 64-row MLA decode kernel on Hopper warpgroup MMAs (wgmma), for rows = s_q*h_q/h_kv > 32,
-// where the kernel is compute-bound. Same schedule, pipeline and masking as the mma.sync kernel
-// (decode_kernel.cuh); what changes is who multiplies:
+// The lockstep 64-row MLA decode kernel on wgmma (the v2-v6 path; the seesaw kernel replaces it
+// by default, and it stays selectable with KVPAGER_MLA_KERNEL=lockstep for side-by-side runs).
+// Same schedule, pipeline and masking as the mma.sync kernel (decode_kernel.cuh); what changes is
+// who multiplies:
 //   two warpgroups; WG w computes S[:, 32w:32w+32] = Q K^T (wgmma 64x32x16, Q and K straight from
 //   shared memory), the two exchange row maxima, write P to shared memory, and WG w accumulates
 //   O[:, 256w:256w+256] += P V (wgmma 64x256x16; V is the same page read MN-major) in 128 fp32
-//   registers a thread. The accumulator fragment matches mma.sync's per 8-column tile, so the
-//   softmax and epilogue logic is the same.
+//   registers a thread. S, softmax and P V run in lockstep: the tensor cores idle during softmax.
 #pragma once
 #include <cuda_runtime.h>
 #include <math_constants.h>
@@ -17,37 +17,21 @@
 #include "tile_loads.cuh"
 #include "tile_scheduler.cuh"
 #include "tile_ops.h"
+#include "traits.h"
 #include "wgmma_ops.h"
 
 namespace kvpager {
 
-struct WgmmaShape {
-  static constexpr int kBlockM = 64;
-  static constexpr int kWarpgroups = 2;
-  static constexpr int kKeysPerWg = kPageSize / kWarpgroups;    // 32
-  static constexpr int kColsPerWg = kHeadDimV / kWarpgroups;    // 256
-  static constexpr int kScoreRegs = kKeysPerWg / 2;             // 64x32 fp32 over 128 threads
-  static constexpr int kOutRegs = kColsPerWg / 2;               // 64x256 fp32 over 128 threads
-  static constexpr int kSmemQ = 0;
-  static constexpr int kSmemK = kSmemQ + kBlockM * kRowBytes;
-  static constexpr int kSmemP = kSmemK + kNumPageBuffers * kPageBytes;
-  static constexpr int kSmemRed = kSmemP + kBlockM * kBlockRowBytes;
-  static constexpr int kSmemBytes = kSmemRed + kWarpgroups * kBlockM * 4 + 1024;  // + alignment
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
-};
-
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_wgmma_kernel(const __grid_constant__ DecodeParams p) {
-  using S = WgmmaShape;
+    mla_decode_lockstep_kernel(const __grid_constant__ DecodeParams p) {
+  using S = LockstepTraits;
   using Ops = GmmaOps<Elem>;
   extern __shared__ char smem_raw[];
-  // wgmma's swizzle atoms must start on 1024-byte boundaries.
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  char* sQ = smem + S::kSmemQ;
-  char* sK = smem + S::kSmemK;
-  char* sP = smem + S::kSmemP;
-  float* sRed = reinterpret_cast<float*>(smem + S::kSmemRed);
+  auto& plan = aligned_plan<S::SharedMemoryPlan>(smem_raw);
+  char* sQ = plan.q;
+  char* sK = plan.page[0];
+  char* sP = plan.p;
 
   const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
   const int wg = threadIdx.x / 128;
@@ -56,16 +40,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4, t = lane % 4;
   const int my_row[2] = {warp_in_wg * 16 + g, warp_in_wg * 16 + g + 8};
 
-  const PartWork work = part_work(p, part);
-
   const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), p_base = smem_addr(sP);
-  constexpr uint32_t kAtomBytes = 8 * kBlockRowBytes;                  // 1024: 8 rows x 128 B
-  constexpr uint32_t kQBlockBytes = S::kBlockM * kBlockRowBytes;       // 8192
-  constexpr uint32_t kPageBlockBytes = kPageSize * kBlockRowBytes;     // 8192
+  constexpr uint32_t kQBlockBytes = S::kBlockM * kBlockRowBytes;  // 8192
 
-  for (int b = work.begin_b; b <= work.end_b; ++b) {
-    const Segment seg = segment_of(p, work, b);
-    const int seqlen = seg.seqlen, ps = seg.first_page, pe = seg.end_page;
+  for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
+    const Segment seg = sched.segment();
+    const int b = seg.b, seqlen = seg.seqlen, ps = seg.first_page, pe = seg.end_page;
 
     cute::cp_async_wait<0>();
     __syncthreads();
@@ -74,14 +54,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     int limit[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) limit[i] = row_limit(p, seqlen, m_block * S::kBlockM + my_row[i]);
-    const int min_limit = row_limit(p, seqlen, 0);  // query 0 sees the fewest keys
+    const int min_limit = row_limit(p, seqlen, m_block * S::kBlockM);  // the block's first row sees the fewest keys
 
-    float o[S::kOutRegs / 4][4];  // tile n: columns 256 wg + 8n + {2t, 2t+1} of rows g, g+8
-    float(&o_flat)[S::kOutRegs] = reinterpret_cast<float(&)[S::kOutRegs]>(o);
+    float o[S::kOutRegs];  // tile n: columns 256 wg + 8n + {2t, 2t+1} of rows g, g+8
 #pragma unroll
-    for (int i = 0; i < S::kOutRegs; ++i) o_flat[i] = 0.f;
-    float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-    float row_sum[2] = {0.f, 0.f};
+    for (int i = 0; i < S::kOutRegs; ++i) o[i] = 0.f;
+    OnlineSoftmax sm;
+    sm.reset();
 
     for (int pg = ps; pg < pe; ++pg) {
       cute::cp_async_wait<1>();
@@ -98,86 +77,52 @@ __global__ void __launch_bounds__(kThreads, 1)
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
-        const uint32_t k_off = (kk % 4) * 32;  // 16 halfs = 32 B into the 64-column block
-        const uint64_t da = gmma_desc(q_base + (kk / 4) * kQBlockBytes + k_off, 16, kAtomBytes);
-        const uint64_t db = gmma_desc(kbuf + (kk / 4) * kPageBlockBytes +
-                                          wg * S::kKeysPerWg * kBlockRowBytes + k_off,
-                                      16, kAtomBytes);
+        const uint64_t da = k_major_desc(q_base + (kk / 4) * kQBlockBytes, kk % 4);
+        const uint64_t db = k_major_desc(kbuf + (kk / 4) * kPageTileBytes + wg * S::kKeysPerWg * kBlockRowBytes, kk % 4);
         gmma<typename Ops::ScoreMma>(da, db, s, kk > 0);
       }
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_accumulators(s);
 
-      const bool needs_mask = (pg + 1) * kPageSize > min_limit;
-      float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-      for (int i = 0; i < S::kScoreRegs; ++i) {
-        const int half = (i >> 1) & 1;
-        float v = s[i] * p.scale_log2;
-        if (needs_mask) {
-          const int key = pg * kPageSize + wg * S::kKeysPerWg + (i >> 2) * kMmaN + 2 * t + (i & 1);
-          if (key >= limit[half]) v = -CUDART_INF_F;
-        }
-        s[i] = v;
-        page_max[half] = fmaxf(page_max[half], v);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        page_max[i] = quad_max(page_max[i]);
-        if (t == 0) sRed[wg * S::kBlockM + my_row[i]] = page_max[i];
-      }
-      __syncthreads();
-      float alpha[2], base[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float m = fmaxf(row_max[i], fmaxf(sRed[my_row[i]], sRed[S::kBlockM + my_row[i]]));
-        base[i] = m == -CUDART_INF_F ? 0.f : m;
-        alpha[i] = exp2f(row_max[i] - base[i]);
-        row_max[i] = m;
-      }
-      float page_sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < S::kScoreRegs / 4; ++j)
-        store_prob_tile<Elem>(sP, kBlockRowBytes, my_row, (wg * S::kKeysPerWg + j * kMmaN) / kChunkElems,
-                              t, s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], base, page_sum);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * alpha[i] + page_sum[i];
-#pragma unroll
-      for (int i = 0; i < S::kOutRegs; ++i) o_flat[i] *= alpha[(i >> 1) & 1];
+      float page_max[2], alpha[2], base[2];
+      OnlineSoftmax::to_log2(s, p.scale_log2, (pg + 1) * kPageSize > min_limit,
+                             pg * kPageSize + wg * S::kKeysPerWg, t, limit, page_max);
+      cta_row_max(plan.row_exchange, wg, S::kWarpgroups, S::kBlockM, my_row, t, page_max);
+      sm.advance(page_max, alpha, base);
+      sm.exponentiate(s, base, alpha);
+      uint32_t packed[S::kScoreRegs / 2];
+      const float one[2] = {1.f, 1.f};
+      pack_fragment<Elem>(s, packed, one);
+      store_packed(sP, kBlockRowBytes, my_row, wg * S::kKeysPerWg / kChunkElems, t, packed);
+      OnlineSoftmax::rescale(o, alpha);
       fence_async_proxy();  // P was written with plain stores; wgmma reads it next
       __syncthreads();
 
       // O[:, 256 wg : 256 wg + 256] += P V.
-      fence_accumulators(o_flat);
+      fence_accumulators(o);
       cute::warpgroup_arrive();
 #pragma unroll
-      for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
-        const uint64_t da = gmma_desc(p_base + kk * 32, 16, kAtomBytes);
-        const uint64_t db = gmma_desc(kbuf + wg * (S::kColsPerWg / kBlockCols) * kPageBlockBytes +
-                                          kk * kMmaK * kBlockRowBytes,
-                                      kPageBlockBytes, kAtomBytes);
-        gmma<typename Ops::OutMma>(da, db, o_flat, true);
-      }
+      for (int kk = 0; kk < kPageSize / kMmaK; ++kk)
+        gmma<typename Ops::OutMma>(k_major_desc(p_base, kk), v_desc(kbuf, wg * (S::kColsPerWg / kBlockCols), kk),
+                                   o, true);
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
-      fence_accumulators(o_flat);
+      fence_accumulators(o);
       __syncthreads();
       if (pg + 2 < pe) load_page<Elem, BlockSwizzled>(p, sK + buf * kPageBytes, b, hk, pg + 2, seqlen);
       cute::cp_async_fence();
     }
 
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float sum = quad_sum(row_sum[i]);
-      if (t == 0) sRed[wg * S::kBlockM + my_row[i]] = sum;
-    }
-    __syncthreads();
+    if (sched.last()) allow_dependent_launch();
+
+    float total[2];
+    cta_row_sum(plan.row_exchange, wg, S::kWarpgroups, S::kBlockM, my_row, t, sm.row_sum, total);
+    float(&o_tiles)[S::kOutRegs / 4][4] = reinterpret_cast<float(&)[S::kOutRegs / 4][4]>(o);
 #pragma unroll
     for (int i = 0; i < 2; ++i)
-      write_row<Elem>(p, b, hk, m_block * S::kBlockM + my_row[i], i, o, row_max[i],
-                      sRed[my_row[i]] + sRed[S::kBlockM + my_row[i]], wg * S::kColsPerWg + 2 * t,
-                      wg == 0 && t == 0, seg.num_splits, seg.split_slot);
+      write_row<Elem>(p, b, hk, m_block * S::kBlockM + my_row[i], i, o_tiles, sm.row_max[i], total[i],
+                      wg * S::kColsPerWg + 2 * t, wg == 0 && t == 0, seg.num_splits, seg.split_slot);
   }
 }
 

@@ -6,11 +6,17 @@
 
 namespace kvpager {
 
+// Run-time switches of a decode call (the binding reads them from the environment).
+struct DecodeOptions {
+  bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
+  bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
+};
+
 // Split-KV schedule for a batch (one CTA, no host synchronisation).
 cudaError_t launch_mla_metadata(const MetadataParams& params, cudaStream_t stream);
 
 // Decode kernel + combine kernel on `stream`, for bf16 or fp16 q / k_cache / out.
-cudaError_t launch_mla_decode_bf16(const DecodeParams& params, cudaStream_t stream);
-cudaError_t launch_mla_decode_fp16(const DecodeParams& params, cudaStream_t stream);
+cudaError_t launch_mla_decode_bf16(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
+cudaError_t launch_mla_decode_fp16(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
 
 }  // namespace kvpager

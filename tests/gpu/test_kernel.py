@@ -388,13 +388,15 @@ def test_binding_errors_reach_the_caller_as_invalid_argument(good) -> None:
 
 
 def test_binding_checks_raise_kvpager_errors(good) -> None:
-    """The op itself (no wrapper) rejects bad input with a 'kvpager:' RuntimeError, not a crash."""
+    """The op itself (no wrapper) rejects input that would make the kernels index out of bounds with a
+    'kvpager:' RuntimeError, not a crash. (What arguments mean is kvpager.mla's to check.)"""
     q, k_cache, block_table, seqlens, dv, meta, splits = good
     bad_calls = [
         (q.float(), k_cache, block_table, seqlens, dv, meta, splits),
         (q, k_cache, block_table.long(), seqlens, dv, meta, splits),
-        (q[:, :, :3].contiguous(), torch.cat([k_cache, k_cache], 2), block_table, seqlens, dv, meta, splits),
-        (q, k_cache, block_table, seqlens, 256, meta, splits),
+        (q, k_cache[:, :32].contiguous(), block_table, seqlens, dv, meta, splits),
+        (q, k_cache, block_table, seqlens, dv, meta, splits[:-1]),
+        (q, k_cache[:, :, :0], block_table, seqlens, dv, meta, splits),
     ]
     for args in bad_calls:
         with pytest.raises(RuntimeError, match="kvpager:"):
