@@ -1,5 +1,5 @@
 """kvpager: paged latent KV cache, MLA decode and continuous batching for DeepSeek-style models."""
-from kvpager import errors
+from kvpager import errors, fp8
 from kvpager.allocator import BlockAllocator
 from kvpager.config import CacheConfig
 from kvpager.errors import KVPagerError
@@ -11,6 +11,6 @@ from kvpager.tables import PAD_PAGE, BatchTables
 
 __all__ = [
     "BatchTables", "BlockAllocator", "CacheConfig", "EventTables", "KVPagerError", "PAD_PAGE",
-    "PagePool", "Sequence", "errors", "flash_mla_with_kvcache", "get_mla_metadata",
+    "PagePool", "Sequence", "errors", "flash_mla_with_kvcache", "fp8", "get_mla_metadata",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""The FP8 latent cache on a CUDA device: quantize matches the CPU byte for byte, and
+kvpager.mla's decode on an FP8 cache matches the CPU reference on the dequantized cache.
+
+kvpager.mla picks the decode: today FP8 calls run the PyTorch reference on the GPU; once
+kvpager.kernels has the fused FP8 decode (supports_fp8_kvcache()), these same tests cover it.
+Every case has zero-length rows, NaN in every byte no sequence owns (e4m3 NaN values, NaN scales,
+NaN RoPE), shuffled pages and a huge page id in the padded table columns; half use 65-row pages.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from kvpager import CacheConfig, PagePool, flash_mla_with_kvcache, fp8, get_mla_metadata
+from kvpager.errors import InvalidArgument
+from kvpager.reference import mla_decode_reference
+
+D, DV, PAGE, ROW = 576, 512, 64, 656
+PAD_PAGE_ID = 2**30
+POISON = 0xFF
+DEVICE = "cuda"
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+# ---- quantize / dequantize / pool ---------------------------------------------------------------
+
+
+def awkward_rows(n: int, seed: int) -> torch.Tensor:
+    """float32 [n, 576]: groups at magnitudes from float32 subnormals to near its maximum, zero
+    and signed-zero groups, e4m3 ties at exact power-of-two scales."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 128, generator=gen)
+    x = x * torch.exp2(torch.randint(-140, 120, (n, 4, 1), generator=gen).float())
+    x[::7, 1] = 0.0
+    x[::11, 2] = -0.0
+    grid = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[:-1] + grid[1:]) / 2
+    ties = mids[torch.randint(0, mids.numel(), (n, 128), generator=gen)]
+    ties[:, 0] = 448.0
+    x[::3, 3] = ties[::3] * torch.exp2(torch.randint(-13, 100, (x[::3].shape[0], 1), generator=gen).float())
+    rope = torch.randn(n, 64, generator=gen) * 100
+    return torch.cat([x.flatten(1), rope], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_on_cuda_equals_cpu_byte_for_byte(dtype):
+    x = awkward_rows(4096, 1).clamp(-3e38, 3e38).to(dtype)
+    cpu = fp8.quantize(x)
+    gpu = fp8.quantize(x.to(DEVICE))
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8
+    assert torch.equal(gpu.cpu(), cpu)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(fp8.dequantize(gpu, out_dtype).cpu(), fp8.dequantize(cpu, out_dtype))
+
+
+def test_quantize_on_cuda_rejects_non_finite():
+    x = torch.randn(3, D, device=DEVICE)
+    x[2, 130] = math.inf
+    with pytest.raises(InvalidArgument, match="latent group 1"):
+        fp8.quantize(x)
+
+
+def test_pool_on_cuda_writes_the_cpu_bytes():
+    config = dict(num_layers=2, num_pages=3, num_kv_heads=1, kv_cache_dtype="fp8")
+    pool = PagePool(CacheConfig(device=DEVICE, **config))
+    assert pool.kv.device.type == "cuda" and pool.kv.shape[-1] == ROW
+    latent = awkward_rows(100, 2).clamp(-3e38, 3e38).bfloat16()
+    slots = torch.randperm(3 * PAGE)[:100]
+    pool.write(1, slots, latent.to(DEVICE))  # a CPU slot_mapping
+    pool.write(0, slots.to(DEVICE), latent.to(DEVICE))  # a GPU one
+    want = torch.zeros(3 * PAGE, 1, ROW, dtype=torch.uint8)
+    want[slots] = fp8.quantize(latent).unsqueeze(1)
+    for layer in (0, 1):
+        assert torch.equal(pool.layer(layer).cpu().view(-1, 1, ROW), want)
+    pool.copy_pages([1], [2])
+    assert torch.equal(pool.kv[:, 2], pool.kv[:, 1])
+
+
+def test_pool_on_cuda_stores_nan_unchecked():
+    """Documented: a GPU write is not checked for NaN (no host sync); the group reads as NaN."""
+    pool = PagePool(CacheConfig(num_layers=1, num_pages=1, device=DEVICE, kv_cache_dtype="fp8"))
+    latent = torch.randn(1, D, device=DEVICE)
+    latent[0, 5] = math.nan
+    pool.write(0, torch.tensor([0]), latent)
+    back = fp8.dequantize(pool.layer(0)[0, 0, 0], torch.float32)
+    assert back[:128].isnan().all() and torch.isfinite(back[128:]).all()
+
+
+# ---- decode on an FP8 cache ---------------------------------------------------------------------
+
+CASES = [dict(h_q=h_q, s_q=s_q, varlen=varlen, causal=causal, padded=(h_q + s_q + varlen) % 2 == 1)
+         for h_q in (16, 64, 128) for s_q in (1, 2) for varlen in (False, True)
+         for causal in (False, True)]
+
+
+def case_id(c: dict) -> str:
+    return (f"hq{c['h_q']}-sq{c['s_q']}-{'var' if c['varlen'] else 'fix'}-"
+            f"{'causal' if c['causal'] else 'full'}-{'page65' if c['padded'] else 'page64'}")
+
+
+def make_batch(c: dict, b: int = 12, s_k: int = 1500):
+    """q bf16, a poisoned FP8 cache on the GPU (65-row pages if c['padded']), table, lengths
+    (zero-length rows always; with causal, non-empty rows hold >= s_q tokens)."""
+    lens = torch.full((b,), s_k)
+    if c["varlen"]:
+        lens = torch.randint(1, s_k + 1, (b,))
+        lens[1] = s_k
+    if c["causal"]:
+        lens = lens.clamp(min=c["s_q"])
+    lens[0] = 0
+    lens[torch.rand(b) < 0.2] = 0
+    pages = [-(-int(n) // PAGE) for n in lens]
+    num_pages = sum(pages) + 3
+    perm = torch.randperm(num_pages)
+    block_table = torch.full((b, max(pages + [1]) + 1), PAD_PAGE_ID, dtype=torch.int32)
+    used = 0
+    for i, p in enumerate(pages):
+        block_table[i, :p] = perm[used:used + p].to(torch.int32)
+        used += p
+    rows = PAGE + 1 if c["padded"] else PAGE
+    k_cache = torch.full((num_pages, rows, 1, ROW), POISON, dtype=torch.uint8, device=DEVICE)[:, :PAGE]
+    for i, n in enumerate(lens.tolist()):
+        tokens = torch.arange(n)
+        page_ids = block_table[i, tokens // PAGE].long()
+        k_cache[page_ids.to(DEVICE), (tokens % PAGE).to(DEVICE)] = \
+            fp8.quantize(torch.randn(n, 1, D, device=DEVICE).bfloat16())
+    q = torch.randn(b, c["s_q"], c["h_q"], D, device=DEVICE).bfloat16()
+    return q, k_cache, block_table.to(DEVICE), lens.to(torch.int32).to(DEVICE)
+
+
+def assert_agrees(out, lse, ref_out, ref_lse, lens) -> None:
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    out, lse, lens = out.cpu(), lse.cpu(), lens.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    empty = lens == 0
+    assert (out[empty] == 0).all() and (lse[empty] == math.inf).all()
+    o, r = out[~empty].double(), ref_out[~empty].double()
+    cos = (o * r).sum() / (o.norm() * r.norm()).clamp(min=1e-300)
+    assert 1 - cos.item() <= 1e-5, f"1 - cos = {1 - cos.item():.2e}"
+    got, want = lse[~empty], ref_lse[~empty]
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("c", CASES, ids=case_id)
+def test_fp8_decode_matches_cpu_reference(c: dict) -> None:
+    torch.manual_seed(zlib.crc32(case_id(c).encode()))
+    q, k_cache, block_table, lens = make_batch(c)
+    rows = c["s_q"] * c["h_q"]
+    meta, splits = get_mla_metadata(lens, rows, 1, num_heads_q=c["h_q"], is_fp8_kvcache=True)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits,
+                                      causal=c["causal"], is_fp8_kvcache=True)
+    dequantized = torch.nan_to_num(fp8.dequantize(k_cache.cpu(), torch.float32), nan=0.0)
+    ref_out, ref_lse = mla_decode_reference(q.cpu().float(), dequantized, block_table.cpu(),
+                                            lens.cpu(), DV, causal=c["causal"])
+    assert_agrees(out, lse, ref_out, ref_lse, lens)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda a: a.__setitem__("q", a["q"].half()), "bfloat16"),
+    (lambda a: a.__setitem__("k_cache", a["k_cache"][..., :576]), "656 bytes"),
+    (lambda a: a.__setitem__("k_cache", fp8.dequantize(a["k_cache"])), "is_fp8_kvcache=True but"),
+    (lambda a: a.__setitem__("is_fp8_kvcache", False), "pass is_fp8_kvcache=True"),
+    (lambda a: a.__setitem__("k_cache", torch.zeros(a["k_cache"].numel() + 8, dtype=torch.uint8,
+                                                    device=DEVICE)[8:].view(a["k_cache"].shape)),
+     "16-byte aligned"),
+])
+def test_bad_fp8_input_on_cuda(change, needle) -> None:
+    q, k_cache, block_table, lens = make_batch(dict(h_q=16, s_q=1, varlen=True, causal=False,
+                                                    padded=False), b=3, s_k=200)
+    meta, splits = get_mla_metadata(lens, 16, 1)
+    a = dict(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=lens, head_dim_v=DV,
+             tile_scheduler_metadata=meta, num_splits=splits, is_fp8_kvcache=True)
+    change(a)
+    with pytest.raises(InvalidArgument, match=needle):
+        flash_mla_with_kvcache(**a)
+    torch.cuda.synchronize()  # no sticky CUDA error
