@@ -8,8 +8,9 @@ mid-size batches), `quick`. Reports time, TFLOPS = 2*b*s_q*h_q*mean_s_k*(d+dv)/t
 GB/s = 2*(b*mean_s_k*h_kv*d + b*s_q*h_q*(d+dv))/t, each also as a fraction of its ceiling.
 
 `--kernels seesaw,lockstep` times every case whose kv head has >= 64 query rows with both 64-row
-kernels (KVPAGER_MLA_KERNEL), `--pdl on,off` the combine launch both ways (KVPAGER_PDL): side by
-side on the same card, in the same process.
+kernels (KVPAGER_MLA_KERNEL), `--prefetch 0,1,2` the seesaw kernel's L2 prefetch distances
+(KVPAGER_L2_PREFETCH), `--pdl on,off` the combine launch both ways (KVPAGER_PDL): side by side on
+the same card, in the same process.
 
 Timing: triton.testing.do_bench(warmup=25, rep=200, return_mode="median"), which clears L2 before
 every call; without triton, CUDA events around each call after an L2-clearing write, median.
@@ -83,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="seesaw",
                         help="64-row kernels to time, comma-separated: seesaw, lockstep (default: %(default)s)")
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
+    parser.add_argument("--prefetch", default="1",
+                        help="seesaw L2 prefetch distances in pairs, e.g. 0,1,2 (default: %(default)s)")
     parser.add_argument("--eager", action="store_true", help="also time eager calls through the wrapper")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--compare-reference", action="store_true",
@@ -186,12 +189,16 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 # ---- the run --------------------------------------------------------------------------------
 
 
+ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "prefetch": "KVPAGER_L2_PREFETCH"}
+
+
 @contextlib.contextmanager
-def kernel_env(kernel: str, pdl: bool):
-    """KVPAGER_MLA_KERNEL / KVPAGER_PDL for the calls (and graph captures) inside, then restored."""
-    saved = {k: os.environ.get(k) for k in ("KVPAGER_MLA_KERNEL", "KVPAGER_PDL")}
-    os.environ["KVPAGER_MLA_KERNEL"] = kernel
-    os.environ["KVPAGER_PDL"] = "1" if pdl else "0"
+def kernel_env(variant: dict):
+    """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
+    saved = {v: os.environ.get(v) for v in ENV.values()}
+    os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
+    os.environ[ENV["pdl"]] = "1" if variant["pdl"] else "0"
+    os.environ[ENV["prefetch"]] = str(variant["prefetch"])
     try:
         yield
     finally:
@@ -202,15 +209,20 @@ def kernel_env(kernel: str, pdl: bool):
                 os.environ[k] = v
 
 
-def variants(case: Case, kernels_: list[str], pdls: list[bool]) -> list[tuple[str, bool]]:
-    """(kernel, pdl) pairs to time: the 64-row kernels only matter when a kv head has >= 64 rows."""
-    wgmma = case.s_q * case.h_q // case.h_kv > 32
-    names = kernels_ if wgmma else ["mma.sync"]
-    return [(k, pdl) for k in names for pdl in pdls]
+def variants(case: Case, kernels_: list[str], pdls: list[bool], prefetches: list[int]) -> list[dict]:
+    """Switch settings to time: the 64-row kernels (and the seesaw's L2 prefetch) only matter when a
+    kv head has more than 32 query rows."""
+    if case.s_q * case.h_q // case.h_kv <= 32:
+        return [dict(kernel="mma.sync", pdl=pdl, prefetch=prefetches[0]) for pdl in pdls]
+    out = []
+    for kernel in kernels_:
+        for prefetch in (prefetches if kernel == "seesaw" else prefetches[:1]):
+            out += [dict(kernel=kernel, pdl=pdl, prefetch=prefetch) for pdl in pdls]
+    return out
 
 
 def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, ceilings: dict,
-               kernels_: list[str], pdls: list[bool], eager: bool) -> list[dict]:
+               kernels_: list[str], pdls: list[bool], prefetches: list[int], eager: bool) -> list[dict]:
     from kvpager import kernels
 
     x = make_inputs(case, dtype, seed)
@@ -225,8 +237,8 @@ def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, cei
         )
 
     results, first_out = [], None
-    for kernel, pdl in variants(case, kernels_, pdls):
-        with kernel_env("seesaw" if kernel == "mma.sync" else kernel, pdl):
+    for variant in variants(case, kernels_, pdls, prefetches):
+        with kernel_env(variant):
             out, _ = call()
             finite = bool(torch.isfinite(out).all())
             if first_out is None:
@@ -242,8 +254,7 @@ def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, cei
         tflops, gbps = flops / (t * 1e-6) / 1e12, nbytes / (t * 1e-6) / 1e9
         results.append({
             **asdict(case),
-            "kernel": kernel,
-            "pdl": pdl,
+            **variant,
             "mean_s_k": round(mean_s_k, 1),
             "time_us": round(t, 2),
             "eager_us": round(t_eager, 2),
@@ -297,9 +308,11 @@ def run(args: argparse.Namespace) -> int:
           f"cuBLAS bf16 8192^3 {ceilings['matmul_tflops']:.0f} TFLOP/s")
     kernels_ = [k.strip() for k in args.kernels.split(",") if k.strip()]
     pdls = [{"on": True, "off": False}[v.strip()] for v in args.pdl.split(",") if v.strip()]
+    prefetches = [int(v) for v in args.prefetch.split(",") if v.strip()]
     results = []
     for i, case in enumerate(cases(args.case_set)):
-        results.extend(bench_case(case, dtype, args.seed + i, time_us, ceilings, kernels_, pdls, args.eager))
+        results.extend(bench_case(case, dtype, args.seed + i, time_us, ceilings, kernels_, pdls, prefetches,
+                                  args.eager))
         torch.cuda.empty_cache()
     print_table(results, args.plain)
     reference = []
@@ -329,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
 
 COLUMNS = [  # (header, key, format)
     ("b", "b", "{}"), ("s_q", "s_q", "{}"), ("h_q", "h_q", "{}"), ("s_k", "mean_s_k", "{:.0f}"),
-    ("varlen", "varlen", "{}"), ("kernel", "kernel", "{}"), ("pdl", "pdl", "{}"), ("µs", "time_us", "{:.1f}"),
+    ("varlen", "varlen", "{}"), ("kernel", "kernel", "{}"), ("pdl", "pdl", "{}"), ("L2 pf", "prefetch", "{}"), ("µs", "time_us", "{:.1f}"),
     ("eager µs", "eager_us", "{:.1f}"), ("TFLOPS", "tflops", "{:.0f}"),
     ("×mm", "frac_matmul", "{:.2f}"), ("GB/s", "gbps", "{:.0f}"), ("×read", "frac_read", "{:.2f}"),
     ("splits", "total_splits", "{}"), ("meta µs", "metadata_us", "{:.1f}"), ("finite", "finite", "{}"),

@@ -13,7 +13,8 @@ from kvpager import kernels
 from kvpager.benchmarks import kernel as bench
 
 CASES = [bench.Case(1, 1, 128, 4096, False), bench.Case(8, 1, 16, 2048, False),
-         bench.Case(8, 1, 128, 4096, False), bench.Case(32, 1, 128, 4096, False)]
+         bench.Case(8, 1, 128, 4096, False), bench.Case(32, 1, 128, 4096, False),
+         bench.Case(64, 1, 128, 1024, False), bench.Case(32, 1, 128, 2048, True)]
 
 
 def probe(case: bench.Case) -> None:

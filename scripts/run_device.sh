@@ -8,7 +8,7 @@
 # Device call (carry [".whl"], timeout_s 600):
 #   bash scripts/run_device.sh
 #   STAGES="build test" PYTEST_ARGS="-k metadata" bash scripts/run_device.sh
-# Env: STAGES (default "build smoke test bench"; also "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
+# Env: STAGES (default "build smoke test bench"; also "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
 #      fresh ptxas report), PYTEST_ARGS (default "-x"), BENCH_ARGS (e.g. "--quick"),
 #      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
@@ -106,6 +106,14 @@ print(f"read {c['read_gbps']:.0f} GB/s, mm {c['matmul_tflops']:.0f} TF | h16 sq1
 PYEOF
     )
   else skip bench "extension not available"; fi
+fi
+
+if has probe; then  # small-batch latency: per-kernel durations (PDL on and off), split-count sweep
+  if [[ $built == 1 ]]; then
+    stage probe "${PROBE_TIMEOUT:-150}" probe.log bash -c "for pdl in 1 0; do echo \"KVPAGER_PDL=\$pdl\"; \
+      KVPAGER_PDL=\$pdl $PY scripts/latency_probe.py; done; $PY scripts/split_sweep.py"
+    NOTE[probe]=$(grep -m2 "b=64" "$OUT/probe.log" | cut -c1-55 | tr '\n' ' ')
+  else skip probe "extension not available"; fi
 fi
 
 if has sanitize; then

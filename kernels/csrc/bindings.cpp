@@ -65,7 +65,8 @@ bool aligned16(const at::Tensor& t) {
 
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
-// KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch.
+// KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
+// KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches.
 kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
   const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
@@ -74,6 +75,12 @@ kvpager::DecodeOptions options_from_env() {
   options.seesaw = name == "seesaw";
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");
+  const char* prefetch = std::getenv("KVPAGER_L2_PREFETCH");
+  if (prefetch != nullptr) {
+    const std::string pairs = prefetch;
+    KVP_CHECK(pairs == "0" || pairs == "1" || pairs == "2", "KVPAGER_L2_PREFETCH must be 0, 1 or 2, got ", pairs);
+    options.l2_prefetch_pairs = pairs[0] - '0';
+  }
   return options;
 }
 

@@ -43,7 +43,8 @@ cudaError_t launch_lockstep(const DecodeParams& p, cudaStream_t stream) {
 }
 
 template <typename Elem>
-cudaError_t launch_seesaw(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_seesaw(DecodeParams p, int l2_prefetch_pairs, cudaStream_t stream) {
+  p.l2_prefetch_pairs = l2_prefetch_pairs;
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
@@ -81,7 +82,8 @@ cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, c
     case 16: err = launch_mma_sync<Elem, 16>(p, stream); break;
     case 32: err = launch_mma_sync<Elem, 32>(p, stream); break;
     default:
-      err = options.seesaw && p.num_pages > 0 ? launch_seesaw<Elem>(p, stream) : launch_lockstep<Elem>(p, stream);
+      err = options.seesaw && p.num_pages > 0 ? launch_seesaw<Elem>(p, options.l2_prefetch_pairs, stream)
+                                              : launch_lockstep<Elem>(p, stream);
   }
   if (err != cudaSuccess) return err;
   return launch_combine<Elem>(p, options.pdl, stream);

@@ -67,6 +67,11 @@ struct Ctx {
   __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
     load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last);
   }
+  // One thread: pages [first, first + count) of the segment (those that exist) into L2.
+  __device__ __forceinline__ void prefetch_pages(int first, int count) const {
+    const int last = min(seg.end_page, first + count);
+    for (int page = first; page < last; ++page) prefetch_page(map, seg.block_table[page], hk);
+  }
 };
 
 // acc (+)= Q K^T over tiles [kFirst, kLast) of buffer `buf`, each issued once its TMA copy landed
@@ -171,6 +176,9 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+  // L2 prefetch, L = l2_prefetch_pairs pairs ahead: the pair j0 + 2L, whose TMA loads are issued
+  // during pair j0 + 2L - 2 (the prologue covered the pairs before it).
+  if (kNext1 && c.issuer() && c.p.l2_prefetch_pairs > 0) c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
@@ -388,6 +396,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     if (threadIdx.x == 0) {
       if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
       if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      if (p.l2_prefetch_pairs > 1) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
     }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();

@@ -10,6 +10,7 @@ namespace kvpager {
 struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
+  int l2_prefetch_pairs = 1;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
 };
 
 // Split-KV schedule for a batch (one CTA, no host synchronisation).
