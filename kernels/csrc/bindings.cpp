@@ -66,7 +66,8 @@ bool aligned16(const at::Tensor& t) {
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
-// KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches.
+// KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches,
+// KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads.
 kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
   const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
@@ -80,6 +81,13 @@ kvpager::DecodeOptions options_from_env() {
     const std::string pairs = prefetch;
     KVP_CHECK(pairs == "0" || pairs == "1" || pairs == "2", "KVPAGER_L2_PREFETCH must be 0, 1 or 2, got ", pairs);
     options.l2_prefetch_pairs = pairs[0] - '0';
+  }
+  const char* hint = std::getenv("KVPAGER_TMA_HINT");
+  if (hint != nullptr) {
+    const std::string h = hint;
+    KVP_CHECK(h == "first" || h == "normal" || h == "last", "KVPAGER_TMA_HINT must be first, normal or last, got ", h);
+    using Hint = kvpager::DecodeOptions::CacheHint;
+    options.page_cache_hint = h == "first" ? Hint::kFirst : h == "last" ? Hint::kLast : Hint::kNormal;
   }
   return options;
 }

@@ -42,9 +42,19 @@ cudaError_t launch_lockstep(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
+  using cute::TMA::CacheHintSm90;
+  switch (hint) {
+    case DecodeOptions::CacheHint::kFirst: return static_cast<uint64_t>(CacheHintSm90::EVICT_FIRST);
+    case DecodeOptions::CacheHint::kLast: return static_cast<uint64_t>(CacheHintSm90::EVICT_LAST);
+    default: return static_cast<uint64_t>(CacheHintSm90::EVICT_NORMAL);
+  }
+}
+
 template <typename Elem>
-cudaError_t launch_seesaw(DecodeParams p, int l2_prefetch_pairs, cudaStream_t stream) {
-  p.l2_prefetch_pairs = l2_prefetch_pairs;
+cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
+  p.l2_prefetch_pairs = options.l2_prefetch_pairs;
+  p.page_cache_hint = cache_policy(options.page_cache_hint);
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
@@ -82,7 +92,7 @@ cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, c
     case 16: err = launch_mma_sync<Elem, 16>(p, stream); break;
     case 32: err = launch_mma_sync<Elem, 32>(p, stream); break;
     default:
-      err = options.seesaw && p.num_pages > 0 ? launch_seesaw<Elem>(p, options.l2_prefetch_pairs, stream)
+      err = options.seesaw && p.num_pages > 0 ? launch_seesaw<Elem>(p, options, stream)
                                               : launch_lockstep<Elem>(p, stream);
   }
   if (err != cudaSuccess) return err;

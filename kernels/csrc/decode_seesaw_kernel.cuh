@@ -65,7 +65,7 @@ struct Ctx {
   }
   // One thread: tiles [first, last) of page `page` (its block-table id `id`) into buffer `buf`.
   __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
-    load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last);
+    load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
   }
   // One thread: pages [first, first + count) of the segment (those that exist) into L2.
   __device__ __forceinline__ void prefetch_pages(int first, int count) const {

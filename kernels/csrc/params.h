@@ -32,6 +32,7 @@ struct DecodeParams {
   float scale_log2;  // softmax_scale * log2(e)
   bool causal;
   int l2_prefetch_pairs;  // seesaw: pairs of pages prefetched into L2 ahead of their TMA loads
+  uint64_t page_cache_hint;  // seesaw: L2 cache-policy operand of the page TMA loads
 };
 
 struct MetadataParams {

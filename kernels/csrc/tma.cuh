@@ -54,15 +54,15 @@ cudaError_t encode_page_tensor_map(const DecodeParams& p, CUtensorMap* map) {
 }
 
 // One thread: tiles [first, last) of page `page_id` (kv head hk) into `tiles` (kPageTileBytes each,
-// 1024-byte aligned), tile c completing on ready[c]. Pages are streamed once per CTA pair, so
-// they are marked evict-first in L2 (the two row blocks of a part read them close together).
+// 1024-byte aligned), tile c completing on ready[c]; cache_hint is the L2 policy operand
+// (cute::TMA::CacheHintSm90).
 __device__ __forceinline__ void load_page_tiles(const CUtensorMap* map, uint64_t* ready, char* tiles,
-                                                int page_id, int hk, int first, int last) {
+                                                int page_id, int hk, int first, int last, uint64_t cache_hint) {
 #pragma unroll
   for (int c = first; c < last; ++c) {
     TileBarrier::arrive_and_expect_tx(&ready[c], kPageTileBytes);
-    cute::SM90_TMA_LOAD_4D::copy(map, &ready[c], static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_FIRST),
-                                 tiles + c * kPageTileBytes, c * kBlockCols, 0, hk, page_id);
+    cute::SM90_TMA_LOAD_4D::copy(map, &ready[c], cache_hint, tiles + c * kPageTileBytes, c * kBlockCols, 0, hk,
+                                 page_id);
   }
 }
 
