@@ -40,6 +40,21 @@ namespace kvpager {
 
 namespace seesaw {
 
+// Timeline of one CTA (build with -DKVPAGER_TRACE, e.g. KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE): each
+// warpgroup's issuer records clock64() at named points; the CTA prints them when it is done.
+#ifdef KVPAGER_TRACE
+__device__ unsigned long long g_trace[2][96];
+#define SEESAW_TRACE(c, event)                                                                     \
+  do {                                                                                             \
+    if ((c).trace && (c).trace_n < 96) g_trace[(c).wg][(c).trace_n++] = (uint64_t(event) << 48) | (clock64() & 0xffffffffffffull); \
+  } while (0)
+#else
+#define SEESAW_TRACE(c, event) \
+  do {                         \
+  } while (0)
+#endif
+enum TraceEvent { kEvStart, kEvSegment, kEvQ, kEvFirstS, kEvPair, kEvLoopEnd, kEvEpilogue, kEvEnd };
+
 using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
 using NamedBarrier = cutlass::arch::NamedBarrier;
@@ -56,6 +71,10 @@ struct Ctx {
   int hk;
   Segment seg;
   uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
+#ifdef KVPAGER_TRACE
+  bool trace;
+  int trace_n;
+#endif
 
   __device__ __forceinline__ uint32_t q_tile(int c) const { return smem_addr(s.q[c]); }
   __device__ __forceinline__ uint32_t page(int buf) const { return smem_addr(s.page[buf][0]); }
@@ -254,6 +273,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       c.phase ^= 1;
     }
   }
+  SEESAW_TRACE(c, kEvPair);
 }
 
 // WG1. On entry s holds S1 = Q K_j1^T if page j1 exists; on exit, S1 of the next pair if any.
@@ -330,6 +350,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     fence_accumulators(s);
     c.phase ^= 1;
   }
+  SEESAW_TRACE(c, kEvPair);
 }
 
 // All pairs of the segment [ps, pe) for warpgroup WG: the steady state, then the tail shape.
@@ -377,6 +398,11 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
   c.phase = 0;
+#ifdef KVPAGER_TRACE
+  c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
+  c.trace_n = 0;
+#endif
+  SEESAW_TRACE(c, kEvStart);
 
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&page_map);
@@ -391,6 +417,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
     __syncthreads();  // the previous segment is done with every buffer (and the barriers are set up)
+    SEESAW_TRACE(c, kEvSegment);
 
     // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
     if (threadIdx.x == 0) {
@@ -407,6 +434,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     cute::cp_async_wait<0>();
     fence_async_proxy();  // Q was written through the generic proxy; wgmma reads it through the async one
     __syncthreads();
+    SEESAW_TRACE(c, kEvQ);
 
     float o[T::kOutRegs];
 #pragma unroll
@@ -425,6 +453,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
         fence_accumulators(s);
         c.phase ^= 1;
       }
+      SEESAW_TRACE(c, kEvFirstS);
       run_pairs<Elem, 0>(c, s, o, sm);
     } else {
       if (ps + 1 < pe) {
@@ -433,9 +462,11 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
         fence_accumulators(s);
         c.phase ^= 1;
       }
+      SEESAW_TRACE(c, kEvFirstS);
       run_pairs<Elem, 1>(c, s, o, sm);
     }
 
+    SEESAW_TRACE(c, kEvLoopEnd);
     if (sched.last()) allow_dependent_launch();
 
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
@@ -448,7 +479,16 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
       write_row<Elem>(p, c.seg.b, c.hk, m_block * T::kBlockM + c.rows[i], i, o_tiles, plan.row_max[c.rows[i]],
                       total[i], c.wg * T::kColsPerWg + 2 * c.t, c.wg == 0 && c.t == 0, c.seg.num_splits,
                       c.seg.split_slot);
+    SEESAW_TRACE(c, kEvEpilogue);
   }
+#ifdef KVPAGER_TRACE
+  if (c.trace) {
+    const uint64_t t0 = g_trace[c.wg][0] & 0xffffffffffffull;
+    for (int i = 0; i < c.trace_n; ++i)
+      printf("TRACE part %d wg %d #%d event %d cycle %llu\n", part, c.wg, i, int(g_trace[c.wg][i] >> 48),
+             (unsigned long long)((g_trace[c.wg][i] & 0xffffffffffffull) - t0));
+  }
+#endif
 }
 
 }  // namespace kvpager
