@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
     parser.add_argument("--prefetch", default="0",
                         help="seesaw L2 prefetch distances in pairs, e.g. 0,1,2 (default: %(default)s)")
-    parser.add_argument("--hint", default="normal",
+    parser.add_argument("--hint", default="first",
                         help="seesaw TMA L2 eviction hints, e.g. first,normal,last (default: %(default)s)")
     parser.add_argument("--eager", action="store_true", help="also time eager calls through the wrapper")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")

@@ -11,9 +11,8 @@ struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
   int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
-  // seesaw: L2 eviction priority of page loads. Every page is read by all row blocks of its part
-  // (2 CTAs at h_q = 128), so the second reader should find it in L2.
-  enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kNormal;
+  // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
+  enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
 };
 
 // Split-KV schedule for a batch (one CTA, no host synchronisation).
