@@ -29,6 +29,9 @@ def cases(quick: bool) -> list[dict]:
         dict(b=2, s_q=2, h_q=32, h_kv=2, lens=[140, 0], dtype=torch.float16),
         dict(b=1, s_q=1, h_q=128, h_kv=1, lens=[1000], dtype=torch.bfloat16),  # split + combine
         dict(b=3, s_q=1, h_q=16, h_kv=1, lens=[0, 0, 0], dtype=torch.bfloat16),  # all empty
+        # seesaw: odd page counts, a partial last page, two row blocks, two kv heads
+        dict(b=2, s_q=1, h_q=128, h_kv=1, lens=[193, 64], dtype=torch.bfloat16),
+        dict(b=2, s_q=3, h_q=96, h_kv=2, lens=[300, 1], dtype=torch.float16),
     ]
     return (grid[:4] + extra[:2]) if quick else grid + extra
 
