@@ -17,7 +17,7 @@ def test_defaults_and_derived_sizes():
 def test_memory_budget_gives_whole_pages():
     per_page = CacheConfig(num_layers=3, num_pages=1).bytes_per_page
     c = CacheConfig(num_layers=3, memory_budget_bytes=per_page * 7 + per_page // 2)
-    assert c.resolved_num_pages == 7
+    assert c.resolved_num_pages == 6 and c.pool_pages == 7  # the null page is paid from the budget
 
 
 @pytest.mark.parametrize("value,name", [(torch.float16, "float16"), ("bf16", "bfloat16"),
@@ -59,6 +59,10 @@ def test_missing_num_layers_and_tiny_budget():
         CacheConfig(num_pages=1)
     with pytest.raises(ConfigError, match="raise it to at least"):
         CacheConfig(num_layers=1, memory_budget_bytes=100)
+    per_page = CacheConfig(num_layers=1, num_pages=1).bytes_per_page
+    with pytest.raises(ConfigError, match="besides the reserved null page"):  # one page: null only
+        CacheConfig(num_layers=1, memory_budget_bytes=2 * per_page - 1)
+    assert CacheConfig(num_layers=1, memory_budget_bytes=2 * per_page).resolved_num_pages == 1
 
 
 def test_other_page_size_on_reference_path():
