@@ -101,8 +101,8 @@ class BlockAllocator:
         if n == 0:
             return []
         free = self._free
-        while len(free) < n:
-            self._evict_oldest()
+        if len(free) < n:
+            self._evict(n - len(free))
         pages = free[-n:][::-1]
         del free[-n:]
         refs = self._refs
@@ -130,11 +130,11 @@ class BlockAllocator:
         changed."""
         pages = self._checked(pages)
         refs = self._refs
-        if len(pages) > 1:
-            for page, count in Counter(pages).items():
-                self._check_decref(page, count)
-        elif pages:
+        if len(pages) == 1:
             self._check_decref(pages[0], 1)
+        elif pages and (0 in [refs[p] for p in pages] or len(set(pages)) != len(pages)):
+            for page, count in Counter(pages).items():  # find the culprit, or allow repeats
+                self._check_decref(page, count)
         cached, free, released = self._cached, self._free, []
         for page in pages:
             refs[page] -= 1
@@ -181,11 +181,17 @@ class BlockAllocator:
                 del evictable[page]
             refs[page] += 1
 
-    def _evict_oldest(self) -> None:
-        page, _ = self._evictable.popitem(last=False)
-        self._cached[page] = 0
-        self._free.append(page)
-        self._on_evict(page)
+    def _evict(self, n: int) -> None:
+        """Move at least n evictable pages, oldest first, to the free stack (an evicted page can
+        take its cached extensions along: the cache uncaches them)."""
+        popitem, cached, free, on_evict = (self._evictable.popitem, self._cached, self._free,
+                                           self._on_evict)
+        goal = len(free) + n
+        while len(free) < goal:
+            page, _ = popitem(last=False)
+            cached[page] = 0
+            free.append(page)
+            on_evict(page)
 
     # -- checks -----------------------------------------------------------------------------------
     def check_invariants(self, expected_refs: Mapping[int, int] | None = None) -> None:
@@ -228,9 +234,18 @@ class BlockAllocator:
                               f"[1, {self._num_pages}]")
 
     def _checked(self, pages: Iterable[int]) -> list[int]:
-        pages = [p if type(p) is int else _as_page(p) for p in pages]
+        """pages as a list of known page ids (the caller's list itself if it is one: read only).
+        All-int lists are checked with C-level passes (type set, min, max): an 8k-token
+        sequence frees ~128 pages on every finish."""
+        pages = pages if type(pages) is list else list(pages)
+        if not pages:
+            return pages
+        if set(map(type, pages)) != _INT_ONLY:
+            pages = [p if type(p) is int else _as_page(p) for p in pages]
+        elif 1 <= min(pages) and max(pages) <= self._num_pages:
+            return pages
         for page in pages:
-            self._check_known(page)
+            self._check_known(page)  # raises, naming the first bad page
         return pages
 
     def _check_decref(self, page: int, count: int) -> None:
@@ -241,6 +256,9 @@ class BlockAllocator:
         if count > have:
             raise RefcountUnderflow(f"page {page} is freed {count} times but has only {have} "
                                     f"reference(s)")
+
+
+_INT_ONLY = {int}
 
 
 def _as_page(page: object) -> object:

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 
 from kvpager.allocator import NULL_PAGE, BlockAllocator
 from kvpager.errors import InvalidArgument, InvariantViolation, StaleHit
+from kvpager.prefix_hit import PrefixHit, kv_usage_tokens
 from kvpager.prefix_keys import TOKEN_BYTES, PrefixKeys
 
 
@@ -47,44 +48,6 @@ class _Node:
         self.children: dict[bytes, _Node] = {}
         self.sorted_keys: list[bytes] = []
         self.alive = True
-
-
-class PrefixHit:
-    """What match() found. `pages`: full pages to share; `partial_page`: a cached page whose
-    first `partial_tokens` tokens come next (None, 0 when there is none); `num_tokens` =
-    len(pages) * page_size + partial_tokens, the prompt tokens that need no compute.
-
-    Lifecycle: match() -> (acquire(): the hit now holds one reference per page) -> consumed by
-    Sequence.from_prefix (the references move to the sequence) or given back with release()."""
-
-    __slots__ = ("pages", "partial_page", "partial_tokens", "num_tokens", "page_size",
-                 "num_revived", "_node", "_epoch", "_state")
-
-    def __init__(self, pages: list[int], partial_page: int | None, partial_tokens: int,
-                 page_size: int, num_revived: int, node: _Node | None, epoch: int) -> None:
-        self.pages, self.partial_page, self.partial_tokens = pages, partial_page, partial_tokens
-        self.page_size = page_size
-        self.num_tokens = len(pages) * page_size + partial_tokens
-        self.num_revived = num_revived
-        self._node, self._epoch, self._state = node, epoch, "matched"
-
-    def __repr__(self) -> str:
-        return (f"PrefixHit(num_tokens={self.num_tokens}, pages={self.pages}, partial_page="
-                f"{self.partial_page}, partial_tokens={self.partial_tokens}, {self._state})")
-
-    def pages_needed(self, num_tokens: int) -> int:
-        """By how much allocator.num_free drops when this (matched, not yet acquired) hit is
-        acquired and a sequence of num_tokens tokens is built on it: new pages (the partial
-        copy and the tail) plus hit pages that were evictable. O(1)."""
-        ps = self.page_size
-        return -(-num_tokens // ps) - len(self.pages) + self.num_revived
-
-    def take(self) -> None:
-        """Mark an acquired hit consumed (its references now belong to a sequence)."""
-        if self._state != "acquired":
-            raise InvalidArgument(f"{self!r} is not acquired; call PrefixCache.acquire first, "
-                                  f"and use each hit once")
-        self._state = "taken"
 
 
 class PrefixCache:
@@ -120,15 +83,16 @@ class PrefixCache:
         node = self._roots.get(keys.extra_keys)
         if node is None or limit <= 0:
             return PrefixHit([], None, 0, ps, 0, node, self._epoch)
-        refs, pages, revived = self.allocator._refs, [], 0
-        for key in keys.page_keys[:limit // ps]:
-            child = node.children.get(key)
-            if child is None:
+        pages = []
+        add = pages.append
+        for key in keys.page_keys[:limit // ps]:  # the hot loop: one dict probe a page
+            try:
+                node = node.children[key]
+            except KeyError:
                 break
-            node = child
-            pages.append(child.page)
-            if refs[child.page] == 0:
-                revived += 1
+            add(node.page)
+        refs = self.allocator._refs
+        revived = [refs[page] for page in pages].count(0)
         partial, k = None, 0
         start = len(pages) * ps
         want = min(ps, limit - start)
@@ -269,6 +233,11 @@ class PrefixCache:
             del self._roots[parent.key]
             parent.alive = False
         self._epoch += 1
+        if not node.children:  # the usual victim: the deepest page of a finished request
+            node.alive = False
+            self._nodes[page] = None
+            self.evictions += 1
+            return
         stack = [node]
         while stack:
             dead = stack.pop()
@@ -324,32 +293,6 @@ class PrefixCache:
         if indexed != seen or marked != seen:
             raise InvariantViolation(f"cached pages disagree: tree {sorted(seen)}, index "
                                      f"{sorted(indexed)}, allocator {sorted(marked)}")
-
-
-def kv_usage_tokens(allocator: BlockAllocator, seqs: Iterable, page_size: int) -> int:
-    """Tokens of KV the live sequences hold, each page once: page_size per referenced page, less
-    the unused slots of partly filled last pages (each such page counted once even if forks
-    share it). Cached pages nobody references are not usage. O(len(seqs))."""
-    unused = {}
-    for seq in seqs:
-        tail = seq.num_tokens % page_size
-        if tail:
-            unused[seq.pages[-1]] = page_size - tail
-    return allocator.num_used * page_size - sum(unused.values())
-
-
-def check_pool_for_caching(num_pages: int, page_size: int, request_tokens: int) -> None:
-    """ConfigError unless a pool of num_pages usable pages (plus the null page) can hold one
-    request of request_tokens tokens: with caching on, a request that fits alone must always be
-    admittable, since cached pages are evicted for it. Call it where caching is switched on."""
-    from kvpager.errors import ConfigError
-
-    need = -(-request_tokens // page_size)
-    if need > num_pages:
-        raise ConfigError(
-            f"prefix caching with {num_pages} usable pages (+ the null page) cannot hold one "
-            f"request of {request_tokens} tokens ({need} pages of {page_size}); raise num_pages "
-            f"(or the memory budget) to at least {need}, or lower max_model_len")
 
 
 def _common_tokens(a: bytes, b: bytes) -> int:

@@ -1,6 +1,7 @@
 """PrefixKeys: one request's token ids in the form the prefix cache matches on, validated once.
 
-A page's key is the raw bytes of its page_size token ids (int64, 8 bytes a token). bytes keep
+A page's key is the raw bytes of its page_size token ids (int32, 4 bytes a token: every
+vocabulary fits, and half the bytes to compare and keep per cached page of int64). bytes keep
 their hash once computed and compare with memcmp, so after the one-off O(tokens) build a lookup
 costs one dict probe per page, and equal keys mean equal token ids: no hash collision can alias
 two contents. The tokens before a page are not in its key: the cache keys each page under its
@@ -14,12 +15,13 @@ import numpy as np
 
 from kvpager.errors import InvalidArgument
 
-TOKEN_BYTES = 8  # int64 token ids
+TOKEN_BYTES = 4  # int32 token ids
+MAX_TOKEN_ID = 2**31 - 1
 _EXTRA_KEY_TYPES = (str, int, bytes)
 
 
 class PrefixKeys:
-    """token_ids: list | tuple | 1-D integer numpy array of ids >= 0; extra_keys: a tuple of
+    """token_ids: list | tuple | 1-D integer numpy array of ids in [0, 2**31); extra_keys: a tuple of
     str / int / bytes values that must also match (e.g. ('lora-7',) for an adapter), () for none.
 
     Attributes: `page_size`; `extra_keys` (tuple); `page_keys[i]`: key of full page i (bytes of
@@ -64,7 +66,7 @@ class PrefixKeys:
         """Token ids [start, end) as ints (for checks and messages; not a hot path)."""
         end = self.num_tokens if end is None else end
         raw = bytes(self._buf[start * TOKEN_BYTES:end * TOKEN_BYTES])
-        return np.frombuffer(raw, dtype="<i8").tolist()
+        return np.frombuffer(raw, dtype="<i4").tolist()
 
     def token_bytes(self, start: int, end: int) -> bytes:
         """Key bytes of tokens [start, end)."""
@@ -102,7 +104,7 @@ def check_extra_keys(extra_keys: object) -> tuple:
 
 
 def _token_bytes(token_ids: object) -> bytes:
-    """Validated token ids as int64 bytes. One numpy conversion: O(n) in C, no Python loop
+    """Validated token ids as int32 bytes. One numpy conversion: O(n) in C, no Python loop
     except to name the bad element of a bad list."""
     if not isinstance(token_ids, (list, tuple, np.ndarray)):
         raise InvalidArgument(f"token ids must be a list, tuple or 1-D integer numpy array, got "
@@ -119,9 +121,11 @@ def _token_bytes(token_ids: object) -> bytes:
         where = f"token_ids[{bad}] = {token_ids[bad]!r}" if bad is not None else \
             f"an array of dtype {arr.dtype} and shape {arr.shape}"
         raise InvalidArgument(f"token ids must be non-negative ints; got {where}")
-    if arr.dtype.kind == "u" and arr.max() >= 2**63:
-        raise InvalidArgument(f"token id {int(arr.max())} does not fit in int64")
     if arr.dtype.kind == "i" and arr.min() < 0:
         bad = int(np.argmax(arr < 0))
         raise InvalidArgument(f"token ids must be >= 0; token_ids[{bad}] = {int(arr[bad])}")
-    return arr.astype("<i8", copy=False).tobytes()
+    if arr.max() > MAX_TOKEN_ID:
+        bad = int(np.argmax(arr > MAX_TOKEN_ID))
+        raise InvalidArgument(f"token ids must be < 2**31 (a vocabulary index); token_ids[{bad}]"
+                              f" = {int(arr[bad])}")
+    return arr.astype("<i4", copy=False).tobytes()

@@ -7,7 +7,8 @@ import torch
 from kvpager import BlockAllocator, CacheConfig, PagePool, Sequence
 from kvpager.errors import (ConfigError, InvalidArgument, KVPagerError, OutOfPages,
                             SequenceTooLong, StaleHit)
-from kvpager.prefix_cache import PrefixCache, check_pool_for_caching, kv_usage_tokens
+from kvpager.prefix_cache import PrefixCache
+from kvpager.prefix_hit import check_pool_for_caching, kv_usage_tokens
 from kvpager.prefix_keys import PrefixKeys
 
 PS = 64
@@ -167,7 +168,8 @@ def test_extra_keys_separate_the_caches():
 
 
 @pytest.mark.parametrize("tokens", [[1, -2, 3], [1, 2.0, 3], [1, "2"], "123", [[1, 2]], None,
-                                    torch.tensor([1, 2]), [True, False], np.array([1.5])])
+                                    torch.tensor([1, 2]), [True, False], np.array([1.5]),
+                                    [1, 2**31], [2**64], [[1], [2, 3]]])
 def test_bad_token_lists_are_typed_errors_and_change_nothing(tokens):
     s = Server()
     a, keys, _ = s.run(prompt(100, 0))
