@@ -38,6 +38,7 @@ from kvpager.allocator import NULL_PAGE, BlockAllocator
 from kvpager.errors import InvalidArgument, InvariantViolation, StaleHit
 from kvpager.prefix_hit import PrefixHit, kv_usage_tokens
 from kvpager.prefix_keys import TOKEN_BYTES, PrefixKeys
+from kvpager.sequence import Sequence
 
 
 class _Node:
@@ -72,6 +73,7 @@ class PrefixCache:
         self.query_tokens = 0  # prompt tokens looked up (acquire)
         self.hit_tokens = 0  # of those, tokens found in the cache
         self.evictions = 0  # pages that left the cache (evicted, or dropped with a subtree)
+        self.num_cached_pages = 0
         allocator.set_evict_callback(self._on_evict)
 
     # -- lookup -------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ class PrefixCache:
         ps, limit = self.page_size, keys.num_tokens - 1
         node = self._roots.get(keys.extra_keys)
         if node is None or limit <= 0:
-            return PrefixHit([], None, 0, ps, 0, node, self._epoch)
+            return PrefixHit([], None, 0, ps, 0, keys, node, self._epoch)
         pages = []
         add = pages.append
         for key in keys.page_keys[:limit // ps]:  # the hot loop: one dict probe a page
@@ -102,7 +104,7 @@ class PrefixCache:
                 partial, k = None, 0
             elif refs[partial] == 0:
                 revived += 1
-        return PrefixHit(pages, partial, k, ps, revived, node, self._epoch)
+        return PrefixHit(pages, partial, k, ps, revived, keys, node, self._epoch)
 
     def acquire(self, keys: PrefixKeys, hit: PrefixHit) -> PrefixHit:
         """Take hit's pages by reference (one each; evictable ones leave the eviction queue),
@@ -110,6 +112,9 @@ class PrefixCache:
         StaleHit if a page left the cache since match() (re-match), nothing changed."""
         if hit._state != "matched":
             raise InvalidArgument(f"{hit!r} was already acquired; match again for a new hit")
+        if hit._keys is not keys:
+            raise InvalidArgument("acquire() got other PrefixKeys than match(); pass the same "
+                                  "keys object to both")
         if hit._epoch != self._epoch:
             raise StaleHit("cached pages were evicted since this hit was matched; call "
                            "match() again right before acquire()")
@@ -136,7 +141,7 @@ class PrefixCache:
         self.allocator.free(taken)
 
     # -- insertion ----------------------------------------------------------------------------
-    def commit(self, seq, keys: PrefixKeys, num_written: int) -> int:
+    def commit(self, seq: Sequence, keys: PrefixKeys, num_written: int) -> int:
         """Cache seq's pages that are full of written tokens: pages [0, num_written // page_size)
         not yet committed, keyed by keys. seq must hold keys' tokens (seq.pages[i] holds the KV
         of tokens [i * page_size, (i + 1) * page_size) of keys); num_written counts the tokens
@@ -184,13 +189,9 @@ class PrefixCache:
         """hit_tokens / query_tokens (0.0 before any query)."""
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
-    @property
-    def num_cached_pages(self) -> int:
-        return sum(node is not None for node in self._nodes)
-
     def stats(self, seqs: Iterable | None = None) -> dict[str, float]:
         """Counters since construction; with the live sequences, KV usage in tokens as well.
-        O(num_pages + len(seqs))."""
+        O(len(seqs))."""
         out = {"prefix_query_tokens": self.query_tokens, "prefix_hit_tokens": self.hit_tokens,
                "prefix_hit_rate": self.hit_rate, "evictions": self.evictions,
                "cached_tokens": self.num_cached_pages * self.page_size,
@@ -206,6 +207,7 @@ class PrefixCache:
         parent.children[key] = child
         bisect.insort(parent.sorted_keys, key)
         self._nodes[page] = child
+        self.num_cached_pages += 1
         return child
 
     def _best_child(self, node: _Node, query: bytes) -> tuple[int, int]:
@@ -237,6 +239,7 @@ class PrefixCache:
             node.alive = False
             self._nodes[page] = None
             self.evictions += 1
+            self.num_cached_pages -= 1
             return
         stack = [node]
         while stack:
@@ -244,6 +247,7 @@ class PrefixCache:
             dead.alive = False
             self._nodes[dead.page] = None
             self.evictions += 1
+            self.num_cached_pages -= 1
             if dead is not node:
                 self.allocator.uncache(dead.page)
             stack.extend(dead.children.values())
@@ -290,7 +294,7 @@ class PrefixCache:
                 stack.append(child)
         indexed = {page for page, node in enumerate(self._nodes) if node is not None}
         marked = {page for page in range(1, alloc.num_pages + 1) if alloc._cached[page]}
-        if indexed != seen or marked != seen:
+        if indexed != seen or marked != seen or self.num_cached_pages != len(seen):
             raise InvariantViolation(f"cached pages disagree: tree {sorted(seen)}, index "
                                      f"{sorted(indexed)}, allocator {sorted(marked)}")
 

@@ -20,15 +20,16 @@ class PrefixHit:
     Sequence.from_prefix (the references move to the sequence) or given back with release()."""
 
     __slots__ = ("pages", "partial_page", "partial_tokens", "num_tokens", "page_size",
-                 "num_revived", "_node", "_epoch", "_state")
+                 "num_revived", "_keys", "_node", "_epoch", "_state")
 
     def __init__(self, pages: list[int], partial_page: int | None, partial_tokens: int,
-                 page_size: int, num_revived: int, node: object, epoch: int) -> None:
+                 page_size: int, num_revived: int, keys: object, node: object,
+                 epoch: int) -> None:
         self.pages, self.partial_page, self.partial_tokens = pages, partial_page, partial_tokens
         self.page_size = page_size
         self.num_tokens = len(pages) * page_size + partial_tokens
         self.num_revived = num_revived
-        self._node, self._epoch, self._state = node, epoch, "matched"
+        self._keys, self._node, self._epoch, self._state = keys, node, epoch, "matched"
 
     def __repr__(self) -> str:
         return (f"PrefixHit(num_tokens={self.num_tokens}, pages={self.pages}, partial_page="

@@ -10,3 +10,12 @@ def test_readme_usage_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].shape == (2, 1, 16, 512) and scope["lse"].shape == (2, 16, 1)
     assert not scope["out"].isnan().any()
+
+
+def test_readme_prefix_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Reusing prompt prefixes\n\n```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["copies"] == [(scope["hit"].partial_page, scope["seq2"].pages[1])]
+    assert scope["seq2"].num_tokens == 120

@@ -223,6 +223,8 @@ def test_stale_hit_and_reused_hit_are_refused_with_nothing_changed():
     with pytest.raises(StaleHit):
         s.cache.acquire(keys, hit)
     s.check()
+    with pytest.raises(InvalidArgument, match="same keys"):
+        s.cache.acquire(keys.copy(), s.cache.match(keys))
     hit = s.cache.lookup(keys)
     with pytest.raises(InvalidArgument):
         s.cache.acquire(keys, hit)
