@@ -39,7 +39,10 @@ class CacheConfig(BaseModel):
         (kvpager.fp8: 512 e4m3 latent values, 4 float32 scales, 64 bf16 RoPE values) in uint8
         pages [.., h_kv, 656]; `dtype` stays the model's (q's) dtype: bfloat16 (kernel) or
         float32 (CPU reference), with head_dim 576 and head_dim_v 512.
-    num_pages | memory_budget_bytes: exactly one; with a budget, num_pages = budget // bytes_per_page.
+    num_pages | memory_budget_bytes: exactly one. num_pages counts the pages requests can hold;
+        the pool has one more, the reserved null page 0 (see allocator.NULL_PAGE), so it takes
+        (num_pages + 1) * bytes_per_page. With a budget, the null page is paid from it:
+        num_pages = budget // bytes_per_page - 1.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -116,10 +119,11 @@ class CacheConfig(BaseModel):
             raise ValueError(f"num_pages={self.num_pages} must be >= 1")
         if self.kv_cache_dtype == "fp8":
             self._check_fp8()
-        if self.memory_budget_bytes is not None and self.memory_budget_bytes < self.bytes_per_page:
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 2 * self.bytes_per_page:
             raise ValueError(
-                f"memory_budget_bytes={self.memory_budget_bytes} holds no page of "
-                f"{self.bytes_per_page} bytes; raise it to at least {self.bytes_per_page}")
+                f"memory_budget_bytes={self.memory_budget_bytes} holds no usable page of "
+                f"{self.bytes_per_page} bytes besides the reserved null page; raise it to at "
+                f"least {2 * self.bytes_per_page}")
         return self
 
     def _check_fp8(self) -> None:
@@ -164,10 +168,16 @@ class CacheConfig(BaseModel):
 
     @property
     def resolved_num_pages(self) -> int:
-        """num_pages, or how many whole pages memory_budget_bytes holds."""
+        """Pages requests can hold: num_pages, or the whole pages memory_budget_bytes holds minus
+        the null page. The pool tensor has pool_pages = resolved_num_pages + 1."""
         if self.num_pages is not None:
             return self.num_pages
-        return self.memory_budget_bytes // self.bytes_per_page
+        return self.memory_budget_bytes // self.bytes_per_page - 1
+
+    @property
+    def pool_pages(self) -> int:
+        """Pages in the pool tensor: resolved_num_pages plus the null page 0."""
+        return self.resolved_num_pages + 1
 
 
 def _describe(exc: ValidationError) -> str:

@@ -52,6 +52,10 @@ class PageNotAllocated(AllocatorError):
     """incref of a page that is free (only allocated pages can gain references)."""
 
 
+class StaleHit(AllocatorError):
+    """PrefixCache.acquire() of a hit whose pages left the cache after match(); match again."""
+
+
 class InvariantViolation(AllocatorError):
     """check_invariants() found broken allocator state (a bug, never bad user input)."""
 

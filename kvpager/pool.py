@@ -10,10 +10,12 @@ from kvpager.errors import InvalidArgument
 
 
 class PagePool:
-    """`kv`: one allocation [num_layers, num_pages, page_size, h_kv, row_width] on
-    config.device, zero-initialised. Slot `page * page_size + offset` is token `offset` of `page`.
-    A row is head_dim values of config.dtype, or with kv_cache_dtype='fp8' the 656 uint8 bytes of
-    kvpager.fp8's layout (row_width = 656; an all-zero row dequantizes to zeros).
+    """`kv`: one allocation [num_layers, num_pages + 1, page_size, h_kv, row_width] on
+    config.device, zero-initialised. Slot `page * page_size + offset` is token `offset` of
+    `page`. Page 0 is the reserved null page (allocator.NULL_PAGE): pages 1..num_pages hold
+    requests' tokens, so `num_pages` and `capacity_tokens` count those only. A row is head_dim
+    values of config.dtype, or with kv_cache_dtype='fp8' the 656 uint8 bytes of kvpager.fp8's
+    layout (row_width = 656; an all-zero row dequantizes to zeros).
     """
 
     def __init__(self, config: CacheConfig) -> None:
@@ -26,7 +28,7 @@ class PagePool:
         self.row_width = config.row_width
         self.is_fp8 = config.kv_cache_dtype == "fp8"
         self.kv = torch.zeros(
-            self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.row_width,
+            self.num_layers, config.pool_pages, self.page_size, self.num_kv_heads, self.row_width,
             dtype=config.cache_dtype, device=config.torch_device)
         # One flat [slots, h_kv, row] view per layer for the scatter in write(); views, no copy.
         self._slots = [self.kv[i].view(-1, self.num_kv_heads, self.row_width)
@@ -49,8 +51,8 @@ class PagePool:
         return num_used_pages * self.config.bytes_per_page
 
     def layer(self, i: int) -> torch.Tensor:
-        """k_cache of layer i: [num_pages, page_size, h_kv, row_width], a contiguous view of `kv`
-        (uint8 656-byte rows with kv_cache_dtype='fp8': pass is_fp8_kvcache=True to the MLA)."""
+        """k_cache of layer i: [num_pages + 1, page_size, h_kv, row_width], a contiguous view of
+        `kv` (uint8 656-byte rows with kv_cache_dtype='fp8': pass is_fp8_kvcache=True to the MLA)."""
         self._check_layer(i)
         return self.kv[i]
 
@@ -79,10 +81,11 @@ class PagePool:
             return
         if slot_mapping.device.type == "cpu":
             lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-            if lo < 0 or hi >= self.capacity_tokens:
+            num_slots = self.kv.shape[1] * self.page_size
+            if lo < 0 or hi >= num_slots:
                 bad = lo if lo < 0 else hi
-                raise InvalidArgument(f"slot {bad} is outside [0, {self.capacity_tokens}) "
-                                      f"({self.num_pages} pages x {self.page_size})")
+                raise InvalidArgument(f"slot {bad} is outside [0, {num_slots}) "
+                                      f"({self.num_pages} pages + the null page, x {self.page_size})")
             slot_mapping = slot_mapping.to(self.device, non_blocking=True)
         elif slot_mapping.device != self.device:
             raise InvalidArgument(f"slot_mapping is on {slot_mapping.device}; put it on the CPU "
@@ -101,8 +104,8 @@ class PagePool:
         if not src:
             return
         for page in (*src, *dst):
-            if not 0 <= page < self.num_pages:
-                raise InvalidArgument(f"page {page} is outside [0, {self.num_pages})")
+            if not 0 <= page <= self.num_pages:
+                raise InvalidArgument(f"page {page} is outside [0, {self.num_pages}]")
         if len(set(dst)) != len(dst):
             raise InvalidArgument(f"copy_pages destinations {dst} repeat a page")
         src_t = torch.tensor(src, dtype=torch.int64, device=self.device)

@@ -17,7 +17,7 @@ def test_defaults_and_derived_sizes():
 def test_memory_budget_gives_whole_pages():
     per_page = CacheConfig(num_layers=3, num_pages=1).bytes_per_page
     c = CacheConfig(num_layers=3, memory_budget_bytes=per_page * 7 + per_page // 2)
-    assert c.resolved_num_pages == 7
+    assert c.resolved_num_pages == 6 and c.pool_pages == 7  # the null page is paid from the budget
 
 
 @pytest.mark.parametrize("value,name", [(torch.float16, "float16"), ("bf16", "bfloat16"),
@@ -59,6 +59,10 @@ def test_missing_num_layers_and_tiny_budget():
         CacheConfig(num_pages=1)
     with pytest.raises(ConfigError, match="raise it to at least"):
         CacheConfig(num_layers=1, memory_budget_bytes=100)
+    per_page = CacheConfig(num_layers=1, num_pages=1).bytes_per_page
+    with pytest.raises(ConfigError, match="besides the reserved null page"):  # one page: null only
+        CacheConfig(num_layers=1, memory_budget_bytes=2 * per_page - 1)
+    assert CacheConfig(num_layers=1, memory_budget_bytes=2 * per_page).resolved_num_pages == 1
 
 
 def test_other_page_size_on_reference_path():
@@ -84,10 +88,11 @@ def test_fp8_budget_holds_more_pages():
     budget = 10**9
     fp8 = CacheConfig(num_layers=61, memory_budget_bytes=budget, kv_cache_dtype="fp8")
     bf16 = CacheConfig(num_layers=61, memory_budget_bytes=budget)
-    assert fp8.resolved_num_pages == budget // (64 * 61 * 656)
-    assert bf16.resolved_num_pages == budget // (64 * 61 * 1152)
-    with pytest.raises(ConfigError, match=f"at least {64 * 656}"):
-        CacheConfig(num_layers=1, memory_budget_bytes=64 * 656 - 1, kv_cache_dtype="fp8")
+    # the budget also pays for the reserved null page
+    assert fp8.resolved_num_pages == budget // (64 * 61 * 656) - 1
+    assert bf16.resolved_num_pages == budget // (64 * 61 * 1152) - 1
+    with pytest.raises(ConfigError, match=f"at least {2 * 64 * 656}"):
+        CacheConfig(num_layers=1, memory_budget_bytes=2 * 64 * 656 - 1, kv_cache_dtype="fp8")
 
 
 @pytest.mark.parametrize("value", ["fp8", "FP8", "fp8_e4m3", "float8_e4m3fn", torch.float8_e4m3fn])

@@ -16,9 +16,10 @@ def make(h_kv=1, **kw):
 
 def test_one_allocation_and_layer_views():
     pool = make(h_kv=2)
-    assert pool.kv.shape == (3, 5, 64, 2, 8)
+    assert pool.kv.shape == (3, 6, 64, 2, 8)  # 5 pages + the null page 0
+    assert pool.num_pages == 5
     view = pool.layer(1)
-    assert view.shape == (5, 64, 2, 8) and view.is_contiguous()
+    assert view.shape == (6, 64, 2, 8) and view.is_contiguous()
     assert view.data_ptr() == pool.kv[1].data_ptr()  # a view, no copy
     view[2, 3, 1, 0] = 7.0
     assert pool.kv[1, 2, 3, 1, 0] == 7.0
@@ -29,7 +30,7 @@ def test_one_allocation_and_layer_views():
 
 def test_write_scatters_to_slots():
     pool = make()
-    slots = torch.tensor([0, 65, 64 * 4 + 63], dtype=torch.int64)
+    slots = torch.tensor([0, 65, 64 * 4 + 63], dtype=torch.int64)  # the pool accepts any slot
     latent = torch.arange(24, dtype=torch.float32).view(3, 8)
     pool.write(2, slots, latent)
     assert torch.equal(pool.kv[2, 0, 0, 0], latent[0])
@@ -52,7 +53,7 @@ def test_write_with_heads_and_cast():
     (0, torch.tensor([[0]]), torch.zeros(1, 8)),
     (0, torch.tensor([0, 1]), torch.zeros(1, 8)),
     (0, torch.tensor([0]), torch.zeros(1, 7)),
-    (0, torch.tensor([5 * 64]), torch.zeros(1, 8)),
+    (0, torch.tensor([6 * 64]), torch.zeros(1, 8)),
     (0, torch.tensor([-1]), torch.zeros(1, 8)),
 ])
 def test_write_rejects_bad_input_and_changes_nothing(layer, slots, latent):
@@ -74,7 +75,7 @@ def test_copy_pages_all_layers_and_overlap():
     pool.copy_pages([], [])
 
 
-@pytest.mark.parametrize("src,dst", [([0], []), ([0], [5]), ([-1], [0]), ([0, 1], [2, 2])])
+@pytest.mark.parametrize("src,dst", [([0], []), ([0], [6]), ([-1], [0]), ([0, 1], [2, 2])])
 def test_copy_pages_rejects_bad_input(src, dst):
     pool = make()
     before = pool.kv.clone()
@@ -93,8 +94,8 @@ def make_fp8(h_kv=1, num_pages=3, **kw):
 
 def test_fp8_pool_holds_656_byte_rows():
     pool = make_fp8(h_kv=2)
-    assert pool.kv.shape == (2, 3, 64, 2, 656) and pool.kv.dtype == torch.uint8
-    assert pool.layer(1).shape == (3, 64, 2, 656) and pool.layer(1).is_contiguous()
+    assert pool.kv.shape == (2, 4, 64, 2, 656) and pool.kv.dtype == torch.uint8  # + null page
+    assert pool.layer(1).shape == (4, 64, 2, 656) and pool.layer(1).is_contiguous()
     assert pool.bytes_per_token == 2 * 2 * 656 and pool.head_dim == 576
     assert (fp8.dequantize(pool.layer(0)) == 0).all()  # a fresh pool reads as zeros
 
