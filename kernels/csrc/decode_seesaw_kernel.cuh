@@ -59,6 +59,18 @@ using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
 using NamedBarrier = cutlass::arch::NamedBarrier;
 
+// The producer side of a cross-warpgroup hand-off: bar.arrive (release; the consumer's bar.sync
+// acquires). compute-sanitizer's racecheck does not model bar.arrive's ordering, so a
+// -DKVPAGER_SYNC_HANDOFFS build makes producers wait too (bar.sync on both sides; no cycle: each
+// consumer reaches its sync without waiting on its producer) for racecheck runs.
+__device__ __forceinline__ void handoff(uint32_t barrier) {
+#ifdef KVPAGER_SYNC_HANDOFFS
+  NamedBarrier::arrive_and_wait(T::kThreads, barrier);
+#else
+  NamedBarrier::arrive(T::kThreads, barrier);
+#endif
+}
+
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
   Plan& s;
@@ -283,7 +295,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       c.s.exchange.pair.scale0[c.rows[i]] = alpha[i];
     }
   }
-  NamedBarrier::arrive(T::kThreads, T::kScale0Ready);
+  handoff(T::kScale0Ready);
   sm.exponentiate(s, base, alpha);
   OnlineSoftmax::rescale(o, alpha);
   uint32_t pb[T::kScoreRegs / 2];
@@ -310,7 +322,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   pack_fragment<Elem>(s, pb, sc1);
   store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, pb);
   fence_async_proxy();
-  NamedBarrier::arrive(T::kThreads, T::kP0Ready);
+  handoff(T::kP0Ready);
   OnlineSoftmax::rescale(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
@@ -375,7 +387,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       c.s.exchange.pair.scale1[c.rows[i]] = alpha[i];
     }
   }
-  NamedBarrier::arrive(T::kThreads, T::kScale1Ready);
+  handoff(T::kScale1Ready);
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
   OnlineSoftmax::rescale(o, scale_o);
 
@@ -398,7 +410,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-  if constexpr (kHas1) NamedBarrier::arrive(T::kThreads, T::kP1Ready);
+  if constexpr (kHas1) handoff(T::kP1Ready);
 
   // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
   if constexpr (kNext1) {
