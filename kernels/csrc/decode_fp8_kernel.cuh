@@ -4,12 +4,13 @@
 // and out are bf16, the MMAs bf16 with fp32 accumulation. The dequantized page exists only in
 // registers: no bf16 copy in shared or global memory.
 //
-// Per page (Fp8Traits has the roles, fp8_lane.h the fragment map):
-//  1. cp.async has staged the page's 656-byte rows (zero-filled past the sequence end).
+// Per page (Fp8Traits has the roles and stages, fp8_lane.h the fragment map):
+//  1. cp.async has staged the page's 656-byte rows (zero-filled past the sequence end), up to
+//     kStages pages ahead.
 //  2. Feature role: warp w dequantizes latent features [64w, 64w + 64) of all 64 keys into
 //     registers, already in the B layout of S = Q K^T (fp8_dequant.cuh), and computes S's split-K
 //     partial over them, plus the 64 RoPE columns for key tile w. Partials -> shared memory.
-//  3. Barrier: the staging buffer is free; page p + 2 starts streaming into it.
+//  3. Barrier: the staging buffer is free; page p + kStages starts streaming into it.
 //  4. Softmax role (the bf16 kernel's rows x keys split): sum the 8 partials, online softmax,
 //     P -> shared memory, each row's rescale factor -> shared memory. Barrier.
 //  5. Feature role: O[:, 64w : 64w + 64] = O * alpha + P V, V = the same registers transposed by
@@ -19,6 +20,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math_constants.h>
+
+#include <type_traits>
 
 #include "config.h"
 #include "epilogue.cuh"
@@ -104,15 +107,29 @@ __device__ __forceinline__ void load_page(const DecodeParams& p, char* dst, cons
 }
 
 // Feature role, step 2: this warp's latent block of every key, dequantized (kv[n] = key tile n).
+// When every scale the warp meets on this page is at most 2^7 (a warp-uniform vote; in practice
+// always) the 2^120 and the scale fold into one multiply.
 template <int kKeyTiles, int kWords>
 __device__ __forceinline__ void dequant_block(const char* raw, const Fp8Lane& ln, uint32_t (&kv)[kKeyTiles][kWords]) {
+  float scale[kKeyTiles];
+  bool folds = true;
 #pragma unroll
   for (int n = 0; n < kKeyTiles; ++n) {
-    const char* row = raw + ln.key_row(n) * kFp8SmemRowBytes;
-    uint32_t x[4];
-    load_words(row + ln.latent_byte(), x);
-    dequant_16(x, *reinterpret_cast<const float*>(row + ln.scale_byte()), kv[n]);
+    scale[n] = *reinterpret_cast<const float*>(raw + ln.key_row(n) * kFp8SmemRowBytes + ln.scale_byte());
+    folds = folds && fp8_scale_folds(scale[n]);
   }
+  auto convert = [&](auto folded) {
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      uint32_t x[4];
+      load_words(raw + ln.key_row(n) * kFp8SmemRowBytes + ln.latent_byte(), x);
+      dequant_16<decltype(folded)::value>(x, scale[n], kv[n]);
+    }
+  };
+  if (__all_sync(0xffffffffu, folds))
+    convert(std::true_type{});
+  else
+    convert(std::false_type{});
 }
 
 // A 16 x 8 fp32 accumulator fragment (d0..d3) into a row-major [16][8] tile.
@@ -235,14 +252,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     cute::cp_async_wait<0>();
     __syncthreads();  // the previous segment is done with every buffer
-    // Q, then the first two pages: three cp.async groups (empty where a page does not exist), so the
-    // page loop can always wait for "all but the newest group".
+    // Q, then the first kStages pages: 1 + kStages cp.async groups (empty where a page does not
+    // exist), so the page loop can always wait for "all but the newest kStages - 1 groups".
     fp8::load_q_fragments<F>(p, plan, seg.b, hk, m_block);
     cute::cp_async_fence();
-    if (ps < pe) fp8::load_page(p, plan.raw[0], seg, hk, ps);
-    cute::cp_async_fence();
-    if (ps + 1 < pe) fp8::load_page(p, plan.raw[1], seg, hk, ps + 1);
-    cute::cp_async_fence();
+#pragma unroll
+    for (int i = 0; i < F::kStages; ++i) {
+      if (ps + i < pe) fp8::load_page(p, plan.raw[i], seg, hk, ps + i);
+      cute::cp_async_fence();
+    }
 
     int limit[2];
 #pragma unroll
@@ -257,10 +275,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     OnlineSoftmax sm;
     sm.reset();
 
-    for (int pg = ps; pg < pe; ++pg) {
-      cute::cp_async_wait<1>();
+    int stage = 0;  // (pg - ps) % kStages
+    for (int pg = ps; pg < pe; ++pg, stage = stage + 1 == F::kStages ? 0 : stage + 1) {
+      cute::cp_async_wait<F::kStages - 1>();
       __syncthreads();  // page pg (and Q) landed for every thread's copies
-      char* raw = plan.raw[(pg - ps) & 1];
+      char* raw = plan.raw[stage];
 
       // ---- feature role: dequantize, S partials ----
       uint32_t kv[F::kKeyTiles][F::kKvWords];
@@ -272,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < F::kRowGroups; ++r) fp8::score_partial<F>(plan, ln, lane, r, kv, rope_k);
       __syncthreads();  // partials complete; every read of this staging buffer is done: refill it
-      if (pg + 2 < pe) fp8::load_page(p, raw, seg, hk, pg + 2);
+      if (pg + F::kStages < pe) fp8::load_page(p, raw, seg, hk, pg + F::kStages);
       cute::cp_async_fence();
 
       // ---- softmax role (as in the bf16 kernel) ----

@@ -8,8 +8,9 @@
 // lane, its sign to bit 15, gives the bf16 whose value is exactly value * 2^-120: the exponent
 // biases are 7 and 127, the mantissa is 3 bits wide in both places, and e4m3 subnormals land on bf16
 // subnormals with the same mantissa. A bf16 multiply by 2^120 restores the value exactly
-// (|value| <= 448), a second by the group's power-of-two scale scales it exactly. Integer ops on the
-// ALU pipe and two HMUL2 per two values; a row of zero bytes (zero-filled past the sequence end)
+// (|value| <= 448), a second by the group's power-of-two scale scales it exactly (one multiply by
+// scale * 2^120 when that is a bf16: scales up to 2^7). Integer ops on the ALU pipe and one or two
+// HMUL2 per two values; a row of zero bytes (zero-filled past the sequence end)
 // dequantizes to +0 with a +0 scale, so no NaN of the pool can reach the MMAs.
 //
 // One deviation from kvpager.fp8.dequantize, by design: the e4m3 NaN codes 0x7F / 0xFF read as
@@ -96,19 +97,37 @@ KVPAGER_HD uint32_t e4m3x2_to_bf16x2_unscaled(uint32_t x) {
   return (t & 0x80008000u) | ((t >> 4) & 0x07F007F0u);
 }
 
+// Scales up to 2^7 let the two multiplies fold into one: scale * 2^120 is then still a bf16, and
+// the single product is the same exact value, so both forms give the same bits. (NaN: not folded.)
+KVPAGER_HD bool fp8_scale_folds(float scale) { return scale <= kFp8FoldMaxScale; }
+
 // Four e4m3 values (one 32-bit word of a row, the first value in the low byte) times the group's
-// scale (bf16x2_splat) -> two bf16x2: lo = (v0, v1), hi = (v2, v3).
-KVPAGER_HD void dequant_e4m3x4(uint32_t x, uint32_t scale2, uint32_t& lo, uint32_t& hi) {
-  lo = bf16x2_mul(bf16x2_mul(e4m3x2_to_bf16x2_unscaled<0>(x), kBf16x2TwoPow120), scale2);
-  hi = bf16x2_mul(bf16x2_mul(e4m3x2_to_bf16x2_unscaled<2>(x), kBf16x2TwoPow120), scale2);
+// scale -> two bf16x2: lo = (v0, v1), hi = (v2, v3). factor2 (dequant_factor) is the scale as
+// bf16x2, times 2^120 when kFolded.
+template <bool kFolded>
+KVPAGER_HD void dequant_e4m3x4(uint32_t x, uint32_t factor2, uint32_t& lo, uint32_t& hi) {
+  if constexpr (kFolded) {
+    lo = bf16x2_mul(e4m3x2_to_bf16x2_unscaled<0>(x), factor2);
+    hi = bf16x2_mul(e4m3x2_to_bf16x2_unscaled<2>(x), factor2);
+  } else {
+    lo = bf16x2_mul(bf16x2_mul(e4m3x2_to_bf16x2_unscaled<0>(x), kBf16x2TwoPow120), factor2);
+    hi = bf16x2_mul(bf16x2_mul(e4m3x2_to_bf16x2_unscaled<2>(x), kBf16x2TwoPow120), factor2);
+  }
 }
 
-// The 16 latent bytes at row + offset (offset % 16 == 0, within one scale group) as 8 bf16x2 words
+template <bool kFolded>
+KVPAGER_HD uint32_t dequant_factor(float scale) {
+  return bf16x2_splat(kFolded ? scale * 0x1p120f : scale);
+}
+
+// The 16 latent bytes x of one row (16-byte aligned, within one scale group) as 8 bf16x2 words
 // w[k] = (value[2k], value[2k + 1]) * scale: what one lane of the kernel holds per key tile.
+// kFolded needs fp8_scale_folds(scale).
+template <bool kFolded>
 KVPAGER_HD void dequant_16(const uint32_t (&x)[4], float scale, uint32_t (&w)[8]) {
-  const uint32_t scale2 = bf16x2_splat(scale);
+  const uint32_t factor2 = dequant_factor<kFolded>(scale);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) dequant_e4m3x4(x[i], scale2, w[2 * i], w[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) dequant_e4m3x4<kFolded>(x[i], factor2, w[2 * i], w[2 * i + 1]);
 }
 
 }  // namespace kvpager

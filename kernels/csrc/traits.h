@@ -51,10 +51,13 @@ struct Fp8Traits {
   static_assert(kFp8GroupSize % kFp8FeaturesPerWarp == 0, "a warp's features share one scale");
   static_assert(kNumWarps == kKeyTiles, "warp w computes the RoPE part of S for key tile w");
 
+  // Staged pages: as many as fit (3 for 16 rows, 2 for 32), so more bytes are in flight.
+  static constexpr int kStages = BLOCK_M == 16 ? 3 : 2;
+
   struct SharedMemoryPlan {
     // Q in A-fragment order (fp8_lane.h): [row group][k-step][lane] -> 4 words, one 16-byte read
     alignas(128) uint4 q_frag[kRowGroups][Fp8Lane::kSteps][32];
-    alignas(128) char raw[kNumPageBuffers][kFp8PageSmemBytes];     // staged 656-byte rows
+    alignas(128) char raw[kStages][kFp8PageSmemBytes];             // staged 656-byte rows
     // S partials over the latent features: [feature warp][row group][key tile][16 rows x 8 keys]
     // (float2 per lane), and over the RoPE columns: [row group][key tile = the warp's][...]
     alignas(128) float s_part[kNumWarps][kRowGroups][kKeyTiles][kMmaM * kMmaN];

@@ -4,6 +4,7 @@
 //
 //   fp8_twin dequant IN OUT N   N rows of 656 bytes (IN) -> N rows of 576 bf16 (OUT), converted the
 //                               way the kernel does: 16-byte groups through dequant_16, RoPE as is.
+//   fp8_twin dequant-folded ... the same with the one-multiply form wherever the scale allows it.
 //   fp8_twin fragments SEED     one page through every warp's and lane's fragments as the kernel
 //                               builds them (Fp8Lane, k_step_b, dequant_16), with mma.m16n8k16 and
 //                               movmatrix emulated from the PTX ISA's fragment layouts; checks S and
@@ -42,13 +43,16 @@ uint32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-void dequant_row(const uint8_t* row, uint16_t* out) {
+void dequant_row(const uint8_t* row, uint16_t* out, bool folded) {
   for (int c = 0; c < kHeadDimV; c += kChunkBytes) {
     uint32_t x[4], w[8];
     for (int i = 0; i < 4; ++i) x[i] = load_u32(row + c + 4 * i);
     float scale;
     std::memcpy(&scale, row + kFp8ScalesOffset + 4 * (c / kFp8GroupSize), 4);
-    dequant_16(x, scale, w);
+    if (folded && fp8_scale_folds(scale))
+      dequant_16<true>(x, scale, w);
+    else
+      dequant_16<false>(x, scale, w);
     for (int k = 0; k < 8; ++k) {
       out[c + 2 * k] = uint16_t(w[k] & 0xFFFFu);
       out[c + 2 * k + 1] = uint16_t(w[k] >> 16);
@@ -57,13 +61,13 @@ void dequant_row(const uint8_t* row, uint16_t* out) {
   std::memcpy(out + kHeadDimV, row + kFp8RopeOffset, 2 * kRopeDim);
 }
 
-int run_dequant(const char* in_path, const char* out_path, long n) {
+int run_dequant(const char* in_path, const char* out_path, long n, bool folded) {
   std::vector<uint8_t> in(size_t(n) * kFp8TokenBytes);
   std::vector<uint16_t> out(size_t(n) * kHeadDim);
   FILE* f = std::fopen(in_path, "rb");
   if (!f || std::fread(in.data(), 1, in.size(), f) != in.size()) return 2;
   std::fclose(f);
-  for (long r = 0; r < n; ++r) dequant_row(&in[size_t(r) * kFp8TokenBytes], &out[size_t(r) * kHeadDim]);
+  for (long r = 0; r < n; ++r) dequant_row(&in[size_t(r) * kFp8TokenBytes], &out[size_t(r) * kHeadDim], folded);
   f = std::fopen(out_path, "wb");
   if (!f || std::fwrite(out.data(), 2, out.size(), f) != out.size()) return 2;
   std::fclose(f);
@@ -195,7 +199,7 @@ int run_fragments(unsigned seed) {
         for (int i = 0; i < 4; ++i) x[i] = load_u32(row + ln.latent_byte() + 4 * i);
         float scale;
         std::memcpy(&scale, row + ln.scale_byte(), 4);
-        dequant_16(x, scale, kv[lane][n]);
+        dequant_16<false>(x, scale, kv[lane][n]);
       }
       for (int j = 0; j < Fp8Lane::kRopeReads; ++j)
         for (int i = 0; i < 4; ++i)
@@ -284,8 +288,10 @@ int run_fragments(unsigned seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 5 && std::strcmp(argv[1], "dequant") == 0) return run_dequant(argv[2], argv[3], std::atol(argv[4]));
+  if (argc == 5 && std::strcmp(argv[1], "dequant") == 0) return run_dequant(argv[2], argv[3], std::atol(argv[4]), false);
+  if (argc == 5 && std::strcmp(argv[1], "dequant-folded") == 0)
+    return run_dequant(argv[2], argv[3], std::atol(argv[4]), true);
   if (argc == 3 && std::strcmp(argv[1], "fragments") == 0) return run_fragments(unsigned(std::atol(argv[2])));
-  std::fprintf(stderr, "usage: fp8_twin dequant IN OUT N | fp8_twin fragments SEED\n");
+  std::fprintf(stderr, "usage: fp8_twin dequant|dequant-folded IN OUT N | fp8_twin fragments SEED\n");
   return 2;
 }

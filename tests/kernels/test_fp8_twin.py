@@ -2,7 +2,8 @@
 
 tests/kernels/fp8_twin.cpp includes kernels/csrc/fp8_dequant.cuh and fp8_lane.h (host-compilable:
 the device instructions have host twins there) and is built here with the C++ compiler:
-- its dequantization of every e4m3 byte under every power-of-two scale (and 0, inf, NaN scales)
+- its dequantization of every e4m3 byte under every power-of-two scale (and 0, inf, NaN, and scales
+  that are bf16 numbers), in both forms (two bf16 multiplies, or one when the scale is <= 2^7),
   equals kvpager.fp8.dequantize bit for bit, except the documented one: NaN codes read as
   +-480 * scale (NaN only when the scale is);
 - one page through every warp's and lane's fragments (emulated mma.m16n8k16 / movmatrix) gives
@@ -35,10 +36,10 @@ def twin(tmp_path_factory) -> Path:
     return exe
 
 
-def twin_dequantize(exe: Path, packed: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def twin_dequantize(exe: Path, packed: torch.Tensor, tmp_path: Path, mode: str) -> torch.Tensor:
     src, dst = tmp_path / "rows.bin", tmp_path / "out.bin"
     src.write_bytes(packed.contiguous().numpy().tobytes())
-    subprocess.run([str(exe), "dequant", str(src), str(dst), str(packed.shape[0])], check=True, timeout=60)
+    subprocess.run([str(exe), mode, str(src), str(dst), str(packed.shape[0])], check=True, timeout=60)
     raw = torch.frombuffer(bytearray(dst.read_bytes()), dtype=torch.int16)
     return raw.view(torch.bfloat16).view(packed.shape[0], fp8.HEAD_DIM)
 
@@ -62,9 +63,13 @@ def rows_for(scales: list[float], seed: int) -> torch.Tensor:
 POWERS = [2.0**k for k in range(-20, 128)]
 
 
-def test_dequant_equals_kvpager_fp8_bit_for_bit(twin, tmp_path):
-    packed = rows_for(POWERS + [0.0, -0.0, math.inf, math.nan], seed=0)
-    got = twin_dequantize(twin, packed, tmp_path)
+MODES = ["dequant", "dequant-folded"]  # two bf16 multiplies; one where the scale is <= 2^7
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dequant_equals_kvpager_fp8_bit_for_bit(twin, tmp_path, mode):
+    packed = rows_for(POWERS + [0.0, -0.0, math.inf, math.nan, 100.0, 0.75], seed=0)
+    got = twin_dequantize(twin, packed, tmp_path, mode)
     want = fp8.dequantize(packed, torch.bfloat16)
     nan_code = (packed[:, :fp8.SCALES_OFFSET] & 0x7F) == 0x7F
     scale = packed[:, fp8.SCALES_OFFSET:fp8.ROPE_OFFSET].contiguous().view(torch.float32)
@@ -80,7 +85,8 @@ def test_dequant_equals_kvpager_fp8_bit_for_bit(twin, tmp_path):
     assert bool(want[:, :fp8.SCALES_OFFSET][exception].isnan().all())
 
 
-def test_dequant_of_quantized_latents_is_exact(twin, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_dequant_of_quantized_latents_is_exact(twin, tmp_path, mode):
     """What a pool holds (kvpager.fp8.quantize of bf16 latents over many magnitudes, zero groups,
     zero-filled rows) reads back identically."""
     gen = torch.Generator().manual_seed(1)
@@ -89,7 +95,7 @@ def test_dequant_of_quantized_latents_is_exact(twin, tmp_path):
     kv[::5, :fp8.GROUP_SIZE] = 0.0
     packed = fp8.quantize(kv.bfloat16())
     packed[::9] = 0  # a zero-filled row (past a sequence's end) reads as zeros
-    got = twin_dequantize(twin, packed, tmp_path)
+    got = twin_dequantize(twin, packed, tmp_path, mode)
     want = fp8.dequantize(packed, torch.bfloat16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert bool((got[::9] == 0).all())
