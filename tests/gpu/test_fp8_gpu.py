@@ -314,3 +314,20 @@ def test_fused_fp8_kernel_refuses_what_it_does_not_cover() -> None:
     with pytest.raises(InvalidArgument, match="bfloat16"):
         kernels.flash_mla_with_kvcache(q.half(), k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
     torch.cuda.synchronize()
+
+
+@fused
+def test_fused_fp8_decode_under_torch_compile() -> None:
+    """The op's fake impl (kvpager.kernels.fake) lets torch.compile hold the call whole."""
+    c = dict(h_q=16, s_q=2, varlen=True, causal=True, padded=True)
+    torch.manual_seed(9)
+    q, k_cache, block_table, lens = make_batch(c, b=5, s_k=400)
+
+    def step(q, k_cache, block_table, lens):
+        meta, splits = kernels.get_mla_metadata(lens, 32, 1)
+        return kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, causal=True,
+                                              is_fp8_kvcache=True)
+
+    eager = step(q, k_cache, block_table, lens)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_cache, block_table, lens)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
