@@ -38,6 +38,7 @@ constexpr int kFp8LaneBytes = kFp8FeaturesPerWarp / 4;            // 16
 constexpr int kFp8MaxRows = 32;  // the fused FP8 decode covers rows = s_q * h_q / h_kv <= 32 (mma.sync)
 // (2^120, 2^120) in bf16: e4m3 bits placed in a bf16 (exponent bias 7 vs 127) read as value * 2^-120.
 constexpr unsigned kBf16x2TwoPow120 = 0x7B807B80u;
+constexpr float kTwoPow120 = 0x1p120f;
 constexpr float kFp8FoldMaxScale = 128.f;  // largest scale whose scale * 2^120 is still a bf16
 
 // Split-KV scheduler (must match kernels/schedule.py).

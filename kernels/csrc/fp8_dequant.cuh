@@ -117,7 +117,7 @@ KVPAGER_HD void dequant_e4m3x4(uint32_t x, uint32_t factor2, uint32_t& lo, uint3
 
 template <bool kFolded>
 KVPAGER_HD uint32_t dequant_factor(float scale) {
-  return bf16x2_splat(kFolded ? scale * 0x1p120f : scale);
+  return bf16x2_splat(kFolded ? scale * kTwoPow120 : scale);
 }
 
 // The 16 latent bytes x of one row (16-byte aligned, within one scale group) as 8 bf16x2 words
