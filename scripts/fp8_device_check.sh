@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The fused FP8 decode on the GPU (issue 14), in one go: which path kvpager will take, the FP8 GPU
-# tests (tests/gpu/test_fp8_gpu.py), `kvpager bench kernel --kv-cache-dtype fp8`, and a summary
-# against the issue's bars. Needs the extension built (scripts/run_device.sh's build stage; this
+# tests (tests/gpu/test_fp8_gpu.py), `kvpager bench kernel --kv-cache-dtype fp8`, a summary
+# against the issue's bars, then compute-sanitizer memcheck + racecheck on the FP8 kernel alone
+# (scripts/sanitize_cases.py --fp8; FP8_SANITIZE=0 skips it). Needs the extension built (scripts/run_device.sh's build stage; this
 # script is its `fp8` stage: STAGES="build fp8" bash scripts/run_device.sh).
 #
 #   bash scripts/fp8_device_check.sh
 # Output: everything on stdout; under $OUT (default ./out) only bench-fp8.json and fp8-summary.txt
 # (the device tool brings back few files). Env: PYTHON, FP8_PYTEST_ARGS (e.g. "-x -k fused"),
-# FP8_BENCH_ARGS (e.g. "--set quick"), FP8_TEST_TIMEOUT (default 240 s), FP8_BENCH_TIMEOUT (180 s).
+# FP8_BENCH_ARGS (e.g. "--set quick"), FP8_TEST_TIMEOUT (default 240 s), FP8_BENCH_TIMEOUT (180 s),
+# FP8_SANITIZE_TIMEOUT (120 s).
 # If the fused kernel is wrong, KVPAGER_FP8_KERNEL=0 switches it off (FP8 then runs on the reference).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,4 +61,14 @@ if worst:
     print(f"fp8/bf16 time over all cases: min {ratios[0]:.3f} median {ratios[len(ratios) // 2]:.3f} max {ratios[-1]:.3f}")
 PYEOF
 } | tee "$OUT/fp8-summary.txt"
-[[ $test_rc -eq 0 && $bench_rc -eq 0 ]]
+
+san_rc=0
+if [[ "${FP8_SANITIZE:-1}" == 1 ]]; then
+  echo "==== compute-sanitizer on the FP8 kernel ===="
+  timeout -k 10 "${FP8_SANITIZE_TIMEOUT:-120}" env CASES_ARGS=--fp8 KERNEL_FILTER=fp8 PYTHON="$PY" \
+    bash scripts/sanitize.sh 2>&1 | tee "$LOG/sanitize.log"
+  san_rc=${PIPESTATUS[0]}
+  echo "sanitize: rc=$san_rc $(grep -E "^== (memcheck|racecheck):" "$LOG/sanitize.log" | tr '\n' ' ')" |
+    tee -a "$OUT/fp8-summary.txt"
+fi
+[[ $test_rc -eq 0 && $bench_rc -eq 0 && $san_rc -eq 0 ]]

@@ -110,8 +110,8 @@ fi
 
 if has fp8; then  # the fused FP8 decode: its GPU tests, the FP8 bench, a summary (scripts/fp8_device_check.sh)
   if [[ $built == 1 ]]; then
-    stage fp8 "${FP8_TIMEOUT:-450}" fp8.log env OUT="$OUT" PYTHON="$PY" bash scripts/fp8_device_check.sh
-    NOTE[fp8]=$(grep -E "^(tests:|bar )" "$OUT/fp8-summary.txt" | cut -c1-70 | tr '\n' ' ' | cut -c1-110)
+    stage fp8 "${FP8_TIMEOUT:-540}" fp8.log env OUT="$OUT" PYTHON="$PY" bash scripts/fp8_device_check.sh
+    NOTE[fp8]=$(grep -E "^(tests:|bar |sanitize:)" "$OUT/fp8-summary.txt" | cut -c1-60 | tr '\n' ' ' | cut -c1-110)
   else skip fp8 "extension not available"; fi
 fi
 
