@@ -15,7 +15,9 @@ Issue 14's bar (memory-bound h_q = 16, s_q = 1, s_k = 8192, b = 128, fixed and v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 from dataclasses import asdict
 from typing import Callable
 
@@ -25,6 +27,21 @@ from kvpager import fp8
 from kvpager.benchmarks import kernel as bench
 
 D, DV = bench.D, bench.DV
+
+
+@contextlib.contextmanager
+def pdl_env(on: bool):
+    """KVPAGER_PDL for the calls and graph captures inside (the only switch that matters for rows <= 32:
+    the combine kernel's launch), then restored."""
+    saved = os.environ.get("KVPAGER_PDL")
+    os.environ["KVPAGER_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("KVPAGER_PDL", None)
+        else:
+            os.environ["KVPAGER_PDL"] = saved
 
 
 def fp8_bytes(case: bench.Case, mean_s_k: float) -> float:
@@ -114,9 +131,8 @@ def run(args: argparse.Namespace, time_us: Callable, method: str, props, ceiling
         print(f"kvpager bench kernel --kv-cache-dtype fp8: {kernels.fp8_unavailable_reason()}")
         return 1
     pdl = args.pdl.split(",")[0].strip() or "on"
-    variant = dict(kernel="seesaw", pdl=pdl == "on", prefetch=1)
     results, skipped = [], []
-    with bench.kernel_env(variant):
+    with pdl_env(pdl == "on"):
         for i, case in enumerate(bench.cases(args.case_set)):
             if not kernels.supports_fp8_kvcache(case.s_q * case.h_q // case.h_kv):
                 skipped.append(case)
