@@ -11,7 +11,7 @@
 //     registers, already in the B layout of S = Q K^T (fp8_dequant.cuh), and computes S's split-K
 //     partial over them, plus the 64 RoPE columns for key tile w. Partials -> shared memory.
 //  3. Barrier: the staging buffer is free; page p + kStages starts streaming into it.
-//  4. Softmax role (the bf16 kernel's rows x keys split): sum the 8 partials, online softmax,
+//  4. Softmax role (the bf16 kernel's rows x keys split): sum the 8 + 1 partials, online softmax,
 //     P -> shared memory, each row's rescale factor -> shared memory. Barrier.
 //  5. Feature role: O[:, 64w : 64w + 64] = O * alpha + P V, V = the same registers transposed by
 //     movmatrix (the 512 latent columns are V; RoPE is not).
