@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seesaw TMA L2 eviction hints, e.g. first,normal,last (default: %(default)s)")
     parser.add_argument("--eager", action="store_true", help="also time eager calls through the wrapper")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: the fused FP8 decode on 656-byte rows vs the bf16 kernel on the same values "
+                             "(benchmarks/kernel_fp8.py; default: %(default)s)")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time the PyTorch reference on a couple of small cases")
     parser.add_argument("--seed", type=int, default=0)
@@ -313,6 +316,10 @@ def run(args: argparse.Namespace) -> int:
     ceilings = {"read_gbps": read_ceiling_gbps(time_us), "matmul_tflops": matmul_ceiling_tflops(time_us)}
     print(f"ceilings: read {ceilings['read_gbps']:.0f} GB/s (bf16 sum of 2 GiB), "
           f"cuBLAS bf16 8192^3 {ceilings['matmul_tflops']:.0f} TFLOP/s")
+    if args.kv_cache_dtype == "fp8":
+        from kvpager.benchmarks import kernel_fp8
+
+        return kernel_fp8.run(args, time_us, method, props, ceilings)
     kernels_ = [k.strip() for k in args.kernels.split(",") if k.strip()]
     pdls = [{"on": True, "off": False}[v.strip()] for v in args.pdl.split(",") if v.strip()]
     prefetches = [int(v) for v in args.prefetch.split(",") if v.strip()]

@@ -1,8 +1,9 @@
 """kvpager.kernels: the thin Python wrapper of the Hopper (sm_90a) MLA decode extension.
 
-The extension `kvpager.kernels._C` registers two custom ops (torch.library, namespace `kvpager`):
-`get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel) and `mla_decode` (decode +
-combine). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
+The extension `kvpager.kernels._C` registers three custom ops (torch.library, namespace `kvpager`):
+`get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel), `mla_decode` (decode +
+combine) and `mla_decode_fp8` (the same on kvpager.fp8's 656-byte cache rows, dequantized in the
+kernel; s_q * h_q // h_kv <= 32). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
 graphs can hold them. This module adds the argument checks that name the bad value and the fix
 (kvpager.errors), then makes one op call. CUDA only: `kvpager.mla` dispatches between this and
 the PyTorch reference.
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Callable
 
 import torch
 
+from kvpager import fp8
 from kvpager.errors import InvalidArgument, KernelUnavailable
 from kvpager.kernels import schedule
 
@@ -25,6 +28,8 @@ HEAD_DIM = 576  # latent 512 + rope 64: the width of q and of a cache row
 HEAD_DIM_V = 512  # V = the first 512 columns of the cache row
 PAGE_SIZE = schedule.PAGE_SIZE
 DTYPES = (torch.bfloat16, torch.float16)
+FP8_MAX_ROWS = 32  # query rows per kv head the fused FP8 decode covers (config.h's kFp8MaxRows)
+FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kvpager.mla: reference)
 _HOPPER = (9, 0)
 
 try:
@@ -47,6 +52,8 @@ __all__ = [
     "available",
     "unavailable_reason",
     "supports_device",
+    "supports_fp8_kvcache",
+    "fp8_unavailable_reason",
     "num_sms",
     "get_mla_metadata",
     "flash_mla_with_kvcache",
@@ -71,6 +78,30 @@ def supports_device(device: torch.device | str | int | None) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return _capability(_index(device)) == _HOPPER
+
+
+def fp8_unavailable_reason() -> str:
+    """Why the fused FP8 decode cannot be used ('' when it can): the extension is missing, was built
+    without it, or KVPAGER_FP8_KERNEL=0 switches it off (read on every call)."""
+    if os.environ.get(FP8_KERNEL_ENV, "1") == "0":
+        return f"the fused FP8 decode is switched off ({FP8_KERNEL_ENV}=0)"
+    if _C is None:
+        return _REASON
+    if not hasattr(torch.ops.kvpager, "mla_decode_fp8"):
+        return ("the CUDA extension was built without the fused FP8 decode (torch.ops.kvpager."
+                "mla_decode_fp8); rebuild it with `KVPAGER_BUILD_CUDA=1 pip install --no-build-isolation -e .`")
+    return ""
+
+
+def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
+    """True when the fused FP8 decode is available (fp8_unavailable_reason() == '') and covers a
+    call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: 1 to 32 (the
+    memory-bound shapes, e.g. h_q = 16 or 32 with s_q = 1 or 2). None: whether it covers any.
+    kvpager.mla runs everything else on the reference. Says nothing about the device (see
+    supports_device)."""
+    if fp8_unavailable_reason():
+        return False
+    return num_heads_per_head_k is None or 1 <= num_heads_per_head_k <= FP8_MAX_ROWS
 
 
 def num_sms(device: torch.device) -> int:
@@ -110,6 +141,7 @@ def flash_mla_with_kvcache(
     num_splits: torch.Tensor,
     softmax_scale: float | None = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged latent cache (FlashMLA's API and semantics), on sm_90.
 
@@ -125,12 +157,17 @@ def flash_mla_with_kvcache(
     Returns (out [b, s_q, h_q, 512] in q's dtype, lse float32 [b, h_q, s_q]), natural-log
     log-sum-exp of the scaled scores. All tensors on one CUDA device; runs on the current stream,
     allocates only out, lse and the split workspace (CUDA-graph capturable).
+    is_fp8_kvcache: k_cache holds kvpager.fp8's 656-byte rows, uint8 (or float8_e4m3fn)
+      [num_pages, 64, h_kv, 656] with 16-byte-aligned strides (65-row pages work); q and out are
+      bf16, and s_q * h_q // h_kv <= 32 (supports_fp8_kvcache). The kernel dequantizes in
+      registers and multiplies in bf16: no dequantized copy of the cache is made.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    _check_decode_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits)
+    _check_decode_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                         is_fp8_kvcache)
     if torch.compiler.is_compiling():
-        return torch.ops.kvpager.mla_decode(
+        return _decode_op(is_fp8_kvcache)(
             q, k_cache, block_table, cache_seqlens, head_dim_v,
             tile_scheduler_metadata, num_splits, float(softmax_scale), bool(causal),
         )
@@ -141,6 +178,10 @@ def flash_mla_with_kvcache(
     _check_kernel_device(q.device)
     h_kv = k_cache.shape[2]
     rows = q.shape[1] * q.shape[2] // h_kv
+    if is_fp8_kvcache and not supports_fp8_kvcache(rows):
+        raise KernelUnavailable(
+            fp8_unavailable_reason() or f"s_q * h_q // h_kv = {rows} query rows per kv head: the fused FP8 "
+            f"decode covers up to {FP8_MAX_ROWS}; kvpager.mla runs larger ones on the PyTorch reference")
     parts = schedule.num_sm_parts(num_sms(q.device), rows, h_kv)
     if tile_scheduler_metadata.shape[0] != parts:
         raise InvalidArgument(
@@ -149,7 +190,7 @@ def flash_mla_with_kvcache(
             f"with get_mla_metadata(cache_seqlens, {rows}, {h_kv})"
         )
     return _typed(
-        torch.ops.kvpager.mla_decode,
+        _decode_op(is_fp8_kvcache),
         q, k_cache, block_table, cache_seqlens, head_dim_v,
         tile_scheduler_metadata, num_splits, float(softmax_scale), bool(causal),
     )
@@ -176,24 +217,29 @@ def _check_decode_shapes(
     head_dim_v: int,
     tile_scheduler_metadata: torch.Tensor,
     num_splits: torch.Tensor,
+    is_fp8_kvcache: bool = False,
 ) -> None:
     """Dtypes, ranks, sizes and strides: attribute reads only, so torch.compile traces it."""
+    row = fp8.TOKEN_BYTES if is_fp8_kvcache else HEAD_DIM
     if q.dim() != 4:
         raise InvalidArgument(f"q must be [b, s_q, h_q, {HEAD_DIM}], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
         raise InvalidArgument(
-            f"k_cache must be [num_pages, {PAGE_SIZE}, h_kv, {HEAD_DIM}], got shape {tuple(k_cache.shape)}"
+            f"k_cache must be [num_pages, {PAGE_SIZE}, h_kv, {row}], got shape {tuple(k_cache.shape)}"
         )
-    if q.dtype not in DTYPES:
-        raise InvalidArgument(f"q has dtype {q.dtype}; the kernel takes bfloat16 or float16")
-    if k_cache.dtype != q.dtype:
-        raise InvalidArgument(f"k_cache has dtype {k_cache.dtype} but q has {q.dtype}; they must match")
+    if is_fp8_kvcache:
+        _check_fp8_cache(q, k_cache)
+    else:
+        if q.dtype not in DTYPES:
+            raise InvalidArgument(f"q has dtype {q.dtype}; the kernel takes bfloat16 or float16")
+        if k_cache.dtype != q.dtype:
+            raise InvalidArgument(f"k_cache has dtype {k_cache.dtype} but q has {q.dtype}; they must match")
     b, s_q, h_q, d = q.shape
     if d != HEAD_DIM:
         raise InvalidArgument(f"q's head dim is {d}; the kernel supports d = {HEAD_DIM} (512 latent + 64 rope)")
-    if k_cache.shape[1] != PAGE_SIZE or k_cache.shape[3] != HEAD_DIM:
+    if k_cache.shape[1] != PAGE_SIZE or k_cache.shape[3] != row:
         raise InvalidArgument(
-            f"k_cache has shape {tuple(k_cache.shape)}; expected [num_pages, {PAGE_SIZE}, h_kv, {HEAD_DIM}]"
+            f"k_cache has shape {tuple(k_cache.shape)}; expected [num_pages, {PAGE_SIZE}, h_kv, {row}]"
         )
     if head_dim_v != HEAD_DIM_V:
         raise InvalidArgument(f"head_dim_v={head_dim_v}; the kernel supports head_dim_v = {HEAD_DIM_V}")
@@ -234,6 +280,21 @@ def _check_decode_shapes(
         )
 
 
+def _check_fp8_cache(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """The fused FP8 decode's dtypes and the 16-byte alignment of the cache's rows (in bytes)."""
+    if q.dtype != torch.bfloat16:
+        raise InvalidArgument(f"q has dtype {q.dtype}; with an FP8 cache the kernel takes bfloat16 q")
+    if k_cache.dtype not in fp8.PACKED_DTYPES:
+        raise InvalidArgument(
+            f"k_cache has dtype {k_cache.dtype}; an FP8 cache is uint8 (or float8_e4m3fn) rows of "
+            f"{fp8.TOKEN_BYTES} bytes: pass is_fp8_kvcache=False for a {k_cache.dtype} cache")
+    for dim, name in enumerate(("page", "row", "head")):
+        if k_cache.shape[dim] > 1 and k_cache.stride(dim) % fp8.ALIGN_BYTES:
+            raise InvalidArgument(
+                f"k_cache's {name} stride is {k_cache.stride(dim)} bytes, not a multiple of "
+                f"{fp8.ALIGN_BYTES}; copy the cache with .contiguous()")
+
+
 def _check_same_cuda_device(**tensors: torch.Tensor) -> None:
     device = tensors["q"].device
     if device.type != "cuda":
@@ -259,6 +320,10 @@ def _check_kernel_device(device: torch.device) -> None:
         )
     if not available():
         raise KernelUnavailable(_REASON)
+
+
+def _decode_op(is_fp8_kvcache: bool):
+    return torch.ops.kvpager.mla_decode_fp8 if is_fp8_kvcache else torch.ops.kvpager.mla_decode
 
 
 def _typed(op: Callable, *args):

@@ -17,6 +17,7 @@ NUM_SMS_CPU = 132  # plan the CPU metadata for an H100 SXM, so CPU and GPU sched
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: reference only
 _fallback_logged = False
 _fp8_fallback_logged = False
+_fp8_rows_logged: set[int] = set()  # row counts already logged as beyond the fused FP8 decode
 
 
 def _kernels_for(device: torch.device):
@@ -99,8 +100,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                   num_splits)
     _check_fp8(q, k_cache, is_fp8_kvcache)
     kernels = _kernels_for(q.device)
+    rows = q.shape[1] * q.shape[2] // k_cache.shape[2]  # query rows per kv head
     if kernels is not None and _kernel_shapes(q, k_cache, head_dim_v) \
-            and (not is_fp8_kvcache or _fused_fp8(kernels, q.device)):
+            and (not is_fp8_kvcache or _fused_fp8(kernels, q.device, rows)):
         return kernels.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
             num_splits, softmax_scale=softmax_scale, causal=causal,
@@ -238,16 +240,27 @@ def _check_fp8(q: torch.Tensor, k_cache: torch.Tensor, is_fp8_kvcache: bool) -> 
                               f"aligned; slice whole pages only or copy it with .contiguous()")
 
 
-def _fused_fp8(kernels, device: torch.device) -> bool:
-    """True when kvpager.kernels has the fused FP8 decode (it then sets supports_fp8_kvcache());
-    otherwise FP8 calls run on the reference, logged once."""
+def _fused_fp8(kernels, device: torch.device, rows: int) -> bool:
+    """True when kvpager.kernels' fused FP8 decode covers this call: supports_fp8_kvcache(rows),
+    rows = s_q * h_q // h_kv (the kernel covers up to 32; KVPAGER_FP8_KERNEL=0 switches it off).
+    Otherwise the call runs on the reference, logged once per reason."""
     global _fp8_fallback_logged
-    if getattr(kernels, "supports_fp8_kvcache", lambda: False)():
+    supports = getattr(kernels, "supports_fp8_kvcache", None)
+    if supports is not None and supports(rows):
         return True
+    if supports is not None and supports():  # the kernel exists, but not for this many rows
+        if rows not in _fp8_rows_logged:
+            log.warning("kvpager: FP8 cache with %d query rows per kv head (s_q * h_q / h_kv) on %s: "
+                        "the fused FP8 decode covers up to %d, so these calls run on the PyTorch "
+                        "reference (dequantizes the used pages per call; slow)",
+                        rows, device, getattr(kernels, "FP8_MAX_ROWS", 32))
+            _fp8_rows_logged.add(rows)
+        return False
     if not _fp8_fallback_logged:
-        log.warning("kvpager: FP8 cache on %s: kvpager.kernels has no fused FP8 decode yet, so "
-                    "FP8 calls run on the PyTorch reference (dequantizes the used pages per "
-                    "call; slow)", device)
+        why = getattr(kernels, "fp8_unavailable_reason", lambda: "")() or \
+            "kvpager.kernels has no fused FP8 decode yet"
+        log.warning("kvpager: FP8 cache on %s: no fused FP8 decode (%s), so FP8 calls run on the "
+                    "PyTorch reference (dequantizes the used pages per call; slow)", device, why)
         _fp8_fallback_logged = True
     return False
 

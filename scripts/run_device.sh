@@ -8,7 +8,7 @@
 # Device call (carry [".whl"], timeout_s 600):
 #   bash scripts/run_device.sh
 #   STAGES="build test" PYTEST_ARGS="-k metadata" bash scripts/run_device.sh
-# Env: STAGES (default "build smoke test bench"; also "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
+# Env: STAGES (default "build smoke test bench"; also "fp8", "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
 #      fresh ptxas report), PYTEST_ARGS (default "-x"), BENCH_ARGS (e.g. "--quick"),
 #      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
@@ -106,6 +106,13 @@ print(f"read {c['read_gbps']:.0f} GB/s, mm {c['matmul_tflops']:.0f} TF | h16 sq1
 PYEOF
     )
   else skip bench "extension not available"; fi
+fi
+
+if has fp8; then  # the fused FP8 decode: its GPU tests, the FP8 bench, a summary (scripts/fp8_device_check.sh)
+  if [[ $built == 1 ]]; then
+    stage fp8 "${FP8_TIMEOUT:-540}" fp8.log env OUT="$OUT" PYTHON="$PY" bash scripts/fp8_device_check.sh
+    NOTE[fp8]=$(grep -E "^(tests:|bar |sanitize:)" "$OUT/fp8-summary.txt" | cut -c1-60 | tr '\n' ' ' | cut -c1-110)
+  else skip fp8 "extension not available"; fi
 fi
 
 if has probe; then  # small-batch latency: per-kernel durations (PDL on and off), split-count sweep

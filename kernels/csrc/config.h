@@ -19,6 +19,28 @@ constexpr int kPageBytes = kPageSize * kRowBytes;      // 73728
 constexpr int kNumPageBuffers = 2;   // one page computed while the next streams in
 constexpr int kMaxSmemBytes = 227 * 1024;  // sm_90 dynamic shared memory per block
 
+// FP8 latent cache row (kvpager/fp8.py holds the Python twins): 512 float8_e4m3fn latent values
+// (value / scale), 4 float32 scales (one per 128 values, powers of two), 64 bf16 RoPE values.
+constexpr int kFp8TokenBytes = 656;
+constexpr int kFp8ScalesOffset = kHeadDimV;                        // 512
+constexpr int kFp8GroupSize = 128;                                 // latent values per scale
+constexpr int kFp8RopeOffset = kFp8ScalesOffset + 4 * (kHeadDimV / kFp8GroupSize);  // 528
+constexpr int kRopeDim = kHeadDim - kHeadDimV;                     // 64
+static_assert(kFp8RopeOffset + 2 * kRopeDim == kFp8TokenBytes, "the FP8 row is 656 bytes");
+constexpr int kFp8ChunksPerRow = kFp8TokenBytes / kChunkBytes;     // 41 cp.async chunks a row
+// A staged row in shared memory: 44 chunks, so rows r and r + 1 sit 64 bytes apart modulo 128 and
+// the 16-byte reads of two rows by 8 lanes (one shared-memory wavefront) hit 8 distinct bank groups.
+constexpr int kFp8SmemRowBytes = 704;
+constexpr int kFp8PageSmemBytes = kPageSize * kFp8SmemRowBytes;  // 45056
+// The fused kernel's warp w owns latent features [64w, 64w + 64); a lane reads 16 of them a key.
+constexpr int kFp8FeaturesPerWarp = kHeadDimV / kNumWarps;       // 64
+constexpr int kFp8LaneBytes = kFp8FeaturesPerWarp / 4;            // 16
+constexpr int kFp8MaxRows = 32;  // the fused FP8 decode covers rows = s_q * h_q / h_kv <= 32 (mma.sync)
+// (2^120, 2^120) in bf16: e4m3 bits placed in a bf16 (exponent bias 7 vs 127) read as value * 2^-120.
+constexpr unsigned kBf16x2TwoPow120 = 0x7B807B80u;
+constexpr float kTwoPow120 = 0x1p120f;
+constexpr float kFp8FoldMaxScale = 128.f;  // largest scale whose scale * 2^120 is still a bf16
+
 // Split-KV scheduler (must match kernels/schedule.py).
 constexpr int kMetadataFields = 8;
 constexpr int kFixedOverheadPages = 5;

@@ -21,5 +21,7 @@ cudaError_t launch_mla_metadata(const MetadataParams& params, cudaStream_t strea
 // Decode kernel + combine kernel on `stream`, for bf16 or fp16 q / k_cache / out.
 cudaError_t launch_mla_decode_bf16(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
 cudaError_t launch_mla_decode_fp16(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
+// The fused FP8 decode: bf16 q / out, k_cache of 656-byte rows (uint8, strides in bytes), rows <= 32.
+cudaError_t launch_mla_decode_fp8(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
 
 }  // namespace kvpager

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "config.h"
+#include "fp8_lane.h"
 
 namespace kvpager {
 
@@ -27,6 +28,45 @@ struct MmaSyncTraits {
     alignas(128) char page[kNumPageBuffers][kPageBytes];
     alignas(128) char p[BLOCK_M * kPRowBytes];
     float row_exchange[kColGroups * BLOCK_M];  // per (col group, row): page maxima, then sums
+  };
+  static constexpr int kSmemBytes = sizeof(SharedMemoryPlan);
+  static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
+};
+
+// The fused FP8 kernel (16- and 32-row blocks, decode_fp8_kernel.cuh). Two roles per warp:
+//  - feature role: warp w owns latent features [64w, 64w + 64) (half a scale group) of every key of
+//    the page. It dequantizes them into registers, computes S's split-K partial over them (plus the
+//    RoPE depth for key tile w), and later O[:, 64w : 64w + 64] from the same registers as V.
+//  - softmax role: MmaSyncTraits<BLOCK_M>'s rows x keys split, exactly as in the bf16 kernel.
+template <int BLOCK_M>
+struct Fp8Traits {
+  using Softmax = MmaSyncTraits<BLOCK_M>;
+  static constexpr int kBlockM = BLOCK_M;
+  static constexpr int kRowGroups = BLOCK_M / kMmaM;                 // 1, 2
+  static constexpr int kKeyTiles = kPageSize / kMmaN;                // 8: a warp covers every key
+  static constexpr int kKvWords = kFp8LaneBytes / 2;                 // 8 bf16x2 words from a lane's 16 bytes
+  static constexpr int kOutTiles = kKvWords;                         // O tiles of 2 columns a lane
+  static constexpr int kOutTileCols = 2;
+  static_assert(kFp8LaneBytes == kChunkBytes, "a lane reads its bytes of a key as one 16-byte vector");
+  static_assert(kFp8GroupSize % kFp8FeaturesPerWarp == 0, "a warp's features share one scale");
+  static_assert(kNumWarps == kKeyTiles, "warp w computes the RoPE part of S for key tile w");
+
+  // Staged pages: as many as fit (3 for 16 rows, 2 for 32), so more bytes are in flight.
+  static constexpr int kStages = BLOCK_M == 16 ? 3 : 2;
+
+  struct SharedMemoryPlan {
+    // Q in A-fragment order (fp8_lane.h): [row group][k-step][lane] -> 4 words, one 16-byte read
+    alignas(128) uint4 q_frag[kRowGroups][Fp8Lane::kSteps][32];
+    alignas(128) char raw[kStages][kFp8PageSmemBytes];             // staged 656-byte rows
+    // S partials over the latent features: [feature warp][row group][key tile][16 rows x 8 keys]
+    // (float2 per lane), and over the RoPE columns: [row group][key tile = the warp's][...]
+    alignas(128) float s_part[kNumWarps][kRowGroups][kKeyTiles][kMmaM * kMmaN];
+    alignas(128) float s_rope[kRowGroups][kKeyTiles][kMmaM * kMmaN];
+    alignas(128) char p[BLOCK_M * Softmax::kPRowBytes];
+    float row_exchange[Softmax::kColGroups * BLOCK_M];  // cta_row_max / cta_row_sum
+    float row_alpha[BLOCK_M];  // this page's rescale of each row (softmax role -> feature role)
+    float row_max[BLOCK_M];    // the epilogue's final max and sum of each row, same direction
+    float row_sum[BLOCK_M];
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan);
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");

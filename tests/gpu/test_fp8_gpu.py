@@ -1,8 +1,9 @@
 """The FP8 latent cache on a CUDA device: quantize matches the CPU byte for byte, and
 kvpager.mla's decode on an FP8 cache matches the CPU reference on the dequantized cache.
 
-kvpager.mla picks the decode: today FP8 calls run the PyTorch reference on the GPU; once
-kvpager.kernels has the fused FP8 decode (supports_fp8_kvcache()), these same tests cover it.
+kvpager.mla picks the decode: the fused FP8 kernel (kvpager.kernels, sm_90) for s_q * h_q / h_kv
+<= 32 query rows per kv head, the PyTorch reference otherwise; the fused-kernel tests check which
+one ran, so a kernel switched off (KVPAGER_FP8_KERNEL=0) or missing cannot pass unseen.
 Every case has zero-length rows, NaN in every byte no sequence owns (e4m3 NaN values, NaN scales,
 NaN RoPE), shuffled pages and a huge page id in the padded table columns; half use 65-row pages.
 """
@@ -14,8 +15,9 @@ import zlib
 import pytest
 import torch
 
+import kvpager.kernels as kernels
 from kvpager import CacheConfig, PagePool, flash_mla_with_kvcache, fp8, get_mla_metadata
-from kvpager.errors import InvalidArgument
+from kvpager.errors import InvalidArgument, KernelUnavailable
 from kvpager.reference import mla_decode_reference
 
 D, DV, PAGE, ROW = 576, 512, 64, 656
@@ -103,17 +105,20 @@ def case_id(c: dict) -> str:
             f"{'causal' if c['causal'] else 'full'}-{'page65' if c['padded'] else 'page64'}")
 
 
-def make_batch(c: dict, b: int = 12, s_k: int = 1500):
-    """q bf16, a poisoned FP8 cache on the GPU (65-row pages if c['padded']), table, lengths
-    (zero-length rows always; with causal, non-empty rows hold >= s_q tokens)."""
+def make_batch(c: dict, b: int = 12, s_k: int = 1500, zeros: bool = True):
+    """q bf16, a poisoned FP8 cache on the GPU (65-row pages if c['padded'], c.get('h_kv', 1) kv
+    heads), table, lengths (zero-length rows unless zeros=False; with causal, non-empty rows hold
+    >= s_q tokens)."""
+    h_kv = c.get("h_kv", 1)
     lens = torch.full((b,), s_k)
     if c["varlen"]:
         lens = torch.randint(1, s_k + 1, (b,))
-        lens[1] = s_k
+        lens[1 % b] = s_k
     if c["causal"]:
         lens = lens.clamp(min=c["s_q"])
-    lens[0] = 0
-    lens[torch.rand(b) < 0.2] = 0
+    if zeros:
+        lens[0] = 0
+        lens[torch.rand(b) < 0.2] = 0
     pages = [-(-int(n) // PAGE) for n in lens]
     num_pages = sum(pages) + 3
     perm = torch.randperm(num_pages)
@@ -123,12 +128,12 @@ def make_batch(c: dict, b: int = 12, s_k: int = 1500):
         block_table[i, :p] = perm[used:used + p].to(torch.int32)
         used += p
     rows = PAGE + 1 if c["padded"] else PAGE
-    k_cache = torch.full((num_pages, rows, 1, ROW), POISON, dtype=torch.uint8, device=DEVICE)[:, :PAGE]
+    k_cache = torch.full((num_pages, rows, h_kv, ROW), POISON, dtype=torch.uint8, device=DEVICE)[:, :PAGE]
     for i, n in enumerate(lens.tolist()):
         tokens = torch.arange(n)
         page_ids = block_table[i, tokens // PAGE].long()
         k_cache[page_ids.to(DEVICE), (tokens % PAGE).to(DEVICE)] = \
-            fp8.quantize(torch.randn(n, 1, D, device=DEVICE).bfloat16())
+            fp8.quantize(torch.randn(n, h_kv, D, device=DEVICE).bfloat16())
     q = torch.randn(b, c["s_q"], c["h_q"], D, device=DEVICE).bfloat16()
     return q, k_cache, block_table.to(DEVICE), lens.to(torch.int32).to(DEVICE)
 
@@ -180,3 +185,149 @@ def test_bad_fp8_input_on_cuda(change, needle) -> None:
     with pytest.raises(InvalidArgument, match=needle):
         flash_mla_with_kvcache(**a)
     torch.cuda.synchronize()  # no sticky CUDA error
+
+
+# ---- the fused FP8 decode (kvpager.kernels, <= 32 query rows per kv head) -----------------------
+
+
+def _fused_skip_reason() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not kernels.supports_device(DEVICE):
+        return f"{torch.cuda.get_device_name()} is not sm_90"
+    return kernels.fp8_unavailable_reason()
+
+
+fused = pytest.mark.skipif(bool(_fused_skip_reason()), reason=_fused_skip_reason() or "ready")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Records kvpager.mla's calls into the fused FP8 decode (query shapes)."""
+    calls, real = [], kernels.flash_mla_with_kvcache
+
+    def spy(*args, **kwargs):
+        if kwargs.get("is_fp8_kvcache"):
+            calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "flash_mla_with_kvcache", spy)
+    return calls
+
+
+FUSED_CASES = [dict(h_q=h_q, s_q=s_q, varlen=varlen, causal=(h_q + s_q) % 2 == 1,
+                    padded=(h_q // 16 + s_q + varlen) % 2 == 1)
+               for h_q in (16, 32) for s_q in (1, 2) for varlen in (False, True)]
+FUSED_CASES += [
+    dict(h_q=32, s_q=1, varlen=True, causal=False, padded=True, h_kv=2),   # 16 rows a kv head
+    dict(h_q=64, s_q=1, varlen=False, causal=True, padded=False, h_kv=2),  # 32 rows a kv head
+    dict(h_q=8, s_q=2, varlen=True, causal=True, padded=True),             # 16 rows, 8 heads
+]
+
+
+def fused_id(c: dict) -> str:
+    return case_id(c) + f"-hkv{c.get('h_kv', 1)}"
+
+
+def decode(c: dict, q, k_cache, block_table, lens):
+    h_kv = k_cache.shape[2]
+    meta, splits = get_mla_metadata(lens, c["s_q"] * c["h_q"] // h_kv, h_kv, num_heads_q=c["h_q"],
+                                    is_fp8_kvcache=True)
+    return flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, causal=c["causal"],
+                                  is_fp8_kvcache=True)
+
+
+def reference_on_gpu(c: dict, q, k_cache, block_table, lens):
+    """The reference in float32 on the GPU (it dequantizes each sequence's gathered pages)."""
+    out, lse = mla_decode_reference(q.float(), k_cache, block_table, lens, DV, causal=c["causal"],
+                                    is_fp8_kvcache=True)
+    return out.cpu(), lse.cpu()
+
+
+@fused
+@pytest.mark.parametrize("c", FUSED_CASES, ids=fused_id)
+def test_fused_fp8_decode_matches_the_reference(c: dict, fused_calls) -> None:
+    torch.manual_seed(zlib.crc32(fused_id(c).encode()))
+    q, k_cache, block_table, lens = make_batch(c)
+    out, lse = decode(c, q, k_cache, block_table, lens)
+    rows = c["s_q"] * c["h_q"] // c.get("h_kv", 1)
+    assert fused_calls == ([tuple(q.shape)] if rows <= kernels.FP8_MAX_ROWS else [])
+    assert_agrees(out, lse, *reference_on_gpu(c, q, k_cache, block_table, lens), lens)
+
+
+@fused
+@pytest.mark.parametrize("b,s_k,h_q,varlen", [(1, 20000, 16, False), (128, 4096, 16, True), (64, 2048, 32, False)])
+def test_fused_fp8_decode_long_and_wide(b, s_k, h_q, varlen, fused_calls) -> None:
+    """Long sequences split over many SMs (the combine kernel), and the bench's batch shapes."""
+    c = dict(h_q=h_q, s_q=1, varlen=varlen, causal=False, padded=b == 64)
+    torch.manual_seed(b + s_k)
+    q, k_cache, block_table, lens = make_batch(c, b=b, s_k=s_k, zeros=b > 1)
+    out, lse = decode(c, q, k_cache, block_table, lens)
+    assert len(fused_calls) == 1
+    assert_agrees(out, lse, *reference_on_gpu(c, q, k_cache, block_table, lens), lens)
+
+
+@fused
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_fused_fp8_decode_in_a_cuda_graph(pdl, monkeypatch, fused_calls) -> None:
+    """Metadata + decode captured once, replayed on new q and lengths written in place (with and
+    without programmatic dependent launch of the combine kernel)."""
+    monkeypatch.setenv("KVPAGER_PDL", pdl)
+    c = dict(h_q=16, s_q=2, varlen=True, causal=True, padded=True)
+    torch.manual_seed(7)
+    q, k_cache, block_table, lens = make_batch(c, b=16, s_k=900)
+    eager = decode(c, q, k_cache, block_table, lens)  # also the kernel's one-time setup
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = decode(c, q, k_cache, block_table, lens)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager[0]) and torch.equal(lse, eager[1])
+    shorter = (lens - 300).clamp(min=0)
+    shorter[shorter.nonzero()[:1]] = 0  # one more empty row
+    lens.copy_(torch.where(shorter > 0, shorter.clamp(min=c["s_q"]), shorter))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(fused_calls) == 2
+    assert_agrees(out, lse, *reference_on_gpu(c, q, k_cache, block_table, lens), lens)
+
+
+@fused
+def test_fused_fp8_switched_off_runs_the_reference(monkeypatch, fused_calls) -> None:
+    monkeypatch.setenv("KVPAGER_FP8_KERNEL", "0")
+    c = dict(h_q=16, s_q=1, varlen=True, causal=False, padded=False)
+    torch.manual_seed(8)
+    q, k_cache, block_table, lens = make_batch(c, b=4, s_k=300)
+    out, lse = decode(c, q, k_cache, block_table, lens)
+    assert fused_calls == []
+    assert_agrees(out, lse, *reference_on_gpu(c, q, k_cache, block_table, lens), lens)
+
+
+@fused
+def test_fused_fp8_kernel_refuses_what_it_does_not_cover() -> None:
+    c = dict(h_q=64, s_q=1, varlen=False, causal=False, padded=False)
+    q, k_cache, block_table, lens = make_batch(c, b=2, s_k=100)
+    meta, splits = get_mla_metadata(lens, 64, 1)
+    with pytest.raises(KernelUnavailable, match="covers up to 32"):
+        kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
+    with pytest.raises(InvalidArgument, match="bfloat16"):
+        kernels.flash_mla_with_kvcache(q.half(), k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
+    torch.cuda.synchronize()
+
+
+@fused
+def test_fused_fp8_decode_under_torch_compile() -> None:
+    """The op's fake impl (kvpager.kernels.fake) lets torch.compile hold the call whole."""
+    c = dict(h_q=16, s_q=2, varlen=True, causal=True, padded=True)
+    torch.manual_seed(9)
+    q, k_cache, block_table, lens = make_batch(c, b=5, s_k=400)
+
+    def step(q, k_cache, block_table, lens):
+        meta, splits = kernels.get_mla_metadata(lens, 32, 1)
+        return kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, causal=True,
+                                              is_fp8_kvcache=True)
+
+    eager = step(q, k_cache, block_table, lens)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_cache, block_table, lens)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])

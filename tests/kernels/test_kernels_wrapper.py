@@ -70,6 +70,31 @@ def test_bad_arguments_raise_invalid_argument(change, match) -> None:
         kernels.flash_mla_with_kvcache(*a)
 
 
+def fp8_args(**kw):
+    """args() with an FP8 cache: uint8 [pages, 64, h_kv, 656] (meta tensors)."""
+    a = args(**kw)
+    a[1] = torch.empty(*a[1].shape[:3], 656, dtype=torch.uint8, device=a[1].device)
+    return a
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.__setitem__(0, a[0].half()), "bfloat16 q"),
+        (lambda a: a.__setitem__(1, a[1].bfloat16()), "an FP8 cache is uint8"),
+        (lambda a: a.__setitem__(1, a[1][..., :576]), r"expected \[num_pages, 64, h_kv, 656\]"),
+        (lambda a: a.__setitem__(1, torch.empty(8, 64, 1, 664, dtype=torch.uint8, device="meta")[..., :656]),
+         "row stride is 664 bytes"),
+    ],
+)
+def test_bad_fp8_arguments_raise_invalid_argument(change, match) -> None:
+    a = fp8_args()
+    kernels._check_decode_shapes(*a, True)  # the unchanged arguments pass
+    change(a)
+    with pytest.raises(InvalidArgument, match=match):
+        kernels.flash_mla_with_kvcache(*a, is_fp8_kvcache=True)
+
+
 def test_heads_must_divide() -> None:
     with pytest.raises(InvalidArgument, match="h_q=3 is not a multiple of h_kv=2"):
         kernels.flash_mla_with_kvcache(*args(h_q=3, h_kv=2))
@@ -144,8 +169,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
         b, s_q, h_q, _ = q.shape
         return q[..., :dv] * scale, torch.zeros(b, h_q, s_q)
     lib.impl("mla_decode", decode, "CPU")
+    lib.define("mla_decode_fp8(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
+               "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, "
+               "float softmax_scale, bool causal) -> (Tensor, Tensor)")
+    lib.impl("mla_decode_fp8", decode, "CPU")
     import kvpager.kernels.fake  # registers the fake impls, as kvpager.kernels does after _C
-    from kvpager import kernels
+    from kvpager import fp8, kernels
 
     def step(q, k_cache, block_table, seqlens):
         meta, splits = kernels.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
@@ -160,6 +189,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
     out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, bt, s)
     assert out.shape == (3, 2, 16, 512) and lse.shape == (3, 16, 2), (out.shape, lse.shape)
     torch.testing.assert_close(out, q[..., :512] * 576 ** -0.5 * 2)
+
+    def step_fp8(q, k_cache, block_table, seqlens):
+        meta, splits = kernels.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
+        return kernels.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits,
+                                              is_fp8_kvcache=True)
+
+    packed = fp8.quantize(k)
+    out, lse = torch.compile(step_fp8, fullgraph=True, backend="aot_eager")(q, packed, bt, s)
+    assert out.shape == (3, 2, 16, 512) and out.dtype == torch.bfloat16 and lse.shape == (3, 16, 2)
     print("ok")
     """
 )
