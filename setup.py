@@ -2,7 +2,7 @@
 
 KVPAGER_BUILD_CUDA=1 forces the extension (fails loudly if it cannot be built),
 KVPAGER_BUILD_CUDA=0 skips it; unset, it is built when torch is a CUDA build and nvcc is found.
-KVPAGER_DEBUG=1 builds with device-side asserts and line info.
+KVPAGER_DEBUG=1 builds with device-side asserts and line info; KVPAGER_NVCC_EXTRA adds nvcc flags.
 The small C++ module behind BlockTables (kvpager._block_table) is built everywhere a C++ compiler
 is found; it is optional (a failed build leaves the pure-Python path, same results).
 """
@@ -20,6 +20,7 @@ PACKAGES = [
     "kvpager.runtime.models",
     "kvpager.examples",
     "kvpager.examples.deepseek",
+    "kvpager.examples.server",
     "kvpager.benchmarks",
 ]
 PACKAGE_DIR = {
@@ -29,6 +30,7 @@ PACKAGE_DIR = {
     "kvpager.runtime.models": "runtime/models",
     "kvpager.examples": "examples",
     "kvpager.examples.deepseek": "examples/deepseek",
+    "kvpager.examples.server": "examples/server",
     "kvpager.benchmarks": "benchmarks",
 }
 
@@ -89,6 +91,7 @@ def _cuda_extension():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + (["-DKVPAGER_DEBUG=1", "-G"] if debug else ["-DNDEBUG"])
+    nvcc += os.environ.get("KVPAGER_NVCC_EXTRA", "").split()  # e.g. -DKVPAGER_TRACE (seesaw timeline)
     sources = sorted(glob.glob("kernels/csrc/*.cu")) + ["kernels/csrc/bindings.cpp"]
     return CUDAExtension(
         name="kvpager.kernels._C",

@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 
     engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype)
     if args.cuda_graphs:
-        engine.model = GraphedDecode(model, engine.allocator, args.batch)  # same Protocol, graphed decode
+        engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
     # each request its own seed: the same seed would draw the same uniforms for every request
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed + i)

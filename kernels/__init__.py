@@ -1,8 +1,9 @@
 """kvpager.kernels: the thin Python wrapper of the Hopper (sm_90a) MLA decode extension.
 
-The extension `kvpager.kernels._C` registers two custom ops (torch.library, namespace `kvpager`):
-`get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel) and `mla_decode` (decode +
-combine). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
+The extension `kvpager.kernels._C` registers three custom ops (torch.library, namespace `kvpager`):
+`get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel), `mla_decode` (decode +
+combine) and `mla_decode_fp8` (the same on kvpager.fp8's 656-byte cache rows, dequantized in the
+kernel; s_q * h_q // h_kv <= 32). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
 graphs can hold them. This module is a thin wrapper: defaults and one op call. The arguments are
 validated once, by `kvpager.mla` (which dispatches between this and the PyTorch reference); the
 binding keeps only the checks memory safety needs, and its "kvpager: ..." errors arrive here as
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Callable
 
 import torch
 
+from kvpager import fp8  # noqa: F401  (FP8 layout constants, documented with the op)
 from kvpager.errors import InvalidArgument, KernelUnavailable
 from kvpager.kernels import schedule
 
@@ -24,6 +27,8 @@ HEAD_DIM_V = 512  # V = the first 512 columns of the cache row
 PAGE_SIZE = schedule.PAGE_SIZE
 DTYPES = (torch.bfloat16, torch.float16)
 _HOPPER = (9, 0)
+FP8_MAX_ROWS = 32  # query rows per kv head the fused FP8 decode covers (config.h's kFp8MaxRows)
+FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kvpager.mla: reference)
 
 try:
     _C = importlib.import_module("kvpager.kernels._C")  # loading it registers torch.ops.kvpager.*
@@ -45,6 +50,8 @@ __all__ = [
     "available",
     "unavailable_reason",
     "supports_device",
+    "supports_fp8_kvcache",
+    "fp8_unavailable_reason",
     "num_sms",
     "get_mla_metadata",
     "flash_mla_with_kvcache",
@@ -69,6 +76,30 @@ def supports_device(device: torch.device | str | int | None) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return _capability(_index(device)) == _HOPPER
+
+
+def fp8_unavailable_reason() -> str:
+    """Why the fused FP8 decode cannot be used ('' when it can): the extension is missing, was built
+    without it, or KVPAGER_FP8_KERNEL=0 switches it off (read on every call)."""
+    if os.environ.get(FP8_KERNEL_ENV, "1") == "0":
+        return f"the fused FP8 decode is switched off ({FP8_KERNEL_ENV}=0)"
+    if _C is None:
+        return _REASON
+    if not hasattr(torch.ops.kvpager, "mla_decode_fp8"):
+        return ("the CUDA extension was built without the fused FP8 decode (torch.ops.kvpager."
+                "mla_decode_fp8); rebuild it with `KVPAGER_BUILD_CUDA=1 pip install --no-build-isolation -e .`")
+    return ""
+
+
+def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
+    """True when the fused FP8 decode is available (fp8_unavailable_reason() == '') and covers a
+    call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: 1 to 32 (the
+    memory-bound shapes, e.g. h_q = 16 or 32 with s_q = 1 or 2). None: whether it covers any.
+    kvpager.mla runs everything else on the reference. Says nothing about the device (see
+    supports_device)."""
+    if fp8_unavailable_reason():
+        return False
+    return num_heads_per_head_k is None or 1 <= num_heads_per_head_k <= FP8_MAX_ROWS
 
 
 def num_sms(device: torch.device) -> int:
@@ -104,6 +135,7 @@ def flash_mla_with_kvcache(
     num_splits: torch.Tensor,
     softmax_scale: float | None = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged latent cache (FlashMLA's API and semantics), on sm_90.
 
@@ -120,15 +152,21 @@ def flash_mla_with_kvcache(
     log-sum-exp of the scaled scores. All tensors on one CUDA device; runs on the current stream,
     allocates only out, lse and the split workspace (CUDA-graph capturable). Call it through
     kvpager.mla, which checks the arguments; this wrapper does not.
+    is_fp8_kvcache: k_cache holds kvpager.fp8's 656-byte rows, uint8 (or float8_e4m3fn)
+      [num_pages, 64, h_kv, 656] with 16-byte-aligned strides (65-row pages work); q and out are
+      bf16, and s_q * h_q // h_kv <= 32 (supports_fp8_kvcache). The kernel dequantizes in
+      registers and multiplies in bf16: no dequantized copy of the cache is made.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     args = (q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
             float(softmax_scale), bool(causal))
+    if not torch.compiler.is_compiling():
+        _require_extension()
+    op = torch.ops.kvpager.mla_decode_fp8 if is_fp8_kvcache else torch.ops.kvpager.mla_decode
     if torch.compiler.is_compiling():
-        return torch.ops.kvpager.mla_decode(*args)
-    _require_extension()
-    return _typed(torch.ops.kvpager.mla_decode, *args)
+        return op(*args)
+    return _typed(op, *args)
 
 
 def _require_extension() -> None:

@@ -8,9 +8,12 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 
-PAD_PAGE = 0
-"""Entries past a row's pages hold PAD_PAGE: a valid page id, so a stray (speculative) read stays
-in bounds, but nothing may rely on it: readers use the first ceil(cache_seqlens[b] / page_size)."""
+from kvpager.allocator import NULL_PAGE
+
+PAD_PAGE = NULL_PAGE
+"""Entries past a row's pages hold PAD_PAGE, the reserved null page: owned by no request, so a
+stray (speculative) read stays in bounds and reads nobody's tokens; readers use only the first
+ceil(cache_seqlens[b] / page_size) entries."""
 
 
 class PyRows:

@@ -52,6 +52,10 @@ class PageNotAllocated(AllocatorError):
     """incref of a page that is free (only allocated pages can gain references)."""
 
 
+class StaleHit(AllocatorError):
+    """PrefixCache.acquire() of a hit whose pages left the cache after match(); match again."""
+
+
 class InvariantViolation(AllocatorError):
     """check_invariants() found broken allocator state (a bug, never bad user input)."""
 
@@ -84,6 +88,18 @@ class RequestTooLarge(RequestError):
 
 class DuplicateRequest(RequestError):
     """A request id is already known to the engine."""
+
+
+class QueueFull(RequestError):
+    """The AsyncEngine's waiting queue is at max_waiting: retry later."""
+
+
+class EngineClosed(KVPagerError, RuntimeError):
+    """submit() on an AsyncEngine that is shutting down."""
+
+
+class EngineDead(KVPagerError, RuntimeError):
+    """The AsyncEngine's step loop stopped after an unexpected error; requests cannot run."""
 
 
 class UnknownRequest(KVPagerError, KeyError):

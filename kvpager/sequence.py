@@ -127,6 +127,37 @@ class Sequence:
             self.allocator.free([src for src, _ in copies])
         return copies
 
+    @classmethod
+    def from_prefix(cls, seq_id: object, allocator: BlockAllocator, hit, page_size: int = 64,
+                    max_pages: int | None = None) -> "Sequence":
+        """A sequence that starts with a prefix-cache hit (PrefixCache.lookup / acquire): its
+        full pages are shared as they are (the hit's references move here) and, for a mid-page
+        hit, one fresh page receives a copy of the partial page, taken like a copy-on-write
+        (apply take_pending_copies() before writing). num_tokens == hit.num_tokens; append the
+        rest of the prompt next. Raises SequenceTooLong / OutOfPages (the hit stays the
+        caller's), InvalidArgument (hit not acquired or used twice). O(hit pages)."""
+        seq = cls(seq_id, allocator, page_size, max_pages)
+        if hit.page_size != page_size:
+            raise InvalidArgument(f"hit of page_size {hit.page_size} for a sequence of page_size "
+                                  f"{page_size}")
+        num_pages = -(-hit.num_tokens // page_size)
+        if max_pages is not None and num_pages > max_pages:
+            raise SequenceTooLong(f"sequence {seq_id!r}: the cached prefix alone needs {num_pages} "
+                                  f"pages but its table row holds {max_pages}; raise max_pages")
+        fresh = allocator.allocate(1) if hit.partial_page is not None else []
+        try:
+            hit.take()
+        except InvalidArgument:
+            allocator.free(fresh)
+            raise
+        seq.pages = hit.pages + fresh
+        if fresh:  # our reference on the partial page moves to the pending copy, as in COW
+            seq._pending.append((hit.partial_page, fresh[0]))
+        seq.num_tokens = hit.num_tokens
+        # Shared pages are all full and a partial hit gets a private copy: every held slot is ours.
+        seq._room = len(seq.pages) * page_size
+        return seq
+
     def fork(self, new_id: object) -> "Sequence":
         """A new sequence sharing every page (each gains a reference); no data is copied."""
         self.allocator.incref(self.pages)

@@ -100,6 +100,14 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def load(self) -> dict[str, int]:
+        """How busy the engine is now: running and waiting requests, pages used and in the
+        pool, and kv_tokens (tokens whose KV is cached for running requests). O(running)."""
+        running = self.scheduler.running
+        return {"running": len(running), "waiting": len(self.scheduler.waiting),
+                "pages_used": self.allocator.num_used, "pages_total": self.allocator.num_pages,
+                "kv_tokens": sum(r.num_computed for r in running)}
+
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[list[int]]:
         """Run prompts to completion (with anything already queued); their outputs, in order."""

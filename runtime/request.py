@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from kvpager import Sequence
     from kvpager.runtime.engine import Engine
+    from kvpager.runtime.outputs import RequestOutput
 
 
 class Status(str, enum.Enum):
@@ -165,6 +166,20 @@ class RequestHandle:
     @property
     def output_token_ids(self) -> list[int]:
         return list(self._request.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self._request.output_token_ids)
+
+    def output_token_ids_since(self, start: int) -> list[int]:
+        """The tokens generated after the first `start`: O(new tokens), for streaming."""
+        return self._request.output_token_ids[start:]
+
+    def output(self) -> RequestOutput:
+        """A snapshot of the request as a RequestOutput (final once `finished`)."""
+        from kvpager.runtime.outputs import RequestOutput
+
+        return RequestOutput.of(self._request)
 
     @property
     def timings(self) -> Timings:

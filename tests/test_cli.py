@@ -39,3 +39,15 @@ def test_bench_scheduler_with_mtp_keeps_every_request_running(capsys):
     assert cli.main(["bench", "scheduler", "--mtp", "2", "--steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "s_q=3" in out and "schedule" in out
+
+
+def test_bench_prefix_prints_admission_figures(capsys):
+    assert cli.main(["bench", "prefix", "--prompt-len", "1024", "--hit", "896", "900", "--iters",
+                     "20", "--warmup", "2", "--siblings", "4", "--other-prompts", "2",
+                     "--full-pool"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith(("896 ", "900 "))]
+    assert {(r[0], r[2], r[3]) for r in rows} == {
+        (hit, pool, part) for hit in ("896", "900") for pool in ("room", "full")
+        for part in ("admission", "keys", "slots", "commit")}
+    assert all(float(x) > 0 for r in rows for x in r[4:])

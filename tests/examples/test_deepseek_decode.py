@@ -63,4 +63,4 @@ def test_cuda_graphs_refuse_a_cpu_model():
     model = random_model(TINY)
     engine = build_engine(model, 2, 64, torch.float32)
     with pytest.raises(ConfigError, match="CUDA"):
-        GraphedDecode(model, engine.allocator, 2)
+        GraphedDecode(model, 2)

@@ -103,8 +103,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
         b, s_q, h_q, _ = q.shape
         return q[..., :dv] * scale, torch.zeros(b, h_q, s_q)
     lib.impl("mla_decode", decode, "CPU")
+    lib.define("mla_decode_fp8(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
+               "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, "
+               "float softmax_scale, bool causal) -> (Tensor, Tensor)")
+    lib.impl("mla_decode_fp8", decode, "CPU")
     import kvpager.kernels.fake  # registers the fake impls, as kvpager.kernels does after _C
-    from kvpager import kernels
+    from kvpager import fp8, kernels
 
     def step(q, k_cache, block_table, seqlens):
         meta, splits = kernels.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
@@ -119,6 +123,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
     out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, bt, s)
     assert out.shape == (3, 2, 16, 512) and lse.shape == (3, 16, 2), (out.shape, lse.shape)
     torch.testing.assert_close(out, q[..., :512] * 576 ** -0.5 * 2)
+
+    def step_fp8(q, k_cache, block_table, seqlens):
+        meta, splits = kernels.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
+        return kernels.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits,
+                                              is_fp8_kvcache=True)
+
+    packed = fp8.quantize(k)
+    out, lse = torch.compile(step_fp8, fullgraph=True, backend="aot_eager")(q, packed, bt, s)
+    assert out.shape == (3, 2, 16, 512) and out.dtype == torch.bfloat16 and lse.shape == (3, 16, 2)
     print("ok")
     """
 )
