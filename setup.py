@@ -2,8 +2,8 @@
 
 KVPAGER_BUILD_CUDA=1 forces the extension (fails loudly if it cannot be built),
 KVPAGER_BUILD_CUDA=0 skips it; unset, it is built when torch is a CUDA build and nvcc is found.
-KVPAGER_DEBUG=1 builds with device-side asserts and line info.
-The small C++ module behind EventTables (kvpager._row_events) is built everywhere a C++ compiler
+KVPAGER_DEBUG=1 builds with device-side asserts and line info; KVPAGER_NVCC_EXTRA adds nvcc flags.
+The small C++ module behind BlockTables (kvpager._block_table) is built everywhere a C++ compiler
 is found; it is optional (a failed build leaves the pure-Python path, same results).
 """
 import glob
@@ -20,6 +20,7 @@ PACKAGES = [
     "kvpager.runtime.models",
     "kvpager.examples",
     "kvpager.examples.deepseek",
+    "kvpager.examples.server",
     "kvpager.benchmarks",
 ]
 PACKAGE_DIR = {
@@ -29,6 +30,7 @@ PACKAGE_DIR = {
     "kvpager.runtime.models": "runtime/models",
     "kvpager.examples": "examples",
     "kvpager.examples.deepseek": "examples/deepseek",
+    "kvpager.examples.server": "examples/server",
     "kvpager.benchmarks": "benchmarks",
 }
 
@@ -89,6 +91,7 @@ def _cuda_extension():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + (["-DKVPAGER_DEBUG=1", "-G"] if debug else ["-DNDEBUG"])
+    nvcc += os.environ.get("KVPAGER_NVCC_EXTRA", "").split()  # e.g. -DKVPAGER_TRACE (seesaw timeline)
     sources = sorted(glob.glob("kernels/csrc/*.cu")) + ["kernels/csrc/bindings.cpp"]
     return CUDAExtension(
         name="kvpager.kernels._C",
@@ -98,20 +101,20 @@ def _cuda_extension():
     )
 
 
-def _row_events_extension():
-    """kvpager._row_events: plain C++ against the pybind11 headers torch ships (no libtorch)."""
+def _block_table_extension():
+    """kvpager._block_table: plain C++ against the pybind11 headers torch ships (no libtorch)."""
     from setuptools import Extension
 
     try:
         import torch
     except ImportError:
-        _say("skipping the C++ row events (torch, whose pybind11 headers they use, is not "
-             "installed); EventTables will use its Python path.")
+        _say("skipping the C++ block-table rows (torch, whose pybind11 headers they use, is not "
+             "installed); BlockTables will use its Python path.")
         return []
     include = os.path.join(os.path.dirname(torch.__file__), "include")
     return [Extension(
-        "kvpager._row_events",
-        sources=["kvpager/csrc/row_events.cpp"],
+        "kvpager._block_table",
+        sources=["kvpager/csrc/block_table.cpp"],
         include_dirs=[include],
         language="c++",
         extra_compile_args=["-O2", "-std=c++17", "-fvisibility=hidden"],
@@ -120,7 +123,7 @@ def _row_events_extension():
 
 
 def _build_options():
-    ext_modules = _row_events_extension()
+    ext_modules = _block_table_extension()
     build, reason = _cuda_build_reason()
     if not build:
         _say(f"skipping the CUDA kernel extension ({reason}); kvpager will use the PyTorch reference MLA.")

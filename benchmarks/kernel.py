@@ -1,23 +1,31 @@
 """`kvpager bench kernel`: the MLA decode kernel against the GPU's own ceilings, in one run.
 
 Measures the read-bandwidth ceiling (a large bf16 sum) and the cuBLAS bf16 8192^3 matmul rate,
-then the kernel (through kvpager.kernels.flash_mla_with_kvcache, metadata computed once per case)
-on b=128, s_k in {4096, 8192}, h_q in {16, 32, 64, 128}, s_q in {1, 2}, varlen off/on, plus two
-small batches. Reports time, TFLOPS = 2*b*s_q*h_q*mean_s_k*(d+dv)/t and
+then the kernel (through kvpager.kernels.flash_mla_with_kvcache, metadata computed once per case).
+Case sets: `grid` (default: b=128, s_k in {4096, 8192}, h_q in {16, 32, 64, 128}, s_q in {1, 2},
+varlen off/on, plus the small and mid-size batches), `issue` (the cases of issue 9's table plus the
+mid-size batches), `quick`. Reports time, TFLOPS = 2*b*s_q*h_q*mean_s_k*(d+dv)/t and
 GB/s = 2*(b*mean_s_k*h_kv*d + b*s_q*h_q*(d+dv))/t, each also as a fraction of its ceiling.
+
+`--kernels seesaw,lockstep` times every case whose kv head has >= 64 query rows with both 64-row
+kernels (KVPAGER_MLA_KERNEL), `--prefetch 0,1,2` / `--hint first,normal,last` the seesaw kernel's
+L2 prefetch distance and TMA eviction hint (KVPAGER_L2_PREFETCH, KVPAGER_TMA_HINT), `--pdl on,off` the combine launch both ways (KVPAGER_PDL): side by side on
+the same card, in the same process.
 
 Timing: triton.testing.do_bench(warmup=25, rep=200, return_mode="median"), which clears L2 before
 every call; without triton, CUDA events around each call after an L2-clearing write, median.
 The kernel is timed as a CUDA-graph replay of one decode call (µs), as serving runs it, and
-eagerly through the Python wrapper (eager µs).
+eagerly through the Python wrapper (eager µs, `--eager`).
 Random data; KV pages are drawn in random order from a pool of at least 128 MB, so even the
 small cases read their pages from HBM, scattered as in a long-running server.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -40,7 +48,18 @@ class Case:
     h_kv: int = 1
 
 
-def cases(quick: bool) -> list[Case]:
+SMALL = [Case(1, 1, 128, 4096, False), Case(8, 1, 16, 2048, False), Case(2, 1, 16, 32768, False)]
+MID = [Case(64, 1, 128, 1024, False), Case(32, 1, 128, 2048, True), Case(64, 1, 128, 4096, False)]
+ISSUE = [  # issue 9's table (b = 128 unless noted), in its order
+    Case(128, 1, 16, 8192, False), Case(128, 1, 64, 8192, False), Case(128, 2, 32, 4096, False),
+    Case(128, 1, 128, 8192, False), Case(128, 1, 128, 4096, True), Case(128, 2, 64, 8192, False),
+    Case(128, 2, 128, 8192, False), Case(128, 2, 128, 4096, True),
+]
+
+
+def cases(which: str) -> list[Case]:
+    if which == "issue":
+        return ISSUE + MID + SMALL
     grid = [
         Case(128, s_q, h_q, s_k, varlen)
         for s_k in (4096, 8192)
@@ -48,18 +67,32 @@ def cases(quick: bool) -> list[Case]:
         for s_q in (1, 2)
         for varlen in (False, True)
     ]
-    if quick:
+    if which == "quick":
         grid = [c for c in grid if c.s_k == 8192 and c.h_q in (16, 128)]
-    return grid + [Case(1, 1, 128, 4096, False), Case(8, 1, 16, 2048, False)]
+    return grid + MID + SMALL
 
 
 REFERENCE_CASES = [Case(8, 1, 16, 2048, False), Case(1, 1, 128, 4096, False)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="bench-kernel.json", help="JSON results")
-    parser.add_argument("--quick", action="store_true", help="s_k=8192, h_q in {16,128} and the small cases only")
+    parser.add_argument("--out", default="bench-kernel.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--set", dest="case_set", choices=("grid", "issue", "quick"), default="grid",
+                        help="which cases (default: %(default)s)")
+    parser.add_argument("--quick", action="store_const", dest="case_set", const="quick",
+                        help="same as --set quick: s_k=8192, h_q in {16,128} and the small cases")
+    parser.add_argument("--kernels", default="seesaw",
+                        help="64-row kernels to time, comma-separated: seesaw, lockstep (default: %(default)s)")
+    parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
+    parser.add_argument("--prefetch", default="0",
+                        help="seesaw L2 prefetch distances in pairs, e.g. 0,1,2 (default: %(default)s)")
+    parser.add_argument("--hint", default="first",
+                        help="seesaw TMA L2 eviction hints, e.g. first,normal,last (default: %(default)s)")
+    parser.add_argument("--eager", action="store_true", help="also time eager calls through the wrapper")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="q and cache dtype")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: the fused FP8 decode on 656-byte rows vs the bf16 kernel on the same values "
+                             "(benchmarks/kernel_fp8.py; default: %(default)s)")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time the PyTorch reference on a couple of small cases")
     parser.add_argument("--seed", type=int, default=0, help="random inputs seed")
@@ -161,44 +194,91 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 # ---- the run --------------------------------------------------------------------------------
 
 
-def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, ceilings: dict) -> dict:
+ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "prefetch": "KVPAGER_L2_PREFETCH",
+       "hint": "KVPAGER_TMA_HINT"}
+
+
+@contextlib.contextmanager
+def kernel_env(variant: dict):
+    """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
+    saved = {v: os.environ.get(v) for v in ENV.values()}
+    os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
+    os.environ[ENV["pdl"]] = "1" if variant["pdl"] else "0"
+    os.environ[ENV["prefetch"]] = str(variant["prefetch"])
+    os.environ[ENV["hint"]] = variant["hint"]
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def variants(case: Case, kernels_: list[str], pdls: list[bool], prefetches: list[int], hints: list[str]) -> list[dict]:
+    """Switch settings to time: the 64-row kernels (and the seesaw's L2 prefetch and TMA cache hint)
+    only matter when a kv head has more than 32 query rows."""
+    if case.s_q * case.h_q // case.h_kv <= 32:
+        return [dict(kernel="mma.sync", pdl=pdl, prefetch=prefetches[0], hint=hints[0]) for pdl in pdls]
+    out = []
+    for kernel in kernels_:
+        seesaw = kernel == "seesaw"
+        for hint in hints if seesaw else hints[:1]:
+            for prefetch in prefetches if seesaw else prefetches[:1]:
+                out += [dict(kernel=kernel, pdl=pdl, prefetch=prefetch, hint=hint) for pdl in pdls]
+    return out
+
+
+def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, ceilings: dict,
+               kernels_: list[str], pdls: list[bool], prefetches: list[int], hints: list[str],
+               eager: bool) -> list[dict]:
     from kvpager import kernels
 
     x = make_inputs(case, dtype, seed)
     rows = case.s_q * case.h_q // case.h_kv
     meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv)
+    t_meta = time_us(lambda: kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv))
+    mean_s_k, flops, nbytes = work(case, x["cache_seqlens"].cpu())
 
     def call():
         return kernels.flash_mla_with_kvcache(
             x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], DV, meta, splits, causal=True
         )
 
-    out, _ = call()
-    finite = bool(torch.isfinite(out).all())
-    # Decode steps run as CUDA graphs in serving; the graph replay drops the host-side cost
-    # (checks, dispatch, two launches) that eager timing adds to microsecond-sized cases.
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    t = time_us(graph.replay)
-    t_eager = time_us(call)
-    t_meta = time_us(lambda: kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv))
-    mean_s_k, flops, nbytes = work(case, x["cache_seqlens"].cpu())
-    tflops, gbps = flops / (t * 1e-6) / 1e12, nbytes / (t * 1e-6) / 1e9
-    return {
-        **asdict(case),
-        "mean_s_k": round(mean_s_k, 1),
-        "time_us": round(t, 2),
-        "eager_us": round(t_eager, 2),
-        "tflops": round(tflops, 1),
-        "frac_matmul": round(tflops / ceilings["matmul_tflops"], 3),
-        "gbps": round(gbps, 1),
-        "frac_read": round(gbps / ceilings["read_gbps"], 3),
-        "num_parts": meta.shape[0],
-        "total_splits": int(splits[-1]),
-        "metadata_us": round(t_meta, 2),
-        "finite": finite,
-    }
+    results, first_out = [], None
+    for variant in variants(case, kernels_, pdls, prefetches, hints):
+        with kernel_env(variant):
+            out, _ = call()
+            finite = bool(torch.isfinite(out).all())
+            if first_out is None:
+                first_out = out.float()
+            agree = float(torch.nn.functional.cosine_similarity(out.float().flatten(), first_out.flatten(), dim=0))
+            # Decode steps run as CUDA graphs in serving; the graph replay drops the host-side cost
+            # (checks, dispatch, two launches) that eager timing adds to microsecond-sized cases.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                call()
+            t = time_us(graph.replay)
+            t_eager = time_us(call) if eager else float("nan")
+        tflops, gbps = flops / (t * 1e-6) / 1e12, nbytes / (t * 1e-6) / 1e9
+        results.append({
+            **asdict(case),
+            **variant,
+            "mean_s_k": round(mean_s_k, 1),
+            "time_us": round(t, 2),
+            "eager_us": round(t_eager, 2),
+            "tflops": round(tflops, 1),
+            "frac_matmul": round(tflops / ceilings["matmul_tflops"], 3),
+            "gbps": round(gbps, 1),
+            "frac_read": round(gbps / ceilings["read_gbps"], 3),
+            "num_parts": meta.shape[0],
+            "total_splits": int(splits[-1]),
+            "metadata_us": round(t_meta, 2),
+            "finite": finite,
+            "one_minus_cos_vs_first": round(1 - agree, 9),
+        })
+    return results
 
 
 def bench_reference(case: Case, dtype: torch.dtype, seed: int, time_us: Callable) -> dict:
@@ -235,9 +315,18 @@ def run(args: argparse.Namespace) -> int:
     ceilings = {"read_gbps": read_ceiling_gbps(time_us), "matmul_tflops": matmul_ceiling_tflops(time_us)}
     print(f"ceilings: read {ceilings['read_gbps']:.0f} GB/s (bf16 sum of 2 GiB), "
           f"cuBLAS bf16 8192^3 {ceilings['matmul_tflops']:.0f} TFLOP/s")
+    if args.kv_cache_dtype == "fp8":
+        from kvpager.benchmarks import kernel_fp8
+
+        return kernel_fp8.run(args, time_us, method, props, ceilings)
+    kernels_ = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    pdls = [{"on": True, "off": False}[v.strip()] for v in args.pdl.split(",") if v.strip()]
+    prefetches = [int(v) for v in args.prefetch.split(",") if v.strip()]
+    hints = [v.strip() for v in args.hint.split(",") if v.strip()]
     results = []
-    for i, case in enumerate(cases(args.quick)):
-        results.append(bench_case(case, dtype, args.seed + i, time_us, ceilings))
+    for i, case in enumerate(cases(args.case_set)):
+        results.extend(bench_case(case, dtype, args.seed + i, time_us, ceilings, kernels_, pdls, prefetches,
+                                  hints, args.eager))
         torch.cuda.empty_cache()
     print_table(results, args.plain)
     reference = []
@@ -267,7 +356,8 @@ def run(args: argparse.Namespace) -> int:
 
 COLUMNS = [  # (header, key, format)
     ("b", "b", "{}"), ("s_q", "s_q", "{}"), ("h_q", "h_q", "{}"), ("s_k", "mean_s_k", "{:.0f}"),
-    ("varlen", "varlen", "{}"), ("µs", "time_us", "{:.1f}"), ("eager µs", "eager_us", "{:.1f}"), ("TFLOPS", "tflops", "{:.0f}"),
+    ("varlen", "varlen", "{}"), ("kernel", "kernel", "{}"), ("pdl", "pdl", "{}"), ("L2 pf", "prefetch", "{}"), ("hint", "hint", "{}"), ("µs", "time_us", "{:.1f}"),
+    ("eager µs", "eager_us", "{:.1f}"), ("TFLOPS", "tflops", "{:.0f}"),
     ("×mm", "frac_matmul", "{:.2f}"), ("GB/s", "gbps", "{:.0f}"), ("×read", "frac_read", "{:.2f}"),
     ("splits", "total_splits", "{}"), ("meta µs", "metadata_us", "{:.1f}"), ("finite", "finite", "{}"),
 ]

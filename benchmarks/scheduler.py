@@ -1,16 +1,16 @@
 """`kvpager bench scheduler`: the CPU cost the engine pays per decode step at a full batch,
-without model compute. It runs the real `Engine.step()` (scheduler, EventTables, slot mapping,
+without model compute. It runs the real `Engine.step()` (scheduler, BlockTables, slot mapping,
 input ids, sampling hand-off, per-request token bookkeeping, metrics) with a model that returns
 fixed logits, and reports:
 
-  schedule   Scheduler.schedule() (page appends included)
-  tables     the decode tables' events and view (Engine._advance_rows: leaves + grow +
-             refresh; EventTables.view: block_table + cache_seqlens)
+  schedule   Scheduler.schedule() (Sequence.reserve included)
+  tables     the decode tables' events and view (Engine.advance_decode_rows: leaves, new
+             pages, grow; BlockTables.view: block_table + cache_seqlens)
   rest       everything else step() does on the host: slots, input ids, DecodeBatch, taking
              each row's token (append, counters, finish checks), metrics
   total      schedule + tables + rest (the engine's whole host cost per step)
 
-Issue 3's goal, scheduler + table overhead <= 200 us at 512 requests, is schedule + tables.
+The goal, scheduler + table overhead <= 200 us at 512 requests, is schedule + tables.
   excluded   device work, timed but not in total: the model call (a no-op here), MLA metadata
              (one kernel on a GPU; the torch planner on CPU) and the argmax of sampling
 
@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
+from kvpager import CacheConfig
 from kvpager.cli_args import nonneg_int, positive_int
-from kvpager.config import CacheConfig
 from kvpager.runtime.engine import Engine
 from kvpager.runtime.request import SamplingParams
 from kvpager.runtime.scheduler import SchedulerConfig
@@ -91,11 +91,11 @@ def measure(batch: int = 512, steps: int = 2000, prompt_len: int = 1000, mtp: in
     logs: dict[str, list[float]] = {k: [] for k in ("schedule", "advance", "view", "model",
                                                     "metadata", "sampling")}
     sched.schedule = _timed(sched.schedule, logs["schedule"])
-    engine._advance_rows = _timed(engine._advance_rows, logs["advance"])
+    engine.advance_decode_rows = _timed(engine.advance_decode_rows, logs["advance"])
     engine.decode_tables.view = _timed(engine.decode_tables.view, logs["view"])
     model.decode = _timed(model.decode, logs["model"])
-    engine._metadata = _timed(engine._metadata, logs["metadata"])
-    engine._sample = _timed(engine._sample, logs["sampling"])
+    engine.metadata = _timed(engine.metadata, logs["metadata"])
+    engine.sample = _timed(engine.sample, logs["sampling"])
     step_times, clock = [], time.perf_counter
     for _ in range(steps):
         t0 = clock()
@@ -120,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
         us = sorted(v * 1e6 for v in values)
         print(f"  {name:<9} median {statistics.median(us):7.1f} us   mean {statistics.fmean(us):7.1f} us"
               f"   p90 {us[int(0.9 * (len(us) - 1))]:7.1f} us")
-    print("goal (issue 3): schedule + tables <= 200 us per step at 512 requests; total is the "
-          "engine's whole host cost")
+    print("goal: schedule + tables <= 200 us per step at 512 requests; total is the engine's "
+          "whole host cost")
     return 0

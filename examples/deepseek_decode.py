@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype)
     if args.cuda_graphs:
-        engine.model = GraphedDecode(model, engine.allocator, args.batch)  # same Protocol, graphed decode
+        engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
     if device.type == "cuda":  # the same run once untimed: CUDA / cuBLAS start-up, graph capture
         timed_generate(engine, prompts, params)

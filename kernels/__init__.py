@@ -1,23 +1,24 @@
 """kvpager.kernels: the thin Python wrapper of the Hopper (sm_90a) MLA decode extension.
 
-The extension `kvpager.kernels._C` registers two custom ops (torch.library, namespace `kvpager`):
-`get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel) and `mla_decode` (decode +
-combine). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
-graphs can hold them. This module adds the argument checks that name the bad value and the fix
-(kvpager.errors), then makes one op call. CUDA only: `kvpager.mla` dispatches between this and
-the PyTorch reference.
-
-Cost of the checks: attribute reads on the tensors, no device synchronisation, no allocation
-(cache_seqlens values are never read on the host; the kernel trusts them).
+The extension `kvpager.kernels._C` registers three custom ops (torch.library, namespace `kvpager`):
+`get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel), `mla_decode` (decode +
+combine) and `mla_decode_fp8` (the same on kvpager.fp8's 656-byte cache rows, dequantized in the
+kernel; s_q * h_q // h_kv <= 32). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
+graphs can hold them. This module is a thin wrapper: defaults and one op call. The arguments are
+validated once, by `kvpager.mla` (which dispatches between this and the PyTorch reference); the
+binding keeps only the checks memory safety needs, and its "kvpager: ..." errors arrive here as
+InvalidArgument.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Callable
 
 import torch
 
+from kvpager import fp8  # noqa: F401  (FP8 layout constants, documented with the op)
 from kvpager.errors import InvalidArgument, KernelUnavailable
 from kvpager.kernels import schedule
 
@@ -26,6 +27,8 @@ HEAD_DIM_V = 512  # V = the first 512 columns of the cache row
 PAGE_SIZE = schedule.PAGE_SIZE
 DTYPES = (torch.bfloat16, torch.float16)
 _HOPPER = (9, 0)
+FP8_MAX_ROWS = 32  # query rows per kv head the fused FP8 decode covers (config.h's kFp8MaxRows)
+FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kvpager.mla: reference)
 
 try:
     _C = importlib.import_module("kvpager.kernels._C")  # loading it registers torch.ops.kvpager.*
@@ -47,6 +50,8 @@ __all__ = [
     "available",
     "unavailable_reason",
     "supports_device",
+    "supports_fp8_kvcache",
+    "fp8_unavailable_reason",
     "num_sms",
     "get_mla_metadata",
     "flash_mla_with_kvcache",
@@ -73,6 +78,30 @@ def supports_device(device: torch.device | str | int | None) -> bool:
     return _capability(_index(device)) == _HOPPER
 
 
+def fp8_unavailable_reason() -> str:
+    """Why the fused FP8 decode cannot be used ('' when it can): the extension is missing, was built
+    without it, or KVPAGER_FP8_KERNEL=0 switches it off (read on every call)."""
+    if os.environ.get(FP8_KERNEL_ENV, "1") == "0":
+        return f"the fused FP8 decode is switched off ({FP8_KERNEL_ENV}=0)"
+    if _C is None:
+        return _REASON
+    if not hasattr(torch.ops.kvpager, "mla_decode_fp8"):
+        return ("the CUDA extension was built without the fused FP8 decode (torch.ops.kvpager."
+                "mla_decode_fp8); rebuild it with `KVPAGER_BUILD_CUDA=1 pip install --no-build-isolation -e .`")
+    return ""
+
+
+def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
+    """True when the fused FP8 decode is available (fp8_unavailable_reason() == '') and covers a
+    call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: 1 to 32 (the
+    memory-bound shapes, e.g. h_q = 16 or 32 with s_q = 1 or 2). None: whether it covers any.
+    kvpager.mla runs everything else on the reference. Says nothing about the device (see
+    supports_device)."""
+    if fp8_unavailable_reason():
+        return False
+    return num_heads_per_head_k is None or 1 <= num_heads_per_head_k <= FP8_MAX_ROWS
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (132 on the H100 SXM); the metadata kernel reads
     the same number, so num_parts = schedule.num_sm_parts(num_sms(device), rows, h_kv)."""
@@ -90,14 +119,10 @@ def get_mla_metadata(
     num_parts = schedule.num_sm_parts(num_sms, num_heads_per_head_k, num_heads_k); the format is
     kernels/schedule.py's. Compute once per step and pass to every layer's call.
     """
-    if not torch.compiler.is_compiling():
-        _check_seqlens(cache_seqlens)
-        for name, value in (("num_heads_per_head_k", num_heads_per_head_k), ("num_heads_k", num_heads_k)):
-            if value < 1:
-                raise InvalidArgument(f"{name}={value} must be >= 1")
-        _check_kernel_device(cache_seqlens.device)
-        return _typed(torch.ops.kvpager.get_mla_metadata, cache_seqlens, num_heads_per_head_k, num_heads_k)
-    return torch.ops.kvpager.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    if torch.compiler.is_compiling():
+        return torch.ops.kvpager.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    _require_extension()
+    return _typed(torch.ops.kvpager.get_mla_metadata, cache_seqlens, num_heads_per_head_k, num_heads_k)
 
 
 def flash_mla_with_kvcache(
@@ -110,6 +135,7 @@ def flash_mla_with_kvcache(
     num_splits: torch.Tensor,
     softmax_scale: float | None = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged latent cache (FlashMLA's API and semantics), on sm_90.
 
@@ -124,140 +150,27 @@ def flash_mla_with_kvcache(
     softmax_scale: defaults to 576 ** -0.5. causal: query i of s_q sees keys < s_k - s_q + i + 1.
     Returns (out [b, s_q, h_q, 512] in q's dtype, lse float32 [b, h_q, s_q]), natural-log
     log-sum-exp of the scaled scores. All tensors on one CUDA device; runs on the current stream,
-    allocates only out, lse and the split workspace (CUDA-graph capturable).
+    allocates only out, lse and the split workspace (CUDA-graph capturable). Call it through
+    kvpager.mla, which checks the arguments; this wrapper does not.
+    is_fp8_kvcache: k_cache holds kvpager.fp8's 656-byte rows, uint8 (or float8_e4m3fn)
+      [num_pages, 64, h_kv, 656] with 16-byte-aligned strides (65-row pages work); q and out are
+      bf16, and s_q * h_q // h_kv <= 32 (supports_fp8_kvcache). The kernel dequantizes in
+      registers and multiplies in bf16: no dequantized copy of the cache is made.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    _check_decode_shapes(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits)
+    args = (q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+            float(softmax_scale), bool(causal))
+    if not torch.compiler.is_compiling():
+        _require_extension()
+    op = torch.ops.kvpager.mla_decode_fp8 if is_fp8_kvcache else torch.ops.kvpager.mla_decode
     if torch.compiler.is_compiling():
-        return torch.ops.kvpager.mla_decode(
-            q, k_cache, block_table, cache_seqlens, head_dim_v,
-            tile_scheduler_metadata, num_splits, float(softmax_scale), bool(causal),
-        )
-    _check_same_cuda_device(
-        q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits,
-    )
-    _check_kernel_device(q.device)
-    h_kv = k_cache.shape[2]
-    rows = q.shape[1] * q.shape[2] // h_kv
-    parts = schedule.num_sm_parts(num_sms(q.device), rows, h_kv)
-    if tile_scheduler_metadata.shape[0] != parts:
-        raise InvalidArgument(
-            f"tile_scheduler_metadata has {tile_scheduler_metadata.shape[0]} parts but this call "
-            f"(s_q * h_q // h_kv = {rows} rows, h_kv = {h_kv}) needs {parts} on this GPU: compute it "
-            f"with get_mla_metadata(cache_seqlens, {rows}, {h_kv})"
-        )
-    return _typed(
-        torch.ops.kvpager.mla_decode,
-        q, k_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, float(softmax_scale), bool(causal),
-    )
+        return op(*args)
+    return _typed(op, *args)
 
 
-# ---- checks ---------------------------------------------------------------------------------
-
-
-def _check_seqlens(cache_seqlens: torch.Tensor) -> None:
-    if cache_seqlens.dtype != torch.int32:
-        raise InvalidArgument(f"cache_seqlens has dtype {cache_seqlens.dtype}; pass an int32 tensor")
-    if cache_seqlens.dim() != 1 or not cache_seqlens.is_contiguous():
-        raise InvalidArgument(
-            f"cache_seqlens must be a contiguous 1-D [batch] tensor, got shape {tuple(cache_seqlens.shape)} "
-            f"stride {cache_seqlens.stride()}"
-        )
-
-
-def _check_decode_shapes(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    tile_scheduler_metadata: torch.Tensor,
-    num_splits: torch.Tensor,
-) -> None:
-    """Dtypes, ranks, sizes and strides: attribute reads only, so torch.compile traces it."""
-    if q.dim() != 4:
-        raise InvalidArgument(f"q must be [b, s_q, h_q, {HEAD_DIM}], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise InvalidArgument(
-            f"k_cache must be [num_pages, {PAGE_SIZE}, h_kv, {HEAD_DIM}], got shape {tuple(k_cache.shape)}"
-        )
-    if q.dtype not in DTYPES:
-        raise InvalidArgument(f"q has dtype {q.dtype}; the kernel takes bfloat16 or float16")
-    if k_cache.dtype != q.dtype:
-        raise InvalidArgument(f"k_cache has dtype {k_cache.dtype} but q has {q.dtype}; they must match")
-    b, s_q, h_q, d = q.shape
-    if d != HEAD_DIM:
-        raise InvalidArgument(f"q's head dim is {d}; the kernel supports d = {HEAD_DIM} (512 latent + 64 rope)")
-    if k_cache.shape[1] != PAGE_SIZE or k_cache.shape[3] != HEAD_DIM:
-        raise InvalidArgument(
-            f"k_cache has shape {tuple(k_cache.shape)}; expected [num_pages, {PAGE_SIZE}, h_kv, {HEAD_DIM}]"
-        )
-    if head_dim_v != HEAD_DIM_V:
-        raise InvalidArgument(f"head_dim_v={head_dim_v}; the kernel supports head_dim_v = {HEAD_DIM_V}")
-    h_kv = k_cache.shape[2]
-    if h_kv < 1 or h_q % h_kv != 0:
-        raise InvalidArgument(f"h_q={h_q} is not a multiple of h_kv={h_kv}")
-    if s_q < 1 or h_q < 1:
-        raise InvalidArgument(f"q has shape {tuple(q.shape)}; s_q and h_q must be >= 1")
-    for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table)):
-        if t.stride(-1) != 1:
-            raise InvalidArgument(f"{name} must have a contiguous last dim, got stride {t.stride()}")
-    if block_table.dtype != torch.int32:
-        raise InvalidArgument(f"block_table has dtype {block_table.dtype}; pass an int32 tensor")
-    if block_table.dim() != 2 or block_table.shape[0] != b:
-        raise InvalidArgument(f"block_table must be [b={b}, max_pages], got shape {tuple(block_table.shape)}")
-    _check_seqlens(cache_seqlens)
-    if cache_seqlens.shape[0] != b:
-        raise InvalidArgument(f"cache_seqlens has {cache_seqlens.shape[0]} entries but q has batch {b}")
-    if tile_scheduler_metadata.dtype != torch.int32 or num_splits.dtype != torch.int32:
-        raise InvalidArgument(
-            f"tile_scheduler_metadata / num_splits have dtypes {tile_scheduler_metadata.dtype} / "
-            f"{num_splits.dtype}; pass get_mla_metadata's int32 outputs"
-        )
-    if (
-        tile_scheduler_metadata.dim() != 2
-        or tile_scheduler_metadata.shape[1] != schedule.METADATA_FIELDS
-        or tile_scheduler_metadata.shape[0] < 1
-        or not tile_scheduler_metadata.is_contiguous()
-    ):
-        raise InvalidArgument(
-            f"tile_scheduler_metadata must be contiguous [num_parts, {schedule.METADATA_FIELDS}], got shape "
-            f"{tuple(tile_scheduler_metadata.shape)}: pass get_mla_metadata's output"
-        )
-    if num_splits.dim() != 1 or num_splits.shape[0] != b + 1 or not num_splits.is_contiguous():
-        raise InvalidArgument(
-            f"num_splits must be contiguous [b + 1 = {b + 1}], got shape {tuple(num_splits.shape)}: compute "
-            "the metadata from this batch's cache_seqlens"
-        )
-
-
-def _check_same_cuda_device(**tensors: torch.Tensor) -> None:
-    device = tensors["q"].device
-    if device.type != "cuda":
-        raise InvalidArgument(
-            f"q is on {device}; kvpager.kernels runs on CUDA tensors only (kvpager.mla serves CPU "
-            "tensors with the PyTorch reference)"
-        )
-    for name, t in tensors.items():
-        if t.device != device:
-            raise InvalidArgument(f"{name} is on {t.device} but q is on {device}; move every tensor to one device")
-
-
-def _check_kernel_device(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise InvalidArgument(f"tensors are on {device}; kvpager.kernels runs on CUDA tensors only")
-    if not torch.cuda.is_available():
-        raise KernelUnavailable("CUDA is not available here; the kernel needs an sm_90 GPU (H100 / H200)")
-    if not supports_device(device):
-        cap = _capability(_index(device))
-        raise KernelUnavailable(
-            f"{device} has compute capability {cap[0]}.{cap[1]}; the kernel needs sm_90 (H100 / H200): "
-            "use kvpager.mla, which falls back to the PyTorch reference"
-        )
-    if not available():
+def _require_extension() -> None:
+    if _C is None:
         raise KernelUnavailable(_REASON)
 
 

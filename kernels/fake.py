@@ -52,11 +52,23 @@ def mla_decode_fake(
     return out, lse
 
 
+# The fused FP8 decode's outputs have the bf16 decode's shapes (q is bf16, out bf16, lse float32).
+mla_decode_fp8_fake = mla_decode_fake
+
+_FAKES = (
+    ("get_mla_metadata", get_mla_metadata_fake),
+    ("mla_decode", mla_decode_fake),
+    ("mla_decode_fp8", mla_decode_fp8_fake),
+)
+
+
 def register() -> None:
-    """Register both fakes; the ops must already exist (loaded from `_C`, or defined by a test).
-    An op that already has a Meta kernel (registered in C++) keeps it."""
-    for name, impl in (("kvpager::get_mla_metadata", get_mla_metadata_fake), ("kvpager::mla_decode", mla_decode_fake)):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
+    """Register the fakes of the ops that exist (loaded from `_C`, or defined by a test; an
+    extension built before mla_decode_fp8 lacks that op). An op that already has a Meta kernel
+    (registered in C++) keeps it."""
+    for op, impl in _FAKES:
+        name = f"kvpager::{op}"
+        if hasattr(torch.ops.kvpager, op) and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
             torch.library.register_fake(name)(impl)
 
 

@@ -1,5 +1,5 @@
 """The split-KV tile scheduler, in PyTorch: the exact algorithm the CUDA metadata kernel
-(kernels/csrc/mla_metadata.cu) runs, used on CPU and as its test oracle.
+(kernels/csrc/metadata.cu) runs, used on CPU and as its test oracle.
 
 Every sequence b costs `pages(b) + FIXED_OVERHEAD_PAGES` units (a segment's start-up and epilogue
 cost about as much as a few pages). Sequences are laid end to end on one cost line, overhead

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "tables": ("kvpager.benchmarks.tables", "block_table / cache_seqlens update cost per step"),
     "kernel": ("kvpager.benchmarks.kernel", "MLA decode kernel vs the GPU's measured ceilings"),
     "scheduler": ("kvpager.benchmarks.scheduler", "scheduler + table overhead per step"),
+    "prefix": ("kvpager.benchmarks.prefix", "prefix-cache lookup + admission cost per request"),
 }
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from kvpager import fp8
 from kvpager.errors import ConfigError
 from kvpager.validation import describe
 
@@ -21,6 +22,7 @@ _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_FP8_NAMES = ("fp8", "fp8_e4m3", "float8_e4m3fn")  # kv_cache_dtype spellings of the 656-byte row
 
 
 class CacheConfig(BaseModel):
@@ -34,7 +36,14 @@ class CacheConfig(BaseModel):
         K are V).
     dtype: "bfloat16" | "float16" (kernel) | "float32" (reference only); torch dtypes accepted.
     device: where the pool lives ("cpu", "cuda", "cuda:1", torch.device accepted).
-    num_pages | memory_budget_bytes: exactly one; with a budget, num_pages = budget // bytes_per_page.
+    kv_cache_dtype: "auto" stores rows in `dtype`; "fp8" stores DeepSeek's 656-byte FP8 row
+        (kvpager.fp8: 512 e4m3 latent values, 4 float32 scales, 64 bf16 RoPE values) in uint8
+        pages [.., h_kv, 656]; `dtype` stays the model's (q's) dtype: bfloat16 (kernel) or
+        float32 (CPU reference), with head_dim 576 and head_dim_v 512.
+    num_pages | memory_budget_bytes: exactly one. num_pages counts the pages requests can hold;
+        the pool has one more, the reserved null page 0 (see allocator.NULL_PAGE), so it takes
+        (num_pages + 1) * bytes_per_page. With a budget, the null page is paid from it:
+        num_pages = budget // bytes_per_page - 1.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -49,6 +58,7 @@ class CacheConfig(BaseModel):
     num_pages: int | None = None
     memory_budget_bytes: int | None = None
     allow_any_page_size: bool = False
+    kv_cache_dtype: str = "auto"
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -65,6 +75,16 @@ class CacheConfig(BaseModel):
             return _DTYPE_NAMES[_DTYPES[value.lower()]]
         raise ValueError(f"dtype={value!r} is not supported; use 'bfloat16' or 'float16' "
                          f"(kernel) or 'float32' (CPU reference)")
+
+    @field_validator("kv_cache_dtype", mode="before")
+    @classmethod
+    def _kv_cache_dtype(cls, value: Any) -> str:
+        if value is None or (isinstance(value, str) and value.lower() == "auto"):
+            return "auto"
+        if value == torch.float8_e4m3fn or (isinstance(value, str) and value.lower() in _FP8_NAMES):
+            return "fp8"
+        raise ValueError(f"kv_cache_dtype={value!r} is not supported; use 'auto' (rows in dtype) "
+                         f"or 'fp8' ({fp8.TOKEN_BYTES}-byte FP8 rows)")
 
     @field_validator("device", mode="before")
     @classmethod
@@ -100,15 +120,39 @@ class CacheConfig(BaseModel):
                              f"num_pages={self.num_pages}, memory_budget_bytes={self.memory_budget_bytes})")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages={self.num_pages} must be >= 1")
-        if self.memory_budget_bytes is not None and self.memory_budget_bytes < self.bytes_per_page:
+        if self.kv_cache_dtype == "fp8":
+            self._check_fp8()
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 2 * self.bytes_per_page:
             raise ValueError(
-                f"memory_budget_bytes={self.memory_budget_bytes} holds no page of "
-                f"{self.bytes_per_page} bytes; raise it to at least {self.bytes_per_page}")
+                f"memory_budget_bytes={self.memory_budget_bytes} holds no usable page of "
+                f"{self.bytes_per_page} bytes besides the reserved null page; raise it to at "
+                f"least {2 * self.bytes_per_page}")
         return self
+
+    def _check_fp8(self) -> None:
+        if (self.head_dim, self.head_dim_v) != (fp8.HEAD_DIM, fp8.LATENT_DIM):
+            raise ValueError(
+                f"kv_cache_dtype='fp8' packs rows of {fp8.LATENT_DIM} latent + {fp8.ROPE_DIM} RoPE "
+                f"values; use head_dim={fp8.HEAD_DIM}, head_dim_v={fp8.LATENT_DIM} (got "
+                f"{self.head_dim}, {self.head_dim_v}) or kv_cache_dtype='auto'")
+        if self.dtype == "float16":
+            raise ValueError("kv_cache_dtype='fp8' serves bfloat16 queries (its RoPE part is "
+                             "bf16); use dtype='bfloat16' (or 'float32' on the CPU reference)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The model's dtype (q and out of the MLA call); the pool's too unless fp8."""
         return _DTYPES[self.dtype]
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The pool tensor's dtype: uint8 for FP8 rows, else torch_dtype."""
+        return torch.uint8 if self.kv_cache_dtype == "fp8" else self.torch_dtype
+
+    @property
+    def row_width(self) -> int:
+        """Last dim of the pool tensor: 656 bytes for FP8 rows, else head_dim elements."""
+        return fp8.TOKEN_BYTES if self.kv_cache_dtype == "fp8" else self.head_dim
 
     @property
     def torch_device(self) -> torch.device:
@@ -116,9 +160,10 @@ class CacheConfig(BaseModel):
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers (num_layers * h_kv * head_dim * itemsize)."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        """Bytes one token occupies across all layers (num_layers * h_kv * row bytes): a row is
+        head_dim * itemsize, or 656 with kv_cache_dtype='fp8'."""
+        itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
+        return self.num_layers * self.num_kv_heads * self.row_width * itemsize
 
     @property
     def bytes_per_page(self) -> int:
@@ -126,10 +171,16 @@ class CacheConfig(BaseModel):
 
     @property
     def resolved_num_pages(self) -> int:
-        """num_pages, or how many whole pages memory_budget_bytes holds."""
+        """Pages requests can hold: num_pages, or the whole pages memory_budget_bytes holds minus
+        the null page. The pool tensor has pool_pages = resolved_num_pages + 1."""
         if self.num_pages is not None:
             return self.num_pages
-        return self.memory_budget_bytes // self.bytes_per_page
+        return self.memory_budget_bytes // self.bytes_per_page - 1
+
+    @property
+    def pool_pages(self) -> int:
+        """Pages in the pool tensor: resolved_num_pages plus the null page 0."""
+        return self.resolved_num_pages + 1
 
 
 def _describe(exc: ValidationError) -> str:

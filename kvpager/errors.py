@@ -7,7 +7,7 @@ class KVPagerError(Exception):
 
 
 class ConfigError(KVPagerError, ValueError):
-    """A configuration value is invalid (CacheConfig, EngineConfig, CLI options)."""
+    """A configuration value is invalid (CacheConfig, SchedulerConfig, CLI options)."""
 
 
 class InvalidArgument(KVPagerError, ValueError):
@@ -52,20 +52,25 @@ class PageNotAllocated(AllocatorError):
     """incref of a page that is free (only allocated pages can gain references)."""
 
 
+class StaleHit(AllocatorError):
+    """PrefixCache.acquire() of a hit whose pages left the cache after match(); match again."""
+
+
 class InvariantViolation(AllocatorError):
     """check_invariants() found broken allocator state (a bug, never bad user input)."""
 
 
-class RowOutOfRange(InvalidArgument):
-    """A batch-table row outside the active rows [0, B) (e.g. leave() of a row no sequence holds)."""
+class NoSuchRow(InvalidArgument):
+    """A handle that holds no row in the block tables (never joined, or already left)."""
 
 
 class BatchFull(InvalidArgument):
-    """EventTables.join() with all max_batch rows taken."""
+    """BlockTables.join() with all max_batch rows taken."""
 
 
 class TablesOutOfSync(KVPagerError):
-    """EventTables.check() found rows that differ from what update(seqs) builds (a missed event)."""
+    """The block tables disagree with the sequences: a grow() no reserve made, or check() found
+    a missed event."""
 
 
 class SequenceTooLong(KVPagerError):
@@ -83,6 +88,18 @@ class RequestTooLarge(RequestError):
 
 class DuplicateRequest(RequestError):
     """A request id is already known to the engine."""
+
+
+class QueueFull(RequestError):
+    """The AsyncEngine's waiting queue is at max_waiting: retry later."""
+
+
+class EngineClosed(KVPagerError, RuntimeError):
+    """submit() on an AsyncEngine that is shutting down."""
+
+
+class EngineDead(KVPagerError, RuntimeError):
+    """The AsyncEngine's step loop stopped after an unexpected error; requests cannot run."""
 
 
 class UnknownRequest(KVPagerError, KeyError):

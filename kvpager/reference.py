@@ -6,13 +6,16 @@ import math
 
 import torch
 
+from kvpager import fp8
+
 SCORE_CHUNK_ELEMENTS = 1 << 23  # float32 scores per chunk of query rows (32 MiB)
 
 
 def mla_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                          cache_seqlens: torch.Tensor, head_dim_v: int,
                          softmax_scale: float | None = None,
-                         causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         causal: bool = False,
+                         is_fp8_kvcache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over each sequence's cached tokens, V = the first head_dim_v columns of K.
 
     q: [b, s_q, h_q, d]; k_cache: [num_pages, page_size, h_kv, d]; block_table: int32
@@ -20,6 +23,9 @@ def mla_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, block_table: to
     and lse float32 [b, h_q, s_q] (natural log of the sum of exp(scale * q.k)).
     Query head h uses kv head h // (h_q // h_kv). With causal and s_q > 1, query row i sees keys
     [0, seqlen - s_q + i]. A row that sees no key gets out = 0 and lse = +inf.
+    is_fp8_kvcache: k_cache holds kvpager.fp8's 656-byte rows [num_pages, page_size, h_kv, 656]
+    (any page stride); each sequence's pages are dequantized after the gather, so the result
+    equals this function on the dequantized cache.
 
     Only the first ceil(seqlen / page_size) table entries of a row are read and only the first
     seqlen gathered tokens enter the matmuls, so padding entries and whatever the unused slots
@@ -37,7 +43,10 @@ def mla_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, block_table: to
             continue
         num_pages = -(-seqlen // page_size)
         pages = block_table[i, :num_pages].to(torch.int64)
-        keys = k_cache.index_select(0, pages).reshape(num_pages * page_size, h_kv, d)[:seqlen]
+        keys = k_cache.index_select(0, pages)
+        if is_fp8_kvcache:
+            keys = fp8.dequantize(keys, torch.float32)
+        keys = keys.reshape(num_pages * page_size, h_kv, d)[:seqlen]
         keys = keys.float().transpose(0, 1)  # [h_kv, seqlen, d]
         query = q[i].float().reshape(s_q, h_kv, group, d).permute(1, 2, 0, 3)  # [h_kv, g, s_q, d]
         # Query rows in chunks whose scores stay within SCORE_CHUNK_ELEMENTS floats: a long

@@ -14,8 +14,9 @@ class TableUpload:
     both enqueued on the current stream. The twins alternate and each is rewritten only after
     the event of its last copy has completed, so the host never races a transfer in flight.
 
-    Torch calls cost ~2-8 µs each on the host (slicing included), so every slice for k changed
-    rows is made once and cached: a step costs a few numpy ops plus copy_, record, index_copy_.
+    Each torch call (slicing included) costs microseconds on the host (docs/foundation.md), so
+    every slice for k changed rows is made once and cached: a step costs a few numpy ops plus
+    copy_, record, index_copy_.
     """
 
     def __init__(self, max_batch: int, max_pages: int, device: torch.device,

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from kvpager.config import CacheConfig
+from kvpager import CacheConfig
 from kvpager.errors import ConfigError, RequestError
 from kvpager.runtime.models.protocol import Model
 from kvpager.runtime.request import SamplingParams

@@ -3,7 +3,7 @@
 A request is plain data. The scheduler moves it between the waiting queue and the running batch;
 the engine appends tokens and timestamps; `RequestHandle` is the read-only view users hold.
 
-Invariants (checked by tests/test_runtime_engine_state.py):
+Invariants (checked by tests/runtime/test_runtime_state.py):
   status WAITING / PREEMPTED  -> seq is None (holds no pages), in the waiting queue
   status RUNNING              -> seq is not None, in the running batch
   status FINISHED / ABORTED   -> seq is None, in neither
@@ -24,7 +24,9 @@ from kvpager.validation import Int, validated
 if TYPE_CHECKING:
     import torch
 
+    from kvpager import Sequence
     from kvpager.runtime.engine import Engine
+    from kvpager.runtime.outputs import RequestOutput
 
 
 class Status(str, enum.Enum):
@@ -118,16 +120,13 @@ class Request:
     on_token: Callable[[str, int], None] | None = None
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    seq: object | None = None  # kvpager.sequence.Sequence (or the simulator's PageCounter)
+    seq: Sequence | None = None  # its pages while it runs (the scheduler's to change)
     num_computed: int = 0  # tokens whose KV is in the cache
     num_prefill: int = 0  # tokens to prefill on this admission: prompt + output so far
     num_generated: int = 0  # == len(output_token_ids); the simulator only counts
     num_preemptions: int = 0
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     generator: torch.Generator | None = None
-    recorded: bool = False  # metrics have seen it finish
-    row: int | None = None  # its row in the engine's decode tables while it decodes
-    cap: int = 0  # tokens seq's pages hold, or less (0: unknown); the scheduler's fast path
     # While num_generated < plain_until the next token cannot finish, stop or stream the
     # request, so the engine's decode loop records it inline (0: always take the full path).
     plain_until: int = field(init=False, default=0)
@@ -189,6 +188,20 @@ class RequestHandle:
     @property
     def output_token_ids(self) -> list[int]:
         return list(self._request.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self._request.output_token_ids)
+
+    def output_token_ids_since(self, start: int) -> list[int]:
+        """The tokens generated after the first `start`: O(new tokens), for streaming."""
+        return self._request.output_token_ids[start:]
+
+    def output(self) -> RequestOutput:
+        """A snapshot of the request as a RequestOutput (final once `finished`)."""
+        from kvpager.runtime.outputs import RequestOutput
+
+        return RequestOutput.of(self._request)
 
     @property
     def timings(self) -> Timings:

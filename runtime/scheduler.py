@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 from pydantic import model_validator
 
-from kvpager.allocator import BlockAllocator
-from kvpager.errors import ConfigError, RequestTooLarge
+from kvpager import BlockAllocator, Sequence
+from kvpager.errors import ConfigError, OutOfPages, RequestTooLarge
 from kvpager.validation import Int, validated
-from kvpager.runtime.pages import RequestSequence
 from kvpager.runtime.request import Request, Status
 
 
@@ -77,14 +76,15 @@ class SchedulerConfig:
 
 @dataclass
 class StepPlan:
-    """One step's work. prefill: (request, first position, tokens, slot mapping or None);
-    decode: requests decoding s_q tokens, in batch order; preempted: requests sent back."""
+    """One step's work. prefill: (request, first position, tokens); decode: requests decoding
+    s_q tokens, oldest first; preempted: requests sent back. Every sequence already holds the
+    step's tokens (Sequence.reserve)."""
 
-    prefill: list[tuple[Request, int, int, object]] = field(default_factory=list)
+    prefill: list[tuple[Request, int, int]] = field(default_factory=list)
     decode: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     num_prefill_tokens: int = 0
-    decode_kv_tokens: int = 0  # sum of the decode rows' cache_seqlens (what the kernel reads)
+    decode_kv_tokens: int = 0  # sum of the decode sequences' num_tokens (their cache_seqlens)
 
     @property
     def empty(self) -> bool:
@@ -112,19 +112,14 @@ def check_fits(prompt_len: int, max_new_tokens: int, config: SchedulerConfig, nu
 
 
 class Scheduler:
-    """Plans steps; owns the queues and each running request's RequestSequence.
+    """Plans steps; owns the queues and each running request's Sequence (it alone reserves,
+    preempts and releases them)."""
 
-    want_slots: prefill chunks come with their slot mapping (Sequence.append's tensor); the
-    simulator, which writes no KV, passes False and gets None (no tensor is built).
-    """
-
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, page_size: int = 64,
-                 want_slots: bool = True):
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, page_size: int = 64):
         self.config = config
         self.allocator = allocator
         self.page_size = page_size
         self.max_pages = pages_for(config.max_model_len + config.s_q, page_size)
-        self.want_slots = want_slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -137,7 +132,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        s_q, ps = self.config.s_q, self.page_size
+        s_q = self.config.s_q
         running, add_decode = self.running, plan.decode.append
         # Reserve s_q tokens for every running request (prefilling ones too: simpler, and it
         # costs at most s_q tokens of budget per prefilling request).
@@ -149,15 +144,12 @@ class Scheduler:
             computed = req.num_computed
             if computed >= req.num_prefill:  # decoding: up to num_computed + s_q tokens
                 target = computed + s_q  # (the sequence may hold spare MTP slots)
-                seq = req.seq
-                if target <= req.cap:  # RequestSequence.extend's fast path, inlined: hot path
-                    seq.table_key += target - seq.num_tokens
-                    seq.num_tokens = target
-                else:  # may cross into a new page (or req.cap is not known yet)
-                    if not self._make_room(req, target - seq.num_tokens, plan):
+                try:
+                    req.seq.reserve_to(target)  # O(1) within the held pages
+                except OutOfPages:
+                    if not self._make_room(req, target - req.seq.num_tokens, plan):
                         break
-                    seq.extend(target - seq.num_tokens)
-                    req.cap = len(seq.pages) * ps
+                    req.seq.reserve_to(target)
                 kv_tokens += target
                 add_decode(req)
             else:
@@ -165,18 +157,13 @@ class Scheduler:
                 if n > 0:
                     if not self._make_room(req, n, plan):
                         break
-                    plan.prefill.append((req, computed, n, self._append(req.seq, n)))
+                    req.seq.reserve(n)
+                    plan.prefill.append((req, computed, n))
                     plan.num_prefill_tokens += n
                     budget -= n
         plan.decode_kv_tokens = kv_tokens
         self._admit(plan, budget)
         return plan
-
-    def _append(self, seq: RequestSequence, n: int):
-        if self.want_slots:
-            return seq.append(n)
-        seq.extend(n)
-        return None
 
     def _make_room(self, req: Request, n: int, plan: StepPlan) -> bool:
         """Preempt from the young end of `running` until req's next n tokens have pages.
@@ -204,12 +191,12 @@ class Scheduler:
                 break
             waiting.popleft()
             req.status = Status.RUNNING
-            req.seq = RequestSequence(req.request_id, self.allocator, ps, self.max_pages)
-            req.cap = 0
+            req.seq = Sequence(req.request_id, self.allocator, ps, self.max_pages)
             req.num_prefill = num_prefill
             req.num_computed = 0
             n = min(num_prefill, budget)
-            plan.prefill.append((req, 0, n, self._append(req.seq, n)))
+            req.seq.reserve(n)
+            plan.prefill.append((req, 0, n))
             plan.num_prefill_tokens += n
             promised += pages_for(num_prefill, ps) - req.seq.num_pages
             budget -= n
@@ -219,7 +206,6 @@ class Scheduler:
         """Free req's pages and queue it first, to be recomputed from prompt + output."""
         req.seq.release()
         req.seq = None
-        req.cap = 0
         req.num_computed = 0
         req.status = Status.PREEMPTED
         req.num_preemptions += 1

@@ -12,10 +12,10 @@ import re
 import time
 from pathlib import Path
 
+from kvpager import CacheConfig
 from kvpager.cli_args import (at_least, input_file, nonneg_float, nonneg_int, output_dir,
                               positive_float, positive_int, probability)
-from kvpager.config import CacheConfig
-from kvpager.errors import ConfigError
+from kvpager.errors import ConfigError, KVPagerError
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import (DEEPSEEK_V3_LAYERS, H100_READ_BANDWIDTH, CostModel)
 from kvpager.runtime.scheduler import SchedulerConfig

@@ -3,23 +3,24 @@ CostModel instead of a model, a virtual clock, and no tensors at all.
 
 Each iteration admits the requests that have arrived by the clock (jumping the clock to the next
 arrival when idle), plans a step with the scheduler, prices it with the cost model, advances the
-clock by that time, then updates the requests exactly as the engine would (prefill progress,
-one token per decode row — or 1 + accepted drafts in MTP mode — and retirement, freeing pages in
-the same step). Per step this is O(running requests) of plain Python.
+clock by that time, then hands the step's tokens to the engine's own Bookkeeping (prefill
+progress, one token per decode row — or 1 + accepted drafts in MTP mode — retirement, freeing
+pages in the same step, metrics). Per step this is O(running requests) of plain Python.
 
-Requests are pool-less: their sequences grow with RequestSequence.extend, so no slot mapping
-(no tensor) is ever built; pages come from and go back to the real allocator.
+Requests are pool-less: sequences reserve pages from the real allocator, but no tensor is built
+and tokens are counted, not stored (every token is 0).
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 
-from kvpager.allocator import BlockAllocator
+from kvpager import BlockAllocator
 from kvpager.errors import RequestTooLarge
+from kvpager.runtime.bookkeeping import Bookkeeping
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import CostModel
-from kvpager.runtime.request import Request, SamplingParams, Status, Timings
+from kvpager.runtime.request import Request, SamplingParams, Timings
 from kvpager.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan, check_fits
 from kvpager.runtime.workload import Workload
 
@@ -36,8 +37,10 @@ class Simulator:
         self.cost = cost or CostModel()
         self.page_size = page_size
         self.allocator = BlockAllocator(num_pages, page_size)
-        self.scheduler = Scheduler(self.config, self.allocator, page_size, want_slots=False)
+        self.scheduler = Scheduler(self.config, self.allocator, page_size)
         self.metrics = Metrics(num_pages)
+        self.book = Bookkeeping(self.scheduler, self.metrics, lambda: self.clock,
+                                keep_tokens=False)
         self.accept_rate = accept_rate
         self.rng = random.Random(seed)
         self.clock = 0.0
@@ -80,64 +83,24 @@ class Simulator:
         self.scheduler.add(req)
 
     def _advance(self, plan: StepPlan) -> int:
-        """Price the step, move the clock, update requests as the engine would. O(batch)."""
-        s_q = self.config.s_q
-        kv_read = 0
-        for req, start, n, _ in plan.prefill:
-            kv_read += start + n
-        kv_read += plan.decode_kv_tokens
+        """Price the step, move the clock, then the engine's bookkeeping. O(batch). Returns
+        how many requests finished."""
+        s_q, book = self.config.s_q, self.book
+        kv_read = plan.decode_kv_tokens + sum(start + n for _, start, n in plan.prefill)
         new_tokens = plan.num_prefill_tokens + s_q * len(plan.decode)
         start_time = self.clock
         self.clock = now = start_time + self.cost.step_time(kv_read, new_tokens)
-        done = generated = 0
-        for req, start, n, _ in plan.prefill:
-            if req.timings.admitted is None:
-                req.timings.admitted = start_time
-            req.num_computed += n
+        generated = 0
+        for req, start, n in plan.prefill:
+            book.prefilled(req, n, start_time)
             if req.num_computed == req.num_prefill:
-                generated += 1
-                done += self._emit(req, 1, now)
-        finished = []
+                generated += book.emit(req, [0], now)
         if s_q == 1:
-            for req in plan.decode:  # the hot loop: a few attribute updates per request
-                req.num_computed += 1
-                req.num_generated += 1
-                if req.num_generated >= req.params.max_new_tokens:
-                    finished.append(req)
-            generated += len(plan.decode)
+            generated += book.take_decoded(plan.decode, [[0]] * len(plan.decode), now)
         else:
             for req in plan.decode:
-                k = self._accepted(s_q)
-                req.num_computed += k
-                req.num_generated += k
-                generated += k
-                if req.num_generated >= req.params.max_new_tokens:
-                    finished.append(req)
-        for req in finished:
-            done += self._emit(req, 0, now)
-        if done:
-            self.scheduler.drop_retired()
-        sched = self.scheduler
-        self.metrics.record_step(
-            time=now, duration=now - start_time, batch_size=len(plan.prefill) + len(plan.decode),
-            prefill_tokens=plan.num_prefill_tokens, decode_tokens=s_q * len(plan.decode),
-            generated=generated, pages_used=self.allocator.num_used,
-            pages_free=self.allocator.num_free, preemptions=len(plan.preempted),
-            waiting=len(sched.waiting))
-        return done
-
-    def _emit(self, req: Request, k: int, now: float) -> int:
-        """k tokens for req (capped at max_new_tokens); 1 if it finished and was retired."""
-        if req.timings.first_token is None:
-            req.timings.first_token = now
-        req.num_generated = min(req.num_generated + k, req.params.max_new_tokens)
-        if req.num_generated < req.params.max_new_tokens:
-            return 0
-        self.scheduler.retire(req, Status.FINISHED)
-        req.finish_reason = "length"
-        req.timings.finished = now
-        self.metrics.record_request(req)
-        return 1
+                generated += book.accepted(req, [0] * self._accepted(s_q), now)
+        return book.end_step(plan, now, now - start_time, generated)
 
     def _accepted(self, s_q: int) -> int:
         """1 + the number of leading drafts accepted, each with probability accept_rate."""

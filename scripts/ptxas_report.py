@@ -16,6 +16,7 @@ import sys
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 PROPS = re.compile(r"Function properties for (\S+)")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+SERIALIZED = re.compile(r"C7520.*in the function '([^']+)'")
 USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?")
 
 
@@ -55,7 +56,11 @@ def main() -> int:
                         help="regex of the main kernels' demangled names")
     args = parser.parse_args()
     with open(args.log, errors="replace") as f:
-        kernels = parse(f.readlines())
+        lines = f.readlines()
+    kernels = parse(lines)
+    # C7520: ptxas serialized every wgmma of a kernel (a compiler-inserted warpgroup.arrive on a
+    # divergent path): as costly as a spill, so it is reported the same way.
+    serialized = sorted({m.group(1) for m in map(SERIALIZED.search, lines) if m})
     if not kernels:
         print("ptxas: no 'Compiling entry function' lines in the log (nothing recompiled? run with CLEAN=1)")
         return 0
@@ -76,6 +81,10 @@ def main() -> int:
         print(f"ptxas: SPILLS in {len(spilled)} main kernel instantiation(s): keep the main kernel at 0 spill bytes")
     else:
         print("ptxas: main kernels spill-free")
+    for name in serialized:
+        print(f"ptxas: WGMMA SERIALIZED (C7520) in {name}")
+    if not serialized:
+        print("ptxas: no wgmma serialization (C7520)")
     return 0
 
 

@@ -1,10 +1,13 @@
 """Smoke test of the CUDA ops against a dense float32 attention, plus a few timings.
 Self-contained (torch + the built extension only), for the first device runs of a kernel change:
-    python scripts/quick_check.py [--bench]
+    python scripts/quick_check.py [--kernels seesaw,lockstep] [--bench]
+Each case runs once per 64-row kernel named (KVPAGER_MLA_KERNEL; cases under 64 rows per kv head
+use mma.sync either way).
 """
 import argparse
 import importlib
 import math
+import os
 import sys
 
 import torch
@@ -82,7 +85,7 @@ def check(b, s_q, h_q, h_kv, lens, causal, dtype=torch.bfloat16):
     lse_err = (lse[fin] - rl[fin]).abs().max().item() if fin.any() else 0.0
     inf_ok = bool(torch.equal(torch.isinf(lse), ~fin))
     ok = meta_ok and not nan and (1 - cos) <= 1e-5 and err < 0.05 and lse_err < 1e-3 and inf_ok
-    print(f"{'OK ' if ok else 'BAD'} b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={int(causal)} {str(dtype)[6:]} "
+    print(f"{'OK ' if ok else 'BAD'} [{os.environ.get('KVPAGER_MLA_KERNEL', 'seesaw')}] b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={int(causal)} {str(dtype)[6:]} "
           f"lens={lens[:6]}{'...' if len(lens) > 6 else ''} meta_ok={meta_ok} nan={nan} 1-cos={1 - cos:.2e} "
           f"maxerr={err:.3e} lse_err={lse_err:.2e} inf_ok={inf_ok}", flush=True)
     return ok
@@ -119,6 +122,7 @@ def bench():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--kernels", default="seesaw", help="64-row kernels, comma-separated: seesaw, lockstep")
     args = ap.parse_args()
     torch.manual_seed(0)
     cases = [
@@ -132,8 +136,16 @@ if __name__ == "__main__":
         # prefill through the decode API: s_q = chunk length, causal
         (1, 128, 16, 1, [300], True), (2, 256, 16, 1, [256, 400], True), (1, 64, 128, 1, [64], True),
     ]
-    results = [check(*c) for c in cases]
-    results.append(check(2, 2, 16, 1, [300, 65], True, torch.float16))
+    cases += [  # seesaw shapes: odd / even page counts, partial pages, splits, fp16
+        (3, 1, 128, 1, [1, 64, 129], False), (2, 2, 64, 1, [193, 191], True), (1, 3, 96, 1, [4100], True),
+        (64, 1, 128, 1, [1024] * 64, False), (4, 1, 128, 2, [0, 5000, 65, 300], False),
+    ]
+    results = []
+    for kernel in args.kernels.split(","):
+        os.environ["KVPAGER_MLA_KERNEL"] = kernel
+        results += [check(*c) for c in cases]
+        results.append(check(2, 2, 16, 1, [300, 65], True, torch.float16))
+        results.append(check(3, 2, 64, 1, [300, 65, 128], True, torch.float16))
     print(f"quick_check: {sum(results)} passed, {len(results) - sum(results)} failed")
     if args.bench:
         bench()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One device call: carried wheels -> build the extension -> GPU tests -> kernel benchmark
-# (-> compute-sanitizer, demo). Everything logs under $OUT (the device tool brings it back:
-# at most 8 files, so exactly these): build.log ptxas.txt gpu-tests.log bench.log
-# bench-kernel.json sanitize.log demo.log summary.txt
+# One device call: carried wheels -> build the extension -> smoke check (scripts/quick_check.py,
+# both 64-row kernels, short timeout: a hung kernel stops the run here) -> GPU tests -> kernel
+# benchmark (-> compute-sanitizer, demo). Everything logs under $OUT (the device tool brings it
+# back: at most 8 files): build.log ptxas.txt smoke.log gpu-tests.log bench.log bench-kernel.json
+# sanitize.log summary.txt (demo.log replaces smoke.log when both run)
 #
 # Device call (carry [".whl"], timeout_s 600):
 #   bash scripts/run_device.sh
 #   STAGES="build test" PYTEST_ARGS="-k metadata" bash scripts/run_device.sh
-# Env: STAGES (default "build test bench"; also "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
+# Env: STAGES (default "build smoke test bench"; also "fp8", "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
 #      fresh ptxas report), PYTEST_ARGS (default "-x"), BENCH_ARGS (e.g. "--quick"),
 #      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 T0=$SECONDS
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test bench"}
+STAGES=${STAGES:-"build smoke test bench"}
 DEADLINE=${DEADLINE:-570}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -73,6 +74,15 @@ if has build; then
 fi
 "$PY" -c 'from kvpager import kernels as k; import sys; print("kvpager.kernels.available():", k.available(), k.unavailable_reason()); sys.exit(0 if k.available() else 1)' || built=0
 
+if has smoke; then
+  if [[ $built == 1 ]]; then
+    # A wrong result still lets the tests run (they say which shapes); a hang stops the run.
+    stage smoke "${SMOKE_TIMEOUT:-120}" smoke.log "$PY" scripts/quick_check.py --kernels seesaw,lockstep
+    [[ ${STATUS[smoke]} == TIMEOUT ]] && built=0
+    NOTE[smoke]=$(grep -E "^quick_check" "$OUT/smoke.log" | tr '\n' ' ' | cut -c1-110)
+  else skip smoke "extension not available"; fi
+fi
+
 if has test; then
   if [[ $built == 1 ]]; then
     stage test "${TEST_TIMEOUT:-300}" gpu-tests.log "$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 \
@@ -91,11 +101,26 @@ r = json.load(open(sys.argv[1]))
 c = r["ceilings"]
 pick = lambda **k: [x for x in r["results"] if all(x[a] == v for a, v in k.items())]
 mem = " ".join(f"{x['frac_read']:.2f}" for x in pick(b=128, s_q=1, h_q=16, s_k=8192))
-comp = " ".join(f"{x['frac_matmul']:.2f}" for x in pick(b=128, s_q=2, h_q=128, s_k=8192))
+comp = " ".join(f"{x['kernel'][:4]} {x['frac_matmul']:.2f}" for x in pick(b=128, s_q=2, h_q=128, s_k=8192))
 print(f"read {c['read_gbps']:.0f} GB/s, mm {c['matmul_tflops']:.0f} TF | h16 sq1 8k xread {mem} | h128 sq2 8k xmm {comp}")
 PYEOF
     )
   else skip bench "extension not available"; fi
+fi
+
+if has fp8; then  # the fused FP8 decode: its GPU tests, the FP8 bench, a summary (scripts/fp8_device_check.sh)
+  if [[ $built == 1 ]]; then
+    stage fp8 "${FP8_TIMEOUT:-540}" fp8.log env OUT="$OUT" PYTHON="$PY" bash scripts/fp8_device_check.sh
+    NOTE[fp8]=$(grep -E "^(tests:|bar |sanitize:)" "$OUT/fp8-summary.txt" | cut -c1-60 | tr '\n' ' ' | cut -c1-110)
+  else skip fp8 "extension not available"; fi
+fi
+
+if has probe; then  # small-batch latency: per-kernel durations (PDL on and off), split-count sweep
+  if [[ $built == 1 ]]; then
+    stage probe "${PROBE_TIMEOUT:-150}" probe.log bash -c "for pdl in 1 0; do echo \"KVPAGER_PDL=\$pdl\"; \
+      KVPAGER_PDL=\$pdl $PY scripts/latency_probe.py; done; $PY scripts/split_sweep.py"
+    NOTE[probe]=$(grep -m2 "b=64" "$OUT/probe.log" | cut -c1-55 | tr '\n' ' ')
+  else skip probe "extension not available"; fi
 fi
 
 if has sanitize; then

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer over scripts/sanitize_cases.py: memcheck (out-of-bounds / misaligned global
 # and shared accesses) and racecheck (shared-memory hazards). Nonzero exit on any error.
+# racecheck does not model bar.arrive (the seesaw kernel's producer/consumer hand-offs): run it
+# on a KVPAGER_NVCC_EXTRA=-DKVPAGER_SYNC_HANDOFFS build (docs/kernel-perf.md, sanitizer notes).
 #
 #   scripts/sanitize.sh            env: TOOLS="memcheck racecheck" (add synccheck / initcheck),
 #                                       CASES_ARGS="--quick", KERNEL_FILTER=mla (only kernels whose

@@ -3,7 +3,10 @@ memcheck and racecheck). Pages in random order, NaN in every slot no sequence ow
 in the padded table column, zero-length sequences; every case also checks its output for NaN and
 against the reference when kvpager.reference is importable. Exits 1 on a wrong result.
 
-    python scripts/sanitize_cases.py [--quick]
+    python scripts/sanitize_cases.py [--quick] [--fp8]
+
+--fp8: only the cases of the fused FP8 decode (656-byte rows, poisoned with 0xFF bytes, some with
+65-row pages), e.g. CASES_ARGS=--fp8 KERNEL_FILTER=fp8 bash scripts/sanitize.sh.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import sys
 
 import torch
 
-from kvpager import kernels
+from kvpager import fp8, kernels
 
 D, DV, PAGE = 576, 512, 64
 
@@ -29,8 +32,22 @@ def cases(quick: bool) -> list[dict]:
         dict(b=2, s_q=2, h_q=32, h_kv=2, lens=[140, 0], dtype=torch.float16),
         dict(b=1, s_q=1, h_q=128, h_kv=1, lens=[1000], dtype=torch.bfloat16),  # split + combine
         dict(b=3, s_q=1, h_q=16, h_kv=1, lens=[0, 0, 0], dtype=torch.bfloat16),  # all empty
+        # seesaw: odd page counts, a partial last page, two row blocks, two kv heads
+        dict(b=2, s_q=1, h_q=128, h_kv=1, lens=[193, 64], dtype=torch.bfloat16),
+        dict(b=2, s_q=3, h_q=96, h_kv=2, lens=[300, 1], dtype=torch.float16),
     ]
     return (grid[:4] + extra[:2]) if quick else grid + extra
+
+
+def fp8_cases() -> list[dict]:
+    """The fused FP8 decode's shapes (<= 32 rows a kv head); page_rows 65 = a padded page stride."""
+    return [
+        dict(b=2, s_q=1, h_q=16, h_kv=1, lens=[140, 0], dtype="fp8", page_rows=64),
+        dict(b=2, s_q=2, h_q=16, h_kv=1, lens=[65, 1], dtype="fp8", page_rows=65),
+        dict(b=2, s_q=1, h_q=32, h_kv=2, lens=[0, 200], dtype="fp8", page_rows=65),
+        dict(b=3, s_q=2, h_q=16, h_kv=1, lens=[300, 0, 64], dtype="fp8", page_rows=64),
+        dict(b=1, s_q=1, h_q=16, h_kv=1, lens=[3000], dtype="fp8", page_rows=64),  # split + combine
+    ]
 
 
 def run_case(c: dict) -> str:
@@ -39,19 +56,26 @@ def run_case(c: dict) -> str:
     num_pages = sum(pages) + 2
     perm = torch.randperm(num_pages).tolist()
     table = torch.full((b, max(pages + [1]) + 1), 2**30, dtype=torch.int32)
-    k_cache = torch.full((num_pages, PAGE, h_kv, D), float("nan"), dtype=c["dtype"])
+    is_fp8 = c["dtype"] == "fp8"
+    dtype = torch.bfloat16 if is_fp8 else c["dtype"]
+    if is_fp8:  # 0xFF everywhere no sequence owns: NaN values, NaN scales, NaN RoPE
+        k_cache = torch.full((num_pages, c["page_rows"], h_kv, fp8.TOKEN_BYTES), 0xFF, dtype=torch.uint8)[:, :PAGE]
+    else:
+        k_cache = torch.full((num_pages, PAGE, h_kv, D), float("nan"), dtype=dtype)
     for i, n in enumerate(lens):
         for p in range(pages[i]):
             table[i, p] = page = perm.pop()
             rows = min(PAGE, n - p * PAGE)
-            k_cache[page, :rows] = torch.randn(rows, h_kv, D).to(c["dtype"])
-    q = torch.randn(b, s_q, h_q, D).to(c["dtype"]).cuda()
+            latent = torch.randn(rows, h_kv, D).to(dtype)
+            k_cache[page, :rows] = fp8.quantize(latent) if is_fp8 else latent
+    q = torch.randn(b, s_q, h_q, D).to(dtype).cuda()
     k_cache, table = k_cache.cuda(), table.cuda()
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     # Causal only where every non-empty sequence holds the s_q new tokens (each query sees a key).
     causal = all(n == 0 or n >= s_q for n in lens)
     meta, splits = kernels.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
-    out, lse = kernels.flash_mla_with_kvcache(q, k_cache, table, seqlens, DV, meta, splits, causal=causal)
+    out, lse = kernels.flash_mla_with_kvcache(q, k_cache, table, seqlens, DV, meta, splits, causal=causal,
+                                              is_fp8_kvcache=is_fp8)
     torch.cuda.synchronize()
     if out.isnan().any() or lse.isnan().any():
         return "NaN in the output"
@@ -59,7 +83,11 @@ def run_case(c: dict) -> str:
         from kvpager.reference import mla_decode_reference
     except ImportError:
         return ""
-    ref, _ = mla_decode_reference(q.float(), k_cache.float().nan_to_num(0.0), table, seqlens, DV, causal=causal)
+    if is_fp8:  # the reference dequantizes the gathered pages and uses only the tokens in range
+        ref, _ = mla_decode_reference(q.float(), k_cache, table, seqlens, DV, causal=causal, is_fp8_kvcache=True)
+    else:
+        ref, _ = mla_decode_reference(q.float(), k_cache.float().nan_to_num(0.0), table, seqlens, DV,
+                                      causal=causal)
     err = (out.float() - ref).abs().max().item()
     return f"max abs error {err:.3g} vs the reference" if err > 2e-2 * max(ref.abs().max().item(), 1e-6) else ""
 
@@ -67,13 +95,14 @@ def run_case(c: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="only the fused FP8 decode's cases")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and kernels.available() and kernels.supports_device("cuda")):
         print(f"sanitize_cases: the kernel cannot run here ({kernels.unavailable_reason() or 'no sm_90 GPU'})")
         return 2
     torch.manual_seed(0)
     bad = 0
-    for c in cases(args.quick):
+    for c in fp8_cases() if args.fp8 else cases(args.quick):
         problem = run_case(c)
         name = f"b={c['b']} s_q={c['s_q']} h_q={c['h_q']} h_kv={c['h_kv']} lens={c['lens']} {c['dtype']}"
         print(f"{'FAIL' if problem else 'ok  '} {name} {problem}", flush=True)

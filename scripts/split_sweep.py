@@ -12,7 +12,7 @@ from kvpager.kernels import schedule
 
 CASES = [bench.Case(1, 1, 128, 4096, False), bench.Case(8, 1, 16, 2048, False),
          bench.Case(8, 1, 128, 4096, False), bench.Case(32, 1, 128, 4096, False),
-         bench.Case(128, 1, 16, 8192, False)]
+         bench.Case(64, 1, 128, 1024, False), bench.Case(32, 1, 128, 2048, True)]
 
 
 def sweep(case: bench.Case, time_us) -> None:

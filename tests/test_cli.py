@@ -13,12 +13,13 @@ from kvpager import cli
 
 def test_bench_tables_prints_figures(capsys):
     code = cli.main(["bench", "tables", "--batch", "8", "--steps", "20", "--warmup", "5",
-                     "--order", "stable", "--churn", "0.2", "--max-len", "256"])
+                     "--path", "events", "rebuild", "--churn", "0.2", "--max-len", "256"])
     out = capsys.readouterr().out
     assert code == 0
     lines = [line.split() for line in out.splitlines() if line.strip().startswith("8 ")]
-    assert {line[2] for line in lines} == {"cold", "warm"}
-    assert all(float(line[3]) > 0 for line in lines)
+    assert {line[1] for line in lines} == {"cold", "warm"}
+    assert {line[-1] for line in lines} == {"events", "rebuild"}
+    assert all(float(line[2]) > 0 for line in lines)
 
 
 def test_console_script_help():
@@ -30,14 +31,13 @@ def test_console_script_help():
 
 
 def test_bench_tables_times_both_event_paths(capsys):
-    from kvpager.table_events import NATIVE_AVAILABLE
+    from kvpager.block_table import NATIVE_AVAILABLE
 
-    assert cli.main(["bench", "tables", "--batch", "16", "--steps", "20", "--warmup", "5",
-                     "--order", "swap"]) == 0
+    assert cli.main(["bench", "tables", "--batch", "16", "--steps", "20", "--warmup", "5"]) == 0
     paths = {line.split()[-1] for line in capsys.readouterr().out.splitlines()
              if line.strip().startswith("16 ")}
-    assert paths == ({"update", "events", "events-py"} if NATIVE_AVAILABLE else
-                     {"update", "events"})
+    assert paths == ({"rebuild", "events", "events-py"} if NATIVE_AVAILABLE else
+                     {"rebuild", "events"})
 
 
 def test_bench_scheduler_with_mtp_keeps_every_request_running(capsys):
@@ -155,10 +155,22 @@ def test_version_and_defaults_in_help(capsys):
 
 
 def test_bench_tables_shows_a_progress_bar_on_stderr(capsys):
-    args = ["bench", "tables", "--batch", "4", "--steps", "150", "--warmup", "0", "--order", "swap"]
+    args = ["bench", "tables", "--batch", "4", "--steps", "150", "--warmup", "0", "--path", "events"]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     assert "bench tables" in captured.err and "step" in captured.err
     assert "bench tables" not in captured.out  # the figures' table stays clean
     assert cli.main(args + ["--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_bench_prefix_prints_admission_figures(capsys):
+    assert cli.main(["bench", "prefix", "--prompt-len", "1024", "--hit", "896", "900", "--iters",
+                     "20", "--warmup", "2", "--siblings", "4", "--other-prompts", "2",
+                     "--full-pool"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith(("896 ", "900 "))]
+    assert {(r[0], r[2], r[3]) for r in rows} == {
+        (hit, pool, part) for hit in ("896", "900") for pool in ("room", "full")
+        for part in ("admission", "keys", "slots", "commit")}
+    assert all(float(x) > 0 for r in rows for x in r[4:])

@@ -23,29 +23,30 @@ def test_subpackages_import_from_any_directory(tmp_path):
 def test_public_surface():
     import kvpager
 
-    for name in ("CacheConfig", "PagePool", "BlockAllocator", "Sequence", "BatchTables",
+    for name in ("CacheConfig", "PagePool", "BlockAllocator", "Sequence", "BlockTables",
                  "get_mla_metadata", "flash_mla_with_kvcache", "KVPagerError"):
         assert hasattr(kvpager, name), name
 
 
-def test_readme_usage_example_runs():
+def test_runtime_imports_only_the_public_surface():
+    """kvpager.runtime uses what kvpager exports plus its documented modules (kvpager.errors, the
+    config checks of kvpager.validation, the CLI flag types of kvpager.cli_args), nothing deeper."""
     import pathlib
     import re
 
-    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-    code = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)[0]
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert scope["out"].shape == (2, 1, 16, 512)
-    assert scope["cache_seqlens"].tolist() == [100, 101]
+    runtime = pathlib.Path(__file__).resolve().parents[1] / "runtime"
+    for path in runtime.rglob("*.py"):
+        for module in re.findall(r"^\s*(?:from|import) (kvpager[\w.]*)", path.read_text(), re.M):
+            assert module in ("kvpager", "kvpager.errors", "kvpager.validation", "kvpager.cli_args") or module.startswith(
+                "kvpager.runtime"), f"{path.name} imports {module}"
 
 
-def test_row_events_are_built_where_a_compiler_is():
-    """pip builds kvpager._row_events as an optional extension: a missing compiler falls back
+def test_block_table_rows_are_built_where_a_compiler_is():
+    """pip builds kvpager._block_table as an optional extension: a missing compiler falls back
     quietly to the Python path, so guard against a silent fallback where one exists."""
     import shutil
 
-    from kvpager import table_events
+    from kvpager import block_table
 
     if shutil.which("c++") or shutil.which("g++"):
-        assert table_events.NATIVE_AVAILABLE, "kvpager._row_events failed to build; see pip -v"
+        assert block_table.NATIVE_AVAILABLE, "kvpager._block_table failed to build; see pip -v"

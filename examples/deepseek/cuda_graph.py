@@ -3,8 +3,9 @@ cache write, MLA kernel, MoE, lm_head) as one graph launch instead of hundreds o
 
 A graph is captured per padded batch size (powers of two up to max_batch, on first use) over
 static input buffers. Each decode copies the batch into rows [:B] of those buffers; rows B..
-are padding: cache_seqlens 0 (the kernel reads no page for them), their latent written to a page
-reserved for padding, their logits dropped. The engine's MLA metadata describes B rows, the graph
+are padding: cache_seqlens 0 and block_table rows of zeros (the kernel reads no page for them),
+their latent written to the null page 0 (allocator.NULL_PAGE, never handed out, never read as a
+request's KV), their logits dropped. The engine's MLA metadata describes B rows, the graph
 runs B_pad, so the metadata is recomputed for the padded lengths (one small kernel) and copied in.
 Prefill is not graphed: it runs eagerly through the wrapped model.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpager.allocator import BlockAllocator
+from kvpager.allocator import NULL_PAGE
 from kvpager.errors import ConfigError
 from kvpager.mla import get_mla_metadata
 from kvpager.pool import PagePool
@@ -23,17 +24,14 @@ from .model import DeepseekV3
 
 class GraphedDecode:
     """The model Protocol around a DeepseekV3 on CUDA, with decode replayed from CUDA graphs.
+    Padding rows point at the null page, so the graphs take no page from the allocator."""
 
-    allocator: the engine's; one page is taken from it for padding rows' writes (held for good).
-    """
-
-    def __init__(self, model: DeepseekV3, allocator: BlockAllocator, max_batch: int):
+    def __init__(self, model: DeepseekV3, max_batch: int):
         if model.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs needs a CUDA device; the model is on {model.device}")
         self.model, self.max_batch = model, max_batch
         self.num_layers, self.num_heads, self.vocab_size = model.num_layers, model.num_heads, model.vocab_size
         self.device = model.device
-        self.pad_page = allocator.allocate(1)[0]
         self.sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeBatch, torch.Tensor]] = {}
         self.static: DecodeBatch | None = None  # max_batch rows; each graph uses views of rows [:bs]
@@ -43,7 +41,7 @@ class GraphedDecode:
 
     def decode(self, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
         """Copy the batch into the static buffers of the smallest captured size >= B, replay.
-        Cost: ~6 small copies + one metadata kernel + one graph launch."""
+        Cost: ~7 small copies / fills + one metadata kernel + one graph launch."""
         b = batch.batch_size
         bs = next(s for s in self.sizes if s >= b)
         if self.static is None:
@@ -54,11 +52,12 @@ class GraphedDecode:
         st.slot_mapping[:b * batch.s_q].copy_(batch.slot_mapping)
         st.block_table[:b].copy_(batch.block_table)
         st.cache_seqlens[:b].copy_(batch.cache_seqlens)
-        # padding rows: nothing to attend to, writes land in the padding page
+        # padding rows: nothing to attend to, writes land in the null page
         st.input_ids[b:bs].zero_()
         st.positions[b:bs].zero_()
-        st.slot_mapping[b * batch.s_q:bs * batch.s_q].fill_(self.pad_page * pool.page_size)
+        st.slot_mapping[b * batch.s_q:bs * batch.s_q].fill_(NULL_PAGE * pool.page_size)
         st.cache_seqlens[b:bs].zero_()
+        st.block_table[b:bs].zero_()  # not stale rows of an earlier batch: the null page
         metadata = get_mla_metadata(st.cache_seqlens[:bs], batch.s_q * self.num_heads, 1)
         if bs not in self.graphs:
             self.graphs[bs] = self._capture(bs, batch.s_q, pool, metadata)

@@ -173,7 +173,7 @@ def throughput(model_dir: str | None = None, batch: int = 64, steps: int = 64, p
     model = load_model(model_dir or demo_model_dir(seed), device, torch.bfloat16)
     engine = build_engine(model, batch, prompt_len + steps, torch.bfloat16)
     if cuda_graphs:
-        engine.model = GraphedDecode(model, engine.allocator, batch)
+        engine.model = GraphedDecode(model, batch)
     prompts = random_prompts(batch, model.vocab_size, prompt_len // 2, prompt_len, seed)
     params = [SamplingParams(max_new_tokens=steps)] * batch
     timed_generate(engine, prompts, params)  # warm-up: the same run, so every graph size is captured

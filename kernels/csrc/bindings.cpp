@@ -1,9 +1,13 @@
-// The only file that touches torch: argument checks, workspace allocation, and registration of
-// the custom ops torch.ops.kvpager.get_mla_metadata / torch.ops.kvpager.mla_decode.
+// The only file that touches torch: workspace allocation, registration of the custom ops
+// torch.ops.kvpager.get_mla_metadata / mla_decode / mla_decode_fp8, and the checks that keep the
+// kernels' memory accesses in bounds (device, dtype, ranks, the sizes and strides they index by).
+// What an argument means (head_dim_v, s_q >= 1, h_q % h_kv, the metadata's part count, the GPU
+// generation) is kvpager.mla's to validate, once, in Python.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "config.h"
@@ -52,17 +56,42 @@ std::string message(const Args&... args) {
     KVP_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));            \
   } while (0)
 
+// Base address and every stride (of dims longer than 1) in multiples of 16 bytes: the kernels'
+// 16-byte vector copies of rows.
 bool aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % kvpager::kChunkBytes != 0) return false;
   for (int i = 0; i < t.dim() - 1; ++i)
-    if (t.size(i) > 1 && t.stride(i) % kvpager::kChunkElems != 0) return false;
+    if (t.size(i) > 1 && (t.stride(i) * t.element_size()) % kvpager::kChunkBytes != 0) return false;
   return true;
 }
 
-void check_hopper(const at::Tensor& t) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
-  KVP_CHECK(prop->major == 9, "the MLA decode kernel needs a Hopper (sm_90) GPU, but ", t.device(),
-            " is sm_", prop->major * 10 + prop->minor, "; use kvpager's reference path on this GPU");
+// Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
+// the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
+// KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
+// KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches,
+// KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads.
+kvpager::DecodeOptions options_from_env() {
+  kvpager::DecodeOptions options;
+  const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
+  const std::string name = kernel ? kernel : "seesaw";
+  KVP_CHECK(name == "seesaw" || name == "lockstep", "KVPAGER_MLA_KERNEL must be seesaw or lockstep, got ", name);
+  options.seesaw = name == "seesaw";
+  const char* pdl = std::getenv("KVPAGER_PDL");
+  options.pdl = !(pdl && std::string(pdl) == "0");
+  const char* prefetch = std::getenv("KVPAGER_L2_PREFETCH");
+  if (prefetch != nullptr) {
+    const std::string pairs = prefetch;
+    KVP_CHECK(pairs == "0" || pairs == "1" || pairs == "2", "KVPAGER_L2_PREFETCH must be 0, 1 or 2, got ", pairs);
+    options.l2_prefetch_pairs = pairs[0] - '0';
+  }
+  const char* hint = std::getenv("KVPAGER_TMA_HINT");
+  if (hint != nullptr) {
+    const std::string h = hint;
+    KVP_CHECK(h == "first" || h == "normal" || h == "last", "KVPAGER_TMA_HINT must be first, normal or last, got ", h);
+    using Hint = kvpager::DecodeOptions::CacheHint;
+    options.page_cache_hint = h == "first" ? Hint::kFirst : h == "last" ? Hint::kLast : Hint::kNormal;
+  }
+  return options;
 }
 
 int64_t num_sm_parts(int sm_count, int64_t rows, int64_t h_kv) {
@@ -98,34 +127,20 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata(const at::Tensor& cache_seql
   return {meta, num_splits};
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Tensor& k_cache,
-                                              const at::Tensor& block_table,
-                                              const at::Tensor& cache_seqlens, int64_t head_dim_v,
-                                              const at::Tensor& tile_scheduler_metadata,
-                                              const at::Tensor& num_splits, double softmax_scale,
-                                              bool causal) {
+// Checks shared by both decode ops: one device, and the table, length and schedule tensors the
+// kernels index by (q and k_cache are checked by each op for its own cache format).
+void check_schedule_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
+                         const at::Tensor& cache_seqlens, const at::Tensor& tile_scheduler_metadata,
+                         const at::Tensor& num_splits) {
   using namespace kvpager;
   KVP_CHECK_CUDA(q);
   for (const at::Tensor* t : {&k_cache, &block_table, &cache_seqlens, &tile_scheduler_metadata, &num_splits})
     KVP_CHECK(t->device() == q.device(), "every tensor must be on ", q.device(), ", got one on ",
               t->device(), "; put every tensor on one GPU");
-  check_hopper(q);
-  KVP_CHECK_ARG(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-                "q.dtype must be bfloat16 or float16, got ", q.scalar_type());
-  KVP_CHECK_DTYPE(k_cache, q.scalar_type());
   KVP_CHECK_DIM(q, 4);
   KVP_CHECK_DIM(k_cache, 4);
-  KVP_CHECK_SIZE(q, 3, kHeadDim);
-  KVP_CHECK_SIZE(k_cache, 1, kPageSize);
-  KVP_CHECK_SIZE(k_cache, 3, kHeadDim);
-  KVP_CHECK_ARG(head_dim_v == kHeadDimV, "got head_dim_v = ", head_dim_v, "; the kernel computes dv = 512");
-  KVP_CHECK_LAST_CONTIGUOUS(q);
-  KVP_CHECK_LAST_CONTIGUOUS(k_cache);
-  KVP_CHECK(aligned16(q) && aligned16(k_cache),
-            "q and k_cache need 16-byte aligned rows (pointer and strides multiples of 8 elements)");
-  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
-  KVP_CHECK_ARG(s_q >= 1, "got s_q = ", s_q);
-  KVP_CHECK_ARG(h_kv >= 1 && h_q % h_kv == 0, "h_q = ", h_q, " must be a multiple of h_kv = ", h_kv);
+  const int64_t batch = q.size(0), h_kv = k_cache.size(2);
+  KVP_CHECK_ARG(h_kv >= 1, "got k_cache.size(2) = h_kv = ", h_kv);
   KVP_CHECK_DTYPE(block_table, at::kInt);
   KVP_CHECK_DIM(block_table, 2);
   KVP_CHECK_SIZE(block_table, 0, batch);
@@ -142,28 +157,38 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   KVP_CHECK_DIM(num_splits, 1);
   KVP_CHECK_SIZE(num_splits, 0, batch + 1);
   KVP_CHECK_CONTIGUOUS(num_splits);
+}
 
-  const c10::cuda::CUDAGuard guard(q.device());
+// Outputs (out in q's dtype, lse), the split workspace and the kernel parameters of a checked call.
+struct DecodeCall {
+  at::Tensor out, lse, out_accum, lse_accum;
+  kvpager::DecodeParams params{};
+};
+
+DecodeCall prepare_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
+                          const at::Tensor& cache_seqlens, const at::Tensor& tile_scheduler_metadata,
+                          const at::Tensor& num_splits, double softmax_scale, bool causal) {
+  using namespace kvpager;
+  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
   const int64_t groups = h_q / h_kv, rows = s_q * groups;
   const int64_t parts = tile_scheduler_metadata.size(0);
-  at::Tensor out = at::empty({batch, s_q, h_q, kHeadDimV}, q.options());
-  at::Tensor lse = at::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
+  DecodeCall c;
+  c.out = at::empty({batch, s_q, h_q, kHeadDimV}, q.options());
+  c.lse = at::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
   // Partials: at most one split per sequence plus one extra per part boundary.
-  at::Tensor out_accum = at::empty({batch + parts, h_kv, rows, kHeadDimV}, q.options().dtype(at::kFloat));
-  at::Tensor lse_accum = at::empty({batch + parts, h_kv, rows}, q.options().dtype(at::kFloat));
-  if (batch == 0) return {out, lse};
-
-  DecodeParams p{};
+  c.out_accum = at::empty({batch + parts, h_kv, rows, kHeadDimV}, q.options().dtype(at::kFloat));
+  c.lse_accum = at::empty({batch + parts, h_kv, rows}, q.options().dtype(at::kFloat));
+  DecodeParams& p = c.params;
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.block_table = block_table.data_ptr<int32_t>();
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.tile_metadata = tile_scheduler_metadata.data_ptr<int32_t>();
   p.num_splits = num_splits.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.out_accum = out_accum.data_ptr<float>();
-  p.lse_accum = lse_accum.data_ptr<float>();
+  p.out = c.out.data_ptr();
+  p.lse = c.lse.data_ptr<float>();
+  p.out_accum = c.out_accum.data_ptr<float>();
+  p.lse_accum = c.lse_accum.data_ptr<float>();
   p.q_batch_stride = q.stride(0);
   p.q_seq_stride = q.stride(1);
   p.q_head_stride = q.stride(2);
@@ -182,13 +207,73 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   p.max_pages = static_cast<int>(block_table.size(1));
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal;
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& block_table,
+                                              const at::Tensor& cache_seqlens, int64_t head_dim_v,
+                                              const at::Tensor& tile_scheduler_metadata,
+                                              const at::Tensor& num_splits, double softmax_scale,
+                                              bool causal) {
+  using namespace kvpager;
+  check_schedule_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits);
+  KVP_CHECK_ARG(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+                "q.dtype must be bfloat16 or float16, got ", q.scalar_type());
+  KVP_CHECK_DTYPE(k_cache, q.scalar_type());
+  KVP_CHECK_SIZE(q, 3, kHeadDim);
+  KVP_CHECK_SIZE(k_cache, 1, kPageSize);
+  KVP_CHECK_SIZE(k_cache, 3, kHeadDim);
+  KVP_CHECK_LAST_CONTIGUOUS(q);
+  KVP_CHECK_LAST_CONTIGUOUS(k_cache);
+  KVP_CHECK(aligned16(q) && aligned16(k_cache),
+            "q and k_cache need 16-byte aligned rows (pointer and strides multiples of 8 elements)");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  DecodeCall c = prepare_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                                softmax_scale, causal);
+  if (q.size(0) == 0) return {c.out, c.lse};
+  const DecodeOptions options = options_from_env();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) {
-    KVP_CUDA_CHECK(launch_mla_decode_bf16(p, stream));
+    KVP_CUDA_CHECK(launch_mla_decode_bf16(c.params, options, stream));
   } else {
-    KVP_CUDA_CHECK(launch_mla_decode_fp16(p, stream));
+    KVP_CUDA_CHECK(launch_mla_decode_fp16(c.params, options, stream));
   }
-  return {out, lse};
+  return {c.out, c.lse};
+}
+
+// The fused FP8 decode: k_cache holds 656-byte rows (kvpager/fp8.py's layout) as uint8 or
+// float8_e4m3fn bytes, any 16-byte multiple page / token / head stride (e.g. 65-row pages); q is
+// bf16; out bf16. The kernel covers rows = s_q * h_q / h_kv <= 32.
+std::tuple<at::Tensor, at::Tensor> mla_decode_fp8(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& block_table,
+                                                  const at::Tensor& cache_seqlens, int64_t head_dim_v,
+                                                  const at::Tensor& tile_scheduler_metadata,
+                                                  const at::Tensor& num_splits, double softmax_scale,
+                                                  bool causal) {
+  using namespace kvpager;
+  check_schedule_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits);
+  KVP_CHECK_DTYPE(q, at::kBFloat16);
+  KVP_CHECK_ARG(k_cache.scalar_type() == at::kByte || k_cache.scalar_type() == at::kFloat8_e4m3fn,
+                "k_cache.dtype must be uint8 or float8_e4m3fn (656-byte FP8 rows), got ", k_cache.scalar_type());
+  KVP_CHECK_SIZE(q, 3, kHeadDim);
+  KVP_CHECK_SIZE(k_cache, 1, kPageSize);
+  KVP_CHECK_SIZE(k_cache, 3, kFp8TokenBytes);
+  KVP_CHECK_LAST_CONTIGUOUS(q);
+  KVP_CHECK_LAST_CONTIGUOUS(k_cache);
+  KVP_CHECK(aligned16(q) && aligned16(k_cache),
+            "q and k_cache need 16-byte aligned rows (pointer and strides multiples of 16 bytes)");
+  const int64_t rows = q.size(1) * (q.size(2) / k_cache.size(2));
+  KVP_CHECK_ARG(rows <= kFp8MaxRows, "got s_q * h_q / h_kv = ", rows,
+                " query rows per kv head; the fused FP8 decode covers up to 32");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  DecodeCall c = prepare_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                                softmax_scale, causal);
+  if (q.size(0) == 0) return {c.out, c.lse};
+  KVP_CUDA_CHECK(launch_mla_decode_fp8(c.params, options_from_env(), at::cuda::getCurrentCUDAStream()));
+  return {c.out, c.lse};
 }
 
 }  // namespace
@@ -198,11 +283,15 @@ TORCH_LIBRARY(kvpager, m) {
   m.def(
       "mla_decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
       "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  m.def(
+      "mla_decode_fp8(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+      "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kvpager, CUDA, m) {
   m.impl("get_mla_metadata", &get_mla_metadata);
   m.impl("mla_decode", &mla_decode);
+  m.impl("mla_decode_fp8", &mla_decode_fp8);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

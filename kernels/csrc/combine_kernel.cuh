@@ -1,7 +1,8 @@
 // Merges the fp32 partials of split sequences by their lse: out = sum_i exp(lse_i - lse) o_i,
 // lse = log(sum_i exp(lse_i)). One warp per (sequence, kv head, query row, quarter of the 512
 // columns), so even a batch of one spreads over many SMs; sequences with a single split were
-// finished by the decode kernel and are skipped.
+// finished by the decode kernel and are skipped. Launched as a programmatic dependent of the
+// decode kernel (decode_launch.cuh), so its launch overlaps the decode grid's tail.
 #pragma once
 #include <cuda_runtime.h>
 #include <math_constants.h>
@@ -27,9 +28,12 @@ template <typename Elem>
 __global__ void __launch_bounds__(kCombineThreads)
     mla_combine_kernel(const __grid_constant__ DecodeParams p) {
   const int b = blockIdx.z, hk = blockIdx.y;
+  // num_splits comes from the metadata kernel, finished before the decode grid started; the
+  // decode grid's partials are read only after griddepcontrol.wait (a no-op without PDL).
   const int first = p.num_splits[b];
   const int n = p.num_splits[b + 1] - first;
   if (n <= 1) return;
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quarter = blockIdx.x % kCombineColSplits;
   const int mrow = (blockIdx.x / kCombineColSplits) * kCombineRowsPerBlock + warp;

@@ -17,6 +17,29 @@ constexpr int kChunksPerRow = kHeadDim / kChunkElems;  // 72
 constexpr int kRowBytes = kHeadDim * 2;                // 1152 = 9 x 128: every row starts at bank 0
 constexpr int kPageBytes = kPageSize * kRowBytes;      // 73728
 constexpr int kNumPageBuffers = 2;   // one page computed while the next streams in
+constexpr int kMaxSmemBytes = 227 * 1024;  // sm_90 dynamic shared memory per block
+
+// FP8 latent cache row (kvpager/fp8.py holds the Python twins): 512 float8_e4m3fn latent values
+// (value / scale), 4 float32 scales (one per 128 values, powers of two), 64 bf16 RoPE values.
+constexpr int kFp8TokenBytes = 656;
+constexpr int kFp8ScalesOffset = kHeadDimV;                        // 512
+constexpr int kFp8GroupSize = 128;                                 // latent values per scale
+constexpr int kFp8RopeOffset = kFp8ScalesOffset + 4 * (kHeadDimV / kFp8GroupSize);  // 528
+constexpr int kRopeDim = kHeadDim - kHeadDimV;                     // 64
+static_assert(kFp8RopeOffset + 2 * kRopeDim == kFp8TokenBytes, "the FP8 row is 656 bytes");
+constexpr int kFp8ChunksPerRow = kFp8TokenBytes / kChunkBytes;     // 41 cp.async chunks a row
+// A staged row in shared memory: 44 chunks, so rows r and r + 1 sit 64 bytes apart modulo 128 and
+// the 16-byte reads of two rows by 8 lanes (one shared-memory wavefront) hit 8 distinct bank groups.
+constexpr int kFp8SmemRowBytes = 704;
+constexpr int kFp8PageSmemBytes = kPageSize * kFp8SmemRowBytes;  // 45056
+// The fused kernel's warp w owns latent features [64w, 64w + 64); a lane reads 16 of them a key.
+constexpr int kFp8FeaturesPerWarp = kHeadDimV / kNumWarps;       // 64
+constexpr int kFp8LaneBytes = kFp8FeaturesPerWarp / 4;            // 16
+constexpr int kFp8MaxRows = 32;  // the fused FP8 decode covers rows = s_q * h_q / h_kv <= 32 (mma.sync)
+// (2^120, 2^120) in bf16: e4m3 bits placed in a bf16 (exponent bias 7 vs 127) read as value * 2^-120.
+constexpr unsigned kBf16x2TwoPow120 = 0x7B807B80u;
+constexpr float kTwoPow120 = 0x1p120f;
+constexpr float kFp8FoldMaxScale = 128.f;  // largest scale whose scale * 2^120 is still a bf16
 
 // Split-KV scheduler (must match kernels/schedule.py).
 constexpr int kMetadataFields = 8;
@@ -28,31 +51,16 @@ constexpr int kCombineRowsPerBlock = 8;
 constexpr int kCombineThreads = kCombineRowsPerBlock * 32;
 constexpr int kCombineColSplits = 4;                   // 128 columns = one float4 per lane
 
-// Query rows handled by one CTA, chosen from rows = s_q * h_q / h_kv (see schedule.block_m_for).
+// Query rows handled by one CTA, chosen from rows = s_q * h_q / h_kv (twin of
+// kernels/schedule.py's block_m_for). 16 and 32 run on mma.sync, 64 on wgmma.
 constexpr int block_m_for(int rows) { return rows <= 16 ? 16 : rows <= 32 ? 32 : 64; }
+constexpr int kWgmmaBlockM = 64;
 
-// How the 8 warps tile one BLOCK_M x 64 score tile and the BLOCK_M x 512 output:
-// RowGroups x ColGroups warps; each warp owns 16 rows, KeysPerWarp keys of S and
-// ColsPerWarp columns of O (whose fp32 accumulator stays in registers all along).
-template <int BLOCK_M>
-struct TileShape {
-  static_assert(BLOCK_M == 16 || BLOCK_M == 32 || BLOCK_M == 64, "BLOCK_M must be 16, 32 or 64");
-  static constexpr int kBlockM = BLOCK_M;
-  static constexpr int kRowGroups = BLOCK_M / kMmaM;
-  static constexpr int kColGroups = kNumWarps / kRowGroups;
-  static constexpr int kKeysPerWarp = kPageSize / kColGroups;   // 8, 16, 32
-  static constexpr int kKeyTiles = kKeysPerWarp / kMmaN;        // 1, 2, 4
-  static constexpr int kColsPerWarp = kHeadDimV / kColGroups;   // 64, 128, 256
-  static constexpr int kOutTiles = kColsPerWarp / kMmaN;        // 8, 16, 32
-  static constexpr int kPRowBytes = kPageSize * 2;              // 128: P is BLOCK_M x 64 halfs
-
-  // Shared memory: Q tile, two page buffers, P tile, a float per (col group, row) for exchanges.
-  static constexpr int kSmemQ = 0;
-  static constexpr int kSmemK = kSmemQ + BLOCK_M * kRowBytes;
-  static constexpr int kSmemP = kSmemK + kNumPageBuffers * kPageBytes;
-  static constexpr int kSmemRed = kSmemP + BLOCK_M * kPRowBytes;
-  static constexpr int kSmemBytes = kSmemRed + kColGroups * BLOCK_M * 4;
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
-};
+// The wgmma tile layout: a [rows x 576] tile is 9 column blocks of [rows x 64] halfs, 128-byte rows,
+// 16-byte chunks XORed with (row % 8) (wgmma's and TMA's 128-byte swizzle; 1024-byte aligned atoms).
+constexpr int kBlockCols = 64;
+constexpr int kBlockRowBytes = kBlockCols * 2;            // 128
+constexpr int kColBlocks = kHeadDim / kBlockCols;         // 9: blocks 0-7 are V, block 8 the rope part
+constexpr int kPageTileBytes = kPageSize * kBlockRowBytes;  // 8192: one 64 x 64 tile of a page
 
 }  // namespace kvpager

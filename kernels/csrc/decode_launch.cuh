@@ -1,24 +1,19 @@
-// Launch of the decode + combine kernels for one dtype, choosing the row-block size.
+// Launch of the decode kernels for one dtype: the kernel for the row-block size, then the combine
+// kernel (as a programmatic dependent launch unless switched off).
 #pragma once
 #include "combine_kernel.cuh"
 #include "decode_kernel.cuh"
-#include "decode_wgmma_kernel.cuh"
+#include "decode_lockstep_kernel.cuh"
+#include "decode_seesaw_kernel.cuh"
 #include "launch.h"
+#include "tma.cuh"
+#include "traits.h"
 
 namespace kvpager {
 
-// Decode kernel (rows in blocks of block_m) then the combine kernel, on `stream`.
-template <typename Elem, typename Kernel>
-cudaError_t launch_with_combine(Kernel* kernel, int block_m, int smem_bytes, const DecodeParams& p,
-                                cudaStream_t stream) {
-  // Row blocks of one part run side by side, so the second reads each page from L2.
-  const dim3 grid(ceil_div(p.rows, block_m), p.h_kv, p.num_parts);
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const dim3 combine_grid(ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits, p.h_kv, p.batch);
-  mla_combine_kernel<Elem><<<combine_grid, kCombineThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+// Row blocks of one part run side by side, so the second reads each page from L2.
+inline dim3 decode_grid(const DecodeParams& p, int block_m) {
+  return dim3(ceil_div(p.rows, block_m), p.h_kv, p.num_parts);
 }
 
 // Raise a kernel's dynamic shared-memory limit once (statics: the first, eager call does it, so
@@ -32,27 +27,76 @@ cudaError_t launch_with_combine(Kernel* kernel, int block_m, int smem_bytes, con
 
 template <typename Elem, int BLOCK_M>
 cudaError_t launch_mma_sync(const DecodeParams& p, cudaStream_t stream) {
+  using Traits = MmaSyncTraits<BLOCK_M>;
   auto* kernel = mla_decode_kernel<Elem, BLOCK_M>;
-  KVPAGER_SET_SMEM_ONCE(kernel, TileShape<BLOCK_M>::kSmemBytes);
-  return launch_with_combine<Elem>(kernel, BLOCK_M, TileShape<BLOCK_M>::kSmemBytes, p, stream);
+  KVPAGER_SET_SMEM_ONCE(kernel, Traits::kSmemBytes);
+  kernel<<<decode_grid(p, BLOCK_M), kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename Elem>
-cudaError_t launch_wgmma(const DecodeParams& p, cudaStream_t stream) {
-  auto* kernel = mla_decode_wgmma_kernel<Elem>;
-  KVPAGER_SET_SMEM_ONCE(kernel, WgmmaShape::kSmemBytes);
-  return launch_with_combine<Elem>(kernel, WgmmaShape::kBlockM, WgmmaShape::kSmemBytes, p, stream);
+cudaError_t launch_lockstep(const DecodeParams& p, cudaStream_t stream) {
+  auto* kernel = mla_decode_lockstep_kernel<Elem>;
+  KVPAGER_SET_SMEM_ONCE(kernel, LockstepTraits::kSmemBytes);
+  kernel<<<decode_grid(p, LockstepTraits::kBlockM), kThreads, LockstepTraits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
 }
 
-// 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma.
-template <typename Elem>
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.rows == 0) return cudaSuccess;
-  switch (block_m_for(p.rows)) {
-    case 16: return launch_mma_sync<Elem, 16>(p, stream);
-    case 32: return launch_mma_sync<Elem, 32>(p, stream);
-    default: return launch_wgmma<Elem>(p, stream);
+inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
+  using cute::TMA::CacheHintSm90;
+  switch (hint) {
+    case DecodeOptions::CacheHint::kFirst: return static_cast<uint64_t>(CacheHintSm90::EVICT_FIRST);
+    case DecodeOptions::CacheHint::kLast: return static_cast<uint64_t>(CacheHintSm90::EVICT_LAST);
+    default: return static_cast<uint64_t>(CacheHintSm90::EVICT_NORMAL);
   }
+}
+
+template <typename Elem>
+cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
+  p.l2_prefetch_pairs = options.l2_prefetch_pairs;
+  p.page_cache_hint = cache_policy(options.page_cache_hint);
+  CUtensorMap page_map;
+  const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
+  if (err != cudaSuccess) return err;
+  auto* kernel = mla_decode_seesaw_kernel<Elem>;
+  KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
+      p, page_map);
+  return cudaGetLastError();
+}
+
+// With pdl, the combine grid may launch while the decode grid's last CTAs finish (they signal it
+// once their last segment's main loop is done); it waits for the decode grid before reading.
+template <typename Elem>
+cudaError_t launch_combine(const DecodeParams& p, bool pdl, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits, p.h_kv, p.batch);
+  config.blockDim = dim3(kCombineThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, mla_combine_kernel<Elem>, p);
+}
+
+// 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma, by
+// the seesaw kernel unless options.seesaw is false (or the pool is empty: no page to map).
+template <typename Elem>
+cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
+  if (p.batch == 0 || p.rows == 0) return cudaSuccess;
+  cudaError_t err;
+  switch (block_m_for(p.rows)) {
+    case 16: err = launch_mma_sync<Elem, 16>(p, stream); break;
+    case 32: err = launch_mma_sync<Elem, 32>(p, stream); break;
+    default:
+      err = options.seesaw && p.num_pages > 0 ? launch_seesaw<Elem>(p, options, stream)
+                                              : launch_lockstep<Elem>(p, stream);
+  }
+  if (err != cudaSuccess) return err;
+  return launch_combine<Elem>(p, options.pdl, stream);
 }
 
 }  // namespace kvpager

@@ -16,11 +16,11 @@ __device__ __forceinline__ int row_limit(const DecodeParams& p, int seqlen, int 
   return p.causal ? seqlen - p.s_q + 1 + mrow / p.groups : seqlen;
 }
 
-// Writes one lane's share of row `mrow`: fragment tiles o[n] hold columns col0 + 8n + {0, 1} of
-// its rows (o[n][2*half + c], half selects the lane's first or second row). row_max is in log2
+// Writes one lane's share of row `mrow`: fragment tiles o[n] hold columns col0 + kTileCols * n +
+// {0, 1} of its rows (o[n][2*half + c], half selects the lane's first or second row). row_max is in log2
 // units, row_sum the full row sum. An empty row is +inf in the final lse, but -inf (no weight)
 // as a partial, so the combine kernel can tell it apart.
-template <typename Elem, int kTiles>
+template <typename Elem, int kTiles, int kTileCols = kMmaN>
 __device__ __forceinline__ void write_row(const DecodeParams& p, int b, int hk, int mrow, int half,
                                           const float (&o)[kTiles][4], float row_max,
                                           float row_sum, int col0, bool writes_lse,
@@ -36,7 +36,7 @@ __device__ __forceinline__ void write_row(const DecodeParams& p, int b, int hk, 
     Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
 #pragma unroll
     for (int n = 0; n < kTiles; ++n)
-      *reinterpret_cast<uint32_t*>(out + col0 + n * kMmaN) =
+      *reinterpret_cast<uint32_t*>(out + col0 + n * kTileCols) =
           ElemOps<Elem>::pack(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
     if (writes_lse) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
   } else {
@@ -44,7 +44,7 @@ __device__ __forceinline__ void write_row(const DecodeParams& p, int b, int hk, 
     float* acc = p.out_accum + slot_row * kHeadDimV;
 #pragma unroll
     for (int n = 0; n < kTiles; ++n)
-      *reinterpret_cast<float2*>(acc + col0 + n * kMmaN) =
+      *reinterpret_cast<float2*>(acc + col0 + n * kTileCols) =
           make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
     if (writes_lse) p.lse_accum[slot_row] = lse;
   }

@@ -6,11 +6,22 @@
 
 namespace kvpager {
 
+// Run-time switches of a decode call (the binding reads them from the environment).
+struct DecodeOptions {
+  bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
+  bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
+  int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
+  // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
+  enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
+};
+
 // Split-KV schedule for a batch (one CTA, no host synchronisation).
 cudaError_t launch_mla_metadata(const MetadataParams& params, cudaStream_t stream);
 
 // Decode kernel + combine kernel on `stream`, for bf16 or fp16 q / k_cache / out.
-cudaError_t launch_mla_decode_bf16(const DecodeParams& params, cudaStream_t stream);
-cudaError_t launch_mla_decode_fp16(const DecodeParams& params, cudaStream_t stream);
+cudaError_t launch_mla_decode_bf16(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
+cudaError_t launch_mla_decode_fp16(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
+// The fused FP8 decode: bf16 q / out, k_cache of 656-byte rows (uint8, strides in bytes), rows <= 32.
+cudaError_t launch_mla_decode_fp8(const DecodeParams& params, const DecodeOptions& options, cudaStream_t stream);
 
 }  // namespace kvpager

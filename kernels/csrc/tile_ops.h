@@ -25,6 +25,16 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return cute::cast_smem_ptr_to_uint(p);
 }
 
+// The shared-memory plan at the first 1024-byte boundary of dynamic shared memory (wgmma's
+// swizzle atoms and TMA's 128-byte swizzle need it). Derived from smem_raw by pointer arithmetic,
+// not through an integer, so the compiler still knows it is shared memory (ld/st.shared, not
+// generic accesses with 64-bit addresses).
+template <typename Plan>
+__device__ __forceinline__ Plan& aligned_plan(char* smem_raw) {
+  const uint32_t misalign = smem_addr(smem_raw) & 1023u;
+  return *reinterpret_cast<Plan*>(smem_raw + ((1024u - misalign) & 1023u));
+}
+
 // 16-byte global -> shared copy; zero-fills the destination when `valid` is false (the source
 // is then not read, but must still be a mapped address).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
@@ -65,12 +75,13 @@ template <> struct ElemOps<__half> {
   }
 };
 
-// d += a * b for one m16n8k16 tile (fp32 accumulate).
-template <typename Elem>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+// d[4 tile .. 4 tile + 3] += a * b for one m16n8k16 tile (fp32 accumulate); `tile` must be a
+// compile-time constant after unrolling, so d stays in registers.
+template <typename Elem, int N>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[N], int tile, const uint32_t (&a)[4], uint32_t b0,
                                             uint32_t b1) {
-  ElemOps<Elem>::Mma::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1],
-                          d[2], d[3]);
+  float* c = d + 4 * tile;
+  ElemOps<Elem>::Mma::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1], c[2], c[3]);
 }
 
 __device__ __forceinline__ float quad_max(float v) {

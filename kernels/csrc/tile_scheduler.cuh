@@ -1,5 +1,7 @@
-// Reading a CTA's share of the split-KV schedule (written by metadata.cu; format in
-// kernels/schedule.py): the sequences b = begin_b .. end_b, each as a segment of its pages.
+// A CTA's share of the split-KV schedule (written by metadata.cu; format in kernels/schedule.py):
+// the sequences b = begin_b .. end_b of its part, each as a segment of its pages. Every decode
+// kernel iterates it the same way:
+//   for (TileScheduler sched(p, part); sched.valid(); sched.next()) { Segment seg = sched.segment(); ... }
 #pragma once
 #include "config.h"
 #include "params.h"
@@ -7,30 +9,54 @@
 
 namespace kvpager {
 
-struct PartWork {
-  int begin_b, begin_page, begin_split, end_b, end_page;
-};
-
 // One sequence's pages [first_page, end_page) within a part; its partial goes to split_slot of
 // the workspace when the sequence has more than one split.
 struct Segment {
-  int seqlen, first_page, end_page, split_slot, num_splits;
+  int b, seqlen, first_page, end_page, split_slot, num_splits;
+  const int32_t* block_table;  // the sequence's row of the block table
+
+  __device__ __forceinline__ int num_pages() const { return end_page - first_page; }
+  // Rows of page `page` that hold tokens (< kPageSize only for the sequence's last page).
+  __device__ __forceinline__ int valid_rows(int page) const { return seqlen - page * kPageSize; }
 };
 
-__device__ __forceinline__ PartWork part_work(const DecodeParams& p, int part) {
-  const int32_t* m = p.tile_metadata + part * kMetadataFields;
-  return {m[0], m[1], m[2], m[3], m[4]};
-}
+class TileScheduler {
+ public:
+  __device__ __forceinline__ TileScheduler(const DecodeParams& p, int part) : p_(p) {
+    const int32_t* m = p.tile_metadata + part * kMetadataFields;
+    begin_b_ = m[0];
+    begin_page_ = m[1];
+    begin_split_ = m[2];
+    end_b_ = m[3];
+    end_page_ = m[4];
+    b_ = begin_b_;
+  }
+  __device__ __forceinline__ bool valid() const { return b_ <= end_b_; }
+  __device__ __forceinline__ bool last() const { return b_ == end_b_; }
+  __device__ __forceinline__ void next() { ++b_; }
 
-__device__ __forceinline__ Segment segment_of(const DecodeParams& p, const PartWork& w, int b) {
-  Segment s;
-  s.seqlen = p.cache_seqlens[b];
-  s.first_page = b == w.begin_b ? w.begin_page : 0;
-  s.end_page = b == w.end_b ? w.end_page : ceil_div(s.seqlen, kPageSize);
-  const int split_base = p.num_splits[b];
-  s.num_splits = p.num_splits[b + 1] - split_base;
-  s.split_slot = split_base + (b == w.begin_b ? w.begin_split : 0);
-  return s;
+  __device__ __forceinline__ Segment segment() const {
+    Segment s;
+    s.b = b_;
+    s.seqlen = p_.cache_seqlens[b_];
+    s.first_page = b_ == begin_b_ ? begin_page_ : 0;
+    s.end_page = b_ == end_b_ ? end_page_ : ceil_div(s.seqlen, kPageSize);
+    const int split_base = p_.num_splits[b_];
+    s.num_splits = p_.num_splits[b_ + 1] - split_base;
+    s.split_slot = split_base + (b_ == begin_b_ ? begin_split_ : 0);
+    s.block_table = p_.block_table + int64_t(b_) * p_.block_table_stride;
+    return s;
+  }
+
+ private:
+  const DecodeParams& p_;
+  int begin_b_, begin_page_, begin_split_, end_b_, end_page_, b_;
+};
+
+// Lets the dependent grid (the combine kernel, launched with programmatic stream serialization)
+// start its launch; it still waits for this grid's completion before reading any result.
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 }  // namespace kvpager

@@ -6,8 +6,8 @@ kv_tokens_read counts, for each decode row, its cache length (every layer reads 
 token's latent once), and for each prefill chunk the cache it attends over (start + chunk).
 
 Defaults: DeepSeek-V3 attention on one H100.
-  read_bandwidth   3.0e12 B/s   achievable HBM3 read rate measured on the lent H100 (see
-                                /work/shared/KERNEL-NOTES.md: ~3 TB/s, the decode kernel's ceiling)
+  read_bandwidth   3.0e12 B/s   achievable HBM3 read rate measured on an H100 (docs/kernel-perf.md:
+                                the read ceiling, the decode kernel's bound)
   bytes per token  576 * 2 * 61 = 70,272 B  (576-wide bf16 latent per layer, 61 layers)
   per_step_s       1.5e-3 s     assumption: launches, weight reads and sampling per step
   per_token_s      2.5e-5 s     assumption: the non-attention compute of one token

@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from kvpager.pool import PagePool
+from kvpager import PagePool
 
 
 @dataclass

@@ -18,9 +18,7 @@ import math
 
 import torch
 
-from kvpager.config import CacheConfig
-from kvpager.mla import flash_mla_with_kvcache
-from kvpager.pool import PagePool
+from kvpager import CacheConfig, PagePool, flash_mla_with_kvcache
 from kvpager.runtime.models.protocol import DecodeBatch, PrefillChunk
 
 D_LATENT, D_ROPE, D_V = 512, 64, 512

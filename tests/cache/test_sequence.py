@@ -7,7 +7,7 @@ from kvpager.errors import InvalidArgument, OutOfPages, SequenceTooLong
 
 def snapshot(seq):
     a = seq.allocator
-    return (list(seq.pages), seq.num_tokens, seq.table_key, list(seq._pending), list(a._free),
+    return (list(seq.pages), seq.num_tokens, seq._room, list(seq._pending), list(a._free),
             list(a._refs))
 
 
@@ -127,14 +127,45 @@ def test_release_returns_pages_and_pending_sources():
     assert c.num_tokens == 1
 
 
-def test_table_key_tracks_layout_and_length():
+def test_reserve_reports_the_page_entries_it_changed():
+    """reserve() returns k: pages[-k:] are new (the event BlockTables.append_pages takes)."""
     a = BlockAllocator(8)
     s = Sequence(0, a, page_size=4)
-    s.append(3)
-    layout = s.table_key >> 32
-    s.append(5)  # growth keeps the layout
-    assert s.table_key >> 32 == layout and s.table_key & 0xFFFFFFFF == 8
+    assert s.reserve(3) == 1 and s.reserve(1) == 0  # within the page: the fast path
+    assert s.reserve(5) == 2 and s.num_pages == 3 and s.num_tokens == 9
     c = s.fork(1)
-    assert c.table_key >> 32 != layout
-    s.release()
-    assert s.table_key >> 32 != layout
+    assert c.reserve(1) == 1 and c.pages[:2] == s.pages[:2] and c.pages[2] != s.pages[2]
+    c.take_pending_copies()
+    assert s.reserve(1) == 0  # the copy left the parent alone on its last page
+
+
+def test_fast_path_never_writes_a_shared_page():
+    """After fork() the parent's next token needs a copy, not the fast path."""
+    a = BlockAllocator(8)
+    s = Sequence(0, a, page_size=4)
+    s.reserve(2)
+    c = s.fork(1)
+    last = s.pages[-1]
+    assert s.reserve(1) == 1 and s.pages[-1] != last
+    assert s.take_pending_copies() == [(last, s.pages[-1])]
+    assert c.reserve(1) == 0 and c.pages[-1] == last  # c holds `last` alone now
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, "3", None])
+def test_reserve_rejects_bad_counts_with_nothing_changed(n):
+    s = Sequence(0, BlockAllocator(2), page_size=4)
+    s.reserve(2)
+    before = snapshot(s)
+    with pytest.raises(InvalidArgument):
+        s.reserve(n)
+    assert snapshot(s) == before
+
+
+def test_reserve_to_grows_to_a_total():
+    s = Sequence(0, BlockAllocator(4), page_size=4)
+    assert s.reserve_to(3) == 1 and s.reserve_to(3) == 0 and s.reserve_to(5) == 1
+    before = snapshot(s)
+    for bad in (4, 2.0, "6", None):  # shrinking, or not an int
+        with pytest.raises(InvalidArgument):
+            s.reserve_to(bad)
+    assert snapshot(s) == before

@@ -65,7 +65,7 @@ def test_cuda_graphs_refuse_a_cpu_model():
     model = random_model(TINY)
     engine = build_engine(model, 2, 64, torch.float32)
     with pytest.raises(ConfigError, match="CUDA"):
-        GraphedDecode(model, engine.allocator, 2)
+        GraphedDecode(model, 2)
 
 
 # (the command line as docs/bad-inputs.md shows it, a regex the error line matches); each is
@@ -113,7 +113,7 @@ def test_long_prompts_are_prefilled_in_chunks_of_the_token_budget():
     engine.submit([2 + i % 200 for i in range(4000)], SamplingParams(max_new_tokens=1))
     chunks = []
     for _ in range(2):  # plan only: no model call needed
-        for req, _, n, _ in engine.scheduler.schedule().prefill:
+        for req, _, n in engine.scheduler.schedule().prefill:
             chunks.append(n)
             req.num_computed += n
     assert chunks == [TOKEN_BUDGET, 4000 - TOKEN_BUDGET]

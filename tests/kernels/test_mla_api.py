@@ -132,6 +132,7 @@ def test_dispatches_to_kernel_when_available(monkeypatch):
     import kvpager.kernels as kernels
     a = args(d=576, dv=512, dtype=torch.bfloat16)
     calls = []
+    monkeypatch.setattr(kernels, "num_sms", lambda device: 132, raising=False)
     monkeypatch.setattr(kernels, "available", lambda: True, raising=False)
     monkeypatch.setattr(kernels, "supports_device", lambda device: True, raising=False)
     monkeypatch.setattr(kernels, "flash_mla_with_kvcache",
@@ -141,3 +142,22 @@ def test_dispatches_to_kernel_when_available(monkeypatch):
     assert flash_mla_with_kvcache(**a) == ("out", "lse")
     assert get_mla_metadata(a["cache_seqlens"], 4, 1) == ("m", "s")
     assert calls == ["decode", "meta"]
+
+
+def test_kernel_calls_need_this_gpus_metadata(monkeypatch):
+    """The kernel walks num_sm_parts(num_sms, ...) parts: metadata planned for another GPU (or
+    another head count) is refused before the kernel runs."""
+    import kvpager.kernels as kernels
+    a, calls = args(d=576, dv=512, dtype=torch.bfloat16), []  # metadata for 132 SMs
+    _fake_kernels(monkeypatch, calls)
+    monkeypatch.setattr(kernels, "num_sms", lambda device: 78, raising=False)  # not an H100
+    with pytest.raises(InvalidArgument, match="get_mla_metadata"):
+        flash_mla_with_kvcache(**a)
+    assert calls == []
+
+
+def test_one_dimensional_int_tensors_must_be_contiguous():
+    a = args()
+    a["cache_seqlens"] = torch.stack([a["cache_seqlens"]] * 2, 1)[:, 0]
+    with pytest.raises(InvalidArgument, match="contiguous"):
+        flash_mla_with_kvcache(**a)

@@ -97,10 +97,10 @@ class EngineMachine(RuleBasedStateMachine):
         assert len(sched.running) <= eng.config.max_batch_size
         # The event-driven decode tables hold every decoding request, rows dense, and nothing else.
         decoding = [r for r in sched.running if not r.is_prefilling]
-        assert sorted(map(id, eng.rows)) == sorted(map(id, decoding))
-        assert [r.row for r in eng.rows] == list(range(len(eng.rows)))
-        assert all(r.row is None for r in eng.requests.values() if r.status is not Status.RUNNING)
-        eng.decode_tables.check([r.seq for r in eng.rows])
+        rows = eng.decode_tables.handles
+        assert sorted(map(id, rows)) == sorted(map(id, decoding))
+        assert [eng.decode_tables.row(r) for r in rows] == list(range(len(rows)))
+        eng.decode_tables.check([r.seq for r in rows], rows)
 
     def teardown(self):
         if hasattr(self, "engine"):

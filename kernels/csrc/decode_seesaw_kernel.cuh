@@ -1,0 +1,571 @@
+// The seesaw MLA decode kernel, for 64-row blocks (rows = s_q * h_q / h_kv >= 64): compute-bound
+// shapes such as DeepSeek's 128 heads. Layout and roles: SeesawTraits (traits.h).
+//
+// Pages go in pairs (j0, j1) through two buffers. With m the running row max shared through
+// shared memory, WG0 holding O_L and S0 = Q K_j0^T, WG1 holding O_R and S1 = Q K_j1^T:
+//   WG0: m0 = max(m, rowmax S0), P0 = exp2(S0 - m0), O_L = O_L * exp2(m - m0) + P0 V0L   [P0 in regs]
+//   WG1: m1 = max(m0, rowmax S1), P1 = exp2(S1 - m1), sc1 = exp2(m0 - m1),
+//        O_R = O_R * exp2(m - m0) * sc1 + P1 V1R                                          [P1 in regs]
+//   WG0: P0' = P0 * sc1 -> smem;        WG1: P1 -> smem (buffer 1's rope tile)
+//   WG1: O_R += P0' V0R;                WG0: O_L = O_L * sc1 + P1 V1L
+// which is online softmax over the pair, exactly. While one warpgroup exponentiates, the other's
+// MMAs run; the next pair's S GEMMs are issued at the end of each iteration, tile by tile as the
+// TMA copies land. Row sums stay per warpgroup (each in the frame of m) until the epilogue.
+//
+// Buffer tiles are reloaded by the warpgroup that reads them last, as soon as it is done:
+//   buffer 0: tiles 0-3 and 8 by WG0 after O_L += P0 V0L, tiles 4-7 by WG1 after O_R += P0' V0R;
+//   buffer 1: tiles 4-7 by WG1 after O_R += P1 V1R, tiles 0-3 and 8 by WG0 after O_L += P1 V1L.
+// So WG0's next S0 starts on tiles 0-3, 8 and ends on 4-7; WG1's next S1 starts on 4-7.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <type_traits>
+
+#include <cutlass/arch/barrier.h>
+
+#include "config.h"
+#include "epilogue.cuh"
+#include "params.h"
+#include "softmax.cuh"
+#include "tile_loads.cuh"
+#include "tile_scheduler.cuh"
+#include "tile_ops.h"
+#include "tma.cuh"
+#include "traits.h"
+#include "wgmma_ops.h"
+
+namespace kvpager {
+
+namespace seesaw {
+
+// Timeline of one CTA (build with -DKVPAGER_TRACE, e.g. KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE): each
+// warpgroup's issuer records clock64() at named points; the CTA prints them when it is done.
+#ifdef KVPAGER_TRACE
+__device__ unsigned long long g_trace[2][96];
+#define SEESAW_TRACE(c, event)                                                                     \
+  do {                                                                                             \
+    if ((c).trace && (c).trace_n < 96) g_trace[(c).wg][(c).trace_n++] = (uint64_t(event) << 48) | (clock64() & 0xffffffffffffull); \
+  } while (0)
+#else
+#define SEESAW_TRACE(c, event) \
+  do {                         \
+  } while (0)
+#endif
+enum TraceEvent { kEvStart, kEvSegment, kEvQ, kEvFirstS, kEvPair, kEvLoopEnd, kEvEpilogue, kEvEnd };
+
+using T = SeesawTraits;
+using Plan = T::SharedMemoryPlan;
+using NamedBarrier = cutlass::arch::NamedBarrier;
+
+// The producer side of a cross-warpgroup hand-off: bar.arrive (release; the consumer's bar.sync
+// acquires). compute-sanitizer's racecheck does not model bar.arrive's ordering, so a
+// -DKVPAGER_SYNC_HANDOFFS build makes producers wait too (bar.sync on both sides; no cycle: each
+// consumer reaches its sync without waiting on its producer) for racecheck runs.
+__device__ __forceinline__ void handoff(uint32_t barrier) {
+#ifdef KVPAGER_SYNC_HANDOFFS
+  NamedBarrier::arrive_and_wait(T::kThreads, barrier);
+#else
+  NamedBarrier::arrive(T::kThreads, barrier);
+#endif
+}
+
+// What one thread knows about its place in the CTA and the current segment.
+struct Ctx {
+  Plan& s;
+  const DecodeParams& p;
+  const CUtensorMap* map;
+  int wg, lane_in_wg, t;
+  int rows[2];   // local rows of this lane's two accumulator rows
+  int limit[2];  // keys visible to each of them (causal / sequence end)
+  int min_limit; // the smallest limit of the row block: pages below it need no mask
+  int hk;
+  Segment seg;
+  uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
+#ifdef KVPAGER_TRACE
+  bool trace;
+  int trace_n;
+#endif
+
+  __device__ __forceinline__ uint32_t q_tile(int c) const { return smem_addr(s.q[c]); }
+  __device__ __forceinline__ uint32_t page(int buf) const { return smem_addr(s.page[buf][0]); }
+  __device__ __forceinline__ bool issuer() const { return lane_in_wg == 0; }
+  __device__ __forceinline__ void warpgroup_sync() const {
+    NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kWarpgroupSync + wg);
+  }
+  // One thread: tiles [first, last) of page `page` (its block-table id `id`) into buffer `buf`.
+  __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
+    load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+  }
+  // One thread: pages [first, first + count) of the segment (those that exist) into L2.
+  __device__ __forceinline__ void prefetch_pages(int first, int count) const {
+    const int last = min(seg.end_page, first + count);
+    for (int page = first; page < last; ++page) prefetch_page(map, seg.block_table[page], hk);
+  }
+};
+
+// acc (+)= Q K^T over tiles [kFirst, kLast) of buffer `buf`, each issued once its TMA copy landed
+// (the caller fences acc first).
+template <typename Elem, int kFirst, int kLast, bool kZeroFirst>
+__device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[T::kScoreRegs]) {
+  const uint32_t page = c.page(buf);
+#pragma unroll
+  for (int tile = kFirst; tile < kLast; ++tile) {
+    TileBarrier::wait(&c.s.tile_ready[buf][tile], c.phase);
+    cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
+#pragma unroll
+    for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
+      gmma<typename GmmaOps<Elem>::PageScoreMma>(k_major_desc(c.q_tile(tile), kk),
+                                                 k_major_desc(page + tile * kPageTileBytes, kk), acc,
+                                                 !(kZeroFirst && tile == kFirst && kk == 0));
+  }
+}
+
+// The S GEMM of WG0 (buffer 0): tiles 0-3 and the rope tile first (reloaded early), then 4-7.
+template <typename Elem>
+__device__ __forceinline__ void issue_s0_early(const Ctx& c, float (&s)[T::kScoreRegs]) {
+  fence_accumulators(s);
+  score_tiles<Elem, 0, T::kVTilesPerWg, true>(c, 0, s);
+  score_tiles<Elem, T::kRopeTile, kColBlocks, false>(c, 0, s);
+  cute::warpgroup_commit_batch();
+}
+template <typename Elem>
+__device__ __forceinline__ void issue_s0_late(const Ctx& c, float (&s)[T::kScoreRegs]) {
+  score_tiles<Elem, T::kVTilesPerWg, T::kRopeTile, false>(c, 0, s);
+  cute::warpgroup_commit_batch();
+}
+// The S GEMM of WG1 (buffer 1): tiles 4-7 first (reloaded by WG1 itself), then 8 and 0-3.
+template <typename Elem>
+__device__ __forceinline__ void issue_s1(const Ctx& c, float (&s)[T::kScoreRegs]) {
+  fence_accumulators(s);
+  score_tiles<Elem, T::kVTilesPerWg, kColBlocks, true>(c, 1, s);
+  score_tiles<Elem, 0, T::kVTilesPerWg, false>(c, 1, s);
+  cute::warpgroup_commit_batch();
+}
+
+// O_half += P V_half with P from registers (the packed S fragment), V = this warpgroup's 4 tiles.
+template <typename Elem>
+__device__ __forceinline__ void pv_local(const Ctx& c, int buf, uint32_t (&pb)[T::kScoreRegs / 2],
+                                         float (&o)[T::kOutRegs]) {
+  fence_fragment(pb);
+  fence_accumulators(o);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int kk = 0; kk < kPageSize / kMmaK; ++kk)
+    gmma_rs<typename GmmaOps<Elem>::OutMmaRegA>(&pb[4 * kk], v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk), o);
+  cute::warpgroup_commit_batch();
+  fence_accumulators(o);
+}
+
+// O_half += P V_half with P from a swizzled 64 x 64 tile in shared memory (the other warpgroup's).
+template <typename Elem>
+__device__ __forceinline__ void pv_remote(const Ctx& c, uint32_t p_tile, int buf, float (&o)[T::kOutRegs]) {
+  fence_accumulators(o);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int kk = 0; kk < kPageSize / kMmaK; ++kk)
+    gmma<typename GmmaOps<Elem>::OutMma>(k_major_desc(p_tile, kk), v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk),
+                                         o, true);
+  cute::warpgroup_commit_batch();
+  fence_accumulators(o);
+}
+
+// On the sequence's last page, rows past its end hold whatever the pool has (NaN included): zero
+// this warpgroup's V tiles there, so that P = 0 cannot meet them as 0 * NaN. Then make the
+// stores visible to the tensor cores of the whole warpgroup. Only a segment's last page can be
+// the sequence's last, so only the tail pairs call this.
+__device__ __forceinline__ void zero_v_tail(const Ctx& c, int buf, int page) {
+  const int valid = c.seg.valid_rows(page);
+  if (valid >= kPageSize) return;  // uniform across the CTA
+  char* tiles = c.s.page[buf][c.wg * T::kVTilesPerWg];
+  constexpr int kChunksPerTileRow = kBlockRowBytes / kChunkBytes;  // 8
+  const int chunks = (kPageSize - valid) * T::kVTilesPerWg * kChunksPerTileRow;
+  for (int i = c.lane_in_wg; i < chunks; i += T::kWarpgroupThreads) {
+    const int chunk = i % kChunksPerTileRow;
+    const int tile = (i / kChunksPerTileRow) % T::kVTilesPerWg;
+    const int row = valid + i / (kChunksPerTileRow * T::kVTilesPerWg);
+    *reinterpret_cast<uint4*>(tiles + tile * kPageTileBytes + row * kBlockRowBytes + chunk * kChunkBytes) =
+        make_uint4(0, 0, 0, 0);
+  }
+  fence_async_proxy();
+  c.warpgroup_sync();
+}
+
+// The segment's output. Each lane holds columns 256 wg + 8n + {2t, 2t+1} of its two rows. Unsplit,
+// the Elem rows of `out` are staged through the page buffers (free once the pairs are done), so
+// global memory sees whole 16-byte chunks of consecutive columns (a quad's 4-byte stores would
+// write half sectors: measured 7.9 µs for a 64-row block's output on the H200); in the staging
+// tile a row's 16-byte chunk k sits at chunk k ^ (row % 8), so the fragment stores hit 32
+// distinct banks. Split, the fp32 partial is stored directly (a quad's float2s fill a sector).
+template <typename Elem>
+__device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&o)[T::kOutRegs],
+                                             const float (&row_max)[2], const float (&total)[2]) {
+  const DecodeParams& p = c.p;
+  const Segment& seg = c.seg;
+  const bool split = seg.num_splits > 1;
+  char* stage = c.s.page[0][0];
+  static_assert(T::kBlockM * kHeadDimV * sizeof(Elem) <= kNumPageBuffers * kColBlocks * kPageTileBytes,
+                "the staging tile must fit in the page buffers");
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = c.rows[i], mrow = m_block * T::kBlockM + r;
+    const bool empty = !(total[i] > 0.f);
+    inv[i] = empty ? 0.f : 1.f / total[i];
+    const float lse = empty ? (split ? -CUDART_INF_F : CUDART_INF_F) : (row_max[i] + __log2f(total[i])) * 0.69314718055994531f;
+    if (c.wg == 0 && c.t == 0 && mrow < p.rows) {
+      if (split) {
+        p.lse_accum[(int64_t(seg.split_slot) * p.h_kv + c.hk) * p.rows + mrow] = lse;
+      } else {
+        const int sq = mrow / p.groups, head = c.hk * p.groups + mrow % p.groups;
+        p.lse[(int64_t(seg.b) * p.h_q + head) * p.s_q + sq] = lse;
+      }
+    }
+  }
+  OnlineSoftmax::rescale(o, inv);
+  const int valid_rows = min(T::kBlockM, p.rows - m_block * T::kBlockM);
+  const int swz[2] = {c.rows[0] & 7, c.rows[1] & 7};
+  if (split) {  // float2 stores of a quad already fill whole 32-byte sectors: no staging
+    float(&o_tiles)[T::kOutRegs / 4][4] = reinterpret_cast<float(&)[T::kOutRegs / 4][4]>(o);
+    float* acc = p.out_accum + (int64_t(seg.split_slot) * p.h_kv + c.hk) * p.rows * kHeadDimV;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int mrow = m_block * T::kBlockM + c.rows[i];
+      if (mrow >= p.rows) continue;
+#pragma unroll
+      for (int n = 0; n < T::kOutRegs / 4; ++n)
+        *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN + 2 * c.t) =
+            make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
+    }
+  } else {
+    constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
+#pragma unroll
+    for (int n = 0; n < T::kOutRegs / 4; ++n)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int chunk = c.wg * (T::kColsPerWg / kChunkElems) + n;
+        *reinterpret_cast<uint32_t*>(stage + c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes) + 4 * c.t) =
+            ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
+      }
+    __syncthreads();
+    constexpr int kChunks = kRowBytes16 / kChunkBytes;  // 64 per row
+    for (int i = threadIdx.x; i < valid_rows * kChunks; i += T::kThreads) {
+      const int r = i / kChunks, chunk = i % kChunks, mrow = m_block * T::kBlockM + r;
+      const int sq = mrow / p.groups, head = c.hk * p.groups + mrow % p.groups;
+      Elem* dst = static_cast<Elem*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV;
+      *reinterpret_cast<uint4*>(dst + chunk * kChunkElems) =
+          *reinterpret_cast<const uint4*>(stage + r * kRowBytes16 + ((chunk ^ (r & 7)) * kChunkBytes));
+    }
+  }
+  fence_async_proxy();  // the next segment's TMA loads overwrite the staging tile
+}
+
+// ---- one pair of pages, per warpgroup --------------------------------------------------------
+// The pair's shape is a template so no branch separates a wgmma from its wait (ptxas serializes
+// every wgmma of the kernel otherwise): kHas1 = page j1 exists, kNext0 / kNext1 = pages j0 + 2 /
+// j1 + 2 exist (the next pair's). Steady state <1,1,1>; tails <1,1,0>, <1,0,0>, <0,0,0>.
+
+// WG0. On entry s holds S0 = Q K_j0^T (raw scores); on exit, S0 of the next pair if there is one.
+template <typename Elem, bool kHas1, bool kNext0, bool kNext1>
+__device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
+                                         OnlineSoftmax& sm) {
+  static_assert(kHas1 || !kNext0, "a next pair needs this one complete");
+  static_assert(kNext0 || !kNext1, "page j1 + 2 comes after j0 + 2");
+  const int j1 = j0 + 1;
+  // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
+  const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
+  const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+  // L2 prefetch, L = l2_prefetch_pairs pairs ahead: the pair j0 + 2L, whose TMA loads are issued
+  // during pair j0 + 2L - 2 (the prologue covered the pairs before it).
+  if (kNext1 && c.issuer() && c.p.l2_prefetch_pairs > 0) c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
+
+  // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
+  float page_max[2], alpha[2], base[2];
+  OnlineSoftmax::to_log2(s, c.p.scale_log2, (j0 + 1) * kPageSize > c.min_limit, j0 * kPageSize, c.t, c.limit,
+                         page_max);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) sm.row_max[i] = c.s.row_max[c.rows[i]];
+  sm.advance(page_max, alpha, base);
+  __syncwarp();
+  if (c.t == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      c.s.row_max[c.rows[i]] = sm.row_max[i];
+      c.s.exchange.pair.scale0[c.rows[i]] = alpha[i];
+    }
+  }
+  handoff(T::kScale0Ready);
+  sm.exponentiate(s, base, alpha);
+  OnlineSoftmax::rescale(o, alpha);
+  uint32_t pb[T::kScoreRegs / 2];
+  const float one[2] = {1.f, 1.f};
+  pack_fragment<Elem>(s, pb, one);
+
+  // O_L += P0 V0L.
+  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+  pv_local<Elem>(c, 0, pb, o);
+  cute::warpgroup_wait<0>();
+  fence_accumulators(o);
+
+  // WG1's scale1 (also: every WG0 warp is done with buffer 0's tiles 0-3 and 8) -> reload them.
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
+  if constexpr (kNext0) {
+    if (c.issuer()) {
+      c.load(0, id0, 0, T::kVTilesPerWg);
+      c.load(0, id0, T::kRopeTile, kColBlocks);
+    }
+  }
+  float sc1[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
+  pack_fragment<Elem>(s, pb, sc1);
+  store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, pb);
+  fence_async_proxy();
+  handoff(T::kP0Ready);
+  OnlineSoftmax::rescale(o, sc1);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
+
+  if constexpr (kHas1) {
+    // O_L += P1 V1L (P1 in buffer 1's rope tile).
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
+    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+    pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
+    // Next S0, first part, behind it; then buffer 1's tiles 0-3, 8 are free once O_L += P1 V1L is.
+    if constexpr (kNext0) {
+      issue_s0_early<Elem>(c, s);
+      cute::warpgroup_wait<1>();
+    } else {
+      cute::warpgroup_wait<0>();
+    }
+    fence_accumulators(o);
+    if constexpr (kNext1) {
+      c.warpgroup_sync();
+      if (c.issuer()) {
+        c.load(1, id1, 0, T::kVTilesPerWg);
+        c.load(1, id1, T::kRopeTile, kColBlocks);
+      }
+    }
+    if constexpr (kNext0) {
+      issue_s0_late<Elem>(c, s);
+      cute::warpgroup_wait<0>();
+      fence_accumulators(s);
+      c.phase ^= 1;
+    }
+  }
+  SEESAW_TRACE(c, kEvPair);
+}
+
+// WG1. On entry s holds S1 = Q K_j1^T if page j1 exists; on exit, S1 of the next pair if any.
+template <typename Elem, bool kHas1, bool kNext0, bool kNext1>
+__device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
+                                         OnlineSoftmax& sm) {
+  const int j1 = j0 + 1;
+  const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
+  const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+
+  float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+  if constexpr (kHas1)
+    OnlineSoftmax::to_log2(s, c.p.scale_log2, (j1 + 1) * kPageSize > c.min_limit, j1 * kPageSize, c.t, c.limit,
+                           page_max);
+
+  // The pair's max after WG0's page, then after ours; WG0 picks up scale1.
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kScale0Ready);
+  float sc0[2], alpha[2], base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    sm.row_max[i] = c.s.row_max[c.rows[i]];
+    sc0[i] = c.s.exchange.pair.scale0[c.rows[i]];
+  }
+  sm.advance(page_max, alpha, base);
+  __syncwarp();
+  if (c.t == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      c.s.row_max[c.rows[i]] = sm.row_max[i];
+      c.s.exchange.pair.scale1[c.rows[i]] = alpha[i];
+    }
+  }
+  handoff(T::kScale1Ready);
+  const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
+  OnlineSoftmax::rescale(o, scale_o);
+
+  if constexpr (kHas1) {
+    // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
+    sm.exponentiate(s, base, scale_o);
+    uint32_t pb[T::kScoreRegs / 2];
+    const float one[2] = {1.f, 1.f};
+    pack_fragment<Elem>(s, pb, one);
+    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+    fence_async_proxy();
+    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+    pv_local<Elem>(c, 1, pb, o);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+  }
+
+  // O_R += P0' V0R.
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+  if constexpr (kHas1) handoff(T::kP1Ready);
+
+  // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
+  if constexpr (kNext1) {
+    cute::warpgroup_wait<1>();
+    fence_accumulators(o);
+    c.warpgroup_sync();
+    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+  }
+  cute::warpgroup_wait<0>();
+  fence_accumulators(o);
+  if constexpr (kNext0) {
+    c.warpgroup_sync();
+    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+  }
+  if constexpr (kNext1) {
+    issue_s1<Elem>(c, s);
+    cute::warpgroup_wait<0>();
+    fence_accumulators(s);
+    c.phase ^= 1;
+  }
+  SEESAW_TRACE(c, kEvPair);
+}
+
+// All pairs of the segment [ps, pe) for warpgroup WG: the steady state, then the tail shape.
+template <typename Elem, int WG>
+__device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
+                                          OnlineSoftmax& sm) {
+  const int pe = c.seg.end_page;
+  auto pair = [&](auto has1, auto next0, auto next1, int j0) {
+    if constexpr (WG == 0)
+      wg0_pair<Elem, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
+    else
+      wg1_pair<Elem, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
+  };
+  using Y = std::true_type;
+  using N = std::false_type;
+  int j0 = c.seg.first_page;
+#pragma unroll 1
+  for (; j0 + 3 < pe; j0 += 2) pair(Y{}, Y{}, Y{}, j0);
+  if (j0 + 2 < pe) {  // three pages left: a full pair, then a lone page
+    pair(Y{}, Y{}, N{}, j0);
+    pair(N{}, N{}, N{}, j0 + 2);
+  } else if (j0 + 1 < pe) {
+    pair(Y{}, N{}, N{}, j0);
+  } else if (j0 < pe) {
+    pair(N{}, N{}, N{}, j0);
+  }
+}
+
+}  // namespace seesaw
+
+template <typename Elem>
+__global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap page_map) {
+  using namespace seesaw;
+  extern __shared__ char smem_raw[];
+  Plan& plan = aligned_plan<Plan>(smem_raw);
+
+  const int m_block = blockIdx.x, part = blockIdx.z;
+  const int warp_in_wg = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  Ctx c{plan, p, &page_map};
+  c.wg = threadIdx.x / T::kWarpgroupThreads;
+  c.lane_in_wg = threadIdx.x % T::kWarpgroupThreads;
+  c.t = lane % 4;
+  c.rows[0] = warp_in_wg * kMmaM + lane / 4;
+  c.rows[1] = c.rows[0] + 8;
+  c.hk = blockIdx.y;
+  c.phase = 0;
+#ifdef KVPAGER_TRACE
+  c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
+  c.trace_n = 0;
+#endif
+  SEESAW_TRACE(c, kEvStart);
+
+  if (threadIdx.x == 0) {
+    cute::prefetch_tma_descriptor(&page_map);
+#pragma unroll
+    for (int buf = 0; buf < kNumPageBuffers; ++buf)
+#pragma unroll
+      for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+
+  for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
+    c.seg = sched.segment();
+    const int ps = c.seg.first_page, pe = c.seg.end_page;
+    __syncthreads();  // the previous segment is done with every buffer (and the barriers are set up)
+    SEESAW_TRACE(c, kEvSegment);
+
+    // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
+    if (threadIdx.x == 0) {
+      if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
+      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      if (p.l2_prefetch_pairs > 1) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
+    }
+    load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
+    cute::cp_async_fence();
+    if (threadIdx.x < T::kBlockM) plan.row_max[threadIdx.x] = -CUDART_INF_F;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);
+    c.min_limit = row_limit(p, c.seg.seqlen, m_block * T::kBlockM);
+    cute::cp_async_wait<0>();
+    fence_async_proxy();  // Q was written through the generic proxy; wgmma reads it through the async one
+    __syncthreads();
+    SEESAW_TRACE(c, kEvQ);
+
+    float o[T::kOutRegs];
+#pragma unroll
+    for (int i = 0; i < T::kOutRegs; ++i) o[i] = 0.f;
+    float s[T::kScoreRegs];  // defined before the first wgmma reads it (else ptxas serializes them all)
+#pragma unroll
+    for (int i = 0; i < T::kScoreRegs; ++i) s[i] = 0.f;
+    OnlineSoftmax sm;
+    sm.reset();
+
+    if (c.wg == 0) {
+      if (ps < pe) {
+        issue_s0_early<Elem>(c, s);
+        issue_s0_late<Elem>(c, s);
+        cute::warpgroup_wait<0>();
+        fence_accumulators(s);
+        c.phase ^= 1;
+      }
+      SEESAW_TRACE(c, kEvFirstS);
+      run_pairs<Elem, 0>(c, s, o, sm);
+    } else {
+      if (ps + 1 < pe) {
+        issue_s1<Elem>(c, s);
+        cute::warpgroup_wait<0>();
+        fence_accumulators(s);
+        c.phase ^= 1;
+      }
+      SEESAW_TRACE(c, kEvFirstS);
+      run_pairs<Elem, 1>(c, s, o, sm);
+    }
+
+    SEESAW_TRACE(c, kEvLoopEnd);
+    if (sched.last()) allow_dependent_launch();
+
+    // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
+    float total[2];
+    __syncthreads();  // every pair's exchange (and every read of the page buffers) is over
+    cta_row_sum(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
+    const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
+    store_output<Elem>(c, m_block, o, row_max, total);
+    SEESAW_TRACE(c, kEvEpilogue);
+  }
+#ifdef KVPAGER_TRACE
+  if (c.trace) {
+    const uint64_t t0 = g_trace[c.wg][0] & 0xffffffffffffull;
+    for (int i = 0; i < c.trace_n; ++i)
+      printf("TRACE part %d wg %d #%d event %d cycle %llu\n", part, c.wg, i, int(g_trace[c.wg][i] >> 48),
+             (unsigned long long)((g_trace[c.wg][i] & 0xffffffffffffull) - t0));
+  }
+#endif
+}
+
+}  // namespace kvpager

@@ -1,0 +1,107 @@
+"""The fused FP8 decode's arithmetic, checked on the host with the kernel's own code.
+
+tests/kernels/fp8_twin.cpp includes kernels/csrc/fp8_dequant.cuh and fp8_lane.h (host-compilable:
+the device instructions have host twins there) and is built here with the C++ compiler:
+- its dequantization of every e4m3 byte under every power-of-two scale (and 0, inf, NaN, and scales
+  that are bf16 numbers), in both forms (two bf16 multiplies, or one when the scale is <= 2^7),
+  equals kvpager.fp8.dequantize bit for bit, except the documented one: NaN codes read as
+  +-480 * scale (NaN only when the scale is);
+- one page through every warp's and lane's fragments (emulated mma.m16n8k16 / movmatrix) gives
+  S = Q K^T and P V exactly (double sums), so the kernel's index math is right by construction.
+What this cannot see: the GPU's own instructions (tests/gpu/test_fp8_gpu.py runs those).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpager import fp8
+
+ROOT = Path(__file__).resolve().parents[2]
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler for the host twin")
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    exe = tmp_path_factory.mktemp("twin") / "fp8_twin"
+    subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+                    f"-I{ROOT / 'kernels' / 'csrc'}", str(ROOT / "tests" / "kernels" / "fp8_twin.cpp"),
+                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
+    return exe
+
+
+def twin_dequantize(exe: Path, packed: torch.Tensor, tmp_path: Path, mode: str) -> torch.Tensor:
+    src, dst = tmp_path / "rows.bin", tmp_path / "out.bin"
+    src.write_bytes(packed.contiguous().numpy().tobytes())
+    subprocess.run([str(exe), mode, str(src), str(dst), str(packed.shape[0])], check=True, timeout=60)
+    raw = torch.frombuffer(bytearray(dst.read_bytes()), dtype=torch.int16)
+    return raw.view(torch.bfloat16).view(packed.shape[0], fp8.HEAD_DIM)
+
+
+def rows_for(scales: list[float], seed: int) -> torch.Tensor:
+    """One row per (scale, shift): latent bytes (i + shift) % 256, so every byte value appears in
+    every group position class, the same scale in all 4 groups; random bf16 RoPE."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for scale in scales:
+        for shift in (0, 1, 77):
+            row = torch.empty(fp8.TOKEN_BYTES, dtype=torch.uint8)
+            row[:fp8.SCALES_OFFSET] = ((torch.arange(fp8.LATENT_DIM) + shift) % 256).to(torch.uint8)
+            row[fp8.SCALES_OFFSET:fp8.ROPE_OFFSET] = torch.full((fp8.NUM_GROUPS,), scale).view(torch.uint8)
+            rope = (torch.randn(fp8.ROPE_DIM, generator=gen) * 10).bfloat16()
+            row[fp8.ROPE_OFFSET:] = rope.view(torch.uint8)
+            rows.append(row)
+    return torch.stack(rows)
+
+
+POWERS = [2.0**k for k in range(-20, 128)]
+
+
+MODES = ["dequant", "dequant-folded"]  # two bf16 multiplies; one where the scale is <= 2^7
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dequant_equals_kvpager_fp8_bit_for_bit(twin, tmp_path, mode):
+    packed = rows_for(POWERS + [0.0, -0.0, math.inf, math.nan, 100.0, 0.75], seed=0)
+    got = twin_dequantize(twin, packed, tmp_path, mode)
+    want = fp8.dequantize(packed, torch.bfloat16)
+    nan_code = (packed[:, :fp8.SCALES_OFFSET] & 0x7F) == 0x7F
+    scale = packed[:, fp8.SCALES_OFFSET:fp8.ROPE_OFFSET].contiguous().view(torch.float32)
+    exception = nan_code & ~scale.isnan().repeat_interleave(fp8.GROUP_SIZE, dim=1)
+    rule = torch.cat([~exception, torch.ones(len(packed), fp8.ROPE_DIM, dtype=torch.bool)], dim=1)
+    both_nan = got.isnan() & want.isnan()
+    same_bits = got.view(torch.int16) == want.view(torch.int16)
+    assert bool((both_nan | same_bits)[rule].all()), "twin differs from kvpager.fp8.dequantize"
+    # The documented exception: e4m3 NaN codes beside a scale that is not NaN read as +-480 * scale.
+    sign = torch.where(packed[:, :fp8.SCALES_OFFSET] >= 0x80, -1.0, 1.0)
+    expected = (sign * 480.0 * scale.repeat_interleave(fp8.GROUP_SIZE, dim=1)).bfloat16()
+    assert torch.equal(got[:, :fp8.SCALES_OFFSET][exception], expected[exception])
+    assert bool(want[:, :fp8.SCALES_OFFSET][exception].isnan().all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dequant_of_quantized_latents_is_exact(twin, tmp_path, mode):
+    """What a pool holds (kvpager.fp8.quantize of bf16 latents over many magnitudes, zero groups,
+    zero-filled rows) reads back identically."""
+    gen = torch.Generator().manual_seed(1)
+    kv = torch.randn(512, fp8.HEAD_DIM, generator=gen)
+    kv = kv * torch.exp2(torch.randint(-30, 30, (512, 1), generator=gen).float())
+    kv[::5, :fp8.GROUP_SIZE] = 0.0
+    packed = fp8.quantize(kv.bfloat16())
+    packed[::9] = 0  # a zero-filled row (past a sequence's end) reads as zeros
+    got = twin_dequantize(twin, packed, tmp_path, mode)
+    want = fp8.dequantize(packed, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert bool((got[::9] == 0).all())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fragments_compute_s_and_pv(twin, seed):
+    res = subprocess.run([str(twin), "fragments", str(seed)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
