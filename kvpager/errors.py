@@ -102,6 +102,11 @@ class EngineDead(KVPagerError, RuntimeError):
     """The AsyncEngine's step loop stopped after an unexpected error; requests cannot run."""
 
 
+class ReentrantStep(KVPagerError, RuntimeError):
+    """Engine.step() (or iterating a handle) from inside a step: an on_token callback must not
+    step the engine it is called by."""
+
+
 class UnknownRequest(KVPagerError, KeyError):
     """A request id the engine has never seen."""
 

@@ -111,5 +111,6 @@ class Bookkeeping:
         try:
             req.on_token(req.request_id, token)
         except Exception:  # a broken consumer must not take the engine down
-            logger.exception("on_token callback of request %r raised; aborting it", req.request_id)
-            self.retire(req, Status.ABORTED, "abort", self.clock())
+            logger.exception("on_token callback of request %r raised; it ends with "
+                             "finish_reason 'error'", req.request_id)
+            self.retire(req, Status.ABORTED, "error", self.clock())

@@ -11,13 +11,18 @@ draft tokens proposed by prompt lookup (the longest recent n-gram match in the r
 tokens; model-free). The model returns logits for all 1 + k positions; drafts are accepted while
 they equal the token sampled at the previous position, so the output is exactly what one-token
 decoding would produce, one or more tokens per step.
+
+Failures (a model call, the sampler or an on_token callback raising, NaN logits, a device
+error) end exactly the requests the failed work was for, with finish_reason "error", and the
+step goes on for everyone else: see Engine.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable, Iterable, Sequence as Seq
 
 import numpy as np
 import torch
@@ -30,8 +35,11 @@ from kvpager.runtime.checks import (check_engine_args, check_prompt, check_reque
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.protocol import DecodeBatch, Model, PrefillChunk
 from kvpager.runtime.request import Request, RequestHandle, SamplingParams, Status, Timings
-from kvpager.runtime.sampling import make_generator, sample_batch, sample_row
+from kvpager.runtime.sampling import make_generator, sample_batch
 from kvpager.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan, check_fits
+from kvpager.runtime.step_gate import StepGate
+
+logger = logging.getLogger("kvpager")
 
 
 class Engine:
@@ -42,6 +50,27 @@ class Engine:
     are dropped at once; its handle keeps the outputs), and `metrics` keeps aggregates and
     latency reservoirs, not per-step series (`full_metrics=True` keeps those, as the simulator
     does).
+
+    A failing step changes nothing for the requests it did not fail for. Each piece of model
+    work is a unit: one prefill chunk (its own model call), or the whole decode batch (one
+    call, its MLA metadata and inputs included). When a unit raises (a model bug, a device
+    error), the requests it computed for end with status ABORTED and finish_reason "error"; a
+    row with NaN logits, or whose sampler raised, ends the same way, alone; so does a request
+    whose on_token callback raised. Their pages and decode rows are freed before step()
+    returns, they emit no token of the failed step, and every other request continues as if
+    nothing happened (its KV and tokens were never touched). Undoing the step instead would
+    need the scheduler's preemptions and reservations rolled back, and would retry a
+    deterministic failure forever; ending the failed requests bounds the damage to them.
+
+    Threads: submit(), abort() and generate() are safe from any thread, and step() from any
+    one thread at a time (others wait), all through a StepGate (runtime/step_gate.py). A
+    submit or abort made while no other thread is inside step() applies before it returns (an
+    abort frees the pages at once, as in a single-threaded program); one made during another
+    thread's step is posted and applied at that step's end, so it never waits for a whole step
+    and the step never sees a half-applied change. Iterating a RequestHandle, or generate(),
+    waits for the serving thread's next step when another thread is stepping, and steps itself
+    when nobody is. step() from inside a step (an on_token callback) raises ReentrantStep, so
+    a callback cannot break its request's limits. Callbacks run on the stepping thread.
 
     On the CPU, torch's default intra-op threads make small models (the tiny test model, the
     demo) slow on a busy machine; the first CPU engine of a process logs a warning when torch
@@ -79,6 +108,7 @@ class Engine:
         self._ids = itertools.count()
         self._q_offsets = torch.arange(config.s_q, device=device)
         self._num_sampling = 0  # unfinished requests that do not decode greedily
+        self._gate = StepGate()  # other threads' way in (runtime/step_gate.py)
         if device.type == "cpu":
             warn_cpu_threads()
 
@@ -87,40 +117,126 @@ class Engine:
                request_id: str | None = None, on_token: Callable[[str, int], None] | None = None,
                arrival_time: float | None = None) -> RequestHandle:
         """Queue a request; raises RequestError subclasses for bad input, nothing else changes.
+        Safe from any thread.
 
         prompt_token_ids: ints in [0, vocab_size) (a list, or an integer numpy array / torch
         tensor); params: a SamplingParams (default: greedy, 16 tokens); request_id: a str not
         in use (default: a fresh id, never one in use); on_token(request_id, token): called for
-        every generated token, in order; arrival_time: a finite number on the engine's clock
+        every generated token, in order, on the stepping thread (a callback that raises ends its
+        request with finish_reason "error"); arrival_time: a finite number on the engine's clock
         (default: now)."""
-        params = SamplingParams() if params is None else params
-        prompt = check_prompt(prompt_token_ids, self.model.vocab_size)
-        check_submit_args(params, request_id, on_token, arrival_time)
-        if request_id is None:
-            request_id = str(next(self._ids))
-            while request_id in self.requests:  # never one a user chose
-                request_id = str(next(self._ids))
-        elif request_id in self.requests:
-            raise DuplicateRequest(f"request id {request_id!r} was already submitted; use a new id")
-        check_fits(len(prompt), params.max_new_tokens, self.config, self.allocator.num_pages,
-                   self.page_size)
-        req = Request(request_id, prompt, len(prompt), params,
-                      Timings(self.clock() if arrival_time is None else float(arrival_time)),
-                      on_token=on_token, generator=make_generator(params, self.device))
-        if not params.greedy:
-            self._num_sampling += 1
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+        req = self._prepare(prompt_token_ids, params, request_id, on_token, arrival_time)
+        self._enqueue([req])
         return RequestHandle(req, self)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its pages; aborting a finished request does nothing."""
+        """Stop a request and free its pages; aborting a finished request does nothing. Safe
+        from any thread: applied before it returns unless another thread is inside step(), and
+        then at that step's end."""
         check_request_id(request_id)
-        req = self.requests.get(request_id)
-        if req is None:
-            raise UnknownRequest(f"no request with id {request_id!r} is known: it was never "
-                                 f"submitted, or it finished more than retain_finished="
-                                 f"{self.retain_finished} requests ago")
+        with self._gate.lock:
+            req = self.requests.get(request_id)
+            if req is None:
+                raise UnknownRequest(f"no request with id {request_id!r} is known: it was never "
+                                     f"submitted, or it finished more than retain_finished="
+                                     f"{self.retain_finished} requests ago")
+            if self._gate.in_step_elsewhere():
+                self._gate.posted.append(lambda: self._abort_now(req))
+            else:
+                self._abort_now(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._gate.posted)
+
+    def load(self) -> dict[str, int]:
+        """How busy the engine is now: running and waiting requests, pages used and in the
+        pool, and kv_tokens (tokens whose KV is cached for running requests). O(running).
+        Approximate while another thread steps."""
+        running = list(self.scheduler.running)
+        return {"running": len(running), "waiting": len(self.scheduler.waiting),
+                "pages_used": self.allocator.num_used, "pages_total": self.allocator.num_pages,
+                "kv_tokens": sum(r.num_computed for r in running)}
+
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Run prompts to completion (with anything already queued); their outputs, in order.
+        All or nothing: every prompt and params is checked before any is queued. If waiting is
+        interrupted (KeyboardInterrupt), its requests are aborted."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+            raise RequestError(f"prompts={prompts!r:.40} must be a list of prompts (lists of "
+                               f"token ids)")
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        elif not isinstance(params, Iterable) or len(params := list(params)) != len(prompts):
+            raise RequestError(f"params must be one SamplingParams, None, or one per prompt "
+                               f"({len(prompts)}); got {params!r:.60}")
+        reqs = [self._prepare(p, sp, None, None, None) for p, sp in zip(prompts, params)]
+        self._enqueue(reqs)
+        handles = [RequestHandle(r, self) for r in reqs]
+        try:
+            for h in handles:
+                while not h.finished:
+                    self.advance()
+        except BaseException:
+            for h in handles:
+                h.abort()
+            raise
+        return [h.output_token_ids for h in handles]
+
+    def advance(self) -> None:
+        """Make progress for a thread that waits for tokens: wait for the end of the next step
+        when another thread is serving (it stepped last), else step() (StepGate.wait_for_step)."""
+        if not self._gate.wait_for_step():
+            self.step()
+
+    def step(self) -> StepPlan:
+        """Plan and run one step; returns the plan (what ran, what was preempted). Model,
+        sampler and callback failures end only their requests (see the class docstring).
+        ReentrantStep from inside a step; another thread's call waits for this one.
+
+        Per-request Python for a one-token decode row (the hot case at large batches): one
+        pass in the scheduler, one to gather input ids, one to take the sampled token
+        (Bookkeeping.take_decoded); the decode tables cost O(changed rows)
+        (advance_decode_rows). Measured by `kvpager bench scheduler`."""
+        return self._gate.run_step(self._step, self._drain)
+
+    # --- requests in and out ----------------------------------------------------------------
+    def _prepare(self, prompt_token_ids: object, params: object, request_id: object,
+                 on_token: object, arrival_time: object) -> Request:
+        """A checked Request, not yet queued (request_id None: the engine picks one)."""
+        params = SamplingParams() if params is None else params
+        prompt = check_prompt(prompt_token_ids, self.model.vocab_size)
+        check_submit_args(params, request_id, on_token, arrival_time)
+        check_fits(len(prompt), params.max_new_tokens, self.config, self.allocator.num_pages,
+                   self.page_size)
+        return Request(request_id, prompt, len(prompt), params,
+                       Timings(self.clock() if arrival_time is None else float(arrival_time)),
+                       on_token=on_token, generator=make_generator(params, self.device))
+
+    def _enqueue(self, reqs: list[Request]) -> None:
+        """Queue reqs, all or none: DuplicateRequest if an id is in use (or repeated)."""
+        with self._gate.lock:
+            chosen = [r.request_id for r in reqs if r.request_id is not None]
+            for request_id in chosen:
+                if request_id in self.requests or chosen.count(request_id) > 1:
+                    raise DuplicateRequest(f"request id {request_id!r} was already submitted; "
+                                           f"use a new id")
+            for req in reqs:
+                if req.request_id is None:
+                    req.request_id = str(next(self._ids))
+                    while req.request_id in self.requests:  # never one a user chose
+                        req.request_id = str(next(self._ids))
+                self.requests[req.request_id] = req
+                self._num_sampling += not req.params.greedy
+            add = self.scheduler.add
+            if self._gate.in_step_elsewhere():
+                self._gate.posted.extend(lambda r=r: add(r) for r in reqs)
+            else:
+                for req in reqs:
+                    add(req)
+
+    def _abort_now(self, req: Request) -> None:
         if req.is_done:
             return
         running = req.status is Status.RUNNING
@@ -128,82 +244,97 @@ class Engine:
         if running:
             self.scheduler.remove_running(req)
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+    def _drain(self) -> None:
+        """What other threads posted during the step, in order (the gate's lock is held)."""
+        posted = self._gate.posted
+        for fn in posted:
+            fn()
+        posted.clear()
 
-    def load(self) -> dict[str, int]:
-        """How busy the engine is now: running and waiting requests, pages used and in the
-        pool, and kv_tokens (tokens whose KV is cached for running requests). O(running)."""
-        running = self.scheduler.running
-        return {"running": len(running), "waiting": len(self.scheduler.waiting),
-                "pages_used": self.allocator.num_used, "pages_total": self.allocator.num_pages,
-                "kv_tokens": sum(r.num_computed for r in running)}
-
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[list[int]]:
-        """Run prompts to completion (with anything already queued); their outputs, in order."""
-        if params is None or isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        handles = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        while not all(h.finished for h in handles):
-            self.step()
-        return [h.output_token_ids for h in handles]
-
-    def step(self) -> StepPlan:
-        """Plan and run one step; returns the plan (what ran, what was preempted).
-
-        Per-request Python for a one-token decode row (the hot case at large batches): one
-        pass in the scheduler, one to gather input ids, one to take the sampled token
-        (Bookkeeping.take_decoded); the decode tables cost O(changed rows)
-        (advance_decode_rows). Measured by `kvpager bench scheduler`."""
+    def _step(self) -> StepPlan:
         plan = self.scheduler.schedule()
         self.advance_decode_rows(plan)
         started = now = self.clock()
         book = self.book
+        failed: list[Request] = []  # requests whose model work or sampling failed this step
         new_tokens: list[tuple[Request, list[int]]] = []
         if plan.prefill:
-            for req, logits in self._prefill(plan):
-                if logits is not None:
-                    new_tokens.append((req, [sample_row(logits, req.params, req.generator)]))
+            new_tokens = self._prefill(plan, failed)
             for req, _, n in plan.prefill:
                 book.prefilled(req, n, now)
         # A copy: retiring a request during this step moves the rows (BlockTables.leave).
         reqs = self.decode_tables.handles.copy()
-        decoded = self._decode(reqs) if reqs else None
+        targets = rows = None
+        if reqs:
+            try:
+                targets, rows, bad = self._decode(reqs)
+            except Exception:
+                logger.exception("the decode call for %d requests failed; they end with "
+                                 "finish_reason 'error'", len(reqs))
+                failed.extend(reqs)
+            else:
+                if bad:  # rows without a token: their requests fail, the others take theirs
+                    failed.extend(reqs[i] for i in bad)
+                    keep = [i for i in range(len(reqs)) if i not in bad]
+                    reqs, targets = [reqs[i] for i in keep], [targets[i] for i in keep]
+                    rows = None if rows is None else [rows[i] for i in keep]
         now = self.clock()
+        for req in failed:  # first: they get no token of this step, and their pages go back
+            if not req.is_done:
+                book.retire(req, Status.ABORTED, "error", now)
         generated = 0
         # Emit only once every model call is done: a callback may abort any request.
         for req, tokens in new_tokens:
             generated += book.emit(req, tokens, now)
             if req.status is Status.RUNNING:  # its prefill is done: it decodes from next step
                 self.decode_tables.join(req, req.seq.pages, req.seq.num_tokens)
-        if decoded is not None:
-            generated += self._take_decoded(reqs, *decoded, now)
+        if targets is not None:
+            generated += self._take_decoded(reqs, targets, rows, now)
         book.end_step(plan, now, now - started, generated)
         return plan
 
     # --- model calls ------------------------------------------------------------------------
-    def _prefill(self, plan: StepPlan):
+    def _prefill(self, plan: StepPlan, failed: list[Request]) -> list[tuple[Request, list[int]]]:
         """Each chunk is one model call (a batch of one) on its row of the prefill tables.
-        Yields (request, logits or None)."""
+        Returns (request, [token]) of the chunks that completed a prefill; a chunk whose call
+        or sampling failed puts its request in `failed`."""
         reqs = [req for req, _, _ in plan.prefill]
-        block_table, cache_seqlens = self.prefill_tables.rebuild([r.seq for r in reqs], reqs)
+        try:
+            block_table, cache_seqlens = self.prefill_tables.rebuild([r.seq for r in reqs], reqs)
+        except Exception:
+            logger.exception("building the prefill tables failed; %d requests end with "
+                             "finish_reason 'error'", len(reqs))
+            failed.extend(reqs)
+            return []
+        done = []
         for row, (req, start, n) in enumerate(plan.prefill):
-            table, lens = block_table[row:row + 1], cache_seqlens[row:row + 1]
-            positions = torch.arange(start, start + n, device=self.device)
-            chunk = PrefillChunk(
-                request_id=req.request_id, positions=positions,
-                input_ids=torch.tensor(req.token_ids[start:start + n], dtype=torch.int64,
-                                       device=self.device),
-                slot_mapping=slot_mapping(table, positions[None], self.page_size).view(-1),
-                block_table=table, cache_seqlens=lens, mla_metadata=self.metadata(lens, n),
-                is_last=start + n == req.num_prefill)
-            yield req, self.model.prefill(chunk, self.pool)
+            try:
+                table, lens = block_table[row:row + 1], cache_seqlens[row:row + 1]
+                positions = torch.arange(start, start + n, device=self.device)
+                chunk = PrefillChunk(
+                    request_id=req.request_id, positions=positions,
+                    input_ids=torch.tensor(req.token_ids[start:start + n], dtype=torch.int64,
+                                           device=self.device),
+                    slot_mapping=slot_mapping(table, positions[None], self.page_size).view(-1),
+                    block_table=table, cache_seqlens=lens, mla_metadata=self.metadata(lens, n),
+                    is_last=start + n == req.num_prefill)
+                logits = self.model.prefill(chunk, self.pool)
+                if logits is not None:
+                    tokens, bad = self.sample(logits.view(1, 1, -1), [req])
+                    if bad:
+                        raise FloatingPointError("NaN logits, or the sampler failed")
+                    done.append((req, tokens[0]))
+            except Exception:
+                logger.exception("prefill of request %r failed; it ends with finish_reason "
+                                 "'error'", req.request_id)
+                failed.append(req)
+        return done
 
-    def _decode(self, reqs: list[Request]) -> tuple[list[list[int]], list[list[int]] | None]:
+    def _decode(self, reqs: list[Request]
+                ) -> tuple[list[list[int]], list[list[int]] | None, list[int]]:
         """One model call for every decoding request; reqs is the decode tables' row order.
-        Returns the sampled tokens [B][s_q] and, in MTP mode, each row's input tokens (last
-        token + drafts)."""
+        Returns the sampled tokens [B][s_q], in MTP mode each row's input tokens (last token +
+        drafts), and the rows that could not be sampled (sample())."""
         s_q = self.config.s_q
         block_table, cache_seqlens = self.decode_tables.view()
         positions = (cache_seqlens.long() - s_q)[:, None] + self._q_offsets
@@ -221,13 +352,15 @@ class Engine:
             mla_metadata=self.metadata(cache_seqlens, s_q),
         )
         logits = self.model.decode(batch, self.pool)
-        return self.sample(logits, reqs), rows
+        tokens, bad = self.sample(logits, reqs)
+        return tokens, rows, bad
 
-    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[list[int]]:
-        """Tokens [B][s_q] from logits [B, s_q, vocab]: sample_batch, without building
-        per-request lists while every row is greedy (the argmax it would take anyway)."""
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[list[int]], list[int]]:
+        """Tokens [B][s_q] from logits [B, s_q, vocab] and the rows without one (NaN logits or
+        a failed sampler: sample_batch), without building per-request lists while every row is
+        greedy."""
         if self._num_sampling == 0:
-            return torch.argmax(logits, dim=-1).tolist()
+            return sample_batch(logits, None)
         return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
 
     def metadata(self, cache_seqlens: torch.Tensor, s_q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,9 +401,9 @@ class Engine:
     def _on_retire(self, req: Request) -> None:
         if req in self.decode_tables:
             self.decode_tables.leave(req)
-        if not req.params.greedy:
-            self._num_sampling -= 1
-        self._forget(req)
+        with self._gate.lock:  # submit() on another thread changes both
+            self._num_sampling -= not req.params.greedy
+            self._forget(req)
 
     def _forget(self, req: Request) -> None:
         """A finished request needs no callback or generator; its bookkeeping goes once

@@ -89,7 +89,8 @@ class Metrics:
         self.queued = Samples(cap, 4)  # arrival -> first admission
         self.output_tokens = 0
         self.finished = 0
-        self.aborted = 0
+        self.aborted = 0  # aborted or failed (finish_reason "error")
+        self.errors = 0  # failed: finish_reason "error"
         self.first_arrival: float | None = None
         # per-step aggregates: folded in by record_step, or from the columns by summary()
         self.num_steps = 0
@@ -122,6 +123,7 @@ class Metrics:
             self.first_arrival = t.arrival
         if req.status is Status.ABORTED:
             self.aborted += 1
+            self.errors += req.finish_reason == "error"
             return
         self.finished += 1
         self.output_tokens += req.num_generated
@@ -155,6 +157,7 @@ class Metrics:
         out = {
             "requests_finished": self.finished,
             "requests_aborted": self.aborted,
+            "requests_failed": self.errors,
             "output_tokens": self.output_tokens,
             "steps": n,
             "elapsed_s": elapsed,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import field_validator, model_validator
 
-from kvpager.errors import RequestError
+from kvpager.errors import RequestError, UnknownRequest
 from kvpager.validation import Int, validated
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Request:
     num_prefill: int = 0  # tokens to prefill on this admission: prompt + output so far
     num_generated: int = 0  # == len(output_token_ids); the simulator only counts
     num_preemptions: int = 0
-    finish_reason: str | None = None  # "length" | "stop" | "abort"
+    finish_reason: str | None = None  # "length" | "stop" | "abort" | "error" (status ABORTED)
     generator: torch.Generator | None = None
     # While num_generated < plain_until the next token cannot finish, stop or stream the
     # request, so the engine's decode loop records it inline (0: always take the full path).
@@ -160,9 +160,11 @@ class Request:
 class RequestHandle:
     """What `Engine.submit` returns: a live, read-only view of one request.
 
-    Iterating a handle streams its tokens: each `next()` returns the next generated token,
-    stepping the engine (which advances every request) while none is ready; it stops when the
-    request finishes or is aborted. For callbacks, pass `on_token=` to `Engine.submit`.
+    Iterating a handle streams its tokens: each `next()` returns the next generated token; while
+    none is ready it waits for the serving thread's next step, or steps the engine itself (which
+    advances every request) when no other thread is stepping (Engine.advance). It stops when the
+    request finishes, is aborted or fails. For callbacks, pass `on_token=` to `Engine.submit`.
+    Safe to use from any thread.
     """
 
     def __init__(self, request: Request, engine: Engine):
@@ -215,7 +217,11 @@ class RequestHandle:
         """Abort the request; nothing happens once it has finished (even after the engine has
         forgotten it)."""
         if not self._request.is_done:
-            self._engine.abort(self.request_id)
+            try:
+                self._engine.abort(self.request_id)
+            except UnknownRequest:  # it finished and was forgotten since the check above
+                if not self._request.is_done:
+                    raise
 
     def __iter__(self) -> Iterator[int]:
         seen = 0
@@ -226,7 +232,7 @@ class RequestHandle:
                 yield out[seen - 1]
             if self._request.is_done:
                 return
-            self._engine.step()
+            self._engine.advance()
 
     def __repr__(self) -> str:
         r = self._request

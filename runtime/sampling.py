@@ -2,9 +2,13 @@
 torch.Generator (so a request's samples do not depend on which batch it ran in)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvpager.runtime.request import SamplingParams
+
+logger = logging.getLogger("kvpager")
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -38,12 +42,27 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[list[int]]:
-    """Tokens for logits float [B, s_q, vocab]: one argmax for every greedy row together,
-    then one sampled row at a time. Returns B lists of s_q token ids."""
-    greedy = torch.argmax(logits, dim=-1).tolist()  # [B][s_q]
+    logits: torch.Tensor, params: list[SamplingParams] | None,
+    generators: list[torch.Generator | None] | None = None,
+) -> tuple[list[list[int]], list[int]]:
+    """Tokens for logits float [B, s_q, vocab]: one max over every row together (the greedy
+    tokens), then one sampled row at a time (params=None: every row is greedy). Returns B lists
+    of s_q token ids and the rows that have no token: NaN logits (a broken model; the row max
+    is NaN exactly then), or a sampler that raised (e.g. +inf logits at a temperature). The
+    caller ends those requests; the other rows are unaffected. Cost beyond an argmax: one
+    isnan over [B, s_q]."""
+    values, tokens = logits.max(dim=-1)
+    broken = torch.isnan(values).any(dim=-1)
+    bad = broken.nonzero().view(-1).tolist() if bool(broken.any()) else []
+    out = tokens.tolist()  # [B][s_q]
+    if params is None:
+        return out, bad
     for b, p in enumerate(params):
-        if not p.greedy:
-            greedy[b] = [sample_row(logits[b, i], p, generators[b]) for i in range(logits.shape[1])]
-    return greedy
+        if p.greedy or b in bad:
+            continue
+        try:
+            out[b] = [sample_row(logits[b, i], p, generators[b]) for i in range(logits.shape[1])]
+        except Exception:  # one broken row must not take the batch down
+            logger.exception("sampling row %d failed; its request ends with 'error'", b)
+            bad.append(b)
+    return out, bad

@@ -59,7 +59,7 @@ def test_bad_configs():
         Engine(MODEL, TinyMLA(num_layers=2).cache_config(4))
 
 
-def test_a_raising_callback_aborts_only_its_request():
+def test_a_raising_callback_ends_only_its_request_with_error():
     eng = Engine(MODEL, MODEL.cache_config(8))
 
     def boom(rid, tok):
@@ -69,5 +69,6 @@ def test_a_raising_callback_aborts_only_its_request():
     ok = eng.submit([3, 4], SamplingParams(max_new_tokens=6))
     while eng.has_unfinished():
         eng.step()
-    assert bad.finish_reason == "abort" and len(ok.output_token_ids) == 6
+    assert bad.finish_reason == "error" and len(ok.output_token_ids) == 6
+    assert eng.metrics.summary()["requests_failed"] == 1
     assert eng.allocator.num_used == 0
