@@ -248,8 +248,9 @@ class AsyncEngine:
         return self.engine.load()
 
     def _fail(self, exc: BaseException) -> None:
-        """A step raised (an engine bug or a device failure): every stream ends with the error,
-        later submits get EngineDead."""
+        """A step raised (an engine bug: model, sampler and callback failures end only their
+        requests, with finish_reason "error"): every stream ends with the error, later submits
+        get EngineDead."""
         logger.exception("AsyncEngine: a step failed; stopping the step loop")
         self._error = exc
         dead = EngineDead(f"the step loop stopped after an error: {exc!r}")

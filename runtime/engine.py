@@ -168,9 +168,12 @@ class Engine:
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        elif not isinstance(params, Iterable) or len(params := list(params)) != len(prompts):
-            raise RequestError(f"params must be one SamplingParams, None, or one per prompt "
-                               f"({len(prompts)}); got {params!r:.60}")
+        elif not isinstance(params, Iterable):
+            raise RequestError(f"params={params!r:.40} must be a SamplingParams, None, or a "
+                               f"list of one per prompt")
+        elif len(params := list(params)) != len(prompts):
+            raise RequestError(f"params holds {len(params)} SamplingParams for {len(prompts)} "
+                               f"prompts; pass one per prompt, or one for all")
         reqs = [self._prepare(p, sp, None, None, None) for p, sp in zip(prompts, params)]
         self._enqueue(reqs)
         handles = [RequestHandle(r, self) for r in reqs]

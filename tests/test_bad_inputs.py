@@ -14,7 +14,8 @@ import torch
 from kvpager import (BlockAllocator, CacheConfig, PagePool, Sequence, flash_mla_with_kvcache,
                      get_mla_metadata)
 from kvpager.errors import (ConfigError, DoubleFree, DuplicateRequest, InvalidArgument,
-                            KVPagerError, RequestError, RequestTooLarge, UnknownRequest)
+                            KVPagerError, ReentrantStep, RequestError, RequestTooLarge,
+                            UnknownRequest)
 from kvpager.runtime.engine import Engine
 from kvpager.runtime.models.tiny import TinyMLA
 from kvpager.runtime.request import SamplingParams
@@ -51,6 +52,21 @@ def duplicate_id():
     eng = engine()
     eng.submit([1], request_id="a")
     eng.submit([2], request_id="a")
+
+
+def step_from_a_callback():
+    eng = engine()
+    raised = []
+
+    def on_token(rid, tok):
+        try:
+            eng.step()
+        except ReentrantStep as exc:
+            raised.append(exc)
+
+    eng.submit([1], SamplingParams(max_new_tokens=1), on_token=on_token)
+    eng.step()
+    raise raised[0]
 
 
 # (input as docs/bad-inputs.md shows it, the call, the error, a regex its message matches)
@@ -152,6 +168,16 @@ CASES = [
     ("submit with a request id in use", duplicate_id, DuplicateRequest, r"'a' was already submitted"),
     ("submit([1] * 300, max_new_tokens=200) (max_model_len 256)",
      submit([1] * 300, SamplingParams(max_new_tokens=200)), RequestTooLarge, r"max_model_len"),
+    ("generate('hello')", lambda: engine().generate("hello"), RequestError,
+     r"prompts='hello' must be a list of prompts"),
+    ("generate([[1], []])", lambda: engine().generate([[1], []]), RequestError, r"empty prompt"),
+    ("generate([[1], [2]], [SamplingParams()])",
+     lambda: engine().generate([[1], [2]], [SamplingParams()]), RequestError, r"1 SamplingParams for 2 prompts"),
+    ("generate([[1], [2]], [SamplingParams(), {'max_new_tokens': 2}])",
+     lambda: engine().generate([[1], [2]], [SamplingParams(), {"max_new_tokens": 2}]),
+     RequestError, r"params must be a SamplingParams, got dict"),
+    ("step() inside an on_token callback", step_from_a_callback, ReentrantStep,
+     r"called from inside a step"),
     ("abort(['a'])", lambda: engine().abort(["a"]), RequestError, r"request_id=\['a'\] \(list\)"),
     ("abort('nope')", lambda: engine().abort("nope"), UnknownRequest, r"'nope' is known"),
 ]

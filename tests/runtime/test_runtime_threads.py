@@ -156,13 +156,13 @@ def test_four_client_threads_submit_and_abort_2000_requests_while_one_thread_ste
     want = alone(unique)
     eng = make_engine(num_pages=48, max_batch=32)
     stepping_threads, errors_seen, handles = set(), [], [[] for _ in range(4)]
-    real_step = eng._step
+    real_step = eng.step
 
     def counted_step():
         stepping_threads.add(threading.get_ident())
         return real_step()
 
-    eng._step = counted_step
+    eng.step = counted_step
     stop, ready = threading.Event(), threading.Event()
 
     def serve():
