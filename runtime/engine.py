@@ -231,11 +231,9 @@ class Engine:
         return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
 
     def metadata(self, cache_seqlens: torch.Tensor, s_q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLA split-KV metadata for one model call, shared by every layer (FlashMLA's
-        is_fp8_kvcache names the cache's format; FP8 and bf16 share one schedule)."""
+        """The MLA split-KV metadata for one model call, shared by every layer."""
         h_kv = self.cache_config.num_kv_heads
-        return get_mla_metadata(cache_seqlens, s_q * self.model.num_heads // h_kv, h_kv,
-                                is_fp8_kvcache=self.pool.is_fp8)
+        return get_mla_metadata(cache_seqlens, s_q * self.model.num_heads // h_kv, h_kv)
 
     def _take_decoded(self, reqs: list[Request], targets: list[list[int]],
                       rows: list[list[int]] | None, now: float) -> int:

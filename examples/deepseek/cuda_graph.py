@@ -9,8 +9,9 @@ request's KV), their logits dropped. The engine's MLA metadata describes B rows,
 runs B_pad, so the metadata is recomputed for the padded lengths (one small kernel) and copied in.
 Prefill is not graphed: it runs eagerly through the wrapped model.
 An FP8 pool (kv_cache_dtype='fp8') needs nothing more: the captured forward quantizes its latents
-on the GPU without a host sync (PagePool.write) and calls the fused FP8 decode, and padding rows
-quantize into the null page like any other.
+on the GPU without a host sync (PagePool.write) and calls the fused FP8 decode, which uses the
+bf16 split-KV schedule (so the metadata is the same), and padding rows quantize into the null
+page like any other.
 """
 from __future__ import annotations
 
@@ -61,8 +62,7 @@ class GraphedDecode:
         st.slot_mapping[b * batch.s_q:bs * batch.s_q].fill_(NULL_PAGE * pool.page_size)
         st.cache_seqlens[b:bs].zero_()
         st.block_table[b:bs].zero_()  # not stale rows of an earlier batch: the null page
-        metadata = get_mla_metadata(st.cache_seqlens[:bs], batch.s_q * self.num_heads, 1,
-                                    is_fp8_kvcache=pool.is_fp8)
+        metadata = get_mla_metadata(st.cache_seqlens[:bs], batch.s_q * self.num_heads, 1)
         if bs not in self.graphs:
             self.graphs[bs] = self._capture(bs, batch.s_q, pool, metadata)
         graph, sbatch, logits = self.graphs[bs]
