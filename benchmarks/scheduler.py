@@ -50,8 +50,8 @@ class FixedLogits:
         self.logits = torch.zeros(batch, s_q, VOCAB)
         self.logits[..., 1] = 1.0
 
-    def prefill(self, chunk, pool):
-        return self.logits[0, 0] if chunk.is_last else None
+    def prefill(self, batch, pool):
+        return self.logits[0, 0].expand(batch.num_logits, VOCAB)
 
     def decode(self, batch, pool):
         return self.logits[:len(batch.request_ids)]

@@ -1,10 +1,13 @@
 """The continuous-batching engine: submit / abort at any time, `step()` runs one scheduled step
 through the model, `generate()` runs an offline batch to completion.
 
-One step: the scheduler plans (admissions, chunks, preemptions, page appends); each prefill chunk
-is one model call (batch of one, causal); all decoding requests are one model call with the block
-table, cache_seqlens and MLA metadata computed once; the engine samples, appends tokens, and
-retires finished requests, freeing their pages before the step returns.
+One step: the scheduler plans (admissions, chunks, preemptions, page appends); the prefill chunks
+share model calls (a PrefillBatch: varlen chunks left-padded to the call's longest, causal,
+grouped so that padding stays bounded: runtime/prefill.py; or one call per chunk with
+SchedulerConfig(batched_prefill=False)); all decoding requests are one model call with the block
+table, cache_seqlens and MLA metadata computed once; the engine samples (and computes the
+logprobs requests asked for), appends tokens, and retires finished requests, freeing their pages
+before the step returns.
 
 MTP / speculative mode (num_speculative_tokens = k > 0): each decode row is the last token plus k
 draft tokens proposed by prompt lookup (the longest recent n-gram match in the request's own
@@ -28,9 +31,11 @@ from kvpager.runtime.bookkeeping import Bookkeeping
 from kvpager.runtime.checks import (check_engine_args, check_prompt, check_request_id,
                                     check_submit_args, warn_cpu_threads)
 from kvpager.runtime.metrics import Metrics
-from kvpager.runtime.models.protocol import DecodeBatch, Model, PrefillChunk
+from kvpager.runtime.models.protocol import DecodeBatch, Model
+from kvpager.runtime.outputs import RequestOutput
+from kvpager.runtime.prefill import build_prefill_batch, group_chunks
 from kvpager.runtime.request import Request, RequestHandle, SamplingParams, Status, Timings
-from kvpager.runtime.sampling import make_generator, sample_batch, sample_row
+from kvpager.runtime.sampling import make_generator, sample_batch, token_logprobs
 from kvpager.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan, check_fits
 
 
@@ -79,6 +84,10 @@ class Engine:
         self._ids = itertools.count()
         self._q_offsets = torch.arange(config.s_q, device=device)
         self._num_sampling = 0  # unfinished requests that do not decode greedily
+        self._num_logprobs = 0  # unfinished requests that asked for logprobs
+        # This step's (request, [(logprob, top-n or None)] per sampled token), recorded once
+        # the tokens are (RequestOutput.logprobs stays aligned with the tokens kept).
+        self._logprobs: list[tuple[Request, list[tuple[float, dict[int, float] | None]]]] = []
         if device.type == "cpu":
             warn_cpu_threads()
 
@@ -109,6 +118,10 @@ class Engine:
                       on_token=on_token, generator=make_generator(params, self.device))
         if not params.greedy:
             self._num_sampling += 1
+        if params.logprobs is not None:
+            self._num_logprobs += 1
+            req.logprobs = []
+            req.top_logprobs = [] if params.logprobs else None
         self.requests[request_id] = req
         self.scheduler.add(req)
         return RequestHandle(req, self)
@@ -140,14 +153,15 @@ class Engine:
                 "kv_tokens": sum(r.num_computed for r in running)}
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[list[int]]:
-        """Run prompts to completion (with anything already queued); their outputs, in order."""
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion (with anything already queued); their RequestOutputs
+        (tokens, finish reason, logprobs if asked, timings), in order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         handles = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
         while not all(h.finished for h in handles):
             self.step()
-        return [h.output_token_ids for h in handles]
+        return [h.output() for h in handles]
 
     def step(self) -> StepPlan:
         """Plan and run one step; returns the plan (what ran, what was preempted).
@@ -162,9 +176,9 @@ class Engine:
         book = self.book
         new_tokens: list[tuple[Request, list[int]]] = []
         if plan.prefill:
-            for req, logits in self._prefill(plan):
-                if logits is not None:
-                    new_tokens.append((req, [sample_row(logits, req.params, req.generator)]))
+            sampled = dict(self._prefill(plan))
+            # in the plan's order (decode rows join in it), whatever order the calls ran in
+            new_tokens = [(req, sampled[req]) for req, _, _ in plan.prefill if req in sampled]
             for req, _, n in plan.prefill:
                 book.prefilled(req, n, now)
         # A copy: retiring a request during this step moves the rows (BlockTables.leave).
@@ -179,26 +193,36 @@ class Engine:
                 self.decode_tables.join(req, req.seq.pages, req.seq.num_tokens)
         if decoded is not None:
             generated += self._take_decoded(reqs, *decoded, now)
+        if self._logprobs:
+            self._record_logprobs()
         book.end_step(plan, now, now - started, generated)
         return plan
 
     # --- model calls ------------------------------------------------------------------------
     def _prefill(self, plan: StepPlan):
-        """Each chunk is one model call (a batch of one) on its row of the prefill tables.
-        Yields (request, logits or None)."""
-        reqs = [req for req, _, _ in plan.prefill]
+        """The step's prefill chunks in the model calls group_chunks makes (one per chunk when
+        batched_prefill is off), on rows of the prefill tables rebuilt in the calls' order, so
+        each call's block_table / cache_seqlens are contiguous rows (views). Yields (request,
+        [sampled token]) for each chunk that completes its request's prefill."""
+        chunks = plan.prefill
+        groups = group_chunks([n for _, _, n in chunks], self.config.prefill_padding)
+        ordered = [chunks[i] for group in groups for i in group]
+        reqs = [req for req, _, _ in ordered]
         block_table, cache_seqlens = self.prefill_tables.rebuild([r.seq for r in reqs], reqs)
-        for row, (req, start, n) in enumerate(plan.prefill):
-            table, lens = block_table[row:row + 1], cache_seqlens[row:row + 1]
-            positions = torch.arange(start, start + n, device=self.device)
-            chunk = PrefillChunk(
-                request_id=req.request_id, positions=positions,
-                input_ids=torch.tensor(req.token_ids[start:start + n], dtype=torch.int64,
-                                       device=self.device),
-                slot_mapping=slot_mapping(table, positions[None], self.page_size).view(-1),
-                block_table=table, cache_seqlens=lens, mla_metadata=self.metadata(lens, n),
-                is_last=start + n == req.num_prefill)
-            yield req, self.model.prefill(chunk, self.pool)
+        first = 0
+        for group in groups:
+            calls = ordered[first:first + len(group)]
+            rows = slice(first, first + len(group))
+            first += len(group)
+            last = [b for b, (req, start, n) in enumerate(calls) if start + n == req.num_prefill]
+            batch = build_prefill_batch(
+                [req.request_id for req, _, _ in calls],
+                [req.token_ids[start:start + n] for req, start, n in calls], last,
+                block_table[rows], cache_seqlens[rows], self.page_size, self.metadata)
+            logits = self.model.prefill(batch, self.pool)
+            if last:
+                done = [calls[b][0] for b in last]
+                yield from zip(done, self._sample(logits[:, None], done))
 
     def _decode(self, reqs: list[Request]) -> tuple[list[list[int]], list[list[int]] | None]:
         """One model call for every decoding request; reqs is the decode tables' row order.
@@ -221,7 +245,19 @@ class Engine:
             mla_metadata=self.metadata(cache_seqlens, s_q),
         )
         logits = self.model.decode(batch, self.pool)
-        return self.sample(logits, reqs), rows
+        return self._sample(logits, reqs), rows
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[list[int]]:
+        """sample(), plus the logprobs of the rows that asked for them (kept for
+        _record_logprobs)."""
+        tokens = self.sample(logits, reqs)
+        if self._num_logprobs:
+            rows = [b for b, r in enumerate(reqs) if r.params.logprobs is not None]
+            if rows:
+                found = token_logprobs(logits[rows], [tokens[b] for b in rows],
+                                       [reqs[b].params.logprobs for b in rows])
+                self._logprobs.extend((reqs[b], entries) for b, entries in zip(rows, found))
+        return tokens
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[list[int]]:
         """Tokens [B][s_q] from logits [B, s_q, vocab]: sample_batch, without building
@@ -229,6 +265,17 @@ class Engine:
         if self._num_sampling == 0:
             return torch.argmax(logits, dim=-1).tolist()
         return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _record_logprobs(self) -> None:
+        """Give each request the logprobs of the tokens it kept this step: the first k of its
+        candidates, k = tokens appended (a stop token, max_new_tokens, an abort or rejected
+        MTP drafts keep fewer than were sampled)."""
+        for req, entries in self._logprobs:
+            kept = entries[:len(req.output_token_ids) - len(req.logprobs)]
+            req.logprobs.extend(lp for lp, _ in kept)
+            if req.top_logprobs is not None:
+                req.top_logprobs.extend(top for _, top in kept)
+        self._logprobs.clear()
 
     def metadata(self, cache_seqlens: torch.Tensor, s_q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLA split-KV metadata for one model call, shared by every layer."""
@@ -270,6 +317,8 @@ class Engine:
             self.decode_tables.leave(req)
         if not req.params.greedy:
             self._num_sampling -= 1
+        if req.params.logprobs is not None:
+            self._num_logprobs -= 1
         self._forget(req)
 
     def _forget(self, req: Request) -> None:

@@ -42,7 +42,9 @@ class SchedulerConfig:
     (decode + prefill chunks); admit_headroom_pages: free pages beyond a prompt required to admit
     it while others run (room for them to grow); num_speculative_tokens: draft tokens per decode
     step (MTP), s_q = 1 + this; max_model_len: prompt + output tokens at most (sets the block
-    table width).
+    table width); batched_prefill: the step's prefill chunks share model calls (False: one call
+    per chunk, the old path, kept to measure against); max_prefill_padding: the largest fraction
+    of a batched prefill call's slots that may be padding (kvpager.runtime.prefill.group_chunks).
 
     Frozen and strict (kvpager.validation): a bad or misspelt field raises ConfigError naming
     it; reading a field costs what a plain dataclass field does (the scheduler reads them every
@@ -53,6 +55,8 @@ class SchedulerConfig:
     admit_headroom_pages: Int = 1
     num_speculative_tokens: Int = 0
     max_model_len: Int = 32768
+    batched_prefill: bool = True
+    max_prefill_padding: float = 0.25
 
     @model_validator(mode="after")
     def _ranges(self) -> "SchedulerConfig":
@@ -62,6 +66,9 @@ class SchedulerConfig:
         for name in ("admit_headroom_pages", "num_speculative_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.max_prefill_padding < 1.0:
+            raise ValueError(f"max_prefill_padding={self.max_prefill_padding} must be in [0, 1) "
+                             f"(0: only equal-length chunks share a prefill call)")
         if self.max_num_batched_tokens < self.max_batch_size * self.s_q:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} cannot decode a full batch "
@@ -72,6 +79,11 @@ class SchedulerConfig:
     @property
     def s_q(self) -> int:
         return 1 + self.num_speculative_tokens
+
+    @property
+    def prefill_padding(self) -> float | None:
+        """group_chunks' max_padding: None (one call per chunk) unless batched_prefill."""
+        return self.max_prefill_padding if self.batched_prefill else None
 
 
 @dataclass

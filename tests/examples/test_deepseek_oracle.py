@@ -71,12 +71,14 @@ class Recorder:
         self.logits: dict[str, list[torch.Tensor]] = {}
         self.batches: list[tuple[str, ...]] = []
         self.prefill_chunks: list[tuple[str, int]] = []
+        self.prefill_batches: list[tuple[int, ...]] = []  # query_lens of each prefill call
 
-    def prefill(self, chunk, pool):
-        self.prefill_chunks.append((chunk.request_id, chunk.num_tokens))
-        out = self.model.prefill(chunk, pool)
-        if out is not None:
-            self.logits.setdefault(chunk.request_id, []).append(out.clone())
+    def prefill(self, batch, pool):
+        self.prefill_chunks += zip(batch.request_ids, batch.query_lens)
+        self.prefill_batches.append(tuple(batch.query_lens))
+        out = self.model.prefill(batch, pool)
+        for b, row in zip(batch.logits_rows.tolist(), out):
+            self.logits.setdefault(batch.request_ids[b], []).append(row.clone())
         return out
 
     def decode(self, batch, pool):
@@ -123,3 +125,5 @@ def test_greedy_tokens_and_logits_match_transformers(models):
     assert any("b" in b for b in model.batches) and not any("b" in b and "e" in b for b in model.batches)
     assert any("e" in b and "a" in b for b in model.batches)
     assert any(n < len(prompts[rid]) for rid, n in model.prefill_chunks), "no chunked prefill happened"
+    # Batched prefill with left padding: one call carried chunks of different lengths.
+    assert any(len(set(lens)) > 1 for lens in model.prefill_batches), model.prefill_batches

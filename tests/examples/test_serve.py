@@ -65,7 +65,7 @@ def expected(prompt: list[int], n: int) -> list[int]:
     """The same request run alone in this process (TinyMLA() is the server's model)."""
     model = TinyMLA()
     engine = Engine(model, model.cache_config(num_pages=32), SchedulerConfig(max_batch_size=4))
-    return engine.generate([prompt], SamplingParams(max_new_tokens=n))[0]
+    return list(engine.generate([prompt], SamplingParams(max_new_tokens=n))[0].token_ids)
 
 
 def get(url: str) -> str:

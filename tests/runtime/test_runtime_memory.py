@@ -27,8 +27,8 @@ class FixedLogits:
         self.row = torch.zeros(8)
         self.row[1] = 1.0
 
-    def prefill(self, chunk, pool):
-        return self.row if chunk.is_last else None
+    def prefill(self, batch, pool):
+        return self.row.expand(batch.num_logits, 8)
 
     def decode(self, batch, pool):
         return self.row.expand(len(batch.request_ids), 1, 8)
