@@ -10,6 +10,7 @@ and thirty 20-token ones are two. The engine runs these calls and the simulator 
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence as Seq
 
 import numpy as np
@@ -54,12 +55,15 @@ def build_prefill_batch(request_ids: list[str], tokens: list[list[int]], logits_
     H2D copy of the ids, then a few small device ops for positions and slots."""
     device = block_table.device
     lens = [len(t) for t in tokens]
-    b, s_q = len(tokens), max(lens)
-    ids = np.zeros((b, s_q), dtype=np.int64)
-    for row, chunk in enumerate(tokens):
-        ids[row, s_q - len(chunk):] = chunk
+    b, s_q, total = len(tokens), max(lens), sum(lens)
+    flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=total)
+    if total == b * s_q:
+        ids = flat.reshape(b, s_q)
+    else:  # the real columns of each row, row-major: the chunks in order
+        ids = np.zeros((b, s_q), dtype=np.int64)
+        ids[np.arange(s_q) >= s_q - np.array(lens)[:, None]] = flat
     positions = (cache_seqlens.long() - s_q)[:, None] + torch.arange(s_q, device=device)
-    if s_q * b == sum(lens):  # no padding
+    if total == b * s_q:  # no padding
         slots = slot_mapping(block_table, positions, page_size).view(-1)
     else:
         pad = positions < (cache_seqlens.long() - torch.tensor(lens, device=device))[:, None]

@@ -56,7 +56,7 @@ class SchedulerConfig:
     num_speculative_tokens: Int = 0
     max_model_len: Int = 32768
     batched_prefill: bool = True
-    max_prefill_padding: float = 0.25
+    max_prefill_padding: float = 0.1
 
     @model_validator(mode="after")
     def _ranges(self) -> "SchedulerConfig":

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="draft tokens per decode step (s_q = 1 + mtp)")
     sched.add_argument("--accept-rate", type=probability, default=0.7,
                        help="MTP draft acceptance rate, in [0, 1]")
+    sched.add_argument("--prefill", choices=("batched", "per-request"), default="batched",
+                       help="prefill chunks share model calls (grouped by length), or one call "
+                            "per chunk; each call costs --per-step-ms")
 
     cost = parser.add_argument_group("cost model (defaults: DeepSeek-V3 on an H100)")
     cost.add_argument("--bandwidth", type=positive_float, default=H100_READ_BANDWIDTH,
@@ -63,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost.add_argument("--num-layers", type=positive_int, default=DEEPSEEK_V3_LAYERS,
                       help="layers whose KV each step reads")
     cost.add_argument("--per-step-ms", type=nonneg_float, default=CostModel.per_step_s * 1e3,
-                      help="fixed cost of a step (launches, weights, sampling)")
+                      help="fixed cost of each model call (launches, weights, sampling); a "
+                           "step makes one decode call and one per prefill batch")
     cost.add_argument("--per-token-us", type=nonneg_float, default=CostModel.per_token_s * 1e6,
                       help="non-attention compute per new token")
 
@@ -118,7 +122,8 @@ def _build(args: argparse.Namespace) -> tuple[Simulator, Workload]:
         config = SchedulerConfig(max_batch_size=args.max_batch_size,
                                  max_num_batched_tokens=args.max_tokens,
                                  admit_headroom_pages=args.headroom_pages,
-                                 num_speculative_tokens=args.mtp, max_model_len=args.max_model_len)
+                                 num_speculative_tokens=args.mtp, max_model_len=args.max_model_len,
+                                 batched_prefill=args.prefill == "batched")
     except ConfigError as exc:
         raise _in_flags(exc) from None
     cost = CostModel(read_bandwidth=args.bandwidth, num_layers=args.num_layers,

@@ -20,6 +20,7 @@ from kvpager.errors import RequestTooLarge
 from kvpager.runtime.bookkeeping import Bookkeeping
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import CostModel
+from kvpager.runtime.prefill import group_chunks, padded_slots
 from kvpager.runtime.request import Request, SamplingParams, Timings
 from kvpager.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan, check_fits
 from kvpager.runtime.workload import Workload
@@ -87,9 +88,13 @@ class Simulator:
         how many requests finished."""
         s_q, book = self.config.s_q, self.book
         kv_read = plan.decode_kv_tokens + sum(start + n for _, start, n in plan.prefill)
-        new_tokens = plan.num_prefill_tokens + s_q * len(plan.decode)
+        # the engine's prefill calls (CostModel: the batched form)
+        lengths = [n for _, _, n in plan.prefill]
+        groups = group_chunks(lengths, self.config.prefill_padding)
+        new_tokens = plan.num_prefill_tokens + padded_slots(lengths, groups) + s_q * len(plan.decode)
+        calls = len(groups) + (1 if plan.decode else 0)
         start_time = self.clock
-        self.clock = now = start_time + self.cost.step_time(kv_read, new_tokens)
+        self.clock = now = start_time + self.cost.step_time(kv_read, new_tokens, calls)
         generated = 0
         for req, start, n in plan.prefill:
             book.prefilled(req, n, start_time)
