@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="sample at this temperature (0: greedy)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="demo weights, prompts and sampling")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the decode step from CUDA graphs")
+    parser.add_argument("--prefill", choices=("batched", "per-request", "both"), default="batched",
+                        help="prefill chunks share model calls, or one call per chunk (the path "
+                             "before batched prefill); both: run each, same prompts, and compare")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads for torch (1: the demo's small matrices gain nothing "
                              "from more, and OpenMP threads stall badly on a busy machine)")
@@ -83,20 +86,32 @@ def run(args: argparse.Namespace) -> int:
           f"on {device}, {str(dtype).removeprefix('torch.')}")
     print(f"MLA: {mla_path(device, dtype)}")
 
-    engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype)
-    if args.cuda_graphs:
-        engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
-    if device.type == "cuda":  # the same run once untimed: CUDA / cuBLAS start-up, graph capture
-        timed_generate(engine, prompts, params)
-    result = timed_generate(engine, prompts, params)
-
     mode = "greedy" if params[0].greedy else f"temperature {args.temperature}"
     graphs = ", CUDA graphs" if args.cuda_graphs else ""
     print(f"batch {args.batch}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"{args.max_new_tokens} new tokens each, {mode}{graphs}")
-    print(f"decode: {result.decode_tokens_per_s:,.1f} tokens/s ({result.decode_tokens} tokens in "
-          f"{result.decode_seconds:.2f} s); whole run incl. prefill {result.seconds:.2f} s")
+    results = {}
+    for prefill in (("per-request", "batched") if args.prefill == "both" else (args.prefill,)):
+        engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype,
+                              batched_prefill=prefill == "batched")
+        if args.cuda_graphs:
+            engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
+        if device.type == "cuda":  # the same run once untimed: CUDA / cuBLAS start-up, graph capture
+            timed_generate(engine, prompts, params)
+        result = results[prefill] = timed_generate(engine, prompts, params)
+        print(f"prefill ({prefill}): {result.prefill_tokens_per_s:,.1f} tokens/s "
+              f"({result.prefill_tokens} tokens in {result.prefill_seconds:.2f} s, "
+              f"{result.prefill_calls} model calls; steps with prefill, their decode rows included)")
+        print(f"decode: {result.decode_tokens_per_s:,.1f} tokens/s ({result.decode_tokens} tokens in "
+              f"{result.decode_seconds:.2f} s); whole run incl. prefill {result.seconds:.2f} s")
+        del engine  # its pool, before the next one is built
+    if len(results) == 2:
+        old, new = results["per-request"], results["batched"]
+        same = sum(a == b for x, y in zip(old.outputs, new.outputs) for a, b in zip(x, y))
+        print(f"batched / per-request prefill tokens/s: "
+              f"{new.prefill_tokens_per_s / old.prefill_tokens_per_s:.2f}x; tokens equal in "
+              f"{same} of {sum(map(len, old.outputs))} positions")
     for i, out in enumerate(result.outputs[:3]):
         print(f"  request {i}: prompt {len(prompts[i])} tokens -> {out[:12]}{' …' if len(out) > 12 else ''}")
     return 0

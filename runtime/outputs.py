@@ -58,13 +58,16 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """One item of `async for chunk in stream`: the tokens generated since the previous chunk;
-    the last chunk has finished=True and carries the whole RequestOutput."""
+    """One item of `async for chunk in stream`: the tokens generated since the previous chunk
+    (and their logprobs / top_logprobs when SamplingParams asked, else None); the last chunk has
+    finished=True and carries the whole RequestOutput."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
     finished: bool
     output: RequestOutput | None = None
+    new_logprobs: tuple[float, ...] | None = None
+    new_top_logprobs: tuple[dict[int, float], ...] | None = None
 
     @property
     def finish_reason(self) -> str | None:

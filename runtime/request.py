@@ -208,6 +208,13 @@ class RequestHandle:
         """The tokens generated after the first `start`: O(new tokens), for streaming."""
         return self._request.output_token_ids[start:]
 
+    def logprobs_since(self, start: int) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+        """The logprobs and top_logprobs of the tokens after the first `start` (None when the
+        request did not ask for them): O(new tokens), for streaming."""
+        r = self._request
+        return (None if r.logprobs is None else r.logprobs[start:],
+                None if r.top_logprobs is None else r.top_logprobs[start:])
+
     def output(self) -> RequestOutput:
         """A snapshot of the request as a RequestOutput (final once `finished`)."""
         from kvpager.runtime.outputs import RequestOutput

@@ -11,6 +11,7 @@ from kvpager import kernels
 from kvpager.config import CacheConfig
 from kvpager.errors import ConfigError
 from kvpager.runtime.engine import Engine
+from kvpager.runtime.prefill import group_chunks
 from kvpager.runtime.request import SamplingParams
 from kvpager.runtime.scheduler import SchedulerConfig, pages_for
 
@@ -32,11 +33,13 @@ def mla_path(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
-                 spare_pages: int = 1, token_budget: int = TOKEN_BUDGET) -> Engine:
+                 spare_pages: int = 1, token_budget: int = TOKEN_BUDGET,
+                 batched_prefill: bool = True) -> Engine:
     """An engine whose pool holds max_batch sequences of max_model_len tokens (+ spare_pages,
     e.g. the CUDA-graph padding page), in `dtype` on the model's device. A step takes at most
     token_budget new tokens (at least one per running request), so a long prompt is prefilled
-    in chunks of about that size: its activations stay O(token_budget), whatever its length."""
+    in chunks of about that size: its activations stay O(token_budget), whatever its length.
+    batched_prefill=False runs one model call per prefill chunk (the path before batching)."""
     limit = model.config.max_position_embeddings
     if max_model_len > limit:
         raise ConfigError(f"max_model_len={max_model_len} exceeds the model's "
@@ -45,7 +48,8 @@ def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: t
     cache = CacheConfig(num_layers=model.num_layers, num_pages=num_pages, page_size=PAGE_SIZE,
                         dtype=dtype, device=str(model.device))
     sched = SchedulerConfig(max_batch_size=max_batch, max_model_len=max_model_len,
-                            max_num_batched_tokens=max(token_budget, max_batch))
+                            max_num_batched_tokens=max(token_budget, max_batch),
+                            batched_prefill=batched_prefill)
     return Engine(model, cache, sched)
 
 
@@ -63,18 +67,28 @@ class RunResult:
     decode_seconds: float       # steps with no prefill chunk
     decode_tokens: int          # tokens generated in those steps
     decode_steps: int
+    prefill_seconds: float = 0.0  # steps with prefill chunks (their decode rows included)
+    prefill_tokens: int = 0       # prompt tokens prefilled in those steps
+    prefill_calls: int = 0        # model.prefill calls in those steps
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
 
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+
 
 def timed_generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> RunResult:
     """Submit every prompt (with its params), step to completion; time pure-decode steps apart
-    from prefill ones."""
+    from steps with prefill chunks (all prompts arrive at once, so those are mostly prefill)."""
     handles = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     decode_s, decode_tokens, decode_steps = 0.0, 0, 0
+    prefill_s, prefill_tokens = 0.0, 0
+    groups = engine.config.prefill_padding
+    prefill_calls = 0
     sync()
     start = time.perf_counter()
     while not all(h.finished for h in handles):
@@ -85,5 +99,9 @@ def timed_generate(engine: Engine, prompts: list[list[int]], params: list[Sampli
             decode_s += time.perf_counter() - t0
             decode_tokens += len(plan.decode)
             decode_steps += 1
+        else:
+            prefill_s += time.perf_counter() - t0
+            prefill_tokens += plan.num_prefill_tokens
+            prefill_calls += len(group_chunks([n for _, _, n in plan.prefill], groups))
     return RunResult([h.output_token_ids for h in handles], time.perf_counter() - start,
-                     decode_s, decode_tokens, decode_steps)
+                     decode_s, decode_tokens, decode_steps, prefill_s, prefill_tokens, prefill_calls)
