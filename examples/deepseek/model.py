@@ -1,7 +1,7 @@
 """A compact DeepSeek-V3-architecture causal LM that runs on kvpager's paged latent cache.
 
-It implements kvpager.runtime's model Protocol (runtime/models/protocol.py): `prefill(chunk,
-pool)` and `decode(batch, pool)` write each layer's latent KV through the slot mapping and
+It implements kvpager.runtime's model Protocol (runtime/models/protocol.py): `prefill(batch,
+pool)` (several requests' chunks, left-padded) and `decode(batch, pool)` write each layer's latent KV through the slot mapping and
 attend with kvpager.mla over the pages; the engine owns pages, tables, metadata and sampling.
 Module and parameter names mirror transformers' DeepseekV3ForCausalLM, so a checkpoint's
 state dict loads unchanged (weights.py).
