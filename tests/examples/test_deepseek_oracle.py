@@ -98,9 +98,12 @@ def test_greedy_tokens_and_logits_match_transformers(models):
     gen = torch.Generator().manual_seed(1)
     prompts = {rid: torch.randint(2, VOCAB, (n,), generator=gen).tolist() for rid, n, _, _ in REQUESTS}
     model = Recorder(ours)
-    # A 48-token step budget splits the 64/70-token prompts into chunks (causal prefill at an offset).
+    # A 48-token step budget splits the 64/70-token prompts into chunks (causal prefill at an offset);
+    # padding up to half a prefill call lets chunks of very different lengths share one (the
+    # shorter rows' padding columns see no key at all).
     engine = Engine(model, CacheConfig(num_layers=ours.num_layers, num_pages=32, dtype="float32"),
-                    SchedulerConfig(max_batch_size=4, max_num_batched_tokens=48, max_model_len=256))
+                    SchedulerConfig(max_batch_size=4, max_num_batched_tokens=48, max_model_len=256,
+                                    max_prefill_padding=0.5))
     handles, step = {}, 0
     while len(handles) < len(REQUESTS) or not all(h.finished for h in handles.values()):
         for rid, _, new, at in REQUESTS:
