@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="sample at this temperature (0: greedy)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="demo weights, prompts and sampling")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the decode step from CUDA graphs")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="reuse cached prompt prefixes; also report the time to first token of "
+                             "a request whose prompt was just served, with caching on and off")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads for torch (1: the demo's small matrices gain nothing "
                              "from more, and OpenMP threads stall badly on a busy machine)")
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpager.errors import ConfigError
     from kvpager.examples.deepseek.config import load_config
     from kvpager.examples.deepseek.cuda_graph import GraphedDecode
-    from kvpager.examples.deepseek.runner import build_engine, mla_path, random_prompts, timed_generate
+    from kvpager.examples.deepseek.runner import (build_engine, mla_path, random_prompts,
+                                                  shared_prompt_ttft, timed_generate)
     from kvpager.examples.deepseek.weights import demo_model_dir, load_model
     from kvpager.runtime.request import SamplingParams
 
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
           f"on {device}, {str(dtype).removeprefix('torch.')}")
     print(f"MLA: {mla_path(device, dtype)}")
 
-    engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype)
+    engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype,
+                          prefix_caching=args.prefix_caching)
     if args.cuda_graphs:
         engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
@@ -99,7 +104,19 @@ def run(args: argparse.Namespace) -> int:
           f"{result.decode_seconds:.2f} s); whole run incl. prefill {result.seconds:.2f} s")
     for i, out in enumerate(result.outputs[:3]):
         print(f"  request {i}: prompt {len(prompts[i])} tokens -> {out[:12]}{' …' if len(out) > 12 else ''}")
+    if args.prefix_caching:
+        _report_shared_prompt_ttft(model, prompts[int(torch.tensor(list(map(len, prompts))).argmax())],
+                                   dtype, shared_prompt_ttft)
     return 0
+
+
+def _report_shared_prompt_ttft(model, prompt, dtype, measure) -> None:
+    """TTFT of a second request with the first one's prompt, caching off then on."""
+    (_, off, want), (first, on, got) = (measure(model, prompt, dtype, c) for c in (False, True))
+    same = "same tokens" if got == want else f"tokens differ: {got} vs {want}"
+    print(f"second request with the same {len(prompt)}-token prompt: time to first token "
+          f"{off * 1e3:.1f} ms without prefix caching, {on * 1e3:.1f} ms with it "
+          f"(the first request: {first * 1e3:.1f} ms; {same})")
 
 
 def main(argv: list[str] | None = None) -> int:
