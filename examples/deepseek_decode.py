@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from kvpager.cli_args import nonneg_float, nonneg_int, positive_int
+from kvpager.cli_args import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, nonneg_float, nonneg_int, positive_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu | cuda[:i] (default: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and cache (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
     sampling.add_argument("--temperature", type=nonneg_float, default=0.0,
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if args.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs needs a CUDA device, not {device}; drop it or use --device cuda")
+    if args.kv_cache_dtype == "fp8" and dtype == torch.float16:
+        raise ConfigError("--kv-cache-dtype fp8 serves bfloat16 queries (its RoPE part is bf16), not "
+                          "--dtype float16; use --dtype bfloat16 (or float32 on the CPU)")
     # each request its own seed: the same seed would draw the same uniforms for every request
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed + i)
               for i in range(args.batch)]
@@ -85,10 +89,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads, {cfg.n_routed_experts} routed experts, vocab {cfg.vocab_size}) "
           f"on {device}, {str(dtype).removeprefix('torch.')}")
-    print(f"MLA: {mla_path(device, dtype)}")
+    print(f"MLA: {mla_path(device, dtype, args.kv_cache_dtype, cfg.num_attention_heads)}")
 
     engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype,
-                          prefix_caching=args.prefix_caching)
+                          kv_cache_dtype=args.kv_cache_dtype, prefix_caching=args.prefix_caching)
+    cache = engine.cache_config
+    print(f"KV cache: {cache.kv_cache_dtype}, {cache.bytes_per_token // cfg.num_hidden_layers:,} bytes "
+          f"a token per layer, {cache.resolved_num_pages} pages of {cache.page_size} tokens")
     if args.cuda_graphs:
         engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
@@ -105,18 +112,15 @@ def run(args: argparse.Namespace) -> int:
     for i, out in enumerate(result.outputs[:3]):
         print(f"  request {i}: prompt {len(prompts[i])} tokens -> {out[:12]}{' …' if len(out) > 12 else ''}")
     if args.prefix_caching:
-        _report_shared_prompt_ttft(model, prompts[int(torch.tensor(list(map(len, prompts))).argmax())],
-                                   dtype, shared_prompt_ttft)
+        longest = max(prompts, key=len)
+        (_, off, want), (first, on, got) = (
+            shared_prompt_ttft(model, longest, dtype, caching, args.kv_cache_dtype)
+            for caching in (False, True))
+        same = "same tokens" if got == want else f"tokens differ: {got} vs {want}"
+        print(f"second request with the same {len(longest)}-token prompt: time to first token "
+              f"{off * 1e3:.1f} ms without prefix caching, {on * 1e3:.1f} ms with it "
+              f"(the first request: {first * 1e3:.1f} ms; {same})")
     return 0
-
-
-def _report_shared_prompt_ttft(model, prompt, dtype, measure) -> None:
-    """TTFT of a second request with the first one's prompt, caching off then on."""
-    (_, off, want), (first, on, got) = (measure(model, prompt, dtype, c) for c in (False, True))
-    same = "same tokens" if got == want else f"tokens differ: {got} vs {want}"
-    print(f"second request with the same {len(prompt)}-token prompt: time to first token "
-          f"{off * 1e3:.1f} ms without prefix caching, {on * 1e3:.1f} ms with it "
-          f"(the first request: {first * 1e3:.1f} ms; {same})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,12 @@ import math
 import os
 from pathlib import Path
 
+# --kv-cache-dtype's values (kvpager demo, kvpager simulate): CacheConfig.kv_cache_dtype's
+# canonical names. "fp8" is kvpager.fp8's 656-byte row and needs a bfloat16 (or float32) model.
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_HELP = ("latent cache rows: auto (the model's dtype, 1,152 bytes a bf16 token) or "
+                       "fp8 (656 bytes: e4m3 latents, a power-of-two scale per 128, bf16 RoPE)")
+
 
 def _number(text: str, kind: type) -> int | float:
     try:

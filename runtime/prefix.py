@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kvpager import BlockAllocator, PrefixCache, PrefixKeys, Sequence
-from kvpager.prefix_hit import PrefixHit, check_pool_for_caching, kv_usage_tokens
+from kvpager import (BlockAllocator, PrefixCache, PrefixHit, PrefixKeys, Sequence,
+                     check_pool_for_caching, kv_usage_tokens)
 from kvpager.runtime.request import Request
 
 

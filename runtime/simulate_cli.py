@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from kvpager import CacheConfig
-from kvpager.cli_args import (at_least, input_file, nonneg_float, nonneg_int, output_dir,
-                              positive_float, positive_int, probability)
+from kvpager.cli_args import (KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, at_least, input_file,
+                              nonneg_float, nonneg_int, output_dir, positive_float, positive_int,
+                              probability)
 from kvpager.errors import ConfigError, KVPagerError
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import (DEEPSEEK_V3_LAYERS, H100_READ_BANDWIDTH, CostModel)
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched = parser.add_argument_group("scheduler and cache")
     sched.add_argument("--kv-memory-gb", type=positive_float, default=40.0,
                        help="KV pool size in GiB; pages = budget // page bytes")
+    sched.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                       help=KV_CACHE_DTYPE_HELP + "; sets the page bytes and the cost model's "
+                       "bytes read per token")
     sched.add_argument("--num-pages", type=positive_int,
                        help="pool size in pages (overrides --kv-memory-gb)")
     sched.add_argument("--max-batch-size", type=positive_int, default=256,
@@ -104,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     summary = metrics.summary()
     summary.update(requests_rejected=sim.rejected, num_pages=sim.allocator.num_pages,
                    simulated_s=sim.clock, wall_s=wall)
+    summary["kv_bytes_per_token_per_layer"] = sim.cost.bytes_per_token_per_layer
     _print_summary(summary)
     if args.out is not None:
         write_outputs(args.out, metrics, summary, vars(args))
@@ -129,12 +134,13 @@ def _in_flags(exc: ConfigError) -> ConfigError:
 def _build(args: argparse.Namespace) -> tuple[Simulator, Workload]:
     try:
         if args.num_pages is None:
-            pages = int(args.kv_memory_gb * 2**30) // _page_bytes(args.num_layers)
-            if pages < 1:
+            page_bytes = _page_bytes(args.num_layers, args.kv_cache_dtype)
+            if int(args.kv_memory_gb * 2**30) // page_bytes < 1:
                 raise ConfigError(f"--kv-memory-gb {args.kv_memory_gb:g} holds no page "
-                                  f"({_page_bytes(args.num_layers)} bytes at --num-layers "
+                                  f"({page_bytes} bytes at --num-layers "
                                   f"{args.num_layers}); raise it or give --num-pages")
         cache = CacheConfig(num_layers=args.num_layers, dtype="bfloat16",
+                            kv_cache_dtype=args.kv_cache_dtype,
                             **({"num_pages": args.num_pages} if args.num_pages is not None
                                else {"memory_budget_bytes": int(args.kv_memory_gb * 2**30)}))
         config = SchedulerConfig(max_batch_size=args.max_batch_size,
@@ -175,8 +181,9 @@ def _workload(args: argparse.Namespace) -> Workload:
     return workload
 
 
-def _page_bytes(num_layers: int) -> int:
-    return CacheConfig(num_layers=num_layers, num_pages=1, dtype="bfloat16").bytes_per_page
+def _page_bytes(num_layers: int, kv_cache_dtype: str) -> int:
+    return CacheConfig(num_layers=num_layers, num_pages=1, dtype="bfloat16",
+                       kv_cache_dtype=kv_cache_dtype).bytes_per_page
 
 
 def _run_with_progress(sim: Simulator, total: int, show: bool) -> Metrics:
@@ -204,6 +211,7 @@ def _print_summary(s: dict) -> None:
         ("mean batch size", f"{s['mean_batch_size']:.1f}"),
         ("page utilisation mean / max", f"{s['page_utilisation_mean']:.1%} / {s['page_utilisation_max']:.1%}"),
         ("pages", str(s["num_pages"])),
+        ("KV bytes a token per layer", str(s["kv_bytes_per_token_per_layer"])),
         ("preemptions", str(s["preemptions"])),
         ("KV usage mean / max", f"{s['kv_usage_tokens_mean']:.0f} / {s['kv_usage_tokens_max']} tokens"),
         ("prefix hit rate (tokens)", f"{s['prefix_hit_rate']:.1%} of {s['prefix_query_tokens']}"),
@@ -256,6 +264,7 @@ def _title(c: dict, s: dict) -> str:
     mtp += ", prefix caching" if c.get("prefix_caching") else ""
     return (f"kvpager simulate: {load}\n{s['num_pages']} pages, batch <= {c['max_batch_size']}, "
             f"{c['max_tokens']} tokens/step{mtp}, {c['num_layers']} layers, "
+            f"{c.get('kv_cache_dtype', 'auto')} cache, "
             f"{c['bandwidth'] / 1e12:g} TB/s, seed {c['seed']}")
 
 

@@ -70,6 +70,7 @@ CLI_MISTAKES = [
     ("kvpager simulate --prefix-caching --num-pages 10",
      r"prefix caching with 10 usable pages .* raise --num-pages .* at least 256, or lower "
      r"--max-model-len"),
+    ("kvpager simulate --kv-cache-dtype int8", r"argument --kv-cache-dtype: invalid choice: 'int8'"),
     ("kvpager bench tables --churn 2", r"argument --churn: 2 is not a probability"),
     ("kvpager bench scheduler --batch 0", r"argument --batch: 0 must be >= 1"),
     ("kvpager bench kernel (no Hopper GPU)", r"(no CUDA device here|the kernel cannot run here)"),

@@ -8,6 +8,10 @@ their latent written to the null page 0 (allocator.NULL_PAGE, never handed out, 
 request's KV), their logits dropped. The engine's MLA metadata describes B rows, the graph
 runs B_pad, so the metadata is recomputed for the padded lengths (one small kernel) and copied in.
 Prefill is not graphed: it runs eagerly through the wrapped model.
+An FP8 pool (kv_cache_dtype='fp8') needs nothing more: the captured forward quantizes its latents
+on the GPU without a host sync (PagePool.write) and calls the fused FP8 decode, which uses the
+bf16 split-KV schedule (so the metadata is the same), and padding rows quantize into the null
+page like any other.
 """
 from __future__ import annotations
 

@@ -9,6 +9,10 @@
    and teacher-forced agreement — the run under test is fed the reference's tokens, so one early
    flip cannot derail the rest — with the logit differences.
 2. throughput(): decode tokens/s for a batch (64) with and without CUDA graphs.
+3. fp8_check() (`--fp8`, alone): the trained model with an FP8 latent cache (656-byte rows,
+   kv_cache_dtype='fp8': the fused FP8 decode on Hopper) against the same weights with a bf16
+   cache, teacher-forced (bar >= FP8_BAR) and free-running greedy agreement, one summary line.
+   `--fp8 --small --device cpu` runs a small version on the CPU (reference MLA on both sides).
 """
 from __future__ import annotations
 
@@ -56,15 +60,18 @@ class Recorded:
 
 
 def reference_mla(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                  num_splits, softmax_scale=None, causal=False):
+                  num_splits, softmax_scale=None, causal=False, is_fp8_kvcache=False):
     """kvpager.mla's signature, always the float32-compute PyTorch reference (any device)."""
     return mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                softmax_scale=softmax_scale, causal=causal)
+                                softmax_scale=softmax_scale, causal=causal,
+                                is_fp8_kvcache=is_fp8_kvcache)
 
 
-def _greedy(model, prompts: list[list[int]], steps: int, forced=None) -> tuple[list[list[int]], Recorded]:
+def _greedy(model, prompts: list[list[int]], steps: int, forced=None,
+            kv_cache_dtype: str = "auto") -> tuple[list[list[int]], Recorded]:
     rec = Recorded(model, forced)
-    engine = build_engine(rec, len(prompts), max(map(len, prompts)) + steps, model.lm_head.weight.dtype)
+    engine = build_engine(rec, len(prompts), max(map(len, prompts)) + steps, model.lm_head.weight.dtype,
+                          kv_cache_dtype=kv_cache_dtype)
     handles = [engine.submit(p, SamplingParams(max_new_tokens=steps), request_id=str(i))
                for i, p in enumerate(prompts)]
     while not all(h.finished for h in handles):
@@ -72,19 +79,22 @@ def _greedy(model, prompts: list[list[int]], steps: int, forced=None) -> tuple[l
     return [h.output_token_ids for h in handles], rec
 
 
-def agreement(ref_model, test_model, prompts: list[list[int]], steps: int) -> dict[str, float]:
+def agreement(ref_model, test_model, prompts: list[list[int]], steps: int,
+              kv_cache_dtype: str = "auto") -> dict[str, float]:
     """Greedy runs of both models: free-running token agreement, and — feeding test_model the
-    reference's tokens — teacher-forced argmax agreement and logit differences."""
+    reference's tokens — teacher-forced argmax agreement and logit differences.
+    kv_cache_dtype: test_model's cache ('fp8': FP8 rows); the reference's is always 'auto'."""
     ref_tokens, ref = _greedy(ref_model, prompts, steps)
     want = torch.stack([torch.stack(ref.logits[str(i)]) for i in range(len(prompts))])    # [B, steps, V]
-    return agreement_with(ref_tokens, want, test_model, prompts, steps)
+    return agreement_with(ref_tokens, want, test_model, prompts, steps, kv_cache_dtype)
 
 
 def agreement_with(ref_tokens: list[list[int]], want: torch.Tensor, test_model,
-                   prompts: list[list[int]], steps: int) -> dict[str, float]:
+                   prompts: list[list[int]], steps: int, kv_cache_dtype: str = "auto") -> dict[str, float]:
     """agreement() against given reference tokens [B][steps] and logits float32 [B, steps, V]."""
-    free_tokens, _ = _greedy(test_model, prompts, steps)
-    _, forced = _greedy(test_model, prompts, steps, forced={str(i): t for i, t in enumerate(ref_tokens)})
+    free_tokens, _ = _greedy(test_model, prompts, steps, kv_cache_dtype=kv_cache_dtype)
+    _, forced = _greedy(test_model, prompts, steps, forced={str(i): t for i, t in enumerate(ref_tokens)},
+                        kv_cache_dtype=kv_cache_dtype)
     got = torch.stack([torch.stack(forced.logits[str(i)]) for i in range(len(prompts))])
     return {
         "free_running_agreement": (torch.tensor(free_tokens) == torch.tensor(ref_tokens)).float().mean().item(),
@@ -166,6 +176,56 @@ def compare(model_dir: str | None = None, batch: int = 16, steps: int = 32, prom
     return results
 
 
+FP8_BAR = 0.99  # issue 14: teacher-forced greedy agreement of the FP8 cache with the bf16 cache
+
+
+def compare_fp8(model_dir: str, task: copy_task.CopyTask, batch: int = 16, steps: int = 32,
+                seed: int = 0, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+                ) -> dict[str, float]:
+    """The checkpoint in model_dir, loaded in `dtype`, greedy on `batch` copy prompts, `steps`
+    tokens each, through the engine with an FP8 cache (kv_cache_dtype='fp8') against the same
+    weights with a `dtype` cache: agreement()'s figures, plus copy_accuracy (the FP8 run's
+    free-running tokens against the task's true continuation)."""
+    model = load_model(model_dir, device, dtype)  # one model for both: it keeps no request state
+    prompts = copy_task.copy_prompts(batch, task, steps, seed)
+    print(f"MLA on {device}: {mla_path(torch.device(device), dtype, 'fp8', model.num_heads)}; copy "
+          f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
+    figures = agreement(model, model, prompts, steps, kv_cache_dtype="fp8")
+    tokens, _ = _greedy(model, prompts, steps, kv_cache_dtype="fp8")
+    truth = [[p[1 + (len(p) - 1 + k) % task.period] for k in range(steps)] for p in prompts]
+    figures["copy_accuracy"] = (torch.tensor(tokens) == torch.tensor(truth)).float().mean().item()
+    return figures
+
+
+def fp8_summary(figures: dict[str, float], device: str, dtype: torch.dtype, batch: int,
+                steps: int) -> str:
+    """compare_fp8's figures as the one line a device run reports."""
+    tf = figures["teacher_forced_agreement"]
+    name = str(dtype).removeprefix("torch.")
+    return (f"fp8check {'PASS' if tf >= FP8_BAR else 'FAIL'}: teacher-forced {tf:.4f} (bar >= "
+            f"{FP8_BAR}), free-running {figures['free_running_agreement']:.4f}, copy accuracy "
+            f"{figures['copy_accuracy']:.4f}; FP8 cache vs {name} cache, trained copy model on "
+            f"{device}, {batch} prompts x {steps} steps, |dlogit| max "
+            f"{figures['max_abs_logit_diff']:.3g} mean {figures['mean_abs_logit_diff']:.3g} (logit "
+            f"std {figures['logit_std']:.3g})")
+
+
+def fp8_check(batch: int = 16, steps: int = 32, seed: int = 0, device: str = "cuda",
+              setting: copy_task.TrainSetting = copy_task.GPU,
+              dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, float], str]:
+    """Train the copy-task model on `device`, save it, run compare_fp8 on it. Returns the
+    figures and fp8_summary's line (printed too)."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        report = copy_task.train_and_save(model_dir, setting, device, seed)
+        print(f"trained copy task (period {setting.task.period}, vocab {setting.task.vocab_size}) on "
+              f"{device}: {report.steps} steps in {report.seconds:.1f} s, held-out accuracy "
+              f"{report.accuracy:.4f}")
+        figures = compare_fp8(model_dir, setting.task, batch, steps, seed, device, dtype)
+    line = fp8_summary(figures, device, dtype, batch, steps)
+    print(line)
+    return figures, line
+
+
 def throughput(model_dir: str | None = None, batch: int = 64, steps: int = 64, prompt_len: int = 512,
                cuda_graphs: bool = False, seed: int = 0, device: str = "cuda") -> RunResult:
     """Decode tokens/s for `batch` ragged prompts (prompt_len / 2 .. prompt_len) in bf16, after an
@@ -191,7 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="throughput batch (default 64)")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=512)
+    fp8 = p.add_argument_group("FP8 cache check (issue 14)")
+    fp8.add_argument("--fp8", action="store_true", help="run only fp8_check: FP8 cache vs bf16 cache")
+    fp8.add_argument("--small", action="store_true", help="trained.py's small (CPU) setting, 16 steps")
+    fp8.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="the model's dtype, and the baseline cache's")
+    fp8.add_argument("--summary", help="also write the summary line to this file")
     args = p.parse_args(argv)
+    if args.fp8:
+        setting = copy_task.SMALL if args.small else copy_task.GPU
+        figures, line = fp8_check(batch=16, steps=16 if args.small else 32, device=args.device,
+                                  setting=setting, dtype=getattr(torch, args.dtype))
+        if args.summary:
+            with open(args.summary, "w") as f:
+                f.write(line + "\n")
+        return 0 if figures["teacher_forced_agreement"] >= FP8_BAR else 1
     trained(device=args.device)
     compare(args.model_dir, device=args.device)
     kw = dict(model_dir=args.model_dir, batch=args.batch, steps=args.steps, prompt_len=args.prompt_len,

@@ -45,8 +45,9 @@ class DeepseekV3(nn.Module):
     """The causal LM. Protocol attributes: num_layers, num_heads, vocab_size, device.
 
     mla_impl: the attention over the paged cache, with kvpager.mla.flash_mla_with_kvcache's
-    signature — that function by default (the kernel on Hopper, else the reference);
-    gpu_check swaps in the float32 reference to isolate the kernel.
+    signature (is_fp8_kvcache included: the model passes pool.is_fp8) — that function by
+    default (the kernel on Hopper, else the reference); gpu_check swaps in the float32
+    reference to isolate the kernel.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -89,13 +90,16 @@ class DeepseekV3(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         n, s_q = x.shape[0], x.shape[0] // batch
+        # q and latents in the cache config's model dtype: pool.kv is uint8 when it holds FP8 rows
+        dtype = pool.config.torch_dtype
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             query, latent = attn.query_and_latent(layer.input_layernorm(x), cos, sin, self.rope)
-            pool.write(i, slot_mapping, latent.to(pool.kv.dtype))
-            out, _ = self.mla_impl(query.view(batch, s_q, self.num_heads, -1).to(pool.kv.dtype), pool.layer(i),
+            pool.write(i, slot_mapping, latent.to(dtype))
+            out, _ = self.mla_impl(query.view(batch, s_q, self.num_heads, -1).to(dtype), pool.layer(i),
                                    block_table, cache_seqlens, attn.kv_lora_rank, *mla_metadata,
-                                   softmax_scale=attn.softmax_scale, causal=True)
+                                   softmax_scale=attn.softmax_scale, causal=True,
+                                   is_fp8_kvcache=pool.is_fp8)
             x = x + attn.output(out.view(n, self.num_heads, -1).to(x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.norm(x)

@@ -20,22 +20,35 @@ PAGE_SIZE = 64
 TOKEN_BUDGET = 2048  # new tokens per engine step: the prefill chunk size
 
 
-def mla_path(device: torch.device, dtype: torch.dtype) -> str:
-    """Which MLA implementation kvpager.mla dispatches to for this cache, in words."""
+def mla_path(device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto",
+             decode_rows: int | None = None) -> str:
+    """Which MLA implementation kvpager.mla dispatches to for this cache, in words. With
+    kv_cache_dtype='fp8', decode_rows (s_q * h_q // h_kv of a decode step) says whether the
+    fused FP8 decode covers the decode steps (prefill chunks, with more rows, run on the
+    reference)."""
     if not kernels.available():
         return f"CUDA kernel not available ({kernels.unavailable_reason()}); using the PyTorch reference MLA"
     if not kernels.supports_device(device):
         return f"CUDA kernel not available (device {device} is not an sm_90 GPU); using the PyTorch reference MLA"
     if dtype not in kernels.DTYPES:
         return f"CUDA kernel not available (it takes bf16/fp16, the cache is {dtype}); using the PyTorch reference MLA"
-    return f"CUDA kernel kvpager.kernels (sm_90, {torch.cuda.get_device_name(device)})"
+    gpu = f"sm_90, {torch.cuda.get_device_name(device)}"
+    if kv_cache_dtype != "fp8":
+        return f"CUDA kernel kvpager.kernels ({gpu})"
+    if not kernels.supports_fp8_kvcache(decode_rows):
+        why = kernels.fp8_unavailable_reason() or \
+            f"{decode_rows} query rows per kv head, it covers <= {kernels.FP8_MAX_ROWS}"
+        return f"FP8 cache: fused FP8 decode not used ({why}); using the PyTorch reference MLA"
+    return (f"FP8 cache: fused FP8 decode kvpager.kernels ({gpu}) for decode steps, the PyTorch "
+            f"reference for prefill chunks of more than {kernels.FP8_MAX_ROWS} query rows")
 
 
 def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
                  spare_pages: int = 1, token_budget: int = TOKEN_BUDGET,
-                 prefix_caching: bool = False) -> Engine:
+                 kv_cache_dtype: str = "auto", prefix_caching: bool = False) -> Engine:
     """An engine whose pool holds max_batch sequences of max_model_len tokens (+ spare_pages,
-    e.g. the CUDA-graph padding page), in `dtype` on the model's device. A step takes at most
+    e.g. the CUDA-graph padding page), in `dtype` on the model's device (kv_cache_dtype='fp8':
+    656-byte FP8 rows, q and out still in `dtype`). A step takes at most
     token_budget new tokens (at least one per running request), so a long prompt is prefilled
     in chunks of about that size: its activations stay O(token_budget), whatever its length.
     prefix_caching: reuse the KV pages of cached prompt prefixes across requests."""
@@ -45,7 +58,7 @@ def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: t
                           f"max_position_embeddings ({limit}); keep prompt + new tokens within it")
     num_pages = max_batch * pages_for(max_model_len, PAGE_SIZE) + spare_pages
     cache = CacheConfig(num_layers=model.num_layers, num_pages=num_pages, page_size=PAGE_SIZE,
-                        dtype=dtype, device=str(model.device))
+                        dtype=dtype, device=str(model.device), kv_cache_dtype=kv_cache_dtype)
     sched = SchedulerConfig(max_batch_size=max_batch, max_model_len=max_model_len,
                             max_num_batched_tokens=max(token_budget, max_batch),
                             enable_prefix_caching=prefix_caching)
@@ -53,11 +66,13 @@ def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: t
 
 
 def shared_prompt_ttft(model: DeepseekV3, prompt: list[int], dtype: torch.dtype,
-                       prefix_caching: bool) -> tuple[float, float, list[int]]:
+                       prefix_caching: bool, kv_cache_dtype: str = "auto"
+                       ) -> tuple[float, float, list[int]]:
     """Time to first token (s) of a request, then of a second request with the same prompt run
     after it, in one engine; and the second's first tokens. With caching the second prefills
     only the prompt's last token."""
-    engine = build_engine(model, 1, len(prompt) + 2, dtype, prefix_caching=prefix_caching)
+    engine = build_engine(model, 1, len(prompt) + 2, dtype, kv_cache_dtype=kv_cache_dtype,
+                          prefix_caching=prefix_caching)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     ttft, out = [], []
     for _ in range(2):

@@ -8,7 +8,9 @@ token's latent once), and for each prefill chunk the cache it attends over (star
 Defaults: DeepSeek-V3 attention on one H100.
   read_bandwidth   3.0e12 B/s   achievable HBM3 read rate measured on an H100 (docs/kernel-perf.md:
                                 the read ceiling, the decode kernel's bound)
-  bytes per token  576 * 2 * 61 = 70,272 B  (576-wide bf16 latent per layer, 61 layers)
+  bytes per token  576 * 2 * 61 = 70,272 B  (576-wide bf16 latent per layer, 61 layers);
+                   656 * 61 = 40,016 B for an FP8 cache (kvpager.fp8's row): `kvpager simulate
+                   --kv-cache-dtype fp8` takes bytes_per_token_per_layer from its CacheConfig
   per_step_s       1.5e-3 s     assumption: launches, weight reads and sampling per step
   per_token_s      2.5e-5 s     assumption: the non-attention compute of one token
                                 (~74 GFLOP of V3's 37B active params at ~3 PFLOP/s, i.e. spread

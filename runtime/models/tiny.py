@@ -50,10 +50,11 @@ class TinyMLA:
         inv_freq = 1.0 / (10000 ** (torch.arange(0, D_ROPE, 2, dtype=torch.float32) / D_ROPE))
         self.inv_freq = inv_freq.to(self.device)
 
-    def cache_config(self, num_pages: int) -> CacheConfig:
-        """The CacheConfig this model's pool needs (float32 reference path)."""
+    def cache_config(self, num_pages: int, kv_cache_dtype: str = "auto") -> CacheConfig:
+        """The CacheConfig this model's pool needs (float32 reference path); kv_cache_dtype
+        'fp8' stores kvpager.fp8's 656-byte rows instead of float32 ones."""
         return CacheConfig(num_layers=self.num_layers, num_pages=num_pages, dtype="float32",
-                           device=str(self.device))
+                           device=str(self.device), kv_cache_dtype=kv_cache_dtype)
 
     # --- Model protocol ---------------------------------------------------------------------
     def prefill(self, chunk: PrefillChunk, pool: PagePool) -> torch.Tensor | None:
@@ -81,9 +82,11 @@ class TinyMLA:
             pool.write(i, slots, latent)
             q_rope = _rope((xn @ p["w_qr"]).view(-1, hq, D_ROPE), cos[:, None], sin[:, None])
             q = torch.cat([(xn @ p["w_q"]).view(-1, hq, D_LATENT), q_rope], -1)
+            # q in the model's dtype (the pool's unless it holds FP8 bytes)
             out, _ = flash_mla_with_kvcache(
-                q.view(b, s, hq, HEAD_DIM), pool.layer(i), block_table, cache_seqlens, D_V,
-                *metadata, softmax_scale=self.softmax_scale, causal=True)
+                q.view(b, s, hq, HEAD_DIM).to(pool.config.torch_dtype), pool.layer(i), block_table,
+                cache_seqlens, D_V, *metadata, softmax_scale=self.softmax_scale, causal=True,
+                is_fp8_kvcache=pool.is_fp8)
             o = torch.einsum("nhv,hvo->nho", out.reshape(b * s, hq, D_V).float(), p["w_uv"])
             x = x + o.reshape(b * s, -1) @ p["w_o"]
             x = x + torch.nn.functional.silu(_rmsnorm(x) @ p["w_up"]) @ p["w_down"]

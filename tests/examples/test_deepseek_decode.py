@@ -41,6 +41,35 @@ def test_kvpager_demo_prints_path_speed_and_tokens(capsys):
     assert out.count("  request ") == 3
 
 
+def test_kvpager_demo_runs_on_an_fp8_cache(capsys):
+    assert kvpager_main(["demo", *ARGS, "--kv-cache-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache: fp8, 656 bytes a token per layer" in out
+    assert out.count("  request ") == 3
+
+
+def test_kvpager_demo_with_prefix_caching_reports_the_shared_prompt_ttft(capsys):
+    assert kvpager_main(["demo", *ARGS, "--prefix-caching"]) == 0
+    out = capsys.readouterr().out
+    assert "without prefix caching" in out and "same tokens" in out
+
+
+def test_demo_model_generates_on_an_fp8_cache():
+    """The random demo-architecture model: the engine with an FP8 cache against the float32
+    cache, greedy. Random weights give flat logits, so near-ties may flip: the figure is
+    reported, and the first token (after the prompt alone) must agree for most requests."""
+    model = random_model(TINY)
+    prompts = [[2 + (7 * i + 3 * j) % 250 for j in range(30 + 9 * i)] for i in range(4)]
+    outputs = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        engine = build_engine(model, len(prompts), 80, torch.float32, kv_cache_dtype=kv_cache_dtype)
+        assert engine.pool.is_fp8 == (kv_cache_dtype == "fp8")
+        outputs[kv_cache_dtype] = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    same = [a == b for x, y in zip(outputs["auto"], outputs["fp8"]) for a, b in zip(x, y)]
+    print(f"demo model, FP8 vs float32 cache: free-running agreement {sum(same) / len(same):.3f}")
+    assert sum(x[0] == y[0] for x, y in zip(outputs["auto"], outputs["fp8"])) >= 3
+
+
 def test_sampling_is_seeded_per_request(capsys):
     def outputs() -> list[str]:
         assert kvpager_main(["demo", *ARGS, "--temperature", "1.0", "--seed", "7"]) == 0
@@ -79,6 +108,9 @@ DEMO_MISTAKES = [
      r"--prompt-len 17000 \+ --max-new-tokens 32 exceeds the model's max_position_embeddings \(16384\)"),
     ("kvpager demo --prompt-len 100000", r"max_position_embeddings"),
     ("kvpager demo --cuda-graphs (on the CPU)", r"--cuda-graphs needs a CUDA device"),
+    ("kvpager demo --kv-cache-dtype fp8 --dtype float16",
+     r"--kv-cache-dtype fp8 serves bfloat16 queries .* not --dtype float16; use --dtype bfloat16"),
+    ("kvpager demo --kv-cache-dtype int8", r"argument --kv-cache-dtype: invalid choice: 'int8'"),
 ]
 
 
