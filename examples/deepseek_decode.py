@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", choices=("batched", "per-request", "both"), default="batched",
                         help="prefill chunks share model calls, or one call per chunk (the path "
                              "before batched prefill); both: run each, same prompts, and compare")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="reuse cached prompt prefixes; also report the time to first token of "
+                             "a request whose prompt was just served, with caching on and off")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads for torch (1: the demo's small matrices gain nothing "
                              "from more, and OpenMP threads stall badly on a busy machine)")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpager.errors import ConfigError
     from kvpager.examples.deepseek.config import load_config
     from kvpager.examples.deepseek.cuda_graph import GraphedDecode
-    from kvpager.examples.deepseek.runner import build_engine, mla_path, random_prompts, timed_generate
+    from kvpager.examples.deepseek.runner import (build_engine, mla_path, random_prompts,
+                                                  shared_prompt_ttft, timed_generate)
     from kvpager.examples.deepseek.weights import demo_model_dir, load_model
     from kvpager.runtime.request import SamplingParams
 
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for prefill in (("per-request", "batched") if args.prefill == "both" else (args.prefill,)):
         engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype,
-                              kv_cache_dtype=args.kv_cache_dtype, batched_prefill=prefill == "batched")
+                              kv_cache_dtype=args.kv_cache_dtype, batched_prefill=prefill == "batched",
+                              prefix_caching=args.prefix_caching)
         if not results:
             cache = engine.cache_config
             print(f"KV cache: {cache.kv_cache_dtype}, {cache.bytes_per_token // cfg.num_hidden_layers:,} "
@@ -122,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
               f"{same} of {sum(map(len, old.outputs))} positions")
     for i, out in enumerate(result.outputs[:3]):
         print(f"  request {i}: prompt {len(prompts[i])} tokens -> {out[:12]}{' …' if len(out) > 12 else ''}")
+    if args.prefix_caching:
+        longest = max(prompts, key=len)
+        (_, off, want), (first, on, got) = (
+            shared_prompt_ttft(model, longest, dtype, caching, args.kv_cache_dtype)
+            for caching in (False, True))
+        same = "same tokens" if got == want else f"tokens differ: {got} vs {want}"
+        print(f"second request with the same {len(longest)}-token prompt: time to first token "
+              f"{off * 1e3:.1f} ms without prefix caching, {on * 1e3:.1f} ms with it "
+              f"(the first request: {first * 1e3:.1f} ms; {same})")
     return 0
 
 

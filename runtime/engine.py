@@ -171,6 +171,7 @@ class Engine:
         (Bookkeeping.take_decoded); the decode tables cost O(changed rows)
         (advance_decode_rows). Measured by `kvpager bench scheduler`."""
         plan = self.scheduler.schedule()
+        self._apply_copies(plan)
         self.advance_decode_rows(plan)
         started = now = self.clock()
         book = self.book
@@ -295,6 +296,14 @@ class Engine:
                 short[req] = len(accepted)
             generated += self.book.accepted(req, accepted, now)
         return generated
+
+    def _apply_copies(self, plan: StepPlan) -> None:
+        """Copy the pages the plan's new sequences start from (a mid-page prefix-cache hit)
+        before any model call writes: one gather + scatter over every layer. The scheduler
+        took them from the sequences after its last allocation, so no page moved since."""
+        if plan.copies:
+            src, dst = zip(*plan.copies)
+            self.pool.copy_pages(list(src), list(dst))
 
     # --- decode rows ------------------------------------------------------------------------
     def advance_decode_rows(self, plan: StepPlan) -> None:

@@ -24,9 +24,10 @@ from kvpager.validation import Int, validated
 if TYPE_CHECKING:
     import torch
 
-    from kvpager import Sequence
+    from kvpager import PrefixKeys, Sequence
     from kvpager.runtime.engine import Engine
     from kvpager.runtime.outputs import RequestOutput
+    from kvpager.runtime.workload import Content
 
 
 class Status(str, enum.Enum):
@@ -138,6 +139,13 @@ class Request:
     # With SamplingParams.logprobs: one entry per output token (the engine fills them).
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    # Prefix caching (SchedulerConfig.enable_prefix_caching): the request's PrefixKeys, built
+    # at submit and extended as its KV is written; `content` gives synthetic token ids in the
+    # simulator, which stores none (workload.Content); next_commit: the token count at which
+    # its next page fills (runtime/prefix.py).
+    keys: PrefixKeys | None = None
+    content: Content | None = None
+    next_commit: int = 0
     # While num_generated < plain_until the next token cannot finish, stop or stream the
     # request, so the engine's decode loop records it inline (0: always take the full path).
     plain_until: int = field(init=False, default=0)

@@ -69,6 +69,13 @@ CASES = [
     ("SchedulerConfig(max_batch_size=64, max_num_batched_tokens=32)",
      lambda: SchedulerConfig(max_batch_size=64, max_num_batched_tokens=32),
      ConfigError, r"cannot decode a full batch"),
+    ("SchedulerConfig(enable_prefix_caching=1)", lambda: SchedulerConfig(enable_prefix_caching=1),
+     ConfigError, r"enable_prefix_caching=1 is a int, not True or False"),
+    ("Engine(pool of 3 pages, SchedulerConfig(enable_prefix_caching=True, max_model_len=256))",
+     lambda: Engine(MODEL, MODEL.cache_config(3),
+                    SchedulerConfig(enable_prefix_caching=True, max_model_len=256)),
+     ConfigError, r"prefix caching with 3 usable pages .* raise num_pages .* to at least 4, or lower "
+                  r"max_model_len"),
     ("SamplingParams(stop_token_ids=1)", lambda: SamplingParams(stop_token_ids=1),
      RequestError, r"stop_token_ids=1 must be a sequence.*stop_token_ids=\[1\]"),
     ("SamplingParams(stop_token_ids=[1.5])", lambda: SamplingParams(stop_token_ids=[1.5]),

@@ -46,13 +46,15 @@ def mla_path(device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "au
 
 def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
                  spare_pages: int = 1, token_budget: int = TOKEN_BUDGET,
-                 kv_cache_dtype: str = "auto", batched_prefill: bool = True) -> Engine:
+                 kv_cache_dtype: str = "auto", batched_prefill: bool = True,
+                 prefix_caching: bool = False) -> Engine:
     """An engine whose pool holds max_batch sequences of max_model_len tokens (+ spare_pages,
     e.g. the CUDA-graph padding page), in `dtype` on the model's device (kv_cache_dtype='fp8':
     656-byte FP8 rows, q and out still in `dtype`). A step takes at most
     token_budget new tokens (at least one per running request), so a long prompt is prefilled
     in chunks of about that size: its activations stay O(token_budget), whatever its length.
-    batched_prefill=False runs one model call per prefill chunk (the path before batching)."""
+    batched_prefill=False runs one model call per prefill chunk (the path before batching).
+    prefix_caching: reuse the KV pages of cached prompt prefixes across requests."""
     limit = model.config.max_position_embeddings
     if max_model_len > limit:
         raise ConfigError(f"max_model_len={max_model_len} exceeds the model's "
@@ -62,8 +64,32 @@ def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: t
                         dtype=dtype, device=str(model.device), kv_cache_dtype=kv_cache_dtype)
     sched = SchedulerConfig(max_batch_size=max_batch, max_model_len=max_model_len,
                             max_num_batched_tokens=max(token_budget, max_batch),
-                            batched_prefill=batched_prefill)
+                            batched_prefill=batched_prefill, enable_prefix_caching=prefix_caching)
     return Engine(model, cache, sched)
+
+
+def shared_prompt_ttft(model: DeepseekV3, prompt: list[int], dtype: torch.dtype,
+                       prefix_caching: bool, kv_cache_dtype: str = "auto"
+                       ) -> tuple[float, float, list[int]]:
+    """Time to first token (s) of a request, then of a second request with the same prompt run
+    after it, in one engine; and the second's first tokens. With caching the second prefills
+    only the prompt's last token."""
+    engine = build_engine(model, 1, len(prompt) + 2, dtype, kv_cache_dtype=kv_cache_dtype,
+                          prefix_caching=prefix_caching)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    ttft, out = [], []
+    for _ in range(2):
+        sync()
+        start = time.perf_counter()
+        handle = engine.submit(prompt, SamplingParams(max_new_tokens=2))
+        while handle.num_output_tokens == 0:
+            engine.step()
+        sync()
+        ttft.append(time.perf_counter() - start)
+        while not handle.finished:
+            engine.step()
+        out = handle.output_token_ids
+    return ttft[0], ttft[1], out
 
 
 def random_prompts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:

@@ -48,6 +48,12 @@ def test_kvpager_demo_runs_on_an_fp8_cache(capsys):
     assert out.count("  request ") == 3
 
 
+def test_kvpager_demo_with_prefix_caching_reports_the_shared_prompt_ttft(capsys):
+    assert kvpager_main(["demo", *ARGS, "--prefix-caching"]) == 0
+    out = capsys.readouterr().out
+    assert "without prefix caching" in out and "same tokens" in out
+
+
 def test_demo_model_generates_on_an_fp8_cache():
     """The random demo-architecture model: the engine with an FP8 cache against the float32
     cache, greedy. Random weights give flat logits, so near-ties may flip: the figure is

@@ -130,3 +130,29 @@ def test_greedy_tokens_and_logits_match_transformers(models):
     assert any(n < len(prompts[rid]) for rid, n in model.prefill_chunks), "no chunked prefill happened"
     # Batched prefill with left padding: one call carried chunks of different lengths.
     assert any(len(set(lens)) > 1 for lens in model.prefill_batches), model.prefill_batches
+
+
+def test_prefix_caching_gives_the_same_tokens(models):
+    """Caching on vs off, greedy, token for token, with the DeepSeek model: prompts that share a
+    100-token prefix (its second page matched mid-page and copied), a prompt cached whole, and
+    one extending a finished request (a chat turn); the second wave also against transformers."""
+    hf, ours = models
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.randint(2, VOCAB, (100,), generator=gen).tolist()
+    first = [shared + torch.randint(2, VOCAB, (40,), generator=gen).tolist()]
+    second = [shared + [7, 8, 9], first[0][:128], first[0]]
+    params = SamplingParams(max_new_tokens=6)
+
+    def run(caching):
+        engine = Engine(ours, CacheConfig(num_layers=ours.num_layers, num_pages=32, dtype="float32"),
+                        SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_model_len=256,
+                                        enable_prefix_caching=caching), full_metrics=True)
+        out = [list(o.token_ids) for o in engine.generate(first, params)]
+        out += [list(o.token_ids) for o in engine.generate(second + [first[0] + out[0] + [5]], params)]
+        return out, engine.metrics.summary()["prefix_hit_tokens"]
+
+    (off, no_hits), (on, hits) = run(False), run(True)
+    assert on == off
+    assert no_hits == 0 and hits >= 100 + 127 + 128 + 128
+    for prompt, got in zip(second[:2], on[1:3]):
+        assert got == hf_greedy(hf, prompt, len(got))[0]
