@@ -15,10 +15,19 @@ The goal, scheduler + table overhead <= 200 us at 512 requests, is schedule + ta
              (one kernel on a GPU; the torch planner on CPU) and the argmax of sampling
 
 Every request is greedy with no stop tokens or callback (the engine's common case).
+
+`--prefill N` measures prefill steps instead: each timed step admits N new requests of ragged
+prompts (--prompt-len / 4 .. --prompt-len tokens) and prefills all of them (each then emits its
+one token and finishes), once with batched prefill and once with one model call per chunk
+(SchedulerConfig.batched_prefill=False). Reported per step: the host cost (step() minus the
+excluded model calls, MLA metadata and sampling argmax), the model calls, and the padding
+columns the batched calls compute. On a GPU every model call is also a few hundred kernel
+launches and every metadata call one more kernel: the call count is the other half of the gain.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +37,7 @@ import torch
 from kvpager import CacheConfig
 from kvpager.cli_args import nonneg_int, positive_int
 from kvpager.runtime.engine import Engine
+from kvpager.runtime.prefill import group_chunks, padded_slots
 from kvpager.runtime.request import SamplingParams
 from kvpager.runtime.scheduler import SchedulerConfig
 
@@ -39,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=2000, help="timed decode steps")
     parser.add_argument("--prompt-len", type=positive_int, default=1000, help="prompt tokens")
     parser.add_argument("--mtp", type=nonneg_int, default=0, help="draft tokens per step (s_q = 1 + mtp)")
+    parser.add_argument("--prefill", type=nonneg_int, default=0, metavar="N",
+                        help="measure prefill steps of N new requests each, batched against one "
+                             "call per request (0: the decode benchmark)")
 
 
 class FixedLogits:
@@ -50,8 +63,8 @@ class FixedLogits:
         self.logits = torch.zeros(batch, s_q, VOCAB)
         self.logits[..., 1] = 1.0
 
-    def prefill(self, chunk, pool):
-        return self.logits[0, 0] if chunk.is_last else None
+    def prefill(self, batch, pool):
+        return self.logits[0, 0].expand(batch.num_logits, VOCAB)
 
     def decode(self, batch, pool):
         return self.logits[:len(batch.request_ids)]
@@ -110,7 +123,67 @@ def measure(batch: int = 512, steps: int = 2000, prompt_len: int = 1000, mtp: in
             "metadata": logs["metadata"], "sampling": logs["sampling"]}
 
 
+def measure_prefill(requests: int = 64, steps: int = 200, prompt_len: int = 256,
+                    batched: bool = True, seed: int = 0) -> dict:
+    """Per-step host seconds of prefill steps (lists), the model calls and padding per step.
+    Each step admits `requests` prompts of prompt_len / 4 .. prompt_len tokens (the same ones
+    for either mode) and prefills them whole; each emits one token and finishes."""
+    rng = random.Random(seed)
+    prompts = [[1] * rng.randint(max(1, prompt_len // 4), prompt_len) for _ in range(requests)]
+    budget = max(requests * prompt_len, 8192)
+    config = SchedulerConfig(max_batch_size=requests, max_num_batched_tokens=budget,
+                             max_model_len=prompt_len + 1, batched_prefill=batched)
+    cache = CacheConfig(num_layers=1, num_pages=requests * (-(-(prompt_len + 1) // 64) + 1),
+                        head_dim=2, head_dim_v=1, dtype="float32")
+    model = FixedLogits(requests, 1)
+    engine = Engine(model, cache, config)
+    one = SamplingParams(max_new_tokens=1)
+    logs: dict[str, list[float]] = {k: [] for k in ("model", "metadata", "sampling")}
+    model.prefill = _timed(model.prefill, logs["model"])
+    engine.metadata = _timed(engine.metadata, logs["metadata"])
+    engine.sample = _timed(engine.sample, logs["sampling"])
+    host, calls, clock = [], [], time.perf_counter
+    for step in range(steps + 5):  # 5 untimed warm-up steps
+        for p in prompts:
+            engine.submit(p, one)
+        for log in logs.values():
+            log.clear()
+        t0 = clock()
+        plan = engine.step()
+        elapsed = clock() - t0
+        assert len(plan.prefill) == requests and not engine.has_unfinished()
+        if step >= 5:
+            host.append(elapsed - sum(sum(log) for log in logs.values()))
+            calls.append(len(logs["model"]))
+    lengths = [len(p) for p in prompts]
+    groups = group_chunks(lengths, config.prefill_padding)
+    return {"host": host, "calls": statistics.fmean(calls), "tokens": sum(lengths),
+            "padding": padded_slots(lengths, groups)}
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    print(f"engine host cost per prefill step, {args.prefill} new requests of "
+          f"{max(1, args.prompt_len // 4)}-{args.prompt_len} tokens each step, {args.steps} steps "
+          f"(CPU, no model compute; model calls, MLA metadata and argmax excluded):")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small host ops: intra-op threads only add contention
+    try:
+        results = [measure_prefill(args.prefill, args.steps, args.prompt_len, b) for b in (True, False)]
+    finally:
+        torch.set_num_threads(threads)
+    for batched, r in zip((True, False), results):
+        us = sorted(v * 1e6 for v in r["host"])
+        mode = "batched" if batched else "per-request"
+        print(f"  {mode:<12} host median {statistics.median(us):8.1f} us   p90 "
+              f"{us[int(0.9 * (len(us) - 1))]:8.1f} us   model calls {r['calls']:5.1f}   "
+              f"padding {r['padding']} of {r['tokens']} tokens "
+              f"({100 * r['padding'] / (r['tokens'] + r['padding']):.1f}% of the slots)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.prefill:
+        return run_prefill(args)
     times = measure(args.batch, args.steps, args.prompt_len, args.mtp)
     print(f"engine host overhead per decode step, {args.batch} running requests, s_q={1 + args.mtp}, "
           f"{args.steps} steps (CPU, no model compute):")

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="sample at this temperature (0: greedy)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="demo weights, prompts and sampling")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the decode step from CUDA graphs")
+    parser.add_argument("--prefill", choices=("batched", "per-request", "both"), default="batched",
+                        help="prefill chunks share model calls, or one call per chunk (the path "
+                             "before batched prefill); both: run each, same prompts, and compare")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="reuse cached prompt prefixes; also report the time to first token of "
+                             "a request whose prompt was just served, with caching on and off")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads for torch (1: the demo's small matrices gain nothing "
                              "from more, and OpenMP threads stall badly on a busy machine)")
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from kvpager.errors import ConfigError
     from kvpager.examples.deepseek.config import load_config
     from kvpager.examples.deepseek.cuda_graph import GraphedDecode
-    from kvpager.examples.deepseek.runner import build_engine, mla_path, random_prompts, timed_generate
+    from kvpager.examples.deepseek.runner import (build_engine, mla_path, random_prompts,
+                                                  shared_prompt_ttft, timed_generate)
     from kvpager.examples.deepseek.weights import demo_model_dir, load_model
     from kvpager.runtime.request import SamplingParams
 
@@ -87,26 +94,48 @@ def run(args: argparse.Namespace) -> int:
           f"on {device}, {str(dtype).removeprefix('torch.')}")
     print(f"MLA: {mla_path(device, dtype, args.kv_cache_dtype, cfg.num_attention_heads)}")
 
-    engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype,
-                          kv_cache_dtype=args.kv_cache_dtype)
-    cache = engine.cache_config
-    print(f"KV cache: {cache.kv_cache_dtype}, {cache.bytes_per_token // cfg.num_hidden_layers:,} bytes "
-          f"a token per layer, {cache.resolved_num_pages} pages of {cache.page_size} tokens")
-    if args.cuda_graphs:
-        engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
     prompts = random_prompts(args.batch, cfg.vocab_size, max(1, args.prompt_len // 4), args.prompt_len, args.seed)
-    if device.type == "cuda":  # the same run once untimed: CUDA / cuBLAS start-up, graph capture
-        timed_generate(engine, prompts, params)
-    result = timed_generate(engine, prompts, params)
-
     mode = "greedy" if params[0].greedy else f"temperature {args.temperature}"
     graphs = ", CUDA graphs" if args.cuda_graphs else ""
     print(f"batch {args.batch}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"{args.max_new_tokens} new tokens each, {mode}{graphs}")
-    print(f"decode: {result.decode_tokens_per_s:,.1f} tokens/s ({result.decode_tokens} tokens in "
-          f"{result.decode_seconds:.2f} s); whole run incl. prefill {result.seconds:.2f} s")
+    results = {}
+    for prefill in (("per-request", "batched") if args.prefill == "both" else (args.prefill,)):
+        engine = build_engine(model, args.batch, args.prompt_len + args.max_new_tokens, dtype,
+                              kv_cache_dtype=args.kv_cache_dtype, batched_prefill=prefill == "batched",
+                              prefix_caching=args.prefix_caching)
+        if not results:
+            cache = engine.cache_config
+            print(f"KV cache: {cache.kv_cache_dtype}, {cache.bytes_per_token // cfg.num_hidden_layers:,} "
+                  f"bytes a token per layer, {cache.resolved_num_pages} pages of {cache.page_size} tokens")
+        if args.cuda_graphs:
+            engine.model = GraphedDecode(model, args.batch)  # same Protocol, graphed decode
+        if device.type == "cuda":  # the same run once untimed: CUDA / cuBLAS start-up, graph capture
+            timed_generate(engine, prompts, params)
+        result = results[prefill] = timed_generate(engine, prompts, params)
+        print(f"prefill ({prefill}): {result.prefill_tokens_per_s:,.1f} tokens/s "
+              f"({result.prefill_tokens} tokens in {result.prefill_seconds:.2f} s, "
+              f"{result.prefill_calls} model calls; steps with prefill, their decode rows included)")
+        print(f"decode: {result.decode_tokens_per_s:,.1f} tokens/s ({result.decode_tokens} tokens in "
+              f"{result.decode_seconds:.2f} s); whole run incl. prefill {result.seconds:.2f} s")
+        del engine  # its pool, before the next one is built
+    if len(results) == 2:
+        old, new = results["per-request"], results["batched"]
+        same = sum(a == b for x, y in zip(old.outputs, new.outputs) for a, b in zip(x, y))
+        print(f"batched / per-request prefill tokens/s: "
+              f"{new.prefill_tokens_per_s / old.prefill_tokens_per_s:.2f}x; tokens equal in "
+              f"{same} of {sum(map(len, old.outputs))} positions")
     for i, out in enumerate(result.outputs[:3]):
         print(f"  request {i}: prompt {len(prompts[i])} tokens -> {out[:12]}{' …' if len(out) > 12 else ''}")
+    if args.prefix_caching:
+        longest = max(prompts, key=len)
+        (_, off, want), (first, on, got) = (
+            shared_prompt_ttft(model, longest, dtype, caching, args.kv_cache_dtype)
+            for caching in (False, True))
+        same = "same tokens" if got == want else f"tokens differ: {got} vs {want}"
+        print(f"second request with the same {len(longest)}-token prompt: time to first token "
+              f"{off * 1e3:.1f} ms without prefix caching, {on * 1e3:.1f} ms with it "
+              f"(the first request: {first * 1e3:.1f} ms; {same})")
     return 0
 
 

@@ -20,6 +20,8 @@ _LAZY = {  # public name -> the module that defines it
     "PAD_PAGE": "kvpager.block_table", "slot_mapping": "kvpager.block_table",
     "CacheConfig": "kvpager.config", "PagePool": "kvpager.pool",
     "PrefixCache": "kvpager.prefix_cache", "PrefixKeys": "kvpager.prefix_keys",
+    "PrefixHit": "kvpager.prefix_hit", "check_pool_for_caching": "kvpager.prefix_hit",
+    "kv_usage_tokens": "kvpager.prefix_hit",
     "Sequence": "kvpager.sequence", "flash_mla_with_kvcache": "kvpager.mla",
     "get_mla_metadata": "kvpager.mla",
 }
@@ -51,5 +53,6 @@ if TYPE_CHECKING:
     from kvpager.mla import flash_mla_with_kvcache, get_mla_metadata
     from kvpager.pool import PagePool
     from kvpager.prefix_cache import PrefixCache
+    from kvpager.prefix_hit import PrefixHit, check_pool_for_caching, kv_usage_tokens
     from kvpager.prefix_keys import PrefixKeys
     from kvpager.sequence import Sequence

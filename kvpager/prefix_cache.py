@@ -134,6 +134,13 @@ class PrefixCache:
         Sequence.from_prefix(seq_id, allocator, hit, ...), or give it back with release()."""
         return self.acquire(keys, self.match(keys))
 
+    def miss(self, keys: PrefixKeys) -> None:
+        """Count a query that takes nothing from the cache (e.g. its hit did not fit the free
+        pages and the request starts from scratch) and reset keys' commit cursor. O(1)."""
+        self._check_keys(keys)
+        keys._node, keys._num_committed = None, 0
+        self.query_tokens += keys.num_tokens
+
     def release(self, hit: PrefixHit) -> None:
         """Give back an acquired hit's references (e.g. the request was not admitted)."""
         hit.take()

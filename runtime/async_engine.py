@@ -80,8 +80,11 @@ class RequestStream:
         count = handle.num_output_tokens
         if count == self._sent and not done:
             return False
+        logprobs, top = handle.logprobs_since(self._sent)
         chunk = StreamChunk(self.request_id, tuple(handle.output_token_ids_since(self._sent)),
-                            done, handle.output() if done else None)
+                            done, handle.output() if done else None,
+                            None if logprobs is None else tuple(logprobs),
+                            None if top is None else tuple(top))
         self._sent = count
         self._put(chunk)
         return done

@@ -102,7 +102,9 @@ class Bookkeeping:
                 prefill_tokens=plan.num_prefill_tokens,
                 decode_tokens=len(plan.decode) * sched.config.s_q,
                 generated=generated, pages_used=alloc.num_used, pages_free=alloc.num_free,
-                preemptions=len(plan.preempted), waiting=len(sched.waiting))
+                preemptions=len(plan.preempted), waiting=len(sched.waiting),
+                kv_usage_tokens=plan.kv_usage_tokens, prefix_query_tokens=plan.prefix_query_tokens,
+                prefix_hit_tokens=plan.prefix_hit_tokens, evictions=plan.evictions)
         return retired
 
     def _callback(self, req: Request, token: int) -> None:

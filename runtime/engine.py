@@ -1,10 +1,13 @@
 """The continuous-batching engine: submit / abort at any time, `step()` runs one scheduled step
 through the model, `generate()` runs an offline batch to completion.
 
-One step: the scheduler plans (admissions, chunks, preemptions, page appends); each prefill chunk
-is one model call (batch of one, causal); all decoding requests are one model call with the block
-table, cache_seqlens and MLA metadata computed once; the engine samples, appends tokens, and
-retires finished requests, freeing their pages before the step returns.
+One step: the scheduler plans (admissions, chunks, preemptions, page appends); the prefill chunks
+share model calls (a PrefillBatch: varlen chunks left-padded to the call's longest, causal,
+grouped so that padding stays bounded: runtime/prefill.py; or one call per chunk with
+SchedulerConfig(batched_prefill=False)); all decoding requests are one model call with the block
+table, cache_seqlens and MLA metadata computed once; the engine samples (and computes the
+logprobs requests asked for), appends tokens, and retires finished requests, freeing their pages
+before the step returns.
 
 MTP / speculative mode (num_speculative_tokens = k > 0): each decode row is the last token plus k
 draft tokens proposed by prompt lookup (the longest recent n-gram match in the request's own
@@ -33,9 +36,11 @@ from kvpager.runtime.bookkeeping import Bookkeeping
 from kvpager.runtime.checks import (check_engine_args, check_prompt, check_request_id,
                                     check_submit_args, warn_cpu_threads)
 from kvpager.runtime.metrics import Metrics
-from kvpager.runtime.models.protocol import DecodeBatch, Model, PrefillChunk
+from kvpager.runtime.models.protocol import DecodeBatch, Model
+from kvpager.runtime.outputs import RequestOutput
+from kvpager.runtime.prefill import build_prefill_batch, group_chunks
 from kvpager.runtime.request import Request, RequestHandle, SamplingParams, Status, Timings
-from kvpager.runtime.sampling import make_generator, sample_batch
+from kvpager.runtime.sampling import make_generator, sample_batch, token_logprobs
 from kvpager.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan, check_fits
 from kvpager.runtime.step_gate import StepGate
 
@@ -109,6 +114,10 @@ class Engine:
         self._q_offsets = torch.arange(config.s_q, device=device)
         self._num_sampling = 0  # unfinished requests that do not decode greedily
         self._gate = StepGate()  # other threads' way in (runtime/step_gate.py)
+        self._num_logprobs = 0  # unfinished requests that asked for logprobs
+        # This step's (request, [(logprob, top-n or None)] per sampled token), recorded once
+        # the tokens are (RequestOutput.logprobs stays aligned with the tokens kept).
+        self._logprobs: list[tuple[Request, list[tuple[float, dict[int, float] | None]]]] = []
         if device.type == "cpu":
             warn_cpu_threads()
 
@@ -158,8 +167,9 @@ class Engine:
                 "kv_tokens": sum(r.num_computed for r in running)}
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[list[int]]:
-        """Run prompts to completion (with anything already queued); their outputs, in order.
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion (with anything already queued); their RequestOutputs
+        (tokens, finish reason, logprobs if asked, timings), in order.
         All or nothing: every prompt and params is checked before any is queued. If waiting is
         interrupted (KeyboardInterrupt), its requests are aborted."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
@@ -185,7 +195,7 @@ class Engine:
             for h in handles:
                 h.abort()
             raise
-        return [h.output_token_ids for h in handles]
+        return [h.output() for h in handles]
 
     def advance(self) -> None:
         """Make progress for a thread that waits for tokens: wait for the end of the next step
@@ -213,9 +223,13 @@ class Engine:
         check_submit_args(params, request_id, on_token, arrival_time)
         check_fits(len(prompt), params.max_new_tokens, self.config, self.allocator.num_pages,
                    self.page_size)
-        return Request(request_id, prompt, len(prompt), params,
-                       Timings(self.clock() if arrival_time is None else float(arrival_time)),
-                       on_token=on_token, generator=make_generator(params, self.device))
+        req = Request(request_id, prompt, len(prompt), params,
+                      Timings(self.clock() if arrival_time is None else float(arrival_time)),
+                      on_token=on_token, generator=make_generator(params, self.device))
+        if params.logprobs is not None:
+            req.logprobs = []
+            req.top_logprobs = [] if params.logprobs else None
+        return req
 
     def _enqueue(self, reqs: list[Request]) -> None:
         """Queue reqs, all or none: DuplicateRequest if an id is in use (or repeated)."""
@@ -232,6 +246,7 @@ class Engine:
                         req.request_id = str(next(self._ids))
                 self.requests[req.request_id] = req
                 self._num_sampling += not req.params.greedy
+                self._num_logprobs += req.params.logprobs is not None
             add = self.scheduler.add
             if self._gate.in_step_elsewhere():
                 self._gate.posted.extend(lambda r=r: add(r) for r in reqs)
@@ -256,13 +271,16 @@ class Engine:
 
     def _step(self) -> StepPlan:
         plan = self.scheduler.schedule()
+        self._apply_copies(plan)
         self.advance_decode_rows(plan)
         started = now = self.clock()
         book = self.book
         failed: list[Request] = []  # requests whose model work or sampling failed this step
         new_tokens: list[tuple[Request, list[int]]] = []
         if plan.prefill:
-            new_tokens = self._prefill(plan, failed)
+            sampled = dict(self._prefill(plan, failed))
+            # in the plan's order (decode rows join in it), whatever order the calls ran in
+            new_tokens = [(req, sampled[req]) for req, _, _ in plan.prefill if req in sampled]
             for req, _, n in plan.prefill:
                 book.prefilled(req, n, now)
         # A copy: retiring a request during this step moves the rows (BlockTables.leave).
@@ -293,15 +311,23 @@ class Engine:
                 self.decode_tables.join(req, req.seq.pages, req.seq.num_tokens)
         if targets is not None:
             generated += self._take_decoded(reqs, targets, rows, now)
+        if self._logprobs:
+            self._record_logprobs()
         book.end_step(plan, now, now - started, generated)
         return plan
 
     # --- model calls ------------------------------------------------------------------------
     def _prefill(self, plan: StepPlan, failed: list[Request]) -> list[tuple[Request, list[int]]]:
-        """Each chunk is one model call (a batch of one) on its row of the prefill tables.
-        Returns (request, [token]) of the chunks that completed a prefill; a chunk whose call
-        or sampling failed puts its request in `failed`."""
-        reqs = [req for req, _, _ in plan.prefill]
+        """The step's prefill chunks in the model calls group_chunks makes (one per chunk when
+        batched_prefill is off), on rows of the prefill tables rebuilt in the calls' order, so
+        each call's block_table / cache_seqlens are contiguous rows (views). Returns (request,
+        [sampled token]) for each chunk that completes its request's prefill. A call that raises
+        puts every request it carried in `failed`; a row whose logits are NaN (or whose sampler
+        failed) puts its request there alone."""
+        chunks = plan.prefill
+        groups = group_chunks([n for _, _, n in chunks], self.config.prefill_padding)
+        ordered = [chunks[i] for group in groups for i in group]
+        reqs = [req for req, _, _ in ordered]
         try:
             block_table, cache_seqlens = self.prefill_tables.rebuild([r.seq for r in reqs], reqs)
         except Exception:
@@ -309,28 +335,29 @@ class Engine:
                              "finish_reason 'error'", len(reqs))
             failed.extend(reqs)
             return []
-        done = []
-        for row, (req, start, n) in enumerate(plan.prefill):
+        done, first = [], 0
+        for group in groups:
+            calls = ordered[first:first + len(group)]
+            rows = slice(first, first + len(group))
+            first += len(group)
+            last = [b for b, (req, start, n) in enumerate(calls) if start + n == req.num_prefill]
             try:
-                table, lens = block_table[row:row + 1], cache_seqlens[row:row + 1]
-                positions = torch.arange(start, start + n, device=self.device)
-                chunk = PrefillChunk(
-                    request_id=req.request_id, positions=positions,
-                    input_ids=torch.tensor(req.token_ids[start:start + n], dtype=torch.int64,
-                                           device=self.device),
-                    slot_mapping=slot_mapping(table, positions[None], self.page_size).view(-1),
-                    block_table=table, cache_seqlens=lens, mla_metadata=self.metadata(lens, n),
-                    is_last=start + n == req.num_prefill)
-                logits = self.model.prefill(chunk, self.pool)
-                if logits is not None:
-                    tokens, bad = self.sample(logits.view(1, 1, -1), [req])
-                    if bad:
-                        raise FloatingPointError("NaN logits, or the sampler failed")
-                    done.append((req, tokens[0]))
+                batch = build_prefill_batch(
+                    [req.request_id for req, _, _ in calls],
+                    [req.token_ids[start:start + n] for req, start, n in calls], last,
+                    block_table[rows], cache_seqlens[rows], self.page_size, self.metadata)
+                logits = self.model.prefill(batch, self.pool)
+                if not last:
+                    continue
+                ended = [calls[b][0] for b in last]
+                tokens, bad = self._sample(logits[:, None], ended)
             except Exception:
-                logger.exception("prefill of request %r failed; it ends with finish_reason "
-                                 "'error'", req.request_id)
-                failed.append(req)
+                logger.exception("a prefill call for %d requests failed; they end with "
+                                 "finish_reason 'error'", len(calls))
+                failed.extend(req for req, _, _ in calls)
+                continue
+            failed.extend(ended[i] for i in bad)
+            done.extend((req, tok) for i, (req, tok) in enumerate(zip(ended, tokens)) if i not in bad)
         return done
 
     def _decode(self, reqs: list[Request]
@@ -355,8 +382,20 @@ class Engine:
             mla_metadata=self.metadata(cache_seqlens, s_q),
         )
         logits = self.model.decode(batch, self.pool)
-        tokens, bad = self.sample(logits, reqs)
+        tokens, bad = self._sample(logits, reqs)
         return tokens, rows, bad
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[list[int]], list[int]]:
+        """sample(), plus the logprobs of the rows that asked for them (kept for
+        _record_logprobs); rows that could not be sampled get none."""
+        tokens, bad = self.sample(logits, reqs)
+        if self._num_logprobs:
+            rows = [b for b, r in enumerate(reqs) if r.params.logprobs is not None and b not in bad]
+            if rows:
+                found = token_logprobs(logits[rows], [tokens[b] for b in rows],
+                                       [reqs[b].params.logprobs for b in rows])
+                self._logprobs.extend((reqs[b], entries) for b, entries in zip(rows, found))
+        return tokens, bad
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[list[int]], list[int]]:
         """Tokens [B][s_q] from logits [B, s_q, vocab] and the rows without one (NaN logits or
@@ -365,6 +404,17 @@ class Engine:
         if self._num_sampling == 0:
             return sample_batch(logits, None)
         return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _record_logprobs(self) -> None:
+        """Give each request the logprobs of the tokens it kept this step: the first k of its
+        candidates, k = tokens appended (a stop token, max_new_tokens, an abort or rejected
+        MTP drafts keep fewer than were sampled)."""
+        for req, entries in self._logprobs:
+            kept = entries[:len(req.output_token_ids) - len(req.logprobs)]
+            req.logprobs.extend(lp for lp, _ in kept)
+            if req.top_logprobs is not None:
+                req.top_logprobs.extend(top for _, top in kept)
+        self._logprobs.clear()
 
     def metadata(self, cache_seqlens: torch.Tensor, s_q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLA split-KV metadata for one model call, shared by every layer."""
@@ -385,6 +435,14 @@ class Engine:
             generated += self.book.accepted(req, accepted, now)
         return generated
 
+    def _apply_copies(self, plan: StepPlan) -> None:
+        """Copy the pages the plan's new sequences start from (a mid-page prefix-cache hit)
+        before any model call writes: one gather + scatter over every layer. The scheduler
+        took them from the sequences after its last allocation, so no page moved since."""
+        if plan.copies:
+            src, dst = zip(*plan.copies)
+            self.pool.copy_pages(list(src), list(dst))
+
     # --- decode rows ------------------------------------------------------------------------
     def advance_decode_rows(self, plan: StepPlan) -> None:
         """Bring the decode tables up to the plan: preempted rows leave; rows whose sequence
@@ -404,8 +462,9 @@ class Engine:
     def _on_retire(self, req: Request) -> None:
         if req in self.decode_tables:
             self.decode_tables.leave(req)
-        with self._gate.lock:  # submit() on another thread changes both
+        with self._gate.lock:  # submit() on another thread changes these
             self._num_sampling -= not req.params.greedy
+            self._num_logprobs -= req.params.logprobs is not None
             self._forget(req)
 
     def _forget(self, req: Request) -> None:

@@ -24,9 +24,15 @@ STEP_COLUMNS = (
     "pages_free",
     "preemptions",     # this step
     "waiting",         # queue length after the step
+    "kv_usage_tokens",  # tokens of KV the running requests hold (shared pages once)
+    "prefix_query_tokens",  # prompt tokens looked up in the prefix cache this step
+    "prefix_hit_tokens",    # of those, found cached (their prefill is skipped)
+    "evictions",       # cached pages evicted this step
 )
 SERIES = ("time", "batch_size", "page_utilisation", "waiting", "waiting_max", "preemptions",
-          "throughput_tok_s")
+          "throughput_tok_s", "kv_usage_tokens", "prefix_hit_rate", "prefix_hit_tokens",
+          "evictions")
+_TOTALS = ("preemptions", "prefix_query_tokens", "prefix_hit_tokens", "evictions")
 PERCENTILES = (50, 90, 99)
 RESERVOIR_SIZE = 4096  # latency samples kept per metric when not keeping everything
 
@@ -98,7 +104,9 @@ class Metrics:
         self.batch_size_total = 0.0
         self.pages_used_total = 0.0
         self.pages_used_max = 0.0
-        self.preemptions = 0
+        self.kv_usage_total = 0.0
+        self.kv_usage_max = 0.0
+        self.totals = dict.fromkeys(_TOTALS, 0)  # summed per-step counts
 
     def record_step(self, **values: float) -> None:
         """One value per STEP_COLUMNS name: appended to the columns (keep_all), else folded
@@ -114,7 +122,13 @@ class Metrics:
         self.pages_used_total += used
         if used > self.pages_used_max:
             self.pages_used_max = used
-        self.preemptions += values["preemptions"]
+        kv = values["kv_usage_tokens"]
+        self.kv_usage_total += kv
+        if kv > self.kv_usage_max:
+            self.kv_usage_max = kv
+        totals = self.totals
+        for name in _TOTALS:
+            totals[name] += values[name]
 
     def record_request(self, req: Request) -> None:
         """Called once when req finishes or is aborted."""
@@ -145,7 +159,15 @@ class Metrics:
         self.batch_size_total = float(np.sum(steps["batch_size"]))
         self.pages_used_total = float(used.sum())
         self.pages_used_max = float(used.max()) if used.size else 0.0
-        self.preemptions = int(sum(steps["preemptions"]))
+        kv = np.frombuffer(steps["kv_usage_tokens"], dtype=np.float64)
+        self.kv_usage_total = float(kv.sum())
+        self.kv_usage_max = float(kv.max()) if kv.size else 0.0
+        for name in _TOTALS:
+            self.totals[name] = float(np.sum(np.frombuffer(steps[name], dtype=np.float64)))
+
+    @property
+    def preemptions(self) -> int:
+        return int(self.totals["preemptions"])
 
     def summary(self) -> dict:
         """Totals, throughput and p50/p90/p99 (+ mean) of each latency, in seconds."""
@@ -167,6 +189,13 @@ class Metrics:
             "mean_batch_size": self.batch_size_total / n if n else 0.0,
             "page_utilisation_mean": self.pages_used_total / n / self.num_pages if n else 0.0,
             "page_utilisation_max": self.pages_used_max / self.num_pages if n else 0.0,
+            "kv_usage_tokens_mean": self.kv_usage_total / n if n else 0.0,
+            "kv_usage_tokens_max": int(self.kv_usage_max),
+            "prefix_query_tokens": int(self.totals["prefix_query_tokens"]),
+            "prefix_hit_tokens": int(self.totals["prefix_hit_tokens"]),
+            "prefix_hit_rate": _rate(self.totals["prefix_hit_tokens"],
+                                     self.totals["prefix_query_tokens"]),
+            "evictions": int(self.totals["evictions"]),
         }
         for name in ("ttft", "tpot", "e2e", "queued"):
             out[name] = getattr(self, name).summary()
@@ -175,7 +204,9 @@ class Metrics:
     def timeseries(self, bins: int = 1000) -> dict[str, list[float]]:
         """Per-step columns over `bins` equal time bins (empty bins dropped): time (bin centre,
         s), batch_size (mean), page_utilisation (mean, 0..1), waiting (mean queue length),
-        waiting_max (the longest queue seen in the bin), preemptions (sum), throughput_tok_s.
+        waiting_max (the longest queue seen in the bin), preemptions (sum), throughput_tok_s,
+        kv_usage_tokens (mean), prefix_hit_rate (hit / query tokens of the bin's admissions;
+        None in a bin that admitted nothing), prefix_hit_tokens and evictions (sums).
         Needs keep_all=True."""
         if self.steps is None:
             raise ConfigError("this Metrics keeps no per-step series (keep_all=False, the "
@@ -197,6 +228,7 @@ class Metrics:
         waiting_max = np.zeros(bins)
         np.maximum.at(waiting_max, which, column("waiting"))
         width = edges[1] - edges[0]
+        query, hits = total("prefix_query_tokens"), total("prefix_hit_tokens")
         return {
             "time": ((edges[:-1] + edges[1:]) / 2)[keep].tolist(),
             "batch_size": (total("batch_size") / count[keep]).tolist(),
@@ -205,7 +237,15 @@ class Metrics:
             "waiting_max": waiting_max[keep].tolist(),
             "preemptions": total("preemptions").tolist(),
             "throughput_tok_s": (total("generated") / width).tolist(),
+            "kv_usage_tokens": (total("kv_usage_tokens") / count[keep]).tolist(),
+            "prefix_hit_rate": [float(h / q) if q else None for h, q in zip(hits, query)],
+            "prefix_hit_tokens": hits.tolist(),
+            "evictions": total("evictions").tolist(),
         }
+
+
+def _rate(part: float, whole: float) -> float:
+    return float(part / whole) if whole else 0.0
 
 
 def summarise(values: np.ndarray) -> dict[str, float | None]:

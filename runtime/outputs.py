@@ -27,7 +27,8 @@ class RequestOutput:
     """A request's result. finish_reason: "length" | "stop" | "abort" | "error", or None while
     it runs. logprobs[i] is the log-probability of token_ids[i] under the model's distribution
     (before temperature / top-k / top-p); top_logprobs[i] maps the n most likely token ids to
-    theirs. Both are None unless SamplingParams asked for them."""
+    theirs (SamplingParams.logprobs = n > 0). Both are None unless SamplingParams asked for
+    them (kvpager.runtime.sampling.token_logprobs says how they are computed)."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -46,8 +47,7 @@ class RequestOutput:
         """Snapshot of req. O(prompt + output tokens)."""
         t = req.timings
         queue = None if t.admitted is None else t.admitted - t.arrival
-        logprobs = getattr(req, "logprobs", None)
-        top = getattr(req, "top_logprobs", None)
+        logprobs, top = req.logprobs, req.top_logprobs
         return cls(
             request_id=req.request_id, prompt_token_ids=tuple(req.prompt_token_ids),
             token_ids=tuple(req.output_token_ids), finish_reason=req.finish_reason,
@@ -58,13 +58,16 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """One item of `async for chunk in stream`: the tokens generated since the previous chunk;
-    the last chunk has finished=True and carries the whole RequestOutput."""
+    """One item of `async for chunk in stream`: the tokens generated since the previous chunk
+    (and their logprobs / top_logprobs when SamplingParams asked, else None); the last chunk has
+    finished=True and carries the whole RequestOutput."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
     finished: bool
     output: RequestOutput | None = None
+    new_logprobs: tuple[float, ...] | None = None
+    new_top_logprobs: tuple[dict[int, float], ...] | None = None
 
     @property
     def finish_reason(self) -> str | None:

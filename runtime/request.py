@@ -24,9 +24,10 @@ from kvpager.validation import Int, validated
 if TYPE_CHECKING:
     import torch
 
-    from kvpager import Sequence
+    from kvpager import PrefixKeys, Sequence
     from kvpager.runtime.engine import Engine
     from kvpager.runtime.outputs import RequestOutput
+    from kvpager.runtime.workload import Content
 
 
 class Status(str, enum.Enum):
@@ -38,6 +39,7 @@ class Status(str, enum.Enum):
 
 
 DONE = (Status.FINISHED, Status.ABORTED)
+MAX_LOGPROBS = 20  # most likely tokens a request may ask logprobs of, per position
 
 
 @validated(RequestError)
@@ -47,7 +49,10 @@ class SamplingParams:
     max_new_tokens: tokens to generate at most (>= 1); stop_token_ids: a sequence of token ids
     that end the request (stored as a tuple); top_k: 0 keeps every token; top_p: 1.0 keeps
     every token; seed: the request's own torch.Generator seed in [0, 2**64), so a request
-    samples the same tokens whatever batch it runs in.
+    samples the same tokens whatever batch it runs in; logprobs: None (off), 0 (the
+    log-probability of each sampled token) or n <= MAX_LOGPROBS (also the n most likely tokens'),
+    computed from the raw logits, before temperature / top-k / top-p (kvpager.runtime.sampling.
+    token_logprobs; RequestOutput.logprobs / top_logprobs).
 
     Frozen and strict (kvpager.validation): a bad field raises RequestError naming it, and
     nothing is converted silently (`top_k=1.5`, `max_new_tokens="8"` are errors).
@@ -59,6 +64,7 @@ class SamplingParams:
     top_k: Int = 0
     top_p: float = 1.0
     seed: Int | None = None
+    logprobs: Int | None = None
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod
@@ -84,6 +90,9 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter)")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed={self.seed} must be in [0, 2**64) or None")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} must be None (off) or in [0, "
+                             f"{MAX_LOGPROBS}] (0: the sampled token's only)")
         return self
 
     @property
@@ -127,6 +136,16 @@ class Request:
     num_preemptions: int = 0
     finish_reason: str | None = None  # "length" | "stop" | "abort" | "error" (status ABORTED)
     generator: torch.Generator | None = None
+    # With SamplingParams.logprobs: one entry per output token (the engine fills them).
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    # Prefix caching (SchedulerConfig.enable_prefix_caching): the request's PrefixKeys, built
+    # at submit and extended as its KV is written; `content` gives synthetic token ids in the
+    # simulator, which stores none (workload.Content); next_commit: the token count at which
+    # its next page fills (runtime/prefix.py).
+    keys: PrefixKeys | None = None
+    content: Content | None = None
+    next_commit: int = 0
     # While num_generated < plain_until the next token cannot finish, stop or stream the
     # request, so the engine's decode loop records it inline (0: always take the full path).
     plain_until: int = field(init=False, default=0)
@@ -198,6 +217,13 @@ class RequestHandle:
     def output_token_ids_since(self, start: int) -> list[int]:
         """The tokens generated after the first `start`: O(new tokens), for streaming."""
         return self._request.output_token_ids[start:]
+
+    def logprobs_since(self, start: int) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+        """The logprobs and top_logprobs of the tokens after the first `start` (None when the
+        request did not ask for them): O(new tokens), for streaming."""
+        r = self._request
+        return (None if r.logprobs is None else r.logprobs[start:],
+                None if r.top_logprobs is None else r.top_logprobs[start:])
 
     def output(self) -> RequestOutput:
         """A snapshot of the request as a RequestOutput (final once `finished`)."""

@@ -66,3 +66,29 @@ def sample_batch(
             logger.exception("sampling row %d failed; its request ends with 'error'", b)
             bad.append(b)
     return out, bad
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[list[int]], top_n: list[int]
+                   ) -> list[list[tuple[float, dict[int, float] | None]]]:
+    """Log-probabilities of sampled tokens under the model's own distribution: log-softmax of
+    the raw logits, before temperature / top-k / top-p (what OpenAI's `logprobs` and vLLM's
+    default report, so a request's logprobs do not depend on how it samples).
+
+    logits float [R, s_q, vocab]; tokens [R][s_q]; top_n[r]: how many most likely tokens to
+    list for row r (0: none). Returns, per row and position, (logprob of the token, {token id:
+    logprob} of the top_n[r] most likely, or None when top_n[r] is 0). One log-softmax and one
+    topk over the R rows; only requests that asked for logprobs reach here."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logits.device)[..., None])[..., 0].tolist()
+    most = min(max(top_n), logp.shape[-1])
+    top_values, top_ids = (logp.topk(most, dim=-1) if most else (None, None))
+    if most:
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out = []
+    for r, n in enumerate(top_n):
+        row = []
+        for i, lp in enumerate(chosen[r]):
+            top = dict(zip(top_ids[r][i][:n], top_values[r][i][:n])) if n else None
+            row.append((lp, top))
+        out.append(row)
+    return out

@@ -17,6 +17,13 @@ front) and `running` (in admission order, oldest first). One `schedule()` call p
 No starvation: the oldest running request is never preempted while a younger one runs, and a
 preempted request is readmitted before any later arrival.
 
+Prefix caching (`enable_prefix_caching=True`, runtime/prefix.py): admission matches the
+request's tokens against the cache and needs only the pages the hit does not supply; the
+prefill starts after the hit; filled pages are committed at the start of each step and before a
+request releases its pages (finish, abort, preemption), so they stay cached at refcount 0. A
+mid-page hit's copy is in `StepPlan.copies`, to apply before the step writes. Off, the plan is
+exactly what it was without the feature.
+
 Cost: O(running + admitted) Python per step; pages are appended only for the tokens scheduled.
 
 A request's sequence may hold up to s_q - 1 "spare" slots beyond `num_computed` after an MTP
@@ -33,6 +40,7 @@ from pydantic import model_validator
 from kvpager import BlockAllocator, Sequence
 from kvpager.errors import ConfigError, OutOfPages, RequestTooLarge
 from kvpager.validation import Int, validated
+from kvpager.runtime.prefix import PrefixCaching
 from kvpager.runtime.request import Request, Status
 
 
@@ -42,7 +50,11 @@ class SchedulerConfig:
     (decode + prefill chunks); admit_headroom_pages: free pages beyond a prompt required to admit
     it while others run (room for them to grow); num_speculative_tokens: draft tokens per decode
     step (MTP), s_q = 1 + this; max_model_len: prompt + output tokens at most (sets the block
-    table width).
+    table width); batched_prefill: the step's prefill chunks share model calls (False: one call
+    per chunk, the old path, kept to measure against); max_prefill_padding: the largest fraction
+    of a batched prefill call's slots that may be padding (kvpager.runtime.prefill.group_chunks);
+    enable_prefix_caching: reuse the KV pages of cached prompt prefixes
+    (runtime/prefix.py; needs a pool that holds one max_model_len request).
 
     Frozen and strict (kvpager.validation): a bad or misspelt field raises ConfigError naming
     it; reading a field costs what a plain dataclass field does (the scheduler reads them every
@@ -53,6 +65,9 @@ class SchedulerConfig:
     admit_headroom_pages: Int = 1
     num_speculative_tokens: Int = 0
     max_model_len: Int = 32768
+    batched_prefill: bool = True
+    max_prefill_padding: float = 0.1
+    enable_prefix_caching: bool = False
 
     @model_validator(mode="after")
     def _ranges(self) -> "SchedulerConfig":
@@ -62,6 +77,9 @@ class SchedulerConfig:
         for name in ("admit_headroom_pages", "num_speculative_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.max_prefill_padding < 1.0:
+            raise ValueError(f"max_prefill_padding={self.max_prefill_padding} must be in [0, 1) "
+                             f"(0: only equal-length chunks share a prefill call)")
         if self.max_num_batched_tokens < self.max_batch_size * self.s_q:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} cannot decode a full batch "
@@ -72,6 +90,11 @@ class SchedulerConfig:
     @property
     def s_q(self) -> int:
         return 1 + self.num_speculative_tokens
+
+    @property
+    def prefill_padding(self) -> float | None:
+        """group_chunks' max_padding: None (one call per chunk) unless batched_prefill."""
+        return self.max_prefill_padding if self.batched_prefill else None
 
 
 @dataclass
@@ -85,6 +108,12 @@ class StepPlan:
     preempted: list[Request] = field(default_factory=list)
     num_prefill_tokens: int = 0
     decode_kv_tokens: int = 0  # sum of the decode sequences' num_tokens (their cache_seqlens)
+    # (src, dst) page copies to apply before the step writes (a mid-page prefix hit's page)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    kv_usage_tokens: int = 0  # tokens of KV the running requests hold (shared pages once)
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache this step
+    prefix_hit_tokens: int = 0  # of those, tokens found cached
+    evictions: int = 0  # cached pages evicted this step
 
     @property
     def empty(self) -> bool:
@@ -123,8 +152,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix: PrefixCaching | None = None
+        if config.enable_prefix_caching:
+            self.prefix = PrefixCaching(allocator, page_size, config.max_model_len + config.s_q - 1,
+                                        self.max_pages)
 
     def add(self, req: Request) -> None:
+        if self.prefix is not None:
+            self.prefix.add(req)
         self.waiting.append(req)
 
     def has_work(self) -> bool:
@@ -132,12 +167,16 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        prefix = self.prefix
+        if prefix is not None:
+            counters = prefix.counters()
+            prefix.commit_filled(self.running)
         s_q = self.config.s_q
         running, add_decode = self.running, plan.decode.append
         # Reserve s_q tokens for every running request (prefilling ones too: simpler, and it
         # costs at most s_q tokens of budget per prefilling request).
         budget = self.config.max_num_batched_tokens - s_q * len(running)
-        kv_tokens = 0
+        kv_tokens = idle_tokens = 0
         # `running` only shrinks from the end while we walk it (preemption pops the youngest),
         # so a plain for loop visits each remaining request once.
         for req in running:
@@ -161,8 +200,21 @@ class Scheduler:
                     plan.prefill.append((req, computed, n))
                     plan.num_prefill_tokens += n
                     budget -= n
+                else:
+                    idle_tokens += req.seq.num_tokens
         plan.decode_kv_tokens = kv_tokens
         self._admit(plan, budget)
+        for req, _, _ in plan.prefill:  # only a new sequence (a prefix hit) or a fork has copies
+            plan.copies += req.seq.take_pending_copies()
+        if prefix is None:  # no page is shared: usage is the sequences' tokens
+            plan.kv_usage_tokens = (kv_tokens + idle_tokens
+                                    + sum(start + n for _, start, n in plan.prefill))
+        else:
+            plan.kv_usage_tokens = prefix.kv_usage_tokens(self.running)
+            query, hit, evictions = prefix.counters()
+            plan.prefix_query_tokens = query - counters[0]
+            plan.prefix_hit_tokens = hit - counters[1]
+            plan.evictions = evictions - counters[2]
         return plan
 
     def _make_room(self, req: Request, n: int, plan: StepPlan) -> bool:
@@ -178,7 +230,7 @@ class Scheduler:
         return True
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        waiting, running, ps = self.waiting, self.running, self.page_size
+        waiting, running, ps, prefix = self.waiting, self.running, self.page_size, self.prefix
         if not waiting or budget <= 0 or len(running) >= self.config.max_batch_size:
             return
         promised = sum(pages_for(r.num_prefill, ps) - r.seq.num_pages
@@ -187,23 +239,38 @@ class Scheduler:
             req = waiting[0]
             num_prefill = req.prompt_len + req.num_generated
             headroom = self.config.admit_headroom_pages if running else 0
-            if self.allocator.num_free - promised < pages_for(num_prefill, ps) + headroom:
-                break
+            room = self.allocator.num_free - promised - headroom
+            if prefix is None:
+                if room < pages_for(num_prefill, ps):
+                    break
+                seq = Sequence(req.request_id, self.allocator, ps, self.max_pages)
+            else:
+                hit = prefix.match(req, num_prefill)
+                if room < hit.pages_needed(num_prefill):
+                    # Reviving every hit page can need one page more than no hit (the copy
+                    # of an evictable partial page): then start from scratch if that fits.
+                    if room < pages_for(num_prefill, ps):
+                        break
+                    hit = None
+                seq = prefix.start(req, hit)
             waiting.popleft()
             req.status = Status.RUNNING
-            req.seq = Sequence(req.request_id, self.allocator, ps, self.max_pages)
+            req.seq = seq
             req.num_prefill = num_prefill
-            req.num_computed = 0
-            n = min(num_prefill, budget)
-            req.seq.reserve(n)
-            plan.prefill.append((req, 0, n))
+            req.num_computed = start = seq.num_tokens
+            n = min(num_prefill - start, budget)
+            seq.reserve(n)
+            plan.prefill.append((req, start, n))
             plan.num_prefill_tokens += n
             promised += pages_for(num_prefill, ps) - req.seq.num_pages
             budget -= n
             running.append(req)
 
     def preempt(self, req: Request) -> None:
-        """Free req's pages and queue it first, to be recomputed from prompt + output."""
+        """Free req's pages and queue it first, to be recomputed from prompt + output (with
+        prefix caching, its filled pages stay cached for the readmission to hit)."""
+        if self.prefix is not None:
+            self.prefix.commit(req)
         req.seq.release()
         req.seq = None
         req.num_computed = 0
@@ -216,11 +283,14 @@ class Scheduler:
         """Finish or abort req, freeing its pages now. Running requests leave `running` at
         `drop_retired()` (once per step, O(running))."""
         if req.seq is not None:
+            if self.prefix is not None:
+                self.prefix.commit(req)
             req.seq.release()
             req.seq = None
         elif req.status in (Status.WAITING, Status.PREEMPTED):
             self.waiting.remove(req)
         req.status = status
+        req.keys = None
 
     def drop_retired(self) -> None:
         self.running = [r for r in self.running if r.status is Status.RUNNING]

@@ -3,6 +3,8 @@ on a virtual clock priced by the cost model; print a summary; optionally write p
 
     kvpager simulate --requests 100000 --rate 40 --seed 0 --out sim-out/
     kvpager simulate --trace requests.csv --kv-memory-gb 20 --max-batch-size 128
+    kvpager simulate --prefix-caching --workload system-prompts --system-prompts 32
+    kvpager simulate --prefix-caching --trace mooncake_trace.jsonl
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from kvpager.errors import ConfigError, KVPagerError
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import (DEEPSEEK_V3_LAYERS, H100_READ_BANDWIDTH, CostModel)
 from kvpager.runtime.scheduler import SchedulerConfig
+from kvpager.runtime.shared_prefix import chats, system_prompts
 from kvpager.runtime.simulator import Simulator
 from kvpager.runtime.workload import Workload, load_trace, synthetic
 
@@ -60,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="draft tokens per decode step (s_q = 1 + mtp)")
     sched.add_argument("--accept-rate", type=probability, default=0.7,
                        help="MTP draft acceptance rate, in [0, 1]")
+    sched.add_argument("--prefill", choices=("batched", "per-request"), default="batched",
+                       help="prefill chunks share model calls (grouped by length), or one call "
+                            "per chunk; each call costs --per-step-ms")
 
     cost = parser.add_argument_group("cost model (defaults: DeepSeek-V3 on an H100)")
     cost.add_argument("--bandwidth", type=positive_float, default=H100_READ_BANDWIDTH,
@@ -67,9 +73,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost.add_argument("--num-layers", type=positive_int, default=DEEPSEEK_V3_LAYERS,
                       help="layers whose KV each step reads")
     cost.add_argument("--per-step-ms", type=nonneg_float, default=CostModel.per_step_s * 1e3,
-                      help="fixed cost of a step (launches, weights, sampling)")
+                      help="fixed cost of each model call (launches, weights, sampling); a "
+                           "step makes one decode call and one per prefill batch")
     cost.add_argument("--per-token-us", type=nonneg_float, default=CostModel.per_token_s * 1e6,
                       help="non-attention compute per new token")
+
+    pc = parser.add_argument_group("prefix caching")
+    pc.add_argument("--prefix-caching", action="store_true",
+                    help="reuse the KV pages of cached prompt prefixes")
+    pc.add_argument("--workload", choices=("synthetic", "chat", "system-prompts"),
+                    default="synthetic", help="synthetic: unrelated prompts; chat: multi-turn "
+                    "conversations extending their previous prompt; system-prompts: shared "
+                    "system prompts (Zipf popularity) + a user part of --prompt-mean tokens")
+    pc.add_argument("--system-prompts", type=positive_int, default=16,
+                    help="number of distinct system prompts (system-prompts workload)")
+    pc.add_argument("--system-prompt-len", type=at_least(1), default=2048.0,
+                    help="mean system prompt tokens")
+    pc.add_argument("--zipf", type=nonneg_float, default=1.1,
+                    help="Zipf exponent of system prompt popularity")
+    pc.add_argument("--turns", type=at_least(1), default=4.0, help="mean turns per chat")
+    pc.add_argument("--think-time", type=nonneg_float, default=10.0,
+                    help="mean seconds between a chat's turns")
+    pc.add_argument("--message-mean", type=at_least(1), default=128.0,
+                    help="mean tokens of a chat's later user messages (the first: --prompt-mean)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=output_dir,
@@ -124,22 +150,40 @@ def _build(args: argparse.Namespace) -> tuple[Simulator, Workload]:
         config = SchedulerConfig(max_batch_size=args.max_batch_size,
                                  max_num_batched_tokens=args.max_tokens,
                                  admit_headroom_pages=args.headroom_pages,
-                                 num_speculative_tokens=args.mtp, max_model_len=args.max_model_len)
+                                 num_speculative_tokens=args.mtp, max_model_len=args.max_model_len,
+                                 batched_prefill=args.prefill == "batched",
+                                 enable_prefix_caching=args.prefix_caching)
     except ConfigError as exc:
         raise _in_flags(exc) from None
     cost = CostModel(read_bandwidth=args.bandwidth, num_layers=args.num_layers,
                      bytes_per_token_per_layer=cache.bytes_per_token // args.num_layers,
                      per_step_s=args.per_step_ms * 1e-3, per_token_s=args.per_token_us * 1e-6)
-    if args.trace is not None:
-        workload = load_trace(args.trace)
-    else:
-        workload = synthetic(args.requests, args.rate, seed=args.seed, arrivals=args.arrivals,
-                             burstiness=args.burstiness, length_dist=args.length_dist,
-                             prompt_mean=args.prompt_mean, output_mean=args.output_mean,
-                             sigma=args.sigma, max_len=args.max_model_len // 2)
-    sim = Simulator(workload, cache.resolved_num_pages, config, cost, cache.page_size,
-                    accept_rate=args.accept_rate, seed=args.seed)
+    workload = _workload(args)
+    try:  # with --prefix-caching the pool must hold one --max-model-len request
+        sim = Simulator(workload, cache.resolved_num_pages, config, cost, cache.page_size,
+                        accept_rate=args.accept_rate, seed=args.seed)
+    except ConfigError as exc:
+        raise _in_flags(exc) from None
     return sim, workload
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.trace is not None:
+        return load_trace(args.trace)
+    half = args.max_model_len // 2
+    if args.workload == "chat":
+        return Workload(*chats(args.requests, args.rate, args.seed, args.turns, args.think_time,
+                               args.message_mean, args.output_mean, args.prompt_mean, args.sigma,
+                               args.max_model_len))
+    workload = synthetic(args.requests, args.rate, seed=args.seed, arrivals=args.arrivals,
+                         burstiness=args.burstiness, length_dist=args.length_dist,
+                         prompt_mean=args.prompt_mean, output_mean=args.output_mean,
+                         sigma=args.sigma, max_len=half)
+    if args.workload == "system-prompts":
+        workload.prompt_len, workload.content = system_prompts(
+            workload.arrival, workload.prompt_len, workload.output_len, args.system_prompts,
+            args.system_prompt_len, args.zipf, args.seed, half)
+    return workload
 
 
 def _page_bytes(num_layers: int, kv_cache_dtype: str) -> int:
@@ -174,6 +218,9 @@ def _print_summary(s: dict) -> None:
         ("pages", str(s["num_pages"])),
         ("KV bytes a token per layer", str(s["kv_bytes_per_token_per_layer"])),
         ("preemptions", str(s["preemptions"])),
+        ("KV usage mean / max", f"{s['kv_usage_tokens_mean']:.0f} / {s['kv_usage_tokens_max']} tokens"),
+        ("prefix hit rate (tokens)", f"{s['prefix_hit_rate']:.1%} of {s['prefix_query_tokens']}"),
+        ("evictions", str(s["evictions"])),
         ("steps", str(s["steps"])),
         ("wall time", f"{s['wall_s']:.1f} s"),
     ]
@@ -188,8 +235,8 @@ def _print_summary(s: dict) -> None:
 
 def write_outputs(out: Path, metrics: Metrics, summary: dict, config: dict) -> None:
     """out/summary.json: config, summary, per-request latencies, binned per-step timeline;
-    out/timeline.png: batch size, page utilisation (preemptions marked) and queue length over
-    simulated time, the configuration in the title."""
+    out/timeline.png: batch size, page utilisation (preemptions marked), queue length, KV usage
+    in tokens and the prefix hit rate over simulated time, the configuration in the title."""
     out.mkdir(parents=True, exist_ok=True)
     series = metrics.timeseries()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()
@@ -212,7 +259,14 @@ def _title(c: dict, s: dict) -> str:
     else:
         load = (f"{c['requests']} requests, {c['arrivals']} {c['rate']:g}/s, {c['length_dist']} "
                 f"prompt {c['prompt_mean']:g} / output {c['output_mean']:g} tokens")
+    if c.get("workload") == "system-prompts" and not c.get("trace"):
+        load += (f" + {c['system_prompts']} system prompts of ~{c['system_prompt_len']:g} "
+                 f"(Zipf {c['zipf']:g})")
+    elif c.get("workload") == "chat" and not c.get("trace"):
+        load = (f"{c['requests']} chat turns, {c['rate']:g}/s, ~{c['turns']:g} turns, "
+                f"think {c['think_time']:g} s")
     mtp = f", MTP {c['mtp']} @ {c['accept_rate']:g}" if c.get("mtp") else ""
+    mtp += ", prefix caching" if c.get("prefix_caching") else ""
     return (f"kvpager simulate: {load}\n{s['num_pages']} pages, batch <= {c['max_batch_size']}, "
             f"{c['max_tokens']} tokens/step{mtp}, {c['num_layers']} layers, "
             f"{c.get('kv_cache_dtype', 'auto')} cache, "
@@ -226,7 +280,7 @@ def _plot(series: dict[str, list[float]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     t = series["time"]
-    fig, (batch, pages, queue) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    fig, (batch, pages, queue, kv) = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
     batch.plot(t, series["batch_size"], lw=0.8)
     batch.set_ylabel("batch size (mean)")
     pages.plot(t, [v * 100 for v in series["page_utilisation"]], lw=0.8)
@@ -239,9 +293,17 @@ def _plot(series: dict[str, list[float]], path: Path, title: str) -> None:
         pages.legend(loc="lower right", fontsize="small")
     queue.step(t, series["waiting_max"], where="mid", lw=0.8)
     queue.set_ylabel("queue length (max)")
-    for ax in (batch, pages, queue):
+    kv.plot(t, series["kv_usage_tokens"], lw=0.8, color="tab:green")
+    kv.set_ylabel("KV usage (tokens, mean)")
+    rate = [(x, r * 100) for x, r in zip(t, series["prefix_hit_rate"]) if r is not None]
+    if rate:  # bins that admitted something
+        hits = kv.twinx()
+        hits.plot([x for x, _ in rate], [r for _, r in rate], lw=0.6, color="tab:purple")
+        hits.set_ylabel("prefix hit rate (%)", color="tab:purple")
+        hits.set_ylim(0, 105)
+    for ax in (batch, pages, queue, kv):
         ax.grid(alpha=0.3)
-    queue.set_xlabel("simulated time (s)")
+    kv.set_xlabel("simulated time (s)")
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -8,7 +8,9 @@ progress, one token per decode row — or 1 + accepted drafts in MTP mode — re
 pages in the same step, metrics). Per step this is O(running requests) of plain Python.
 
 Requests are pool-less: sequences reserve pages from the real allocator, but no tensor is built
-and tokens are counted, not stored (every token is 0).
+and tokens are counted, not stored (every token is 0). With prefix caching on, the cache runs
+for real on synthetic token ids (workload.content, or unique ones; runtime/shared_prefix.py): a
+hit shortens the prefill the cost model prices, and mid-page copies are planned, not priced.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from kvpager.errors import RequestTooLarge
 from kvpager.runtime.bookkeeping import Bookkeeping
 from kvpager.runtime.metrics import Metrics
 from kvpager.runtime.models.cost import CostModel
+from kvpager.runtime.prefill import group_chunks, padded_slots
 from kvpager.runtime.request import Request, SamplingParams, Timings
 from kvpager.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan, check_fits
+from kvpager.runtime.shared_prefix import unique_content
 from kvpager.runtime.workload import Workload
 
 
@@ -78,8 +82,12 @@ class Simulator:
         except RequestTooLarge:
             self.rejected += 1
             return
+        content = None
+        if self.config.enable_prefix_caching:
+            wl = self.workload.content
+            content = wl[index] if wl is not None else unique_content(index, prompt_len + output_len)
         req = Request(str(index), [], prompt_len, SamplingParams(max_new_tokens=output_len),
-                      Timings(arrival))
+                      Timings(arrival), content=content)
         self.scheduler.add(req)
 
     def _advance(self, plan: StepPlan) -> int:
@@ -87,9 +95,13 @@ class Simulator:
         how many requests finished."""
         s_q, book = self.config.s_q, self.book
         kv_read = plan.decode_kv_tokens + sum(start + n for _, start, n in plan.prefill)
-        new_tokens = plan.num_prefill_tokens + s_q * len(plan.decode)
+        # the engine's prefill calls (CostModel: the batched form)
+        lengths = [n for _, _, n in plan.prefill]
+        groups = group_chunks(lengths, self.config.prefill_padding)
+        new_tokens = plan.num_prefill_tokens + padded_slots(lengths, groups) + s_q * len(plan.decode)
+        calls = len(groups) + (1 if plan.decode else 0)
         start_time = self.clock
-        self.clock = now = start_time + self.cost.step_time(kv_read, new_tokens)
+        self.clock = now = start_time + self.cost.step_time(kv_read, new_tokens, calls)
         generated = 0
         for req, start, n in plan.prefill:
             book.prefilled(req, n, start_time)

@@ -3,7 +3,9 @@
 Synthetic: Poisson arrivals (exponential gaps) or bursty ones (gamma gaps with the same mean and
 coefficient of variation `burstiness` > 1: clumps of arrivals, then lulls); lengths lognormal
 (given mean, shape sigma) or uniform on [mean/2, 3*mean/2]. Traces: CSV with a header naming
-arrival, prompt_len, output_len, or JSONL with those keys.
+arrival, prompt_len, output_len, or JSONL with those keys, or the Mooncake format (JSONL with
+timestamp in ms, input_length, output_length, hash_ids). Workloads with shared content (chat,
+system prompts, Mooncake traces) carry each request's synthetic tokens (runtime/shared_prefix.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvpager.errors import ConfigError, InvalidArgument
+from kvpager.runtime.shared_prefix import Content, mooncake_rows
 
 FIELDS = ("arrival", "prompt_len", "output_len")
 
@@ -24,6 +27,7 @@ class Workload:
     arrival: np.ndarray     # float64 [n], seconds, non-decreasing
     prompt_len: np.ndarray  # int64 [n], >= 1
     output_len: np.ndarray  # int64 [n], >= 1
+    content: list[Content] | None = None  # per request (prefix caching); None: all unique
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -86,6 +90,12 @@ def load_trace(path: str | Path) -> Workload:
                               f"{list(FIELDS)}")
     if not rows:
         raise InvalidArgument(f"trace {path} has no rows")
+    if "hash_ids" in rows[0]:  # Mooncake
+        arrival, prompt, output, content = mooncake_rows(rows, path)
+        _check_lengths(path, arrival, prompt, output)
+        order = np.argsort(arrival, kind="stable")
+        return Workload(arrival[order], prompt[order], output[order],
+                        [content[i] for i in order.tolist()])
     missing = [k for k in FIELDS if k not in rows[0]]
     if missing:
         raise InvalidArgument(f"trace {path} lacks {missing}; columns must include {list(FIELDS)}")
@@ -95,7 +105,12 @@ def load_trace(path: str | Path) -> Workload:
         output = np.array([int(r["output_len"]) for r in rows], dtype=np.int64)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"trace {path}: {exc}") from None
-    if (prompt < 1).any() or (output < 1).any() or not np.isfinite(arrival).all():
-        raise InvalidArgument(f"trace {path}: prompt_len and output_len must be >= 1, arrivals finite")
+    _check_lengths(path, arrival, prompt, output)
     order = np.argsort(arrival, kind="stable")
     return Workload(arrival[order], prompt[order], output[order])
+
+
+def _check_lengths(path: Path, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray) -> None:
+    if (prompt < 1).any() or (output < 1).any() or not np.isfinite(arrival).all():
+        raise InvalidArgument(f"trace {path}: prompt and output lengths must be >= 1, arrivals "
+                              f"finite")

@@ -67,6 +67,9 @@ CLI_MISTAKES = [
     ("kvpager simulate --kv-memory-gb 0.00001", r"--kv-memory-gb 1e-05 holds no page"),
     ("kvpager simulate --rate nan", r"argument --rate: 'nan' is not a finite number"),
     ("kvpager simulate --requests x", r"argument --requests: 'x' is not an int"),
+    ("kvpager simulate --prefix-caching --num-pages 10",
+     r"prefix caching with 10 usable pages .* raise --num-pages .* at least 256, or lower "
+     r"--max-model-len"),
     ("kvpager simulate --kv-cache-dtype int8", r"argument --kv-cache-dtype: invalid choice: 'int8'"),
     ("kvpager bench tables --churn 2", r"argument --churn: 2 is not a probability"),
     ("kvpager bench scheduler --batch 0", r"argument --batch: 0 must be >= 1"),

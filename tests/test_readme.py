@@ -29,3 +29,13 @@ def test_readme_prefix_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["copies"] == [(scope["hit"].partial_page, scope["seq2"].pages[1])]
     assert scope["seq2"].num_tokens == 120
+
+
+def test_readme_generate_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Continuous batching and simulation.*?```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = scope["out"]
+    assert len(out.token_ids) == 8 == len(out.logprobs) and out.finish_reason == "length"
+    assert len(out.top_logprobs[0]) == 2 and out.logprobs[0] <= 0

@@ -21,7 +21,7 @@ from kvpager.allocator import NULL_PAGE
 from kvpager.errors import ConfigError
 from kvpager.mla import get_mla_metadata
 from kvpager.pool import PagePool
-from kvpager.runtime.models.protocol import DecodeBatch, PrefillChunk
+from kvpager.runtime.models.protocol import DecodeBatch, PrefillBatch
 
 from .model import DeepseekV3
 
@@ -40,8 +40,8 @@ class GraphedDecode:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeBatch, torch.Tensor]] = {}
         self.static: DecodeBatch | None = None  # max_batch rows; each graph uses views of rows [:bs]
 
-    def prefill(self, chunk: PrefillChunk, pool: PagePool) -> torch.Tensor | None:
-        return self.model.prefill(chunk, pool)
+    def prefill(self, batch: PrefillBatch, pool: PagePool) -> torch.Tensor:
+        return self.model.prefill(batch, pool)
 
     def decode(self, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
         """Copy the batch into the static buffers of the smallest captured size >= B, replay.

@@ -50,9 +50,10 @@ class Recorded:
             torch.tensor(self.forced[rid][len(self.logits[rid]) - 1], device=row.device),
             row.shape[-1]).to(row.dtype)
 
-    def prefill(self, chunk, pool):
-        out = self.model.prefill(chunk, pool)
-        return None if out is None else self._take(chunk.request_id, out)
+    def prefill(self, batch, pool):
+        out = self.model.prefill(batch, pool)
+        rids = [batch.request_ids[b] for b in batch.logits_rows.tolist()]
+        return torch.stack([self._take(rid, row) for rid, row in zip(rids, out)]) if rids else out
 
     def decode(self, batch, pool):
         out = self.model.decode(batch, pool)

@@ -1,7 +1,7 @@
 """A compact DeepSeek-V3-architecture causal LM that runs on kvpager's paged latent cache.
 
-It implements kvpager.runtime's model Protocol (runtime/models/protocol.py): `prefill(chunk,
-pool)` and `decode(batch, pool)` write each layer's latent KV through the slot mapping and
+It implements kvpager.runtime's model Protocol (runtime/models/protocol.py): `prefill(batch,
+pool)` (several requests' chunks, left-padded) and `decode(batch, pool)` write each layer's latent KV through the slot mapping and
 attend with kvpager.mla over the pages; the engine owns pages, tables, metadata and sampling.
 Module and parameter names mirror transformers' DeepseekV3ForCausalLM, so a checkpoint's
 state dict loads unchanged (weights.py).
@@ -13,7 +13,7 @@ from torch import nn
 
 from kvpager.mla import flash_mla_with_kvcache
 from kvpager.pool import PagePool
-from kvpager.runtime.models.protocol import DecodeBatch, PrefillChunk
+from kvpager.runtime.models.protocol import DecodeBatch, PrefillBatch
 
 from .attention import MLAttention
 from .config import ModelConfig
@@ -68,12 +68,14 @@ class DeepseekV3(nn.Module):
         return self.lm_head.weight.device
 
     @torch.inference_mode()
-    def prefill(self, chunk: PrefillChunk, pool: PagePool) -> torch.Tensor | None:
-        """One sequence's tokens [start, start + n): causal attention over the cache (batch of one,
-        s_q = n). Returns float32 [vocab] logits of the last token when chunk.is_last, else None."""
-        h = self._layers(chunk.input_ids, chunk.positions, chunk.slot_mapping, pool, chunk.block_table,
-                         chunk.cache_seqlens, chunk.mla_metadata, batch=1)
-        return self._logits(h[-1:])[0] if chunk.is_last else None
+    def prefill(self, batch: PrefillBatch, pool: PagePool) -> torch.Tensor:
+        """B sequences' chunks, left-padded to s_q columns: causal attention over the cache
+        (runtime/models/protocol.py: why padding is exact). Returns float32 logits
+        [batch.num_logits, vocab] of the last column of the rows in batch.logits_rows."""
+        b, s_q = batch.input_ids.shape
+        h = self._layers(batch.input_ids.reshape(-1), batch.positions.reshape(-1), batch.slot_mapping,
+                         pool, batch.block_table, batch.cache_seqlens, batch.mla_metadata, batch=b)
+        return self._logits(h.view(b, s_q, -1)[batch.logits_rows, -1])
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:

@@ -11,6 +11,7 @@ from kvpager import kernels
 from kvpager.config import CacheConfig
 from kvpager.errors import ConfigError
 from kvpager.runtime.engine import Engine
+from kvpager.runtime.prefill import group_chunks
 from kvpager.runtime.request import SamplingParams
 from kvpager.runtime.scheduler import SchedulerConfig, pages_for
 
@@ -45,12 +46,15 @@ def mla_path(device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "au
 
 def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
                  spare_pages: int = 1, token_budget: int = TOKEN_BUDGET,
-                 kv_cache_dtype: str = "auto") -> Engine:
+                 kv_cache_dtype: str = "auto", batched_prefill: bool = True,
+                 prefix_caching: bool = False) -> Engine:
     """An engine whose pool holds max_batch sequences of max_model_len tokens (+ spare_pages,
     e.g. the CUDA-graph padding page), in `dtype` on the model's device (kv_cache_dtype='fp8':
     656-byte FP8 rows, q and out still in `dtype`). A step takes at most
     token_budget new tokens (at least one per running request), so a long prompt is prefilled
-    in chunks of about that size: its activations stay O(token_budget), whatever its length."""
+    in chunks of about that size: its activations stay O(token_budget), whatever its length.
+    batched_prefill=False runs one model call per prefill chunk (the path before batching).
+    prefix_caching: reuse the KV pages of cached prompt prefixes across requests."""
     limit = model.config.max_position_embeddings
     if max_model_len > limit:
         raise ConfigError(f"max_model_len={max_model_len} exceeds the model's "
@@ -59,8 +63,33 @@ def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: t
     cache = CacheConfig(num_layers=model.num_layers, num_pages=num_pages, page_size=PAGE_SIZE,
                         dtype=dtype, device=str(model.device), kv_cache_dtype=kv_cache_dtype)
     sched = SchedulerConfig(max_batch_size=max_batch, max_model_len=max_model_len,
-                            max_num_batched_tokens=max(token_budget, max_batch))
+                            max_num_batched_tokens=max(token_budget, max_batch),
+                            batched_prefill=batched_prefill, enable_prefix_caching=prefix_caching)
     return Engine(model, cache, sched)
+
+
+def shared_prompt_ttft(model: DeepseekV3, prompt: list[int], dtype: torch.dtype,
+                       prefix_caching: bool, kv_cache_dtype: str = "auto"
+                       ) -> tuple[float, float, list[int]]:
+    """Time to first token (s) of a request, then of a second request with the same prompt run
+    after it, in one engine; and the second's first tokens. With caching the second prefills
+    only the prompt's last token."""
+    engine = build_engine(model, 1, len(prompt) + 2, dtype, kv_cache_dtype=kv_cache_dtype,
+                          prefix_caching=prefix_caching)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    ttft, out = [], []
+    for _ in range(2):
+        sync()
+        start = time.perf_counter()
+        handle = engine.submit(prompt, SamplingParams(max_new_tokens=2))
+        while handle.num_output_tokens == 0:
+            engine.step()
+        sync()
+        ttft.append(time.perf_counter() - start)
+        while not handle.finished:
+            engine.step()
+        out = handle.output_token_ids
+    return ttft[0], ttft[1], out
 
 
 def random_prompts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
@@ -77,18 +106,28 @@ class RunResult:
     decode_seconds: float       # steps with no prefill chunk
     decode_tokens: int          # tokens generated in those steps
     decode_steps: int
+    prefill_seconds: float = 0.0  # steps with prefill chunks (their decode rows included)
+    prefill_tokens: int = 0       # prompt tokens prefilled in those steps
+    prefill_calls: int = 0        # model.prefill calls in those steps
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
 
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+
 
 def timed_generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> RunResult:
     """Submit every prompt (with its params), step to completion; time pure-decode steps apart
-    from prefill ones."""
+    from steps with prefill chunks (all prompts arrive at once, so those are mostly prefill)."""
     handles = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     decode_s, decode_tokens, decode_steps = 0.0, 0, 0
+    prefill_s, prefill_tokens = 0.0, 0
+    groups = engine.config.prefill_padding
+    prefill_calls = 0
     sync()
     start = time.perf_counter()
     while not all(h.finished for h in handles):
@@ -99,5 +138,9 @@ def timed_generate(engine: Engine, prompts: list[list[int]], params: list[Sampli
             decode_s += time.perf_counter() - t0
             decode_tokens += len(plan.decode)
             decode_steps += 1
+        else:
+            prefill_s += time.perf_counter() - t0
+            prefill_tokens += plan.num_prefill_tokens
+            prefill_calls += len(group_chunks([n for _, _, n in plan.prefill], groups))
     return RunResult([h.output_token_ids for h in handles], time.perf_counter() - start,
-                     decode_s, decode_tokens, decode_steps)
+                     decode_s, decode_tokens, decode_steps, prefill_s, prefill_tokens, prefill_calls)

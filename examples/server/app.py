@@ -21,7 +21,7 @@ from kvpager.runtime.async_engine import AsyncEngine, RequestStream
 from kvpager.runtime.request import SamplingParams
 
 from .metrics import ServerMetrics
-from .protocol import CompletionRequest, chunk_body, completion_body, error_body
+from .protocol import CompletionRequest, chunk_body, completion_body, error_body, logprobs_body
 from .text import IdsText, TokenizerText
 
 
@@ -61,7 +61,8 @@ def make_app(aengine: AsyncEngine, model_name: str, text: IdsText | TokenizerTex
             stops = _stop_strings(body.stop, text)
             params = SamplingParams(
                 max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                top_k=body.top_k, seed=body.seed, stop_token_ids=tuple(body.stop_token_ids))
+                top_k=body.top_k, seed=body.seed, stop_token_ids=tuple(body.stop_token_ids),
+                logprobs=body.logprobs)
             stream = await aengine.submit(prompt, params, request_id=f"cmpl-{uuid.uuid4().hex}")
         except QueueFull as exc:
             return JSONResponse(error_body(str(exc), kind="rate_limit_error"), status_code=429)
@@ -71,10 +72,13 @@ def make_app(aengine: AsyncEngine, model_name: str, text: IdsText | TokenizerTex
             return JSONResponse(error_body(str(exc)), status_code=400)
         name = body.model or model_name
         if body.stream:
-            return StreamingResponse(_events(stream, name, text, stops, metrics),
+            return StreamingResponse(_events(stream, name, text, stops, metrics, body.logprobs),
                                      media_type="text/event-stream")
         watch = _StopWatch(text, stops)
+        logprobs, top = [], []
         async for chunk in stream:
+            logprobs += chunk.new_logprobs or ()
+            top += chunk.new_top_logprobs or ()
             if watch.feed(chunk.new_token_ids):
                 stream.abort()
                 break
@@ -82,13 +86,15 @@ def make_app(aengine: AsyncEngine, model_name: str, text: IdsText | TokenizerTex
         reason = "stop" if watch.stopped else out.finish_reason
         metrics.observe(out) if out is not None else None
         return completion_body(stream.request_id, name, watch.text, watch.token_ids, reason,
-                               len(prompt))
+                               len(prompt), _logprobs(body.logprobs, text, watch.token_ids,
+                                                      logprobs, top, 0))
 
     return app
 
 
 async def _events(stream: RequestStream, model: str, text: IdsText | TokenizerText,
-                  stops: list[str], metrics: ServerMetrics) -> AsyncIterator[str]:
+                  stops: list[str], metrics: ServerMetrics, logprobs: int | None
+                  ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per engine step that produced tokens, then [DONE]."""
     watch = _StopWatch(text, stops)
     try:
@@ -97,7 +103,9 @@ async def _events(stream: RequestStream, model: str, text: IdsText | TokenizerTe
             stopped = watch.feed(chunk.new_token_ids)
             reason = "stop" if stopped else chunk.finish_reason
             new_ids = list(chunk.new_token_ids)
-            yield f"data: {json.dumps(chunk_body(stream.request_id, model, watch.text[sent:], new_ids, reason))}\n\n"
+            lp = _logprobs(logprobs, text, new_ids, chunk.new_logprobs or (),
+                           chunk.new_top_logprobs or (), sent)
+            yield f"data: {json.dumps(chunk_body(stream.request_id, model, watch.text[sent:], new_ids, reason, lp))}\n\n"
             if stopped:
                 stream.abort()
                 break
@@ -105,6 +113,15 @@ async def _events(stream: RequestStream, model: str, text: IdsText | TokenizerTe
     finally:
         if stream.output is not None:
             metrics.observe(stream.output)
+
+
+def _logprobs(asked: int | None, text: IdsText | TokenizerText, token_ids: list[int],
+              logprobs, top, offset: int) -> dict | None:
+    """The choice's `logprobs` object for these tokens, or None when the request did not ask."""
+    if asked is None:
+        return None
+    return logprobs_body([text.decode([t]) for t in token_ids], token_ids, list(logprobs),
+                         list(top) if asked else None, text.decode, offset)
 
 
 def _stop_strings(stop: str | list[str] | None, text: IdsText | TokenizerText) -> list[str]:

@@ -3,8 +3,10 @@ with an error that names the field) and the JSON objects we send back.
 
 Supported: prompt as text (when the model has a tokenizer), token ids, or a one-element list of
 either; max_tokens, temperature, top_p, seed, stream, stop (strings, with a tokenizer) and the
-extension `stop_token_ids`, top_k. Fields OpenAI defines that we cannot honour (n > 1, echo,
-best_of, suffix, penalties, logit_bias, logprobs) are refused with a 400 rather than ignored.
+extension `stop_token_ids`, top_k, and logprobs (0..5: each token's log-probability under the
+model's raw logits, plus the n most likely tokens', in OpenAI's completions shape; streamed
+chunks carry their tokens' share). Fields OpenAI defines that we cannot honour (n > 1, echo,
+best_of, suffix, penalties, logit_bias) are refused with a 400 rather than ignored.
 Each choice also carries `token_ids`, the generated ids.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 class CompletionRequest(BaseModel):
@@ -37,7 +41,7 @@ class CompletionRequest(BaseModel):
     presence_penalty: Literal[0, 0.0] = 0.0
     frequency_penalty: Literal[0, 0.0] = 0.0
     logit_bias: None = None
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     stream_options: dict | None = None
 
     @field_validator("prompt")
@@ -56,11 +60,29 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+def logprobs_body(token_texts: list[str], token_ids: list[int], logprobs: list[float],
+                  top_logprobs: list[dict[int, float]] | None, decode, offset: int = 0) -> dict:
+    """OpenAI's completions `logprobs` object for these tokens: their texts, logprobs, text
+    offsets (from `offset`, the text already sent) and, per token, the n most likely tokens
+    and the sampled one ({text: logprob}; decode([id]) names them)."""
+    offsets = []
+    for piece in token_texts:
+        offsets.append(offset)
+        offset += len(piece)
+    tops = []
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs)):
+        top = {decode([t]): v for t, v in (top_logprobs[i].items() if top_logprobs else ())}
+        top.setdefault(token_texts[i], lp)
+        tops.append(top)
+    return {"tokens": token_texts, "token_logprobs": list(logprobs), "top_logprobs": tops,
+            "text_offset": offsets}
+
+
 def completion_body(request_id: str, model: str, text: str, token_ids: list[int],
-                    finish_reason: str | None, prompt_tokens: int) -> dict:
+                    finish_reason: str | None, prompt_tokens: int, logprobs: dict | None = None) -> dict:
     return {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": None,
+        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": logprobs,
                      "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
                   "total_tokens": prompt_tokens + len(token_ids)},
@@ -68,9 +90,9 @@ def completion_body(request_id: str, model: str, text: str, token_ids: list[int]
 
 
 def chunk_body(request_id: str, model: str, text: str, token_ids: list[int],
-               finish_reason: str | None) -> dict:
+               finish_reason: str | None, logprobs: dict | None = None) -> dict:
     return {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": None,
+        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": logprobs,
                      "finish_reason": finish_reason}],
     }

@@ -1,10 +1,11 @@
 """The contract between the engine and a model: what one step hands the model, what it returns.
 
 The engine owns the page pool, the sequences and the sampling; a model owns its weights and does
-the arithmetic. Each engine step calls the model at most once per prefill chunk and once for the
-whole decode batch:
+the arithmetic. Each engine step calls the model once per prefill batch (the prefill chunks of
+several requests; a step has one, or a few when the chunks' lengths differ widely: see
+kvpager.runtime.prefill) and once for the whole decode batch:
 
-    logits = model.prefill(chunk, pool)   # float [vocab] when chunk.is_last, else None
+    logits = model.prefill(batch, pool)   # float [batch.num_logits, vocab]
     logits = model.decode(batch, pool)    # float [B, s_q, vocab]
 
 Both calls must, in every layer l:
@@ -17,7 +18,15 @@ Both calls must, in every layer l:
      layers; a model must not recompute it.
 
 `cache_seqlens` already counts the new tokens (FlashMLA's convention: with causal=True, query
-row i of s_q attends to positions < cache_seqlens - s_q + i + 1). Sampling happens in the engine:
+row i of s_q attends to positions < cache_seqlens - s_q + i + 1).
+
+Batched prefill is exact because of that rule: every chunk is left-padded to the call's s_q (its
+longest chunk), so a chunk's real tokens are the last n columns of its row and column
+s_q - n + k sees keys [0, start + k], what a batch of one would see. The padding columns see
+fewer keys (or none: out = 0), write their latent to the null page (PAD_PAGE, never handed to a
+request, never read as one's KV) and their outputs are dropped. A model needs no padding logic:
+it runs the [B, s_q] batch like a decode batch and returns the last column's logits for the rows
+in `logits_rows`. Sampling happens in the engine:
 models return raw logits (float32 preferred) and never touch the allocator or the request
 objects. A model must not keep per-request state between calls: after a preemption the engine
 recomputes a request from its tokens, with new pages.
@@ -37,32 +46,53 @@ from kvpager import PagePool
 
 
 @dataclass
-class PrefillChunk:
-    """Tokens [start, start + n) of one sequence, prefilled as a batch of one.
+class PrefillBatch:
+    """Prefill chunks of B sequences in one call: row b is tokens [start_b, start_b + n_b) of its
+    sequence, left-padded to s_q = max(n_b) columns. A batch of one (B = 1) has no padding.
 
-    input_ids:     int64 [n]            the chunk's token ids
-    positions:     int64 [n]            start .. start + n - 1 (for rotary embeddings)
-    slot_mapping:  int64 [n]            cache slot of each token (write its latent KV there)
-    block_table:   int32 [1, max_pages] the sequence's pages (row padding is never read)
-    cache_seqlens: int32 [1]            start + n: tokens in the cache once this chunk is written
-    mla_metadata:  (tile_scheduler_metadata int32 [num_parts, 8], num_splits int32 [2]) from
-                   kvpager.mla.get_mla_metadata(cache_seqlens, n * h_q // h_kv, h_kv)
-    is_last:       True when the chunk completes the sequence's prefill; only then the model
-                   must return logits (of the chunk's last token).
+    request_ids:   list[str] [B]
+    input_ids:     int64 [B, s_q]       padding columns: 0
+    positions:     int64 [B, s_q]       start_b .. start_b + n_b - 1 in the last n_b columns;
+                                        padding columns: 0
+    slot_mapping:  int64 [B * s_q]      row-major over (b, column): write the latent KV here;
+                                        padding columns point into the null page (PAD_PAGE)
+    block_table:   int32 [B, max_pages] each sequence's pages (row padding is never read)
+    cache_seqlens: int32 [B]            start_b + n_b: tokens in the cache once the chunk is written
+    mla_metadata:  (tile_scheduler_metadata int32 [num_parts, 8], num_splits int32 [B + 1]) from
+                   kvpager.mla.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv),
+                   computed once per call and shared by every layer
+    query_lens:    list[int] [B]        n_b, each chunk's real tokens (the rest is padding)
+    logits_rows:   int64 [R]            rows whose chunk completes its sequence's prefill: the
+                                        model returns the logits of their last column (always a
+                                        real token), in this order
     """
 
-    request_id: str
+    request_ids: list[str]
     input_ids: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     mla_metadata: tuple[torch.Tensor, torch.Tensor]
-    is_last: bool
+    query_lens: list[int]
+    logits_rows: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def s_q(self) -> int:
+        return self.input_ids.shape[1]
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.numel()
+        """Real (unpadded) tokens: sum of query_lens."""
+        return sum(self.query_lens)
+
+    @property
+    def num_logits(self) -> int:
+        return self.logits_rows.numel()
 
 
 @dataclass
@@ -111,8 +141,9 @@ class Model(Protocol):
     vocab_size: int
     device: torch.device
 
-    def prefill(self, chunk: PrefillChunk, pool: PagePool) -> torch.Tensor | None:
-        """Write the chunk's latent KV, attend causally; logits float [vocab] if chunk.is_last."""
+    def prefill(self, batch: PrefillBatch, pool: PagePool) -> torch.Tensor:
+        """Write the batch's latent KV, attend causally; return the logits float
+        [batch.num_logits, vocab] of the last column of each row in batch.logits_rows."""
         ...
 
     def decode(self, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from kvpager import CacheConfig, PagePool, flash_mla_with_kvcache
-from kvpager.runtime.models.protocol import DecodeBatch, PrefillChunk
+from kvpager.runtime.models.protocol import DecodeBatch, PrefillBatch
 
 D_LATENT, D_ROPE, D_V = 512, 64, 512
 HEAD_DIM = D_LATENT + D_ROPE
@@ -57,10 +57,12 @@ class TinyMLA:
                            device=str(self.device), kv_cache_dtype=kv_cache_dtype)
 
     # --- Model protocol ---------------------------------------------------------------------
-    def prefill(self, chunk: PrefillChunk, pool: PagePool) -> torch.Tensor | None:
-        hidden = self._forward(chunk.input_ids[None], chunk.positions[None], chunk.slot_mapping,
-                               chunk.block_table, chunk.cache_seqlens, chunk.mla_metadata, pool)
-        return self._logits(hidden[0, -1]) if chunk.is_last else None
+    def prefill(self, batch: PrefillBatch, pool: PagePool) -> torch.Tensor:
+        """The padded [B, s_q] batch runs like a decode batch (protocol.py: why that is exact);
+        logits of the last column of the rows that need them."""
+        hidden = self._forward(batch.input_ids, batch.positions, batch.slot_mapping,
+                               batch.block_table, batch.cache_seqlens, batch.mla_metadata, pool)
+        return self._logits(hidden[batch.logits_rows, -1])
 
     def decode(self, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
         hidden = self._forward(batch.input_ids, batch.positions, batch.slot_mapping,

@@ -48,6 +48,12 @@ def test_kvpager_demo_runs_on_an_fp8_cache(capsys):
     assert out.count("  request ") == 3
 
 
+def test_kvpager_demo_with_prefix_caching_reports_the_shared_prompt_ttft(capsys):
+    assert kvpager_main(["demo", *ARGS, "--prefix-caching"]) == 0
+    out = capsys.readouterr().out
+    assert "without prefix caching" in out and "same tokens" in out
+
+
 def test_demo_model_generates_on_an_fp8_cache():
     """The random demo-architecture model: the engine with an FP8 cache against the float32
     cache, greedy. Random weights give flat logits, so near-ties may flip: the figure is
@@ -58,7 +64,8 @@ def test_demo_model_generates_on_an_fp8_cache():
     for kv_cache_dtype in ("auto", "fp8"):
         engine = build_engine(model, len(prompts), 80, torch.float32, kv_cache_dtype=kv_cache_dtype)
         assert engine.pool.is_fp8 == (kv_cache_dtype == "fp8")
-        outputs[kv_cache_dtype] = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+        outputs[kv_cache_dtype] = [list(o.token_ids) for o in outs]
     same = [a == b for x, y in zip(outputs["auto"], outputs["fp8"]) for a, b in zip(x, y)]
     print(f"demo model, FP8 vs float32 cache: free-running agreement {sum(same) / len(same):.3f}")
     assert sum(x[0] == y[0] for x, y in zip(outputs["auto"], outputs["fp8"])) >= 3

@@ -71,12 +71,14 @@ class Recorder:
         self.logits: dict[str, list[torch.Tensor]] = {}
         self.batches: list[tuple[str, ...]] = []
         self.prefill_chunks: list[tuple[str, int]] = []
+        self.prefill_batches: list[tuple[int, ...]] = []  # query_lens of each prefill call
 
-    def prefill(self, chunk, pool):
-        self.prefill_chunks.append((chunk.request_id, chunk.num_tokens))
-        out = self.model.prefill(chunk, pool)
-        if out is not None:
-            self.logits.setdefault(chunk.request_id, []).append(out.clone())
+    def prefill(self, batch, pool):
+        self.prefill_chunks += zip(batch.request_ids, batch.query_lens)
+        self.prefill_batches.append(tuple(batch.query_lens))
+        out = self.model.prefill(batch, pool)
+        for b, row in zip(batch.logits_rows.tolist(), out):
+            self.logits.setdefault(batch.request_ids[b], []).append(row.clone())
         return out
 
     def decode(self, batch, pool):
@@ -96,9 +98,12 @@ def test_greedy_tokens_and_logits_match_transformers(models):
     gen = torch.Generator().manual_seed(1)
     prompts = {rid: torch.randint(2, VOCAB, (n,), generator=gen).tolist() for rid, n, _, _ in REQUESTS}
     model = Recorder(ours)
-    # A 48-token step budget splits the 64/70-token prompts into chunks (causal prefill at an offset).
+    # A 48-token step budget splits the 64/70-token prompts into chunks (causal prefill at an offset);
+    # padding up to half a prefill call lets chunks of very different lengths share one (the
+    # shorter rows' padding columns see no key at all).
     engine = Engine(model, CacheConfig(num_layers=ours.num_layers, num_pages=32, dtype="float32"),
-                    SchedulerConfig(max_batch_size=4, max_num_batched_tokens=48, max_model_len=256))
+                    SchedulerConfig(max_batch_size=4, max_num_batched_tokens=48, max_model_len=256,
+                                    max_prefill_padding=0.5))
     handles, step = {}, 0
     while len(handles) < len(REQUESTS) or not all(h.finished for h in handles.values()):
         for rid, _, new, at in REQUESTS:
@@ -123,3 +128,31 @@ def test_greedy_tokens_and_logits_match_transformers(models):
     assert any("b" in b for b in model.batches) and not any("b" in b and "e" in b for b in model.batches)
     assert any("e" in b and "a" in b for b in model.batches)
     assert any(n < len(prompts[rid]) for rid, n in model.prefill_chunks), "no chunked prefill happened"
+    # Batched prefill with left padding: one call carried chunks of different lengths.
+    assert any(len(set(lens)) > 1 for lens in model.prefill_batches), model.prefill_batches
+
+
+def test_prefix_caching_gives_the_same_tokens(models):
+    """Caching on vs off, greedy, token for token, with the DeepSeek model: prompts that share a
+    100-token prefix (its second page matched mid-page and copied), a prompt cached whole, and
+    one extending a finished request (a chat turn); the second wave also against transformers."""
+    hf, ours = models
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.randint(2, VOCAB, (100,), generator=gen).tolist()
+    first = [shared + torch.randint(2, VOCAB, (40,), generator=gen).tolist()]
+    second = [shared + [7, 8, 9], first[0][:128], first[0]]
+    params = SamplingParams(max_new_tokens=6)
+
+    def run(caching):
+        engine = Engine(ours, CacheConfig(num_layers=ours.num_layers, num_pages=32, dtype="float32"),
+                        SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_model_len=256,
+                                        enable_prefix_caching=caching), full_metrics=True)
+        out = [list(o.token_ids) for o in engine.generate(first, params)]
+        out += [list(o.token_ids) for o in engine.generate(second + [first[0] + out[0] + [5]], params)]
+        return out, engine.metrics.summary()["prefix_hit_tokens"]
+
+    (off, no_hits), (on, hits) = run(False), run(True)
+    assert on == off
+    assert no_hits == 0 and hits >= 100 + 127 + 128 + 128
+    for prompt, got in zip(second[:2], on[1:3]):
+        assert got == hf_greedy(hf, prompt, len(got))[0]

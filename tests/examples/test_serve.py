@@ -65,7 +65,31 @@ def expected(prompt: list[int], n: int) -> list[int]:
     """The same request run alone in this process (TinyMLA() is the server's model)."""
     model = TinyMLA()
     engine = Engine(model, model.cache_config(num_pages=32), SchedulerConfig(max_batch_size=4))
-    return engine.generate([prompt], SamplingParams(max_new_tokens=n))[0]
+    return list(engine.generate([prompt], SamplingParams(max_new_tokens=n))[0].token_ids)
+
+
+def test_logprobs_streaming_and_not_match_the_engine(client):
+    prompt, n = [3, 1, 4, 1, 5], 6
+    model = TinyMLA()
+    engine = Engine(model, model.cache_config(num_pages=32), SchedulerConfig(max_batch_size=4))
+    want = engine.generate([prompt], SamplingParams(max_new_tokens=n, logprobs=2))[0]
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=n, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [f" {t}" for t in want.token_ids]
+    assert lp.token_logprobs == pytest.approx(list(want.logprobs), abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    for top, want_top, tok in zip(lp.top_logprobs, want.top_logprobs, want.token_ids):
+        assert top == pytest.approx({f" {t}": v for t, v in want_top.items()}, abs=1e-4)
+        assert f" {tok}" in top  # greedy: the sampled token is the most likely
+    streamed, offsets = [], []
+    for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=n, temperature=0,
+                                           logprobs=2, stream=True):
+        part = chunk.choices[0].logprobs
+        streamed += part.token_logprobs
+        offsets += part.text_offset
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6) and offsets == lp.text_offset
+    plain = client.completions.create(model="m", prompt=prompt, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def get(url: str) -> str:
@@ -134,6 +158,7 @@ def test_cancelled_stream_gives_its_pages_back(server, client):
     (dict(prompt=[1, 2], max_tokens=4, n=2), "n"),
     (dict(prompt="hello", max_tokens=4), "tokenizer"),
     (dict(prompt=[], max_tokens=4), "empty"),
+    (dict(prompt=[1, 2], max_tokens=4, logprobs=6), "logprobs"),
 ])
 def test_bad_requests_get_400_with_a_clear_message(client, kwargs, needle):
     with pytest.raises(openai.BadRequestError) as err:

@@ -51,10 +51,15 @@ def engine(kv_cache_dtype: str = "fp8"):
     return build_engine(model, len(PROMPTS), 256, torch.bfloat16, kv_cache_dtype=kv_cache_dtype)
 
 
+def tokens(eng) -> list[list[int]]:
+    """Greedy token ids of PROMPTS, STEPS each."""
+    return [list(o.token_ids) for o in eng.generate(PROMPTS, SamplingParams(max_new_tokens=STEPS))]
+
+
 def test_engine_decode_steps_run_the_fused_fp8_decode(fused_calls):
     eng = engine()
     assert eng.pool.is_fp8 and eng.pool.kv.dtype == torch.uint8
-    outputs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=STEPS))
+    outputs = tokens(eng)
     assert all(len(o) == STEPS for o in outputs)
     # every decode step (s_q = 1, 16 heads: 16 rows a kv head) of every layer; prefill chunks
     # (>= 40 * 16 rows) run on the reference
@@ -64,17 +69,17 @@ def test_engine_decode_steps_run_the_fused_fp8_decode(fused_calls):
 
 
 def test_graphed_fp8_decode_matches_eager():
-    eager = engine().generate(PROMPTS, SamplingParams(max_new_tokens=STEPS))
+    eager = tokens(engine())
     graphed_engine = engine()
     graphed_engine.model = GraphedDecode(graphed_engine.model, len(PROMPTS))
-    graphed = graphed_engine.generate(PROMPTS, SamplingParams(max_new_tokens=STEPS))
+    graphed = tokens(graphed_engine)
     assert graphed == eager
     assert graphed_engine.model.graphs  # the decode really replayed a graph
 
 
 def test_fp8_cache_agrees_with_the_bf16_cache_on_most_tokens():
     """Random weights: a floor well below the trained model's 0.99 (near-ties flip)."""
-    fp8_tokens = engine("fp8").generate(PROMPTS, SamplingParams(max_new_tokens=STEPS))
-    bf16_tokens = engine("auto").generate(PROMPTS, SamplingParams(max_new_tokens=STEPS))
+    fp8_tokens = tokens(engine("fp8"))
+    bf16_tokens = tokens(engine("auto"))
     firsts = sum(a[0] == b[0] for a, b in zip(fp8_tokens, bf16_tokens))
     assert firsts >= 3, (fp8_tokens, bf16_tokens)

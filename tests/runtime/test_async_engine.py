@@ -22,7 +22,7 @@ def make_engine(num_pages: int = 96, max_batch: int = 32) -> Engine:
 
 
 def alone(prompt: list[int], max_new_tokens: int) -> list[int]:
-    return make_engine().generate([prompt], SamplingParams(max_new_tokens=max_new_tokens))[0]
+    return list(make_engine().generate([prompt], SamplingParams(max_new_tokens=max_new_tokens))[0].token_ids)
 
 
 def test_500_consumers_with_cancellations_match_alone_and_free_every_page():

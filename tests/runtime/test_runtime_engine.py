@@ -26,9 +26,14 @@ def engine(num_pages=32, **kw) -> Engine:
     return Engine(MODEL, MODEL.cache_config(num_pages), config)
 
 
+def run(eng: Engine, prompts, params=GREEDY) -> list[list[int]]:
+    """generate()'s token ids, as lists."""
+    return [list(out.token_ids) for out in eng.generate(prompts, params)]
+
+
 @pytest.fixture(scope="module")
 def alone():
-    return [engine().generate([p], GREEDY)[0] for p in PROMPTS]
+    return [run(engine(), [p], GREEDY)[0] for p in PROMPTS]
 
 
 def test_tiny_model_satisfies_protocol():
@@ -36,18 +41,18 @@ def test_tiny_model_satisfies_protocol():
 
 
 def test_full_batch_matches_alone(alone):
-    assert engine().generate(PROMPTS, GREEDY) == alone
+    assert run(engine(), PROMPTS, GREEDY) == alone
 
 
 def test_chunked_prefill_matches_alone(alone):
     # budget 16 tokens: prompts are prefilled over several steps, interleaved with decodes
-    assert engine(max_num_batched_tokens=16, max_batch_size=4).generate(PROMPTS, GREEDY) == alone
+    assert run(engine(max_num_batched_tokens=16, max_batch_size=4), PROMPTS, GREEDY) == alone
 
 
 def test_preemption_matches_alone(alone):
     # 4 pages: every request holds one page until it crosses 64 tokens, then someone must go
     eng = engine(num_pages=4, admit_headroom_pages=0)
-    assert eng.generate(PROMPTS, GREEDY) == alone
+    assert run(eng, PROMPTS, GREEDY) == alone
     assert eng.scheduler.num_preemptions > 0
     assert eng.allocator.num_used == 0
     eng.allocator.check_invariants({})
@@ -55,7 +60,7 @@ def test_preemption_matches_alone(alone):
 
 def test_mtp_matches_alone(alone):
     eng = engine(num_speculative_tokens=2, max_num_batched_tokens=128)
-    assert eng.generate(PROMPTS, GREEDY) == alone
+    assert run(eng, PROMPTS, GREEDY) == alone
     eng.allocator.check_invariants({})
 
 
@@ -76,7 +81,7 @@ def test_streaming_iterator_and_callback():
 
 def test_stop_token_and_abort():
     eng = engine()
-    ref = engine().generate([PROMPTS[0]], GREEDY)[0]
+    ref = run(engine(), [PROMPTS[0]], GREEDY)[0]
     stop = eng.submit(PROMPTS[0], SamplingParams(max_new_tokens=24, stop_token_ids=(ref[3],)))
     victim = eng.submit(PROMPTS[1], GREEDY)
     for _ in range(3):
@@ -132,8 +137,8 @@ def test_callback_aborting_a_later_row_stops_it_in_the_same_step():
 def test_seeded_sampling_is_reproducible_across_batches():
     params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=7)
     short = SamplingParams(max_new_tokens=4)
-    alone = engine().generate([PROMPTS[2]], params)[0]
-    batched = engine().generate(PROMPTS[:3], [short, short, params])[2]
+    alone = run(engine(), [PROMPTS[2]], params)[0]
+    batched = run(engine(), PROMPTS[:3], [short, short, params])[2]
     assert alone == batched
 
 

@@ -73,18 +73,22 @@ class CacheModel:
     def _one_hot(self, tokens):
         return torch.nn.functional.one_hot(torch.tensor(tokens), VOCAB).float()
 
-    def prefill(self, chunk, pool):
-        self._write(pool, chunk.slot_mapping, chunk.input_ids, chunk.positions)
+    def prefill(self, batch, pool):
+        """The batched protocol: left-padded rows (their writes go to the null page); logits
+        for the rows in logits_rows. A raising call fails every request it carries."""
+        self._write(pool, batch.slot_mapping, batch.input_ids, batch.positions)
         if self.armed.pop("prefill_raises", None) is not None:
-            self.failed.add(chunk.request_id)
+            self.failed.update(batch.request_ids)
             raise RuntimeError("injected: prefill failed after writing its KV")
-        if not chunk.is_last:
-            return None
-        history = self._history(pool, chunk.block_table[0], int(chunk.cache_seqlens[0]))
-        logits = self._one_hot(next_token(history))
+        rows = batch.logits_rows.tolist()
+        if not rows:
+            return torch.zeros(0, VOCAB)
+        logits = self._one_hot([next_token(self._history(pool, batch.block_table[b],
+                                                         int(batch.cache_seqlens[b])))
+                                for b in rows])
         if self.armed.pop("nan_prefill", None) is not None:
-            self.failed.add(chunk.request_id)
-            logits[3] = float("nan")
+            self.failed.add(batch.request_ids[rows[0]])
+            logits[0, 3] = float("nan")
         return logits
 
     def decode(self, batch, pool):
@@ -235,7 +239,7 @@ def test_oracle_is_the_output_run_alone(mtp):
              ([(7 * i) % VOCAB for i in range(100)], SamplingParams(max_new_tokens=30, stop_token_ids=(5,)))]
     for prompt, params in cases:
         engine = Engine(CacheModel(), CacheModel.cache_config(8), config)
-        assert engine.generate([prompt], params)[0] == oracle(prompt, params)
+        assert list(engine.generate([prompt], params)[0].token_ids) == oracle(prompt, params)
 
 
 class FlakyDecode(CacheModel):

@@ -38,9 +38,10 @@ class Forced:
         return torch.nn.functional.one_hot(torch.tensor(self.tokens[rid][len(rows) - 1]),
                                            self.vocab_size).float()
 
-    def prefill(self, chunk, pool):
-        out = self.model.prefill(chunk, pool)
-        return None if out is None else self._take(chunk.request_id, out)
+    def prefill(self, batch, pool):
+        out = self.model.prefill(batch, pool)
+        rids = [batch.request_ids[b] for b in batch.logits_rows.tolist()]
+        return torch.stack([self._take(r, row) for r, row in zip(rids, out)]) if rids else out
 
     def decode(self, batch, pool):
         out = self.model.decode(batch, pool)

@@ -27,8 +27,8 @@ class FixedLogits:
         self.row = torch.zeros(8)
         self.row[1] = 1.0
 
-    def prefill(self, chunk, pool):
-        return self.row if chunk.is_last else None
+    def prefill(self, batch, pool):
+        return self.row.expand(batch.num_logits, 8)
 
     def decode(self, batch, pool):
         return self.row.expand(len(batch.request_ids), 1, 8)
@@ -125,7 +125,9 @@ def test_bounded_metrics_summarise_like_full_ones():
         for m in (full, bounded):
             m.record_step(time=i * 0.1, duration=0.1, batch_size=i % 5, prefill_tokens=0,
                           decode_tokens=1, generated=1, pages_used=i % 8, pages_free=8 - i % 8,
-                          preemptions=i % 7 == 0, waiting=i % 3)
+                          preemptions=i % 7 == 0, waiting=i % 3, kv_usage_tokens=40 * (i % 8),
+                          prefix_query_tokens=100 * (i % 2), prefix_hit_tokens=30 * (i % 4 == 0),
+                          evictions=i % 3)
     a, b = full.summary(), bounded.summary()
     assert a.keys() == b.keys()
     for key in a:

@@ -40,6 +40,24 @@ def test_step_time_follows_the_cost_model():
     cost = CostModel(per_step_s=1e-3, per_token_s=0.0, read_bandwidth=1e12, num_layers=1,
                      bytes_per_token_per_layer=1000)
     assert cost.step_time(kv_tokens_read=2_000_000, new_tokens=5) == pytest.approx(1e-3 + 2e-3)
+    assert cost.step_time(2_000_000, 5, model_calls=3) == pytest.approx(3e-3 + 2e-3)
+
+
+def test_batched_prefill_is_priced_per_model_call():
+    """A burst of prompts: one call per chunk pays the per-call cost many times over, the batched
+    form a few times plus its padding columns; the scheduling is the same."""
+    wl = synthetic(64, 1e6, seed=1, length_dist="uniform", prompt_mean=100, output_mean=2)
+    cost = CostModel(per_step_s=1e-3, per_token_s=1e-6)
+    runs = {}
+    for batched in (True, False):
+        config = SchedulerConfig(max_batch_size=64, max_num_batched_tokens=8192, max_model_len=512,
+                                 batched_prefill=batched)
+        sim = Simulator(wl, 400, config, cost)
+        runs[batched] = (sim.run().summary(), sim.clock)
+    (fast, t_batched), (slow, t_per_request) = runs[True], runs[False]
+    assert fast["output_tokens"] == slow["output_tokens"] == int(wl.output_len.sum())
+    # the first step prefills all 64 prompts: 64 calls against a handful
+    assert t_per_request - t_batched > 40e-3
 
 
 def test_trace_loading(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from kvpager import PAD_PAGE
 from kvpager.config import CacheConfig
 from kvpager.errors import RequestTooLarge
 from kvpager.runtime.engine import Engine
@@ -22,19 +23,26 @@ class EchoModel:
 
     num_layers, num_heads, vocab_size, device = 1, 4, VOCAB, torch.device("cpu")
 
-    def _check(self, slots, block_table, cache_seqlens, s_q):
-        assert slots.unique().numel() == slots.numel()
+    def _check(self, slots, block_table, cache_seqlens, s_q, query_lens=None):
+        """Real slots are distinct and in the row's own pages; a prefill row's left padding
+        (s_q - query_lens[b] columns) writes only to the null page."""
+        rows = slots.view(block_table.shape[0], s_q)
+        real = []
         for b in range(block_table.shape[0]):
+            pad = 0 if query_lens is None else s_q - query_lens[b]
+            assert all(int(s) // 64 == PAD_PAGE for s in rows[b, :pad])
             pages = set(block_table[b, : (int(cache_seqlens[b]) + 63) // 64].tolist())
-            row = slots.view(block_table.shape[0], s_q)[b] if s_q else slots
-            assert {int(s) // 64 for s in row} <= pages
+            assert {int(s) // 64 for s in rows[b, pad:]} <= pages
+            real += rows[b, pad:].tolist()
+        assert len(set(real)) == len(real)
 
     def _logits(self, ids):
         return torch.nn.functional.one_hot((ids + 1) % VOCAB, VOCAB).float()
 
-    def prefill(self, chunk, pool):
-        self._check(chunk.slot_mapping, chunk.block_table, chunk.cache_seqlens, 0)
-        return self._logits(chunk.input_ids[-1]) if chunk.is_last else None
+    def prefill(self, batch, pool):
+        self._check(batch.slot_mapping, batch.block_table, batch.cache_seqlens, batch.s_q,
+                    batch.query_lens)
+        return self._logits(batch.input_ids[batch.logits_rows, -1])
 
     def decode(self, batch, pool):
         self.decoded = list(batch.request_ids)

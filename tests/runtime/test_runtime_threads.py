@@ -32,7 +32,7 @@ def alone(jobs) -> dict:
     for prompt, n in jobs:
         key = (tuple(prompt), n)
         if key not in out:
-            out[key] = make_engine().generate([prompt], SamplingParams(max_new_tokens=n))[0]
+            out[key] = list(make_engine().generate([prompt], SamplingParams(max_new_tokens=n))[0].token_ids)
     return out
 
 
@@ -88,7 +88,7 @@ def test_generate_checks_every_prompt_before_queueing_any():
     with pytest.raises(RequestTooLarge):
         eng.generate([good, [1] * 200], SamplingParams(max_new_tokens=100))
     assert not eng.requests
-    assert eng.generate([good], SamplingParams(max_new_tokens=4)) == \
+    assert [list(o.token_ids) for o in eng.generate([good], SamplingParams(max_new_tokens=4))] == \
         [alone([(good, 4)])[(tuple(good), 4)]]
 
 
@@ -111,8 +111,8 @@ class Gated:
         self.vocab_size, self.device = MODEL.vocab_size, MODEL.device
         self.armed, self.entered, self.release = False, threading.Event(), threading.Event()
 
-    def prefill(self, chunk, pool):
-        return self.inner.prefill(chunk, pool)
+    def prefill(self, batch, pool):
+        return self.inner.prefill(batch, pool)
 
     def decode(self, batch, pool):
         if self.armed:
