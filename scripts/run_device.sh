@@ -12,7 +12,7 @@
 #     model: fp8check.log + fp8check.txt (its one summary line)
 #   STAGES="build v9" bash scripts/run_device.sh   (v9 of the seesaw kernel: scripts/seesaw9_check.sh, ~90 s)
 # Env: STAGES (default "build smoke test bench"; also "v9", "fp8", "fp8check", "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
-#      fresh ptxas report), PYTEST_ARGS (default "-x"), BENCH_ARGS (e.g. "--quick"),
+#      fresh ptxas report), PYTEST_ARGS (default "-x"), PYTEST_K (a -k expression for the test stage), BENCH_ARGS (e.g. "--quick"),
 #      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
 set -uo pipefail
@@ -89,7 +89,7 @@ fi
 if has test; then
   if [[ $built == 1 ]]; then
     stage test "${TEST_TIMEOUT:-300}" gpu-tests.log "$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 \
-      ${PYTEST_ARGS:--x} tests/gpu
+      ${PYTEST_ARGS:--x} ${PYTEST_K:+-k "$PYTEST_K"} tests/gpu
     NOTE[test]=$(grep -E "(passed|failed|error|skipped)" "$OUT/gpu-tests.log" | tail -1 | cut -c1-110)
   else skip test "extension not available"; fi
 fi
