@@ -10,8 +10,7 @@
 #   STAGES="build test" PYTEST_ARGS="-k metadata" bash scripts/run_device.sh
 #   STAGES="build fp8check" bash scripts/run_device.sh   # FP8 cache vs bf16 cache on the trained
 #     model: fp8check.log + fp8check.txt (its one summary line)
-#   STAGES="build v9" bash scripts/run_device.sh   (v9 of the seesaw kernel: scripts/seesaw9_check.sh, ~90 s)
-# Env: STAGES (default "build smoke test bench"; also "v9", "fp8", "fp8check", "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
+# Env: STAGES (default "build smoke test bench"; also "fp8", "fp8check", "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
 #      fresh ptxas report), PYTEST_ARGS (default "-x"), PYTEST_K (a -k expression for the test stage), BENCH_ARGS (e.g. "--quick"),
 #      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
@@ -109,13 +108,6 @@ print(f"read {c['read_gbps']:.0f} GB/s, mm {c['matmul_tflops']:.0f} TF | h16 sq1
 PYEOF
     )
   else skip bench "extension not available"; fi
-fi
-
-if has v9; then  # seesaw v9 vs v8: its tests (per-test timeout), the issue bench of both, 5 summary lines
-  if [[ $built == 1 ]]; then
-    stage v9 "${V9_TIMEOUT:-200}" v9.log env OUT="$OUT" PYTHON="$PY" bash scripts/seesaw9_check.sh
-    NOTE[v9]=$(grep -E "^(v9 tests|verdict)" "$OUT/v9-summary.txt" 2>/dev/null | cut -c1-55 | tr '\n' ' ' | cut -c1-110)
-  else skip v9 "extension not available"; fi
 fi
 
 if has fp8; then  # the fused FP8 decode: its GPU tests, the FP8 bench, a summary (scripts/fp8_device_check.sh)

@@ -66,8 +66,7 @@ bool aligned16(const at::Tensor& t) {
 }
 
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
-// the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|seesaw9|lockstep picks the 64-row
-// kernel (seesaw9: the seesaw's v9, off by default until measured),
+// the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads.
@@ -75,10 +74,8 @@ kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
   const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
   const std::string name = kernel ? kernel : "seesaw";
-  KVP_CHECK(name == "seesaw" || name == "seesaw9" || name == "lockstep",
-            "KVPAGER_MLA_KERNEL must be seesaw, seesaw9 or lockstep, got ", name);
-  options.seesaw = name != "lockstep";
-  options.seesaw9 = name == "seesaw9";
+  KVP_CHECK(name == "seesaw" || name == "lockstep", "KVPAGER_MLA_KERNEL must be seesaw or lockstep, got ", name);
+  options.seesaw = name == "seesaw";
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");
   const char* prefetch = std::getenv("KVPAGER_L2_PREFETCH");

@@ -4,7 +4,6 @@
 #include "combine_kernel.cuh"
 #include "decode_kernel.cuh"
 #include "decode_lockstep_kernel.cuh"
-#include "decode_seesaw9_kernel.cuh"
 #include "decode_seesaw_kernel.cuh"
 #include "launch.h"
 #include "tma.cuh"
@@ -52,14 +51,14 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
   }
 }
 
-// kernel: mla_decode_seesaw_kernel<Elem> (v8, the default) or mla_decode_seesaw9_kernel<Elem> (v9).
-template <typename Elem, void (*kernel)(DecodeParams, CUtensorMap)>
+template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.l2_prefetch_pairs = options.l2_prefetch_pairs;
   p.page_cache_hint = cache_policy(options.page_cache_hint);
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
+  auto* kernel = mla_decode_seesaw_kernel<Elem>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
       p, page_map);
@@ -84,8 +83,7 @@ cudaError_t launch_combine(const DecodeParams& p, bool pdl, cudaStream_t stream)
 }
 
 // 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma, by
-// the seesaw kernel (v9 when options.seesaw9) unless options.seesaw is false (or the pool is
-// empty: no page to map).
+// the seesaw kernel unless options.seesaw is false (or the pool is empty: no page to map).
 template <typename Elem>
 cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
@@ -94,9 +92,8 @@ cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, c
     case 16: err = launch_mma_sync<Elem, 16>(p, stream); break;
     case 32: err = launch_mma_sync<Elem, 32>(p, stream); break;
     default:
-      err = !(options.seesaw && p.num_pages > 0) ? launch_lockstep<Elem>(p, stream)
-            : options.seesaw9 ? launch_seesaw<Elem, mla_decode_seesaw9_kernel<Elem>>(p, options, stream)
-                              : launch_seesaw<Elem, mla_decode_seesaw_kernel<Elem>>(p, options, stream);
+      err = options.seesaw && p.num_pages > 0 ? launch_seesaw<Elem>(p, options, stream)
+                                              : launch_lockstep<Elem>(p, stream);
   }
   if (err != cudaSuccess) return err;
   return launch_combine<Elem>(p, options.pdl, stream);

@@ -9,7 +9,6 @@ namespace kvpager {
 // Run-time switches of a decode call (the binding reads them from the environment).
 struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
-  bool seesaw9 = false;  // with seesaw: its v9 (mid-pair reload of buffer 0; being measured)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
   int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).

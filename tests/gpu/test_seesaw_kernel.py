@@ -4,9 +4,7 @@ The pairwise grid covers h_q in {64, 96, 128} x s_q in {1, 2, 3} x varlen with s
 around page and pair boundaries (odd and even page counts, partial last pages), NaN in every slot
 no sequence owns and zero-length rows (tests/gpu/test_kernel.py's make_batch). The lockstep
 kernel (KVPAGER_MLA_KERNEL=lockstep) and the combine launch without PDL (KVPAGER_PDL=0) are run
-on the same inputs, since the benchmark compares them. Every seesaw test runs for each seesaw
-version in SEESAW_KERNELS (seesaw = v8, the default; seesaw9 = v9, behind the switch until it is
-measured): `-k seesaw9` selects v9's.
+on the same inputs, since the benchmark compares them.
 """
 from __future__ import annotations
 
@@ -31,8 +29,6 @@ from test_kernel import (  # tests/gpu is on sys.path: pytest's default rootdir-
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_skip_reason()), reason=_skip_reason() or "ready")]
-
-SEESAW_KERNELS = ["seesaw", "seesaw9"]  # values of KVPAGER_MLA_KERNEL that run the seesaw kernel
 
 SEESAW_MATRIX = {
     "h_q": [64, 96, 128],
@@ -76,21 +72,19 @@ def run(c: dict):
     return (q, k_cache, block_table, seqlens), out, lse
 
 
-@pytest.mark.parametrize("kernel", SEESAW_KERNELS)
 @pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_seesaw_matches_reference(c: dict, kernel: str, monkeypatch) -> None:
-    monkeypatch.setenv("KVPAGER_MLA_KERNEL", kernel)
+def test_seesaw_matches_reference(c: dict, monkeypatch) -> None:
+    monkeypatch.setenv("KVPAGER_MLA_KERNEL", "seesaw")
     (q, k_cache, block_table, seqlens), out, lse = run(c)
     assert out.dtype == q.dtype
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
 
 
-@pytest.mark.parametrize("kernel", SEESAW_KERNELS)
 @pytest.mark.parametrize("c", CASES[::4], ids=case_id)
-def test_lockstep_and_seesaw_agree(c: dict, kernel: str, monkeypatch) -> None:
+def test_lockstep_and_seesaw_agree(c: dict, monkeypatch) -> None:
     monkeypatch.setenv("KVPAGER_MLA_KERNEL", "lockstep")
     _, old_out, old_lse = run(c)
-    monkeypatch.setenv("KVPAGER_MLA_KERNEL", kernel)
+    monkeypatch.setenv("KVPAGER_MLA_KERNEL", "seesaw")
     (q, k_cache, block_table, seqlens), out, lse = run(c)
     assert_matches_reference(old_out, old_lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
     assert_matches_reference(out, lse, old_out.float(), old_lse, seqlens)
@@ -106,11 +100,9 @@ def test_combine_with_and_without_pdl(pdl: str, h_q: int, monkeypatch) -> None:
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, False), seqlens)
 
 
-@pytest.mark.parametrize("kernel", SEESAW_KERNELS)
-def test_pdl_inside_a_cuda_graph(kernel: str, monkeypatch) -> None:
+def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
     """The programmatic dependency is captured into the graph; replays after new inputs stay right."""
     monkeypatch.setenv("KVPAGER_PDL", "1")
-    monkeypatch.setenv("KVPAGER_MLA_KERNEL", kernel)
     torch.manual_seed(11)
     lens = torch.tensor([5000, 1, 0, 300], dtype=torch.int32)
     q, k_cache, block_table, seqlens = make_batch(4, 1, 128, 1, lens, torch.bfloat16, capacity=5000)
