@@ -363,21 +363,23 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-def print_table(results: list[dict], plain: bool) -> None:
-    rows = [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
+def print_table(results: list[dict], plain: bool, columns: list[tuple[str, str, str]] = COLUMNS,
+                title: str = "MLA decode (fractions of the ceilings measured above)") -> None:
+    """One row per result: a rich table, or aligned plain text (plain=True or no rich)."""
+    rows = [[fmt.format(r[key]) for _, key, fmt in columns] for r in results]
     try:
         if plain:
             raise ImportError
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (h, _, _) in enumerate(COLUMNS)]
-        print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths)))
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, (h, _, _) in enumerate(columns)]
+        print("  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)))
         for row in rows:
             print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
         return
-    table = Table(title="MLA decode (fractions of the ceilings measured above)")
-    for header, _, _ in COLUMNS:
+    table = Table(title=title)
+    for header, _, _ in columns:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*row)

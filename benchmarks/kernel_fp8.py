@@ -104,24 +104,8 @@ COLUMNS = [  # (header, key, format)
 
 
 def print_table(results: list[dict], plain: bool) -> None:
-    rows = [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
-    try:
-        if plain:
-            raise ImportError
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, (h, _, _) in enumerate(COLUMNS)]
-        print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths)))
-        for row in rows:
-            print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-        return
-    table = Table(title="MLA decode on the FP8 cache (GB/s on 656-byte rows; bf16 kernel on the same values)")
-    for header, _, _ in COLUMNS:
-        table.add_column(header, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=160).print(table)
+    bench.print_table(results, plain, COLUMNS, "MLA decode on the FP8 cache (GB/s on 656-byte rows; "
+                      "bf16 kernel on the same values)")
 
 
 def run(args: argparse.Namespace, time_us: Callable, method: str, props, ceilings: dict) -> int:

@@ -28,41 +28,6 @@ def _number(text: str, kind: type) -> int | float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be >= 0")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text, float)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not a probability; use a value in [0, 1]")
-    return value
-
-
 def at_least(low: float, kind: type = float):
     """A `kind` (float or int) >= low, e.g. a mean length, which must be >= 1 token."""
 
@@ -74,6 +39,25 @@ def at_least(low: float, kind: type = float):
 
     check.__name__ = f"{kind.__name__} >= {low:g}"
     return check
+
+
+positive_int = at_least(1, int)
+nonneg_int = at_least(0, int)
+nonneg_float = at_least(0, float)
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a probability; use a value in [0, 1]")
+    return value
 
 
 def input_file(text: str) -> Path:
