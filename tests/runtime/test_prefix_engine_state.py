@@ -162,4 +162,5 @@ class CachingEngineMachine(RuleBasedStateMachine):
 
 
 TestCachingEngineState = CachingEngineMachine.TestCase
-TestCachingEngineState.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+TestCachingEngineState.settings = settings(max_examples=max(10, settings.default.max_examples * 2 // 5),
+                                          stateful_step_count=25, deadline=None)
