@@ -33,6 +33,7 @@ import torch
 from kvpager import BlockAllocator, BlockTables, CacheConfig, PagePool, get_mla_metadata, slot_mapping
 from kvpager.errors import ConfigError, DuplicateRequest, RequestError, UnknownRequest
 from kvpager.runtime.bookkeeping import Bookkeeping
+from kvpager.runtime.drafts import accept_drafts, propose_drafts
 from kvpager.runtime.checks import (check_engine_args, check_prompt, check_request_id,
                                     check_submit_args, warn_cpu_threads)
 from kvpager.runtime.metrics import Metrics
@@ -476,40 +477,3 @@ class Engine:
         finished.append(req.request_id)
         if len(finished) > self.retain_finished:
             del self.requests[finished.popleft()]
-
-
-def propose_drafts(token_ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Prompt-lookup drafting: find the most recent earlier occurrence of the last n tokens
-    (n = max_ngram .. 1) and propose the k tokens that followed it; pad by repeating the last
-    token. The search runs backwards at C speed (list.index over the reversed history), with
-    Python work only per occurrence of the last token (a token-by-token scan is O(history)
-    Python when nothing matches)."""
-    if k == 0:
-        return []
-    size, last = len(token_ids), token_ids[-1]
-    rev = token_ids[::-1]  # an occurrence ending at i starts at rev[size - 1 - i]
-    for n in range(min(max_ngram, size - 1), 0, -1):
-        tail, j = rev[:n], 1  # j >= 1: the occurrence ends before the last token
-        while True:
-            try:
-                j = rev.index(last, j, size - n + 1)
-            except ValueError:
-                if j == 1 and last not in rev[size - n + 1:]:
-                    return [last] * k  # the last token never occurred before: no n-gram will
-                break
-            if rev[j:j + n] == tail:
-                follow = token_ids[size - j:size - j + k]
-                return follow + [last] * (k - len(follow))
-            j += 1
-    return [last] * k
-
-
-def accept_drafts(drafts: list[int], targets: list[int]) -> list[int]:
-    """targets[i] is the token sampled after input i (the last token, then the drafts).
-    Returns the tokens to emit: targets[0], then targets[i] while drafts[i-1] matched."""
-    accepted = [targets[0]]
-    for draft, target in zip(drafts, targets[1:]):
-        if draft != accepted[-1]:
-            break
-        accepted.append(target)
-    return accepted

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpager.runtime.engine import Engine, accept_drafts, propose_drafts
+from kvpager.runtime.drafts import accept_drafts, propose_drafts
+from kvpager.runtime.engine import Engine
 from kvpager.runtime.models.protocol import Model
 from kvpager.runtime.models.tiny import TinyMLA
 from kvpager.runtime.request import SamplingParams, Status
