@@ -31,20 +31,6 @@ PROMPTS = [[2 + (7 * i + 3 * j) % 250 for j in range(40 + 37 * i)] for i in rang
 STEPS = 40
 
 
-@pytest.fixture
-def fused_calls(monkeypatch) -> list:
-    """Query shapes of kvpager.mla's calls into the fused FP8 decode."""
-    calls, real = [], kernels.flash_mla_with_kvcache
-
-    def spy(*args, **kwargs):
-        if kwargs.get("is_fp8_kvcache"):
-            calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "flash_mla_with_kvcache", spy)
-    return calls
-
-
 def engine(kv_cache_dtype: str = "fp8"):
     model = random_model(TINY, seed=0, std=0.02).to("cuda")
     cast_parameters(model, torch.bfloat16)  # buffers (rope tables) stay float32

@@ -201,20 +201,6 @@ def _fused_skip_reason() -> str:
 fused = pytest.mark.skipif(bool(_fused_skip_reason()), reason=_fused_skip_reason() or "ready")
 
 
-@pytest.fixture
-def fused_calls(monkeypatch) -> list:
-    """Records kvpager.mla's calls into the fused FP8 decode (query shapes)."""
-    calls, real = [], kernels.flash_mla_with_kvcache
-
-    def spy(*args, **kwargs):
-        if kwargs.get("is_fp8_kvcache"):
-            calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "flash_mla_with_kvcache", spy)
-    return calls
-
-
 FUSED_CASES = [dict(h_q=h_q, s_q=s_q, varlen=varlen, causal=(h_q + s_q) % 2 == 1,
                     padded=(h_q // 16 + s_q + varlen) % 2 == 1)
                for h_q in (16, 32) for s_q in (1, 2) for varlen in (False, True)]
