@@ -91,6 +91,12 @@ kvpager::DecodeOptions options_from_env() {
     using Hint = kvpager::DecodeOptions::CacheHint;
     options.page_cache_hint = h == "first" ? Hint::kFirst : h == "last" ? Hint::kLast : Hint::kNormal;
   }
+  const char* fp8 = std::getenv("KVPAGER_FP8_DECODE");
+  if (fp8 != nullptr) {
+    const std::string f = fp8;
+    KVP_CHECK(f == "ws" || f == "split", "KVPAGER_FP8_DECODE must be ws or split, got ", f);
+    options.fp8_warp_specialized = f == "ws";
+  }
   return options;
 }
 

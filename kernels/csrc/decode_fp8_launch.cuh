@@ -1,7 +1,9 @@
 // Launch of the fused FP8 decode (bf16 q / out, 656-byte cache rows): the kernel for the row-block
-// size (16 or 32 rows; the binding refuses more), then the shared combine kernel.
+// size (16 rows: the warp-specialized kernel unless options say otherwise; 32 rows: the split-K
+// mma.sync kernel; the binding refuses more), then the shared combine kernel.
 #pragma once
 #include "decode_fp8_kernel.cuh"
+#include "decode_fp8_ws_kernel.cuh"
 #include "decode_launch.cuh"
 #include "launch.h"
 #include "traits.h"
@@ -17,10 +19,20 @@ cudaError_t launch_fp8_block(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+inline cudaError_t launch_fp8_ws(const DecodeParams& p, cudaStream_t stream) {
+  using Traits = Fp8WsTraits;
+  auto* kernel = mla_decode_fp8_ws_kernel;
+  KVPAGER_SET_SMEM_ONCE(kernel, Traits::kSmemBytes);
+  kernel<<<decode_grid(p, Traits::kBlockM), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 inline cudaError_t launch_decode_fp8(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
   if (p.rows > kFp8MaxRows) return cudaErrorInvalidValue;
-  const cudaError_t err = block_m_for(p.rows) == 16 ? launch_fp8_block<16>(p, stream) : launch_fp8_block<32>(p, stream);
+  const cudaError_t err = block_m_for(p.rows) == 32     ? launch_fp8_block<32>(p, stream)
+                            : options.fp8_warp_specialized ? launch_fp8_ws(p, stream)
+                                                           : launch_fp8_block<16>(p, stream);
   if (err != cudaSuccess) return err;
   return launch_combine<__nv_bfloat16>(p, options.pdl, stream);
 }

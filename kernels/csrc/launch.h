@@ -13,6 +13,8 @@ struct DecodeOptions {
   int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
+  // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).
+  bool fp8_warp_specialized = true;
 };
 
 // Split-KV schedule for a batch (one CTA, no host synchronisation).

@@ -72,6 +72,40 @@ struct Fp8Traits {
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
 };
 
+// The warp-specialized FP8 decode for 16-row blocks (decode_fp8_ws_kernel.cuh). Warpgroup 0 is the
+// consumer: wgmma with the operands swapped (S^T = K Q^T, O^T += V^T P^T), so the 16 query rows are
+// wgmma's N and no MMA work is wasted on padding rows. Warpgroups 1 and 2 are converters: converter
+// k streams every other page of the segment from global memory into registers, dequantizes it and
+// writes the bf16 page into buffer k in the wgmma block layout, so two pages are in flight.
+struct Fp8WsTraits {
+  static constexpr int kBlockM = 16;
+  static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kConverters = 2;  // converter k fills page buffer k: pages alternate
+  static constexpr int kThreads = (1 + kConverters) * kWarpgroupThreads;
+  static constexpr int kScoreRegs = kPageSize * kBlockM / kWarpgroupThreads;  // 8: S^T is 64 keys x 16 rows
+  static constexpr int kOutBlocks = kHeadDimV / kBlockCols;                   // 8 blocks of 64 features of O^T
+  static constexpr int kRowsPerWarp = kPageSize / 4;                          // latent rows a converter warp writes
+  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kWarpgroupThreads;  // 4 per thread
+  static_assert(kHeadDimV / 32 == kChunkBytes, "a converter lane reads 16 latent bytes of a row");
+
+  struct SharedMemoryPlan {  // every tile in the wgmma block layout, 1024-byte aligned
+    alignas(1024) char page[kConverters][kColBlocks][kPageTileBytes];  // bf16 pages (2 x 72 KB)
+    alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];        // Q, 9 blocks of 16 x 64
+    alignas(1024) char p[kBlockM * kBlockRowBytes];                    // P: 16 rows x 64 keys
+    float out_stage[kBlockM][kHeadDimV];  // the segment's normalised output rows
+    float row_exchange[4][kBlockM];       // per consumer warp: page maxima, then row sums
+    alignas(16) float scales[kConverters][2][kPageSize][4];  // per converter: two pages' scales
+    uint64_t full[kConverters];           // converter k -> consumer: page in buffer k
+    uint64_t empty[kConverters];          // consumer -> converter k: buffer k read
+  };
+  static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
+  static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
+  enum Barrier : uint32_t {
+    kConsumerSync = 0,  // the consumer warpgroup
+    kConverterSync,     // + k: converter warpgroup k (its staged scales landed)
+  };
+};
+
 // The lockstep wgmma kernel (64-row blocks, the v2-v6 path): warpgroup w computes S for keys
 // [32w, 32w+32) and owns O[:, 256w : 256w+256]; both run S, softmax and PV in lockstep.
 struct LockstepTraits {

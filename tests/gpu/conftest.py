@@ -16,3 +16,12 @@ def fused_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(kernels, "flash_mla_with_kvcache", spy)
     return calls
+
+
+@pytest.fixture(params=["ws", "split"])
+def fp8_decode(request, monkeypatch) -> str:
+    """Runs a test on both fused FP8 decodes of 16-row blocks: the warp-specialized wgmma kernel
+    ("ws", the default) and the split-K mma.sync kernel ("split"); 32-row blocks always take the
+    latter. KVPAGER_FP8_DECODE is read by the extension on every call."""
+    monkeypatch.setenv("KVPAGER_FP8_DECODE", request.param)
+    return request.param

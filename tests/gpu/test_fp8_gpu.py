@@ -232,7 +232,7 @@ def reference_on_gpu(c: dict, q, k_cache, block_table, lens):
 
 @fused
 @pytest.mark.parametrize("c", FUSED_CASES, ids=fused_id)
-def test_fused_fp8_decode_matches_the_reference(c: dict, fused_calls) -> None:
+def test_fused_fp8_decode_matches_the_reference(c: dict, fused_calls, fp8_decode) -> None:
     torch.manual_seed(zlib.crc32(fused_id(c).encode()))
     q, k_cache, block_table, lens = make_batch(c)
     out, lse = decode(c, q, k_cache, block_table, lens)
@@ -243,7 +243,7 @@ def test_fused_fp8_decode_matches_the_reference(c: dict, fused_calls) -> None:
 
 @fused
 @pytest.mark.parametrize("b,s_k,h_q,varlen", [(1, 20000, 16, False), (128, 4096, 16, True), (64, 2048, 32, False)])
-def test_fused_fp8_decode_long_and_wide(b, s_k, h_q, varlen, fused_calls) -> None:
+def test_fused_fp8_decode_long_and_wide(b, s_k, h_q, varlen, fused_calls, fp8_decode) -> None:
     """Long sequences split over many SMs (the combine kernel), and the bench's batch shapes."""
     c = dict(h_q=h_q, s_q=1, varlen=varlen, causal=False, padded=b == 64)
     torch.manual_seed(b + s_k)
@@ -255,7 +255,7 @@ def test_fused_fp8_decode_long_and_wide(b, s_k, h_q, varlen, fused_calls) -> Non
 
 @fused
 @pytest.mark.parametrize("pdl", ["1", "0"])
-def test_fused_fp8_decode_in_a_cuda_graph(pdl, monkeypatch, fused_calls) -> None:
+def test_fused_fp8_decode_in_a_cuda_graph(pdl, monkeypatch, fused_calls, fp8_decode) -> None:
     """Metadata + decode captured once, replayed on new q and lengths written in place (with and
     without programmatic dependent launch of the combine kernel)."""
     monkeypatch.setenv("KVPAGER_PDL", pdl)

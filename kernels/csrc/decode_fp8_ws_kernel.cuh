@@ -1,0 +1,405 @@
+// The warp-specialized FP8 decode for 16-row blocks (rows = s_q * h_q / h_kv <= 16: memory-bound,
+// where the 656-byte rows pay most). Roles and shared memory: Fp8WsTraits (traits.h).
+//
+// Why this shape: the split-K mma.sync kernel (decode_fp8_kernel.cuh) spent ~8,300 warp
+// instructions a page (ncu, H200) and every warp went through dequantize -> S -> softmax -> PV in
+// lockstep, so its loads, ALU work and MMAs never overlapped. Here
+//  - converter warpgroups 1 and 2 load alternate pages straight from global memory into registers
+//    (two pages in flight), dequantize them (fp8_dequant.cuh) and store the bf16 page into their
+//    own buffer in the wgmma block layout, then signal `full`;
+//  - consumer warpgroup 0 runs wgmma with the operands swapped: S^T = K Q^T (m64 = the page's 64
+//    keys, n16 = the query rows) and O^T += V^T P^T (m64 = 64 latent features, eight blocks), so
+//    the 16 rows are no wgmma padding and each page costs 68 wgmma instructions. Online softmax
+//    runs over S^T's columns; P goes to shared memory as the K-major B operand of the PV product.
+//    When the PV product has read a buffer, `empty` hands it back to its converter.
+// Rows past the sequence end are written as zeros (latent and RoPE), so NaN in unused slots of the
+// pool never reaches an MMA; their scores are masked.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cutlass/arch/barrier.h>
+
+#include "config.h"
+#include "epilogue.cuh"
+#include "fp8_dequant.cuh"
+#include "params.h"
+#include "tile_scheduler.cuh"
+#include "tile_ops.h"
+#include "traits.h"
+#include "wgmma_ops.h"
+
+namespace kvpager {
+
+namespace fp8ws {
+
+using Bf16 = __nv_bfloat16;
+using T = Fp8WsTraits;
+using Plan = T::SharedMemoryPlan;
+using PageBarrier = cutlass::arch::ClusterBarrier;
+using NamedBarrier = cutlass::arch::NamedBarrier;
+using ScoreMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::MN, cute::SM90::GMMA::Major::K>;
+
+__device__ __forceinline__ void consumer_sync() {
+  NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kConsumerSync);
+}
+
+// ---- converter ---------------------------------------------------------------------------------
+
+__device__ __forceinline__ const uint8_t* page_base(const DecodeParams& p, const Segment& seg, int hk, int page) {
+  return static_cast<const uint8_t*>(p.k_cache) + int64_t(seg.block_table[page]) * p.k_page_stride +
+         int64_t(hk) * p.k_head_stride;
+}
+
+// Lane l handles row (j + l / 4) % 16 of its warp's block at step j, so that one store
+// instruction of the warp hits 8 different rows (8 different swizzles: conflict-free).
+__device__ __forceinline__ int latent_row(int warp, int lane, int j) {
+  return warp * T::kRowsPerWarp + ((j + lane / 4) % T::kRowsPerWarp);
+}
+
+// A converter thread's latent bytes of a page, loaded before the buffer is free (so the loads
+// overlap the consumer's work): at step j, row latent_row(j), bytes [16 lane, 16 lane + 16) (one
+// scale group). Rows past the sequence end read as zeros.
+__device__ __forceinline__ void load_latent(const DecodeParams& p, const uint8_t* base, int valid_rows, int warp,
+                                            int lane, uint4 (&latent)[T::kRowsPerWarp]) {
+#pragma unroll
+  for (int j = 0; j < T::kRowsPerWarp; ++j) {
+    const int r = latent_row(warp, lane, j);
+    latent[j] = r < valid_rows ? __ldcs(reinterpret_cast<const uint4*>(base + int64_t(r) * p.k_token_stride +
+                                                                       lane * kChunkBytes))
+                               : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// cp.async of the page's 64 x 4 scales (one 16-byte chunk a row) into `scales` (threads 0-63),
+// zero-filled past the sequence end (scale 0: those rows dequantize to 0, never NaN).
+__device__ __forceinline__ void copy_scales(const DecodeParams& p, const uint8_t* base, int valid_rows, int tid,
+                                            float (*scales)[4]) {
+  if (tid < kPageSize) {
+    const bool valid = tid < valid_rows;
+    cp_async_16(scales[tid], base + int64_t(valid ? tid : 0) * p.k_token_stride + kFp8ScalesOffset, valid);
+  }
+  cute::cp_async_fence();
+}
+
+// cp.async of the page's RoPE columns (bf16 already) into the rope tile of `tiles`, zero-filled past
+// the sequence end.
+__device__ __forceinline__ void copy_rope(const DecodeParams& p, const uint8_t* base, int valid_rows, int tid,
+                                          char* tiles) {
+#pragma unroll
+  for (int j = 0; j < T::kRopeChunks; ++j) {
+    const int c = tid + j * T::kWarpgroupThreads, r = c / 8;
+    const bool valid = r < valid_rows;
+    cp_async_16(tiles + (kColBlocks - 1) * kPageTileBytes + r * kBlockRowBytes + (((c % 8) ^ (r & 7)) * kChunkBytes),
+                base + int64_t(valid ? r : 0) * p.k_token_stride + kFp8RopeOffset + (c % 8) * kChunkBytes, valid);
+  }
+  cute::cp_async_fence();
+}
+
+// The dequantized latent columns into `tiles` (tiles 0-7 of 64 x 64 bf16, 128-byte swizzle).
+template <bool kFolded>
+__device__ __forceinline__ void store_latent(char* tiles, const uint4 (&latent)[T::kRowsPerWarp],
+                                             const float (*scales)[4], int warp, int lane) {
+  const int tile = lane / 4, chunk0 = (lane % 4) * 2;  // this lane's 16 features: tile, first 16-byte chunk
+  const int group = lane * kChunkBytes / kFp8GroupSize;
+#pragma unroll
+  for (int j = 0; j < T::kRowsPerWarp; ++j) {
+    const int r = latent_row(warp, lane, j);
+    const uint32_t x[4] = {latent[j].x, latent[j].y, latent[j].z, latent[j].w};
+    uint32_t w[8];
+    dequant_16<kFolded>(x, scales[r][group], w);
+    char* row = tiles + tile * kPageTileBytes + r * kBlockRowBytes;
+    *reinterpret_cast<uint4*>(row + ((chunk0 ^ (r & 7)) * kChunkBytes)) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(row + (((chunk0 + 1) ^ (r & 7)) * kChunkBytes)) = make_uint4(w[4], w[5], w[6], w[7]);
+  }
+}
+
+// Converter k: pages n = k, k + 2, ... of the CTA's page sequence (across segments) into buffer k.
+// Its scales alternate between two staging slots: a thread can only be a page ahead of the slowest
+// of its warpgroup (the empty barrier of the next page needs all of them done with this one).
+__device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk, int k) {
+  const int tid = threadIdx.x % T::kWarpgroupThreads, warp = tid / 32, lane = tid % 32;
+  uint32_t n = 0, uses = 0;  // pages seen (all converters), pages this converter wrote
+  for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
+    const Segment seg = sched.segment();
+    for (int page = seg.first_page; page < seg.end_page; ++page, ++n) {
+      if (int(n % T::kConverters) != k) continue;
+      const uint8_t* base = page_base(p, seg, hk, page);
+      const int valid_rows = seg.valid_rows(page);
+      float(*scales)[4] = s.scales[k][uses & 1];
+      uint4 latent[T::kRowsPerWarp];
+      load_latent(p, base, valid_rows, warp, lane, latent);
+      copy_scales(p, base, valid_rows, tid, scales);
+      PageBarrier::wait(&s.empty[k], (uses & 1) ^ 1);  // the consumer has read this buffer's last page
+      copy_rope(p, base, valid_rows, tid, s.page[k][0]);
+      cute::cp_async_wait<1>();  // this thread's scale copies landed
+      NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kConverterSync + k);  // ... everyone's
+      bool folds = true;
+#pragma unroll
+      for (int j = 0; j < T::kRowsPerWarp; ++j)
+        folds = folds && fp8_scale_folds(scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize]);
+      if (__all_sync(0xffffffffu, folds))
+        store_latent<true>(s.page[k][0], latent, scales, warp, lane);
+      else
+        store_latent<false>(s.page[k][0], latent, scales, warp, lane);
+      cute::cp_async_wait<0>();
+      fence_async_proxy();  // generic-proxy stores and the landed copies -> visible to wgmma
+      PageBarrier::arrive(&s.full[k]);
+      ++uses;
+    }
+  }
+}
+
+// ---- consumer ----------------------------------------------------------------------------------
+
+// Q rows of row block m_block into the 9 Q tiles (rows past the last query are zeros).
+__device__ __forceinline__ void load_q(Plan& s, const DecodeParams& p, int b, int hk, int m_block, int tid) {
+  const Bf16* q = static_cast<const Bf16*>(p.q);
+  for (int i = tid; i < T::kBlockM * kChunksPerRow; i += T::kWarpgroupThreads) {
+    const int r = i / kChunksPerRow, chunk = i % kChunksPerRow, mrow = m_block * T::kBlockM + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (mrow < p.rows) {
+      const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
+      v = *reinterpret_cast<const uint4*>(q + b * p.q_batch_stride + sq * p.q_seq_stride + head * p.q_head_stride +
+                                          chunk * kChunkElems);
+    }
+    *reinterpret_cast<uint4*>(s.q[0] + blocked_offset(T::kBlockM, r, chunk)) = v;
+  }
+}
+
+// S^T = K Q^T for CTA page n (buffer n % 2), once its converter has written it.
+__device__ __forceinline__ void issue_scores(Plan& s, uint32_t n, float (&acc)[T::kScoreRegs]) {
+  const int buf = n % T::kConverters;
+  PageBarrier::wait(&s.full[buf], (n / T::kConverters) & 1);
+  fence_accumulators(acc);
+  cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
+  const uint32_t page = smem_addr(s.page[buf][0]);
+#pragma unroll
+  for (int tile = 0; tile < kColBlocks; ++tile)
+#pragma unroll
+    for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
+      gmma<ScoreMma>(k_major_desc(page + tile * kPageTileBytes, kk), k_major_desc(smem_addr(s.q[tile]), kk), acc,
+                     tile > 0 || kk > 0);
+  cute::warpgroup_commit_batch();
+}
+
+// O^T += V^T P^T over buffer buf (V^T: the page's latent tiles as MN-major A).
+__device__ __forceinline__ void issue_pv(Plan& s, int buf, float (&o)[T::kOutBlocks][T::kScoreRegs]) {
+#pragma unroll
+  for (int m = 0; m < T::kOutBlocks; ++m) fence_accumulators(o[m]);
+  cute::warpgroup_arrive();
+  const uint32_t page = smem_addr(s.page[buf][0]), p_tile = smem_addr(s.p);
+#pragma unroll
+  for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+    for (int kk = 0; kk < kPageSize / kMmaK; ++kk) gmma<OutMma>(v_desc(page, m, kk), k_major_desc(p_tile, kk), o[m], true);
+  cute::warpgroup_commit_batch();
+}
+
+// O^T += V^T P^T for CTA page n, then (kNext) S^T of page n + 1, which overlaps it; then hands the
+// buffer back to its converter. A template, so that no branch separates a wgmma from its wait
+// (ptxas serializes every wgmma of the kernel otherwise).
+template <bool kNext>
+__device__ __forceinline__ void finish_page(Plan& s, uint32_t n, float (&o)[T::kOutBlocks][T::kScoreRegs],
+                                            float (&acc)[T::kScoreRegs]) {
+  const int buf = n % T::kConverters;
+  issue_pv(s, buf, o);
+  if constexpr (kNext) issue_scores(s, n + 1, acc);
+  cute::warpgroup_wait<0>();
+  fence_accumulators(acc);
+#pragma unroll
+  for (int m = 0; m < T::kOutBlocks; ++m) fence_accumulators(o[m]);
+  PageBarrier::arrive(&s.empty[buf]);
+}
+
+// Accumulator register i of a lane (wgmma D, m64nN): row (here: key or feature) 16 warp + g +
+// 8 ((i >> 1) & 1), column (query row) 8 (i >> 2) + 2t + (i & 1). A lane touches 4 columns;
+// col_slot(i) numbers them 0..3.
+__device__ __forceinline__ int col_slot(int i) { return (i >> 2) * 2 + (i & 1); }
+
+// The segment's output: O^T / row sums -> out_stage (transposed), then whole rows to global memory.
+__device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, const Segment& seg, int hk, int m_block,
+                                             int tid, const float (&o)[T::kOutBlocks][T::kScoreRegs],
+                                             const int (&cols)[4], const float (&row_max)[4],
+                                             const float (&row_sum)[4]) {
+  const int warp = tid / 32, g = (tid % 32) / 4;
+  const bool split = seg.num_splits > 1;
+  float total[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    float v = row_sum[c];
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    v += __shfl_xor_sync(0xffffffffu, v, 8);
+    v += __shfl_xor_sync(0xffffffffu, v, 16);
+    total[c] = v;
+  }
+  consumer_sync();  // the last page's readers of row_exchange are done
+  if (g == 0)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = total[c];
+  consumer_sync();
+  float inv[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) l += s.row_exchange[w][cols[c]];
+    const bool empty = !(l > 0.f);
+    inv[c] = empty ? 0.f : 1.f / l;
+    const int mrow = m_block * T::kBlockM + cols[c];
+    if (warp == 0 && g == 0 && mrow < p.rows) {
+      const float lse = empty ? (split ? -CUDART_INF_F : CUDART_INF_F) : (row_max[c] + __log2f(l)) * 0.69314718055994531f;
+      if (split) {
+        p.lse_accum[(int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow] = lse;
+      } else {
+        const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
+        p.lse[(int64_t(seg.b) * p.h_q + head) * p.s_q + sq] = lse;
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+    for (int i = 0; i < T::kScoreRegs; ++i)
+      s.out_stage[cols[col_slot(i)]][m * kBlockCols + warp * 16 + g + 8 * ((i >> 1) & 1)] = o[m][i] * inv[col_slot(i)];
+  consumer_sync();
+  const int valid_rows = min(T::kBlockM, p.rows - m_block * T::kBlockM);
+  constexpr int kChunks = kHeadDimV / kChunkElems;  // 64 chunks of 8 columns a row
+  for (int i = tid; i < valid_rows * kChunks; i += T::kWarpgroupThreads) {
+    const int r = i / kChunks, col = (i % kChunks) * kChunkElems, mrow = m_block * T::kBlockM + r;
+    const float4 a = *reinterpret_cast<const float4*>(&s.out_stage[r][col]);
+    const float4 b = *reinterpret_cast<const float4*>(&s.out_stage[r][col + 4]);
+    if (split) {
+      float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
+      *reinterpret_cast<float4*>(acc) = a;
+      *reinterpret_cast<float4*>(acc + 4) = b;
+    } else {
+      const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
+      Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
+                                                  ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
+    }
+  }
+}
+
+__device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  int cols[4];  // this lane's query rows (S^T / O^T columns), by col_slot
+#pragma unroll
+  for (int c = 0; c < 4; ++c) cols[c] = 8 * (c >> 1) + 2 * t + (c & 1);
+  uint32_t n = 0;  // CTA page counter (the converters count the same way)
+
+  for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
+    const Segment seg = sched.segment();
+    const int ps = seg.first_page, pe = seg.end_page;
+    load_q(s, p, seg.b, hk, m_block, tid);
+    fence_async_proxy();
+    consumer_sync();
+
+    int limit[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) limit[c] = row_limit(p, seg.seqlen, m_block * T::kBlockM + cols[c]);
+    const int min_limit = row_limit(p, seg.seqlen, m_block * T::kBlockM);
+    float o[T::kOutBlocks][T::kScoreRegs];
+#pragma unroll
+    for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+      for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] = 0.f;
+    float row_max[4], row_sum[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) row_max[c] = -CUDART_INF_F, row_sum[c] = 0.f;
+
+    float acc[T::kScoreRegs];
+#pragma unroll
+    for (int i = 0; i < T::kScoreRegs; ++i) acc[i] = 0.f;
+    if (ps < pe) {
+      issue_scores(s, n, acc);
+      cute::warpgroup_wait<0>();
+      fence_accumulators(acc);
+    }
+    for (int page = ps; page < pe; ++page, ++n) {
+      // Online softmax over the page's keys (S^T rows), per query row (column).
+      const bool mask = (page + 1) * kPageSize > min_limit;
+      float page_max[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+      for (int i = 0; i < T::kScoreRegs; ++i) {
+        const int key = page * kPageSize + warp * 16 + g + 8 * ((i >> 1) & 1);
+        float v = acc[i] * p.scale_log2;
+        if (mask && key >= limit[col_slot(i)]) v = -CUDART_INF_F;
+        acc[i] = v;
+        page_max[col_slot(i)] = fmaxf(page_max[col_slot(i)], v);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 4));
+        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 8));
+        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 16));
+      }
+      if (g == 0)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = page_max[c];
+      consumer_sync();
+      float base[4], alpha[4], sum[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float m = row_max[c];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) m = fmaxf(m, s.row_exchange[w][cols[c]]);
+        base[c] = m == -CUDART_INF_F ? 0.f : m;
+        alpha[c] = exp2f(row_max[c] - base[c]);
+        row_max[c] = m;
+        sum[c] = 0.f;
+      }
+      // P -> shared memory as [16 rows][64 keys] bf16, 128-byte swizzle (K-major B of O^T += V^T P^T).
+#pragma unroll
+      for (int i = 0; i < T::kScoreRegs; ++i) {
+        const float e = exp2f(acc[i] - base[col_slot(i)]);
+        sum[col_slot(i)] += e;
+        const int key = warp * 16 + g + 8 * ((i >> 1) & 1), row = cols[col_slot(i)];
+        *reinterpret_cast<Bf16*>(s.p + row * kBlockRowBytes + (((key / 8) ^ (row & 7)) * kChunkBytes) + (key % 8) * 2) =
+            __float2bfloat16_rn(e);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) row_sum[c] = row_sum[c] * alpha[c] + sum[c];
+#pragma unroll
+      for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+        for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] *= alpha[col_slot(i)];
+      fence_async_proxy();
+      consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
+
+      if (page + 1 < pe)
+        finish_page<true>(s, n, o, acc);
+      else
+        finish_page<false>(s, n, o, acc);
+    }
+    if (sched.last()) allow_dependent_launch();
+    store_output(s, p, seg, hk, m_block, tid, o, cols, row_max, row_sum);
+  }
+}
+
+}  // namespace fp8ws
+
+__global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p) {
+  using T = Fp8WsTraits;
+  extern __shared__ char smem_raw[];
+  auto& s = aligned_plan<T::SharedMemoryPlan>(smem_raw);
+  const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
+  const int wg = threadIdx.x / T::kWarpgroupThreads;
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < T::kConverters; ++k) {
+      fp8ws::PageBarrier::init(&s.full[k], T::kWarpgroupThreads);
+      fp8ws::PageBarrier::init(&s.empty[k], T::kWarpgroupThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  if (wg == 0)
+    fp8ws::consume(s, p, part, hk, m_block);
+  else
+    fp8ws::convert(s, p, part, hk, wg - 1);
+}
+
+}  // namespace kvpager
