@@ -4,14 +4,17 @@
 // Why this shape: the split-K mma.sync kernel (decode_fp8_kernel.cuh) spent ~8,300 warp
 // instructions a page (ncu, H200) and every warp went through dequantize -> S -> softmax -> PV in
 // lockstep, so its loads, ALU work and MMAs never overlapped. Here
-//  - converter warpgroups 1 and 2 load alternate pages straight from global memory into registers
-//    (two pages in flight), dequantize them (fp8_dequant.cuh) and store the bf16 page into their
-//    own buffer in the wgmma block layout, then signal `full`;
-//  - consumer warpgroup 0 runs wgmma with the operands swapped: S^T = K Q^T (m64 = the page's 64
+//  - the two converter warpgroups share every page: each thread loads its 8 latent chunks of 16
+//    bytes straight from global memory into registers two pages ahead (the scales go to shared
+//    memory by cp.async), and once the page's buffer is free dequantizes them (fp8_dequant.cuh) into
+//    the bf16 page in the wgmma block layout; the RoPE columns (bf16 already) go by cp.async.
+//    Then `full`.
+//  - the consumer warpgroup runs wgmma with the operands swapped: S^T = K Q^T (m64 = the page's 64
 //    keys, n16 = the query rows) and O^T += V^T P^T (m64 = 64 latent features, eight blocks), so
 //    the 16 rows are no wgmma padding and each page costs 68 wgmma instructions. Online softmax
 //    runs over S^T's columns; P goes to shared memory as the K-major B operand of the PV product.
-//    When the PV product has read a buffer, `empty` hands it back to its converter.
+//    S^T of the next page is issued behind the PV product; when both are done, `empty` hands the
+//    buffer back to the converters.
 // Rows past the sequence end are written as zeros (latent and RoPE), so NaN in unused slots of the
 // pool never reaches an MMA; their scores are masked.
 #pragma once
@@ -48,22 +51,55 @@ __device__ __forceinline__ void consumer_sync() {
 
 // ---- converter ---------------------------------------------------------------------------------
 
-__device__ __forceinline__ const uint8_t* page_base(const DecodeParams& p, const Segment& seg, int hk, int page) {
-  return static_cast<const uint8_t*>(p.k_cache) + int64_t(seg.block_table[page]) * p.k_page_stride +
+// The CTA's pages in order, across the segments of its part (consumer and converters walk the
+// same sequence; page n of it goes through buffer n % 2).
+struct PageCursor {
+  TileScheduler sched;
+  Segment seg;
+  int page;
+  bool more;
+
+  __device__ __forceinline__ PageCursor(const DecodeParams& p, int part) : sched(p, part), page(0), more(false) {
+    for (; sched.valid(); sched.next()) {
+      seg = sched.segment();
+      page = seg.first_page;
+      if (page < seg.end_page) {
+        more = true;
+        return;
+      }
+    }
+  }
+  __device__ __forceinline__ void next() {
+    if (++page < seg.end_page) return;
+    for (sched.next(); sched.valid(); sched.next()) {
+      seg = sched.segment();
+      page = seg.first_page;
+      if (page < seg.end_page) return;
+    }
+    more = false;
+  }
+};
+
+__device__ __forceinline__ const uint8_t* page_base(const DecodeParams& p, const PageCursor& at, int hk) {
+  return static_cast<const uint8_t*>(p.k_cache) + int64_t(at.seg.block_table[at.page]) * p.k_page_stride +
          int64_t(hk) * p.k_head_stride;
 }
 
-// Lane l handles row (j + l / 4) % 16 of its warp's block at step j, so that one store
+// Converter thread ct (0-255) owns latent rows 8 (ct / 32) .. + 7, 16 bytes (one scale group) at
+// lane * 16 of each. Lane l handles row (j + l / 4) % 8 of them at step j, so that one store
 // instruction of the warp hits 8 different rows (8 different swizzles: conflict-free).
 __device__ __forceinline__ int latent_row(int warp, int lane, int j) {
   return warp * T::kRowsPerWarp + ((j + lane / 4) % T::kRowsPerWarp);
 }
 
-// A converter thread's latent bytes of a page, loaded before the buffer is free (so the loads
-// overlap the consumer's work): at step j, row latent_row(j), bytes [16 lane, 16 lane + 16) (one
-// scale group). Rows past the sequence end read as zeros.
-__device__ __forceinline__ void load_latent(const DecodeParams& p, const uint8_t* base, int valid_rows, int warp,
-                                            int lane, uint4 (&latent)[T::kRowsPerWarp]) {
+// A page's latent bytes for this thread, loaded two pages ahead of their conversion. Rows past the
+// sequence end read as zeros. Its scales go to scale slot `slot` by cp.async (threads 0-63, one
+// 16-byte chunk a row, zero-filled past the end: scale 0, so those rows dequantize to 0, never NaN).
+__device__ __forceinline__ void load_page(const DecodeParams& p, const PageCursor& at, int hk, int ct,
+                                          uint4 (&latent)[T::kRowsPerWarp], float (*scales)[4]) {
+  const int warp = ct / 32, lane = ct % 32;
+  const uint8_t* base = page_base(p, at, hk);
+  const int valid_rows = at.seg.valid_rows(at.page);
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) {
     const int r = latent_row(warp, lane, j);
@@ -71,26 +107,21 @@ __device__ __forceinline__ void load_latent(const DecodeParams& p, const uint8_t
                                                                        lane * kChunkBytes))
                                : make_uint4(0, 0, 0, 0);
   }
-}
-
-// cp.async of the page's 64 x 4 scales (one 16-byte chunk a row) into `scales` (threads 0-63),
-// zero-filled past the sequence end (scale 0: those rows dequantize to 0, never NaN).
-__device__ __forceinline__ void copy_scales(const DecodeParams& p, const uint8_t* base, int valid_rows, int tid,
-                                            float (*scales)[4]) {
-  if (tid < kPageSize) {
-    const bool valid = tid < valid_rows;
-    cp_async_16(scales[tid], base + int64_t(valid ? tid : 0) * p.k_token_stride + kFp8ScalesOffset, valid);
+  if (ct < kPageSize) {
+    const bool valid = ct < valid_rows;
+    cp_async_16(scales[ct], base + int64_t(valid ? ct : 0) * p.k_token_stride + kFp8ScalesOffset, valid);
   }
   cute::cp_async_fence();
 }
 
 // cp.async of the page's RoPE columns (bf16 already) into the rope tile of `tiles`, zero-filled past
 // the sequence end.
-__device__ __forceinline__ void copy_rope(const DecodeParams& p, const uint8_t* base, int valid_rows, int tid,
-                                          char* tiles) {
+__device__ __forceinline__ void copy_rope(const DecodeParams& p, const PageCursor& at, int hk, int ct, char* tiles) {
+  const uint8_t* base = page_base(p, at, hk);
+  const int valid_rows = at.seg.valid_rows(at.page);
 #pragma unroll
   for (int j = 0; j < T::kRopeChunks; ++j) {
-    const int c = tid + j * T::kWarpgroupThreads, r = c / 8;
+    const int c = ct + j * T::kConverterThreads, r = c / 8;
     const bool valid = r < valid_rows;
     cp_async_16(tiles + (kColBlocks - 1) * kPageTileBytes + r * kBlockRowBytes + (((c % 8) ^ (r & 7)) * kChunkBytes),
                 base + int64_t(valid ? r : 0) * p.k_token_stride + kFp8RopeOffset + (c % 8) * kChunkBytes, valid);
@@ -116,39 +147,49 @@ __device__ __forceinline__ void store_latent(char* tiles, const uint4 (&latent)[
   }
 }
 
-// Converter k: pages n = k, k + 2, ... of the CTA's page sequence (across segments) into buffer k.
-// Its scales alternate between two staging slots: a thread can only be a page ahead of the slowest
-// of its warpgroup (the empty barrier of the next page needs all of them done with this one).
-__device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk, int k) {
-  const int tid = threadIdx.x % T::kWarpgroupThreads, warp = tid / 32, lane = tid % 32;
-  uint32_t n = 0, uses = 0;  // pages seen (all converters), pages this converter wrote
-  for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
-    const Segment seg = sched.segment();
-    for (int page = seg.first_page; page < seg.end_page; ++page, ++n) {
-      if (int(n % T::kConverters) != k) continue;
-      const uint8_t* base = page_base(p, seg, hk, page);
-      const int valid_rows = seg.valid_rows(page);
-      float(*scales)[4] = s.scales[k][uses & 1];
-      uint4 latent[T::kRowsPerWarp];
-      load_latent(p, base, valid_rows, warp, lane, latent);
-      copy_scales(p, base, valid_rows, tid, scales);
-      PageBarrier::wait(&s.empty[k], (uses & 1) ^ 1);  // the consumer has read this buffer's last page
-      copy_rope(p, base, valid_rows, tid, s.page[k][0]);
-      cute::cp_async_wait<1>();  // this thread's scale copies landed
-      NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kConverterSync + k);  // ... everyone's
-      bool folds = true;
+// Page n (its latent bytes in registers, its scales landing in slot n % 4) into buffer n % 2, once
+// the consumer is done with page n - 2 there.
+__device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, const PageCursor& at, int hk, int ct,
+                                             uint32_t n, const uint4 (&latent)[T::kRowsPerWarp]) {
+  const int warp = ct / 32, lane = ct % 32, buf = n % 2;
+  char* tiles = s.page[buf][0];
+  PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
+  copy_rope(p, at, hk, ct, tiles);
+  cute::cp_async_wait<1>();  // everything but the rope copies: this thread's scale chunks of page n
+  NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kConverterSync);  // ... everyone's
+  const float(*scales)[4] = s.scales[n % T::kScaleSlots];
+  bool folds = true;
 #pragma unroll
-      for (int j = 0; j < T::kRowsPerWarp; ++j)
-        folds = folds && fp8_scale_folds(scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize]);
-      if (__all_sync(0xffffffffu, folds))
-        store_latent<true>(s.page[k][0], latent, scales, warp, lane);
-      else
-        store_latent<false>(s.page[k][0], latent, scales, warp, lane);
-      cute::cp_async_wait<0>();
-      fence_async_proxy();  // generic-proxy stores and the landed copies -> visible to wgmma
-      PageBarrier::arrive(&s.full[k]);
-      ++uses;
-    }
+  for (int j = 0; j < T::kRowsPerWarp; ++j)
+    folds = folds && fp8_scale_folds(scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize]);
+  if (__all_sync(0xffffffffu, folds))
+    store_latent<true>(tiles, latent, scales, warp, lane);
+  else
+    store_latent<false>(tiles, latent, scales, warp, lane);
+  cute::cp_async_wait<0>();
+  fence_async_proxy();  // generic-proxy stores and the landed copies -> visible to wgmma
+  PageBarrier::arrive(&s.full[buf]);
+}
+
+// Both converter warpgroups together, every page, with the next two pages' latent bytes in flight
+// in registers (two register sets, hence the loop unrolled by two). Scale slots: a thread writes
+// slot (n + 2) % 4 after the barrier of page n, which every thread reaches only after converting
+// page n - 1, so nobody still reads that slot (page n - 2's).
+__device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
+  const int ct = threadIdx.x - T::kWarpgroupThreads;
+  PageCursor ahead(p, part), at(p, part);
+  uint4 latent0[T::kRowsPerWarp], latent1[T::kRowsPerWarp];
+  uint32_t loaded = 0;
+  if (ahead.more) load_page(p, ahead, hk, ct, latent0, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
+  if (ahead.more) load_page(p, ahead, hk, ct, latent1, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
+  for (uint32_t n = 0; at.more; n += 2) {
+    convert_page(s, p, at, hk, ct, n, latent0);
+    at.next();
+    if (ahead.more) load_page(p, ahead, hk, ct, latent0, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
+    if (!at.more) break;
+    convert_page(s, p, at, hk, ct, n + 1, latent1);
+    at.next();
+    if (ahead.more) load_page(p, ahead, hk, ct, latent1, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
   }
 }
 
@@ -169,32 +210,47 @@ __device__ __forceinline__ void load_q(Plan& s, const DecodeParams& p, int b, in
   }
 }
 
-// S^T = K Q^T for CTA page n (buffer n % 2), once its converter has written it.
-__device__ __forceinline__ void issue_scores(Plan& s, uint32_t n, float (&acc)[T::kScoreRegs]) {
-  const int buf = n % T::kConverters;
-  PageBarrier::wait(&s.full[buf], (n / T::kConverters) & 1);
+// Base descriptors of the consumer's operands; every wgmma steps from them by a constant offset
+// (desc_add), which saves ~10 instructions per wgmma over building each descriptor.
+struct Descriptors {
+  uint64_t page_k;  // page buffer 0 as K-major A (S^T = K Q^T); buffer 1 is kPageBytes further
+  uint64_t page_v;  // page buffer 0 as MN-major A (V^T of O^T += V^T P^T)
+  uint64_t q, p;    // Q and P as K-major B
+  __device__ __forceinline__ explicit Descriptors(Plan& s)
+      : page_k(gmma_desc(smem_addr(s.page[0][0]), 16, kAtomBytes)),
+        page_v(gmma_desc(smem_addr(s.page[0][0]), kPageTileBytes, kAtomBytes)),
+        q(gmma_desc(smem_addr(s.q[0]), 16, kAtomBytes)),
+        p(gmma_desc(smem_addr(s.p), 16, kAtomBytes)) {}
+};
+static_assert(sizeof(Plan::page[0]) == kPageBytes, "page buffers are kPageBytes apart");
+
+// S^T = K Q^T for CTA page n (buffer n % 2), once the converters have written it.
+__device__ __forceinline__ void issue_scores(Plan& s, const Descriptors& d, uint32_t n, float (&acc)[T::kScoreRegs]) {
+  const int buf = n % kNumPageBuffers;
+  PageBarrier::wait(&s.full[buf], (n / kNumPageBuffers) & 1);
   fence_accumulators(acc);
   cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
-  const uint32_t page = smem_addr(s.page[buf][0]);
+  const uint64_t page = desc_add(d.page_k, buf * kPageBytes);
 #pragma unroll
   for (int tile = 0; tile < kColBlocks; ++tile)
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
-      gmma<ScoreMma>(k_major_desc(page + tile * kPageTileBytes, kk), k_major_desc(smem_addr(s.q[tile]), kk), acc,
-                     tile > 0 || kk > 0);
+      gmma<ScoreMma>(desc_add(page, tile * kPageTileBytes + kk * 32),
+                     desc_add(d.q, tile * T::kBlockM * kBlockRowBytes + kk * 32), acc, tile > 0 || kk > 0);
   cute::warpgroup_commit_batch();
 }
 
 // O^T += V^T P^T over buffer buf (V^T: the page's latent tiles as MN-major A).
-__device__ __forceinline__ void issue_pv(Plan& s, int buf, float (&o)[T::kOutBlocks][T::kScoreRegs]) {
+__device__ __forceinline__ void issue_pv(const Descriptors& d, int buf, float (&o)[T::kOutBlocks][T::kScoreRegs]) {
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m) fence_accumulators(o[m]);
   cute::warpgroup_arrive();
-  const uint32_t page = smem_addr(s.page[buf][0]), p_tile = smem_addr(s.p);
+  const uint64_t page = desc_add(d.page_v, buf * kPageBytes);
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m)
 #pragma unroll
-    for (int kk = 0; kk < kPageSize / kMmaK; ++kk) gmma<OutMma>(v_desc(page, m, kk), k_major_desc(p_tile, kk), o[m], true);
+    for (int kk = 0; kk < kPageSize / kMmaK; ++kk)
+      gmma<OutMma>(desc_add(page, m * kPageTileBytes + kk * kMmaK * kBlockRowBytes), desc_add(d.p, kk * 32), o[m], true);
   cute::warpgroup_commit_batch();
 }
 
@@ -202,11 +258,11 @@ __device__ __forceinline__ void issue_pv(Plan& s, int buf, float (&o)[T::kOutBlo
 // buffer back to its converter. A template, so that no branch separates a wgmma from its wait
 // (ptxas serializes every wgmma of the kernel otherwise).
 template <bool kNext>
-__device__ __forceinline__ void finish_page(Plan& s, uint32_t n, float (&o)[T::kOutBlocks][T::kScoreRegs],
-                                            float (&acc)[T::kScoreRegs]) {
-  const int buf = n % T::kConverters;
-  issue_pv(s, buf, o);
-  if constexpr (kNext) issue_scores(s, n + 1, acc);
+__device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint32_t n,
+                                            float (&o)[T::kOutBlocks][T::kScoreRegs], float (&acc)[T::kScoreRegs]) {
+  const int buf = n % kNumPageBuffers;
+  issue_pv(d, buf, o);
+  if constexpr (kNext) issue_scores(s, d, n + 1, acc);
   cute::warpgroup_wait<0>();
   fence_accumulators(acc);
 #pragma unroll
@@ -290,6 +346,7 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 #pragma unroll
   for (int c = 0; c < 4; ++c) cols[c] = 8 * (c >> 1) + 2 * t + (c & 1);
   uint32_t n = 0;  // CTA page counter (the converters count the same way)
+  const Descriptors d(s);
 
   for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
     const Segment seg = sched.segment();
@@ -315,7 +372,7 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 #pragma unroll
     for (int i = 0; i < T::kScoreRegs; ++i) acc[i] = 0.f;
     if (ps < pe) {
-      issue_scores(s, n, acc);
+      issue_scores(s, d, n, acc);
       cute::warpgroup_wait<0>();
       fence_accumulators(acc);
     }
@@ -371,9 +428,9 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
       consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
 
       if (page + 1 < pe)
-        finish_page<true>(s, n, o, acc);
+        finish_page<true>(s, d, n, o, acc);
       else
-        finish_page<false>(s, n, o, acc);
+        finish_page<false>(s, d, n, o, acc);
     }
     if (sched.last()) allow_dependent_launch();
     store_output(s, p, seg, hk, m_block, tid, o, cols, row_max, row_sum);
@@ -389,9 +446,9 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
   const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
   const int wg = threadIdx.x / T::kWarpgroupThreads;
   if (threadIdx.x == 0) {
-    for (int k = 0; k < T::kConverters; ++k) {
-      fp8ws::PageBarrier::init(&s.full[k], T::kWarpgroupThreads);
-      fp8ws::PageBarrier::init(&s.empty[k], T::kWarpgroupThreads);
+    for (int b = 0; b < kNumPageBuffers; ++b) {
+      fp8ws::PageBarrier::init(&s.full[b], T::kConverterThreads);
+      fp8ws::PageBarrier::init(&s.empty[b], T::kWarpgroupThreads);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -399,7 +456,7 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
   if (wg == 0)
     fp8ws::consume(s, p, part, hk, m_block);
   else
-    fp8ws::convert(s, p, part, hk, wg - 1);
+    fp8ws::convert(s, p, part, hk);
 }
 
 }  // namespace kvpager

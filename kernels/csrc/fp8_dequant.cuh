@@ -9,8 +9,8 @@
 // biases are 7 and 127, the mantissa is 3 bits wide in both places, and e4m3 subnormals land on bf16
 // subnormals with the same mantissa. A bf16 multiply by 2^120 restores the value exactly
 // (|value| <= 448), a second by the group's power-of-two scale scales it exactly (one multiply by
-// scale * 2^120 when that is a bf16: scales up to 2^7). Integer ops on the ALU pipe and one or two
-// HMUL2 per two values; a row of zero bytes (zero-filled past the sequence end)
+// scale * 2^120 when that is a bf16: scales up to 2^7). Three integer ops on the ALU pipe and one or
+// two HMUL2 per two values; a row of zero bytes (zero-filled past the sequence end)
 // dequantizes to +0 with a +0 scale, so no NaN of the pool can reach the MMAs.
 //
 // One deviation from kvpager.fp8.dequantize, by design: the e4m3 NaN codes 0x7F / 0xFF read as
@@ -33,14 +33,20 @@
 
 namespace kvpager {
 
-// PRMT (byte permute, default mode): byte i of the result is byte (s >> 4i) & 7 of {y:x}.
+// PRMT (byte permute, default mode): byte i of the result is byte n & 7 of {y:x}, n = (s >> 4i) & 15;
+// when n & 8, the byte is that byte's sign replicated (0x00 or 0xFF).
 KVPAGER_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 #ifdef __CUDA_ARCH__
   return __byte_perm(x, y, s);
 #else
   const uint64_t v = (uint64_t(y) << 32) | x;
   uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) r |= uint32_t((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t n = (s >> (4 * i)) & 15;
+    uint32_t b = uint32_t(v >> (8 * (n & 7))) & 0xFF;
+    if (n & 8) b = (b & 0x80) ? 0xFF : 0x00;
+    r |= b << (8 * i);
+  }
   return r;
 #endif
 }
@@ -87,14 +93,14 @@ KVPAGER_HD uint32_t bf16x2_splat(float scale) {
 }
 
 // Bytes kFirstByte and kFirstByte + 1 of x (two e4m3 values) as the bf16x2 (first in the low half)
-// of value * 2^-120, exactly: PRMT puts each byte in the high byte of its 16-bit lane, then the
-// magnitude moves down 4 bits while the sign stays at bit 15.
+// of value * 2^-120, exactly, in 3 ops: PRMT sign-extends each byte to its 16-bit lane, a 4-bit left
+// shift puts the 7 magnitude bits at 10..4 and a copy of the sign at 15 (the bits that cross into
+// the next lane, and the byte's own sign at bit 11, are cleared by the mask).
 template <int kFirstByte>
 KVPAGER_HD uint32_t e4m3x2_to_bf16x2_unscaled(uint32_t x) {
   static_assert(kFirstByte == 0 || kFirstByte == 2, "a 32-bit word holds two pairs");
-  constexpr uint32_t kSelector = kFirstByte == 0 ? 0x1404u : 0x3424u;  // zeros from y = 0 (selector 4)
-  const uint32_t t = byte_perm(x, 0u, kSelector);
-  return (t & 0x80008000u) | ((t >> 4) & 0x07F007F0u);
+  constexpr uint32_t kSelector = kFirstByte == 0 ? 0x9180u : 0xB3A2u;  // byte, its sign, next byte, its sign
+  return (byte_perm(x, 0u, kSelector) << 4) & 0x87F087F0u;
 }
 
 // Scales up to 2^7 let the two multiplies fold into one: scale * 2^120 is then still a bf16, and

@@ -74,35 +74,37 @@ struct Fp8Traits {
 
 // The warp-specialized FP8 decode for 16-row blocks (decode_fp8_ws_kernel.cuh). Warpgroup 0 is the
 // consumer: wgmma with the operands swapped (S^T = K Q^T, O^T += V^T P^T), so the 16 query rows are
-// wgmma's N and no MMA work is wasted on padding rows. Warpgroups 1 and 2 are converters: converter
-// k streams every other page of the segment from global memory into registers, dequantizes it and
-// writes the bf16 page into buffer k in the wgmma block layout, so two pages are in flight.
+// wgmma's N and no MMA work is wasted on padding rows. Warpgroups 1 and 2 are the converters: for
+// every page, each of their 8 warps loads 8 rows of 656 bytes from global memory into registers
+// (two pages ahead), dequantizes them and stores the bf16 rows into the page's buffer in the wgmma
+// block layout; pages alternate between two buffers.
 struct Fp8WsTraits {
   static constexpr int kBlockM = 16;
   static constexpr int kWarpgroupThreads = 128;
-  static constexpr int kConverters = 2;  // converter k fills page buffer k: pages alternate
-  static constexpr int kThreads = (1 + kConverters) * kWarpgroupThreads;
+  static constexpr int kConverterThreads = 2 * kWarpgroupThreads;
+  static constexpr int kThreads = kWarpgroupThreads + kConverterThreads;
   static constexpr int kScoreRegs = kPageSize * kBlockM / kWarpgroupThreads;  // 8: S^T is 64 keys x 16 rows
   static constexpr int kOutBlocks = kHeadDimV / kBlockCols;                   // 8 blocks of 64 features of O^T
-  static constexpr int kRowsPerWarp = kPageSize / 4;                          // latent rows a converter warp writes
-  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kWarpgroupThreads;  // 4 per thread
+  static constexpr int kRowsPerWarp = kPageSize / (kConverterThreads / 32);   // 8 latent rows a converter warp
+  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2
+  static constexpr int kScaleSlots = 4;  // staged scales of pages n .. n + 2 (convert: why 4 suffice)
   static_assert(kHeadDimV / 32 == kChunkBytes, "a converter lane reads 16 latent bytes of a row");
 
   struct SharedMemoryPlan {  // every tile in the wgmma block layout, 1024-byte aligned
-    alignas(1024) char page[kConverters][kColBlocks][kPageTileBytes];  // bf16 pages (2 x 72 KB)
-    alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];        // Q, 9 blocks of 16 x 64
-    alignas(1024) char p[kBlockM * kBlockRowBytes];                    // P: 16 rows x 64 keys
+    alignas(1024) char page[kNumPageBuffers][kColBlocks][kPageTileBytes];  // bf16 pages (2 x 72 KB)
+    alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];            // Q, 9 blocks of 16 x 64
+    alignas(1024) char p[kBlockM * kBlockRowBytes];                        // P: 16 rows x 64 keys
     float out_stage[kBlockM][kHeadDimV];  // the segment's normalised output rows
     float row_exchange[4][kBlockM];       // per consumer warp: page maxima, then row sums
-    alignas(16) float scales[kConverters][2][kPageSize][4];  // per converter: two pages' scales
-    uint64_t full[kConverters];           // converter k -> consumer: page in buffer k
-    uint64_t empty[kConverters];          // consumer -> converter k: buffer k read
+    alignas(16) float scales[kScaleSlots][kPageSize][4];  // pages' scales, staged by cp.async
+    uint64_t full[kNumPageBuffers];       // converters -> consumer: page in buffer b
+    uint64_t empty[kNumPageBuffers];      // consumer -> converters: buffer b read
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
   enum Barrier : uint32_t {
     kConsumerSync = 0,  // the consumer warpgroup
-    kConverterSync,     // + k: converter warpgroup k (its staged scales landed)
+    kConverterSync,     // both converter warpgroups (a page's staged scales landed)
   };
 };
 

@@ -36,6 +36,13 @@ __device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint3
   return d.desc_;
 }
 
+// `desc` moved by `bytes` (a multiple of 16): only the 14-bit start-address field of the low word
+// changes, and shared-memory addresses (< 228 KB) never carry out of it, so a 32-bit add suffices.
+// Lets a kernel build one descriptor per operand and step through tiles and k-steps by constants.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(desc) + (bytes >> 4));
+}
+
 __device__ __forceinline__ void fence_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
