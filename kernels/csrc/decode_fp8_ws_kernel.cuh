@@ -52,38 +52,53 @@ __device__ __forceinline__ void consumer_sync() {
 // ---- converter ---------------------------------------------------------------------------------
 
 // The CTA's pages in order, across the segments of its part (consumer and converters walk the
-// same sequence; page n of it goes through buffer n % 2).
+// same sequence; page n of it goes through buffer n % 2). `id` is the page's block-table entry,
+// read when the cursor arrives, a page-time before anyone needs it.
 struct PageCursor {
   TileScheduler sched;
   Segment seg;
-  int page;
+  int page, id;
   bool more;
 
-  __device__ __forceinline__ PageCursor(const DecodeParams& p, int part) : sched(p, part), page(0), more(false) {
+  __device__ __forceinline__ PageCursor(const DecodeParams& p, int part) : sched(p, part), page(0), id(0), more(false) {
     for (; sched.valid(); sched.next()) {
       seg = sched.segment();
       page = seg.first_page;
       if (page < seg.end_page) {
         more = true;
+        id = seg.block_table[page];
         return;
       }
     }
   }
   __device__ __forceinline__ void next() {
-    if (++page < seg.end_page) return;
+    if (++page < seg.end_page) {
+      id = seg.block_table[page];
+      return;
+    }
     for (sched.next(); sched.valid(); sched.next()) {
       seg = sched.segment();
       page = seg.first_page;
-      if (page < seg.end_page) return;
+      if (page < seg.end_page) {
+        id = seg.block_table[page];
+        return;
+      }
     }
     more = false;
   }
 };
 
-__device__ __forceinline__ const uint8_t* page_base(const DecodeParams& p, const PageCursor& at, int hk) {
-  return static_cast<const uint8_t*>(p.k_cache) + int64_t(at.seg.block_table[at.page]) * p.k_page_stride +
-         int64_t(hk) * p.k_head_stride;
-}
+// Where a page's rows start and how many hold tokens: resolved when its loads are issued (two pages
+// ahead) and kept with them, so that no block-table read sits on the conversion's critical path.
+struct PageRef {
+  const uint8_t* base;
+  int valid_rows;
+  __device__ __forceinline__ PageRef(const DecodeParams& p, const PageCursor& at, int hk)
+      : base(static_cast<const uint8_t*>(p.k_cache) + int64_t(at.id) * p.k_page_stride +
+             int64_t(hk) * p.k_head_stride),
+        valid_rows(at.seg.valid_rows(at.page)) {}
+  __device__ __forceinline__ PageRef() : base(nullptr), valid_rows(0) {}
+};
 
 // Converter thread ct (0-255) owns latent rows 8 (ct / 32) .. + 7, 16 bytes (one scale group) at
 // lane * 16 of each. Lane l handles row (j + l / 4) % 8 of them at step j, so that one store
@@ -93,38 +108,30 @@ __device__ __forceinline__ int latent_row(int warp, int lane, int j) {
 }
 
 // A page's latent bytes for this thread, loaded two pages ahead of their conversion. Rows past the
-// sequence end read as zeros. Its scales go to scale slot `slot` by cp.async (threads 0-63, one
-// 16-byte chunk a row, zero-filled past the end: scale 0, so those rows dequantize to 0, never NaN).
-__device__ __forceinline__ void load_page(const DecodeParams& p, const PageCursor& at, int hk, int ct,
-                                          uint4 (&latent)[T::kRowsPerWarp], float (*scales)[4]) {
+// sequence end read as zeros. By cp.async, zero-filled past the end: the scales of the warp's rows
+// into `scales` (lanes 0-7, one 16-byte chunk a row; scale 0 dequantizes to 0, never NaN), and
+// this thread's 2 of the page's 512 RoPE chunks into the RoPE tile `rope`.
+__device__ __forceinline__ void load_page(const DecodeParams& p, const PageRef& ref, int ct,
+                                          uint4 (&latent)[T::kRowsPerWarp], float (*scales)[4], char* rope) {
   const int warp = ct / 32, lane = ct % 32;
-  const uint8_t* base = page_base(p, at, hk);
-  const int valid_rows = at.seg.valid_rows(at.page);
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) {
     const int r = latent_row(warp, lane, j);
-    latent[j] = r < valid_rows ? __ldcs(reinterpret_cast<const uint4*>(base + int64_t(r) * p.k_token_stride +
-                                                                       lane * kChunkBytes))
-                               : make_uint4(0, 0, 0, 0);
+    latent[j] = r < ref.valid_rows ? __ldcs(reinterpret_cast<const uint4*>(ref.base + int64_t(r) * p.k_token_stride +
+                                                                           lane * kChunkBytes))
+                                   : make_uint4(0, 0, 0, 0);
   }
-  if (ct < kPageSize) {
-    const bool valid = ct < valid_rows;
-    cp_async_16(scales[ct], base + int64_t(valid ? ct : 0) * p.k_token_stride + kFp8ScalesOffset, valid);
+  if (lane < T::kRowsPerWarp) {  // the scales of this warp's own rows: no other warp reads them
+    const int r = warp * T::kRowsPerWarp + lane;
+    const bool valid = r < ref.valid_rows;
+    cp_async_16(scales[r], ref.base + int64_t(valid ? r : 0) * p.k_token_stride + kFp8ScalesOffset, valid);
   }
-  cute::cp_async_fence();
-}
-
-// cp.async of the page's RoPE columns (bf16 already) into the rope tile of `tiles`, zero-filled past
-// the sequence end.
-__device__ __forceinline__ void copy_rope(const DecodeParams& p, const PageCursor& at, int hk, int ct, char* tiles) {
-  const uint8_t* base = page_base(p, at, hk);
-  const int valid_rows = at.seg.valid_rows(at.page);
 #pragma unroll
   for (int j = 0; j < T::kRopeChunks; ++j) {
     const int c = ct + j * T::kConverterThreads, r = c / 8;
-    const bool valid = r < valid_rows;
-    cp_async_16(tiles + (kColBlocks - 1) * kPageTileBytes + r * kBlockRowBytes + (((c % 8) ^ (r & 7)) * kChunkBytes),
-                base + int64_t(valid ? r : 0) * p.k_token_stride + kFp8RopeOffset + (c % 8) * kChunkBytes, valid);
+    const bool valid = r < ref.valid_rows;
+    cp_async_16(rope + r * kBlockRowBytes + (((c % 8) ^ (r & 7)) * kChunkBytes),
+                ref.base + int64_t(valid ? r : 0) * p.k_token_stride + kFp8RopeOffset + (c % 8) * kChunkBytes, valid);
   }
   cute::cp_async_fence();
 }
@@ -147,16 +154,17 @@ __device__ __forceinline__ void store_latent(char* tiles, const uint4 (&latent)[
   }
 }
 
-// Page n (its latent bytes in registers, its scales landing in slot n % 4) into buffer n % 2, once
-// the consumer is done with page n - 2 there.
-__device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, const PageCursor& at, int hk, int ct,
-                                             uint32_t n, const uint4 (&latent)[T::kRowsPerWarp]) {
+// Page n (its latent bytes in registers, its scales and RoPE landing in slot n % 4 / n % 3) into
+// buffer n % 2, once the consumer is done with page n - 2 there. (RoPE slot (n + 2) % 3 is reused by
+// this thread's next loads: free, since the consumer's S^T of page n - 1 completed before the
+// `empty` this waits for.)
+__device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, const PageRef& ref, int ct, uint32_t n,
+                                             const uint4 (&latent)[T::kRowsPerWarp]) {
   const int warp = ct / 32, lane = ct % 32, buf = n % 2;
   char* tiles = s.page[buf][0];
+  cute::cp_async_wait<1>();  // all but page n + 1's copies: this lane's scales and RoPE of page n
+  __syncwarp();              // ... and its warp's scales (a warp reads only those of its own rows)
   PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
-  copy_rope(p, at, hk, ct, tiles);
-  cute::cp_async_wait<1>();  // everything but the rope copies: this thread's scale chunks of page n
-  NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kConverterSync);  // ... everyone's
   const float(*scales)[4] = s.scales[n % T::kScaleSlots];
   bool folds = true;
 #pragma unroll
@@ -166,30 +174,38 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, con
     store_latent<true>(tiles, latent, scales, warp, lane);
   else
     store_latent<false>(tiles, latent, scales, warp, lane);
-  cute::cp_async_wait<0>();
-  fence_async_proxy();  // generic-proxy stores and the landed copies -> visible to wgmma
+  fence_async_proxy();  // generic-proxy stores and the landed RoPE copies -> visible to wgmma
   PageBarrier::arrive(&s.full[buf]);
 }
 
 // Both converter warpgroups together, every page, with the next two pages' latent bytes in flight
-// in registers (two register sets, hence the loop unrolled by two). Scale slots: a thread writes
-// slot (n + 2) % 4 after the barrier of page n, which every thread reaches only after converting
-// page n - 1, so nobody still reads that slot (page n - 2's).
+// in registers (two register sets, hence the loop unrolled by two). Scale slots: pages n, n + 1 and
+// n + 2 are staged at once (a lane issues page n + 2's copies right after converting page n), in
+// 4 slots; a warp only ever touches its own rows of them.
 __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
   const int ct = threadIdx.x - T::kWarpgroupThreads;
-  PageCursor ahead(p, part), at(p, part);
+  PageCursor ahead(p, part);
   uint4 latent0[T::kRowsPerWarp], latent1[T::kRowsPerWarp];
+  PageRef ref0, ref1;
   uint32_t loaded = 0;
-  if (ahead.more) load_page(p, ahead, hk, ct, latent0, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
-  if (ahead.more) load_page(p, ahead, hk, ct, latent1, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
-  for (uint32_t n = 0; at.more; n += 2) {
-    convert_page(s, p, at, hk, ct, n, latent0);
-    at.next();
-    if (ahead.more) load_page(p, ahead, hk, ct, latent0, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
-    if (!at.more) break;
-    convert_page(s, p, at, hk, ct, n + 1, latent1);
-    at.next();
-    if (ahead.more) load_page(p, ahead, hk, ct, latent1, s.scales[loaded++ % T::kScaleSlots]), ahead.next();
+  auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp], PageRef& ref) {
+    if (!ahead.more) {
+      cute::cp_async_fence();  // an empty group, so convert_page's wait<1> always leaves page n + 1's
+      return;
+    }
+    ref = PageRef(p, ahead, hk);
+    load_page(p, ref, ct, latent, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
+    ++loaded;
+    ahead.next();
+  };
+  load_next(latent0, ref0);
+  load_next(latent1, ref1);
+  for (uint32_t n = 0; n < loaded; n += 2) {
+    convert_page(s, p, ref0, ct, n, latent0);
+    load_next(latent0, ref0);
+    if (n + 1 == loaded) break;
+    convert_page(s, p, ref1, ct, n + 1, latent1);
+    load_next(latent1, ref1);
   }
 }
 
@@ -213,16 +229,18 @@ __device__ __forceinline__ void load_q(Plan& s, const DecodeParams& p, int b, in
 // Base descriptors of the consumer's operands; every wgmma steps from them by a constant offset
 // (desc_add), which saves ~10 instructions per wgmma over building each descriptor.
 struct Descriptors {
-  uint64_t page_k;  // page buffer 0 as K-major A (S^T = K Q^T); buffer 1 is kPageBytes further
+  uint64_t page_k;  // page buffer 0 as K-major A (S^T = K Q^T); buffer 1 is kBufferBytes further
   uint64_t page_v;  // page buffer 0 as MN-major A (V^T of O^T += V^T P^T)
+  uint64_t rope;    // RoPE slot 0 as K-major A
   uint64_t q, p;    // Q and P as K-major B
   __device__ __forceinline__ explicit Descriptors(Plan& s)
       : page_k(gmma_desc(smem_addr(s.page[0][0]), 16, kAtomBytes)),
         page_v(gmma_desc(smem_addr(s.page[0][0]), kPageTileBytes, kAtomBytes)),
+        rope(gmma_desc(smem_addr(s.rope[0]), 16, kAtomBytes)),
         q(gmma_desc(smem_addr(s.q[0]), 16, kAtomBytes)),
         p(gmma_desc(smem_addr(s.p), 16, kAtomBytes)) {}
 };
-static_assert(sizeof(Plan::page[0]) == kPageBytes, "page buffers are kPageBytes apart");
+constexpr uint32_t kBufferBytes = sizeof(Plan::page[0]);
 
 // S^T = K Q^T for CTA page n (buffer n % 2), once the converters have written it.
 __device__ __forceinline__ void issue_scores(Plan& s, const Descriptors& d, uint32_t n, float (&acc)[T::kScoreRegs]) {
@@ -230,12 +248,13 @@ __device__ __forceinline__ void issue_scores(Plan& s, const Descriptors& d, uint
   PageBarrier::wait(&s.full[buf], (n / kNumPageBuffers) & 1);
   fence_accumulators(acc);
   cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
-  const uint64_t page = desc_add(d.page_k, buf * kPageBytes);
+  const uint64_t page = desc_add(d.page_k, buf * kBufferBytes);
+  const uint64_t rope = desc_add(d.rope, (n % T::kRopeSlots) * kPageTileBytes);
 #pragma unroll
   for (int tile = 0; tile < kColBlocks; ++tile)
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
-      gmma<ScoreMma>(desc_add(page, tile * kPageTileBytes + kk * 32),
+      gmma<ScoreMma>(tile < T::kLatentTiles ? desc_add(page, tile * kPageTileBytes + kk * 32) : desc_add(rope, kk * 32),
                      desc_add(d.q, tile * T::kBlockM * kBlockRowBytes + kk * 32), acc, tile > 0 || kk > 0);
   cute::warpgroup_commit_batch();
 }
@@ -245,7 +264,7 @@ __device__ __forceinline__ void issue_pv(const Descriptors& d, int buf, float (&
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m) fence_accumulators(o[m]);
   cute::warpgroup_arrive();
-  const uint64_t page = desc_add(d.page_v, buf * kPageBytes);
+  const uint64_t page = desc_add(d.page_v, buf * kBufferBytes);
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m)
 #pragma unroll

@@ -37,7 +37,9 @@ namespace kvpager {
 // when n & 8, the byte is that byte's sign replicated (0x00 or 0xFF).
 KVPAGER_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 #ifdef __CUDA_ARCH__
-  return __byte_perm(x, y, s);
+  uint32_t r;  // prmt.b32 itself: __byte_perm ignores the sign-replicate bit of the selector
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(x), "r"(y), "r"(s));
+  return r;
 #else
   const uint64_t v = (uint64_t(y) << 32) | x;
   uint32_t r = 0;

@@ -75,9 +75,10 @@ struct Fp8Traits {
 // The warp-specialized FP8 decode for 16-row blocks (decode_fp8_ws_kernel.cuh). Warpgroup 0 is the
 // consumer: wgmma with the operands swapped (S^T = K Q^T, O^T += V^T P^T), so the 16 query rows are
 // wgmma's N and no MMA work is wasted on padding rows. Warpgroups 1 and 2 are the converters: for
-// every page, each of their 8 warps loads 8 rows of 656 bytes from global memory into registers
+// every page, each of their 8 warps loads 8 rows of latent bytes from global memory into registers
 // (two pages ahead), dequantizes them and stores the bf16 rows into the page's buffer in the wgmma
-// block layout; pages alternate between two buffers.
+// block layout; pages alternate between two buffers. The RoPE columns are bf16 already: cp.async
+// copies them two pages ahead into a ring of three tiles, where S^T reads them.
 struct Fp8WsTraits {
   static constexpr int kBlockM = 16;
   static constexpr int kWarpgroupThreads = 128;
@@ -88,10 +89,13 @@ struct Fp8WsTraits {
   static constexpr int kRowsPerWarp = kPageSize / (kConverterThreads / 32);   // 8 latent rows a converter warp
   static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2
   static constexpr int kScaleSlots = 4;  // staged scales of pages n .. n + 2 (convert: why 4 suffice)
+  static constexpr int kRopeSlots = 3;   // RoPE tiles of pages n .. n + 2, read by S^T in place
+  static constexpr int kLatentTiles = kColBlocks - 1;
   static_assert(kHeadDimV / 32 == kChunkBytes, "a converter lane reads 16 latent bytes of a row");
 
   struct SharedMemoryPlan {  // every tile in the wgmma block layout, 1024-byte aligned
-    alignas(1024) char page[kNumPageBuffers][kColBlocks][kPageTileBytes];  // bf16 pages (2 x 72 KB)
+    alignas(1024) char page[kNumPageBuffers][kLatentTiles][kPageTileBytes];  // dequantized latents (2 x 64 KB)
+    alignas(1024) char rope[kRopeSlots][kPageTileBytes];  // RoPE tiles, bf16 in the cache: cp.async
     alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];            // Q, 9 blocks of 16 x 64
     alignas(1024) char p[kBlockM * kBlockRowBytes];                        // P: 16 rows x 64 keys
     float out_stage[kBlockM][kHeadDimV];  // the segment's normalised output rows
@@ -102,10 +106,7 @@ struct Fp8WsTraits {
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
-  enum Barrier : uint32_t {
-    kConsumerSync = 0,  // the consumer warpgroup
-    kConverterSync,     // both converter warpgroups (a page's staged scales landed)
-  };
+  enum Barrier : uint32_t { kConsumerSync = 0 };  // named barrier of the consumer warpgroup
 };
 
 // The lockstep wgmma kernel (64-row blocks, the v2-v6 path): warpgroup w computes S for keys
