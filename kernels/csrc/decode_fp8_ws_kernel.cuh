@@ -97,7 +97,6 @@ struct PageRef {
       : base(static_cast<const uint8_t*>(p.k_cache) + int64_t(at.id) * p.k_page_stride +
              int64_t(hk) * p.k_head_stride),
         valid_rows(at.seg.valid_rows(at.page)) {}
-  __device__ __forceinline__ PageRef() : base(nullptr), valid_rows(0) {}
 };
 
 // Converter thread ct (0-255) owns latent rows 8 (ct / 32) .. + 7, 16 bytes (one scale group) at
@@ -136,44 +135,60 @@ __device__ __forceinline__ void load_page(const DecodeParams& p, const PageRef& 
   cute::cp_async_fence();
 }
 
-// The dequantized latent columns into `tiles` (tiles 0-7 of 64 x 64 bf16, 128-byte swizzle).
+// A page's latent chunks of this thread, dequantized (w[j] = row latent_row(j)'s 16 features), and
+// their stores into buffer `tiles` (tiles 0-7 of 64 x 64 bf16, 128-byte swizzle).
+struct Dequantized {
+  uint32_t w[T::kRowsPerWarp][8];
+};
+
 template <bool kFolded>
-__device__ __forceinline__ void store_latent(char* tiles, const uint4 (&latent)[T::kRowsPerWarp],
-                                             const float (*scales)[4], int warp, int lane) {
-  const int tile = lane / 4, chunk0 = (lane % 4) * 2;  // this lane's 16 features: tile, first 16-byte chunk
-  const int group = lane * kChunkBytes / kFp8GroupSize;
+__device__ __forceinline__ void dequantize(const uint4 (&latent)[T::kRowsPerWarp], const float (&scale)[T::kRowsPerWarp],
+                                           Dequantized& d) {
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) {
-    const int r = latent_row(warp, lane, j);
     const uint32_t x[4] = {latent[j].x, latent[j].y, latent[j].z, latent[j].w};
-    uint32_t w[8];
-    dequant_16<kFolded>(x, scales[r][group], w);
-    char* row = tiles + tile * kPageTileBytes + r * kBlockRowBytes;
-    *reinterpret_cast<uint4*>(row + ((chunk0 ^ (r & 7)) * kChunkBytes)) = make_uint4(w[0], w[1], w[2], w[3]);
-    *reinterpret_cast<uint4*>(row + (((chunk0 + 1) ^ (r & 7)) * kChunkBytes)) = make_uint4(w[4], w[5], w[6], w[7]);
+    dequant_16<kFolded>(x, scale[j], d.w[j]);
   }
 }
 
-// Page n (its latent bytes in registers, its scales and RoPE landing in slot n % 4 / n % 3) into
-// buffer n % 2, once the consumer is done with page n - 2 there. (RoPE slot (n + 2) % 3 is reused by
-// this thread's next loads: free, since the consumer's S^T of page n - 1 completed before the
-// `empty` this waits for.)
-__device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, const PageRef& ref, int ct, uint32_t n,
+__device__ __forceinline__ void store_latent(char* tiles, const Dequantized& d, int warp, int lane) {
+  const int tile = lane / 4, chunk0 = (lane % 4) * 2;  // this lane's 16 features: tile, first 16-byte chunk
+#pragma unroll
+  for (int j = 0; j < T::kRowsPerWarp; ++j) {
+    const int r = latent_row(warp, lane, j);
+    char* row = tiles + tile * kPageTileBytes + r * kBlockRowBytes;
+    *reinterpret_cast<uint4*>(row + ((chunk0 ^ (r & 7)) * kChunkBytes)) =
+        make_uint4(d.w[j][0], d.w[j][1], d.w[j][2], d.w[j][3]);
+    *reinterpret_cast<uint4*>(row + (((chunk0 + 1) ^ (r & 7)) * kChunkBytes)) =
+        make_uint4(d.w[j][4], d.w[j][5], d.w[j][6], d.w[j][7]);
+  }
+}
+
+// Page n (its latent bytes in registers, its scales and RoPE landing in slot n % 4) into buffer
+// n % 2. It is dequantized before waiting for the buffer (the consumer is still reading page
+// n - 2 there), so only the stores sit between the consumer's release and `full`. The loads issued
+// after it (page n + 2) reuse slot (n - 2) % 4: free, since the consumer's S^T of page n - 2
+// completed before it issued the PV product that releases buffer n % 2 (and pages 2 and 3 get
+// fresh slots; the first two waits do not wait).
+__device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int ct, uint32_t n,
                                              const uint4 (&latent)[T::kRowsPerWarp]) {
   const int warp = ct / 32, lane = ct % 32, buf = n % 2;
-  char* tiles = s.page[buf][0];
   cute::cp_async_wait<1>();  // all but page n + 1's copies: this lane's scales and RoPE of page n
   __syncwarp();              // ... and its warp's scales (a warp reads only those of its own rows)
-  PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
   const float(*scales)[4] = s.scales[n % T::kScaleSlots];
+  float scale[T::kRowsPerWarp];
   bool folds = true;
 #pragma unroll
-  for (int j = 0; j < T::kRowsPerWarp; ++j)
-    folds = folds && fp8_scale_folds(scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize]);
+  for (int j = 0; j < T::kRowsPerWarp; ++j) scale[j] = scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize];
+#pragma unroll
+  for (int j = 0; j < T::kRowsPerWarp; ++j) folds &= fp8_scale_folds(scale[j]);
+  Dequantized d;
   if (__all_sync(0xffffffffu, folds))
-    store_latent<true>(tiles, latent, scales, warp, lane);
+    dequantize<true>(latent, scale, d);
   else
-    store_latent<false>(tiles, latent, scales, warp, lane);
+    dequantize<false>(latent, scale, d);
+  PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
+  store_latent(s.page[buf][0], d, warp, lane);
   fence_async_proxy();  // generic-proxy stores and the landed RoPE copies -> visible to wgmma
   PageBarrier::arrive(&s.full[buf]);
 }
@@ -182,30 +197,28 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, con
 // in registers (two register sets, hence the loop unrolled by two). Scale slots: pages n, n + 1 and
 // n + 2 are staged at once (a lane issues page n + 2's copies right after converting page n), in
 // 4 slots; a warp only ever touches its own rows of them.
-__device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
+__device__ __noinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
   const int ct = threadIdx.x - T::kWarpgroupThreads;
   PageCursor ahead(p, part);
   uint4 latent0[T::kRowsPerWarp], latent1[T::kRowsPerWarp];
-  PageRef ref0, ref1;
   uint32_t loaded = 0;
-  auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp], PageRef& ref) {
+  auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp]) {
     if (!ahead.more) {
       cute::cp_async_fence();  // an empty group, so convert_page's wait<1> always leaves page n + 1's
       return;
     }
-    ref = PageRef(p, ahead, hk);
-    load_page(p, ref, ct, latent, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
+    load_page(p, PageRef(p, ahead, hk), ct, latent, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
     ++loaded;
     ahead.next();
   };
-  load_next(latent0, ref0);
-  load_next(latent1, ref1);
+  load_next(latent0);
+  load_next(latent1);
   for (uint32_t n = 0; n < loaded; n += 2) {
-    convert_page(s, p, ref0, ct, n, latent0);
-    load_next(latent0, ref0);
+    convert_page(s, p, ct, n, latent0);
+    load_next(latent0);
     if (n + 1 == loaded) break;
-    convert_page(s, p, ref1, ct, n + 1, latent1);
-    load_next(latent1, ref1);
+    convert_page(s, p, ct, n + 1, latent1);
+    load_next(latent1);
   }
 }
 
@@ -273,20 +286,26 @@ __device__ __forceinline__ void issue_pv(const Descriptors& d, int buf, float (&
   cute::warpgroup_commit_batch();
 }
 
-// O^T += V^T P^T for CTA page n, then (kNext) S^T of page n + 1, which overlaps it; then hands the
-// buffer back to its converter. A template, so that no branch separates a wgmma from its wait
+// O^T += V^T P^T for CTA page n, then (kNext) S^T of page n + 1, which overlaps it; the buffer goes
+// back to the converters as soon as the PV product is done (wgmma groups complete in order). A template, so that no branch separates a wgmma from its wait
 // (ptxas serializes every wgmma of the kernel otherwise).
 template <bool kNext>
 __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint32_t n,
                                             float (&o)[T::kOutBlocks][T::kScoreRegs], float (&acc)[T::kScoreRegs]) {
   const int buf = n % kNumPageBuffers;
   issue_pv(d, buf, o);
-  if constexpr (kNext) issue_scores(s, d, n + 1, acc);
-  cute::warpgroup_wait<0>();
+  if constexpr (kNext) {
+    issue_scores(s, d, n + 1, acc);
+    cute::warpgroup_wait<1>();  // the PV product is done with buffer n % 2: release it early
+    PageBarrier::arrive(&s.empty[buf]);
+    cute::warpgroup_wait<0>();
+  } else {
+    cute::warpgroup_wait<0>();
+    PageBarrier::arrive(&s.empty[buf]);
+  }
   fence_accumulators(acc);
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m) fence_accumulators(o[m]);
-  PageBarrier::arrive(&s.empty[buf]);
 }
 
 // Accumulator register i of a lane (wgmma D, m64nN): row (here: key or feature) 16 warp + g +

@@ -89,7 +89,7 @@ struct Fp8WsTraits {
   static constexpr int kRowsPerWarp = kPageSize / (kConverterThreads / 32);   // 8 latent rows a converter warp
   static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2
   static constexpr int kScaleSlots = 4;  // staged scales of pages n .. n + 2 (convert: why 4 suffice)
-  static constexpr int kRopeSlots = 3;   // RoPE tiles of pages n .. n + 2, read by S^T in place
+  static constexpr int kRopeSlots = 4;   // RoPE tiles of pages n - 2 .. n + 1 (convert_page: why 4)
   static constexpr int kLatentTiles = kColBlocks - 1;
   static_assert(kHeadDimV / 32 == kChunkBytes, "a converter lane reads 16 latent bytes of a row");
 
