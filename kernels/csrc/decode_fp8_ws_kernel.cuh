@@ -135,38 +135,27 @@ __device__ __forceinline__ void load_page(const DecodeParams& p, const PageRef& 
   cute::cp_async_fence();
 }
 
-// A page's latent chunks of this thread, dequantized (w[j] = row latent_row(j)'s 16 features), and
-// their stores into buffer `tiles` (tiles 0-7 of 64 x 64 bf16, 128-byte swizzle).
-struct Dequantized {
-  uint32_t w[T::kRowsPerWarp][8];
-};
-
+// This thread's latent chunks of a page, dequantized row by row (scale[j]: row latent_row(j)'s group
+// scale) into buffer `tiles` (tiles 0-7 of 64 x 64 bf16, 128-byte swizzle).
 template <bool kFolded>
-__device__ __forceinline__ void dequantize(const uint4 (&latent)[T::kRowsPerWarp], const float (&scale)[T::kRowsPerWarp],
-                                           Dequantized& d) {
-#pragma unroll
-  for (int j = 0; j < T::kRowsPerWarp; ++j) {
-    const uint32_t x[4] = {latent[j].x, latent[j].y, latent[j].z, latent[j].w};
-    dequant_16<kFolded>(x, scale[j], d.w[j]);
-  }
-}
-
-__device__ __forceinline__ void store_latent(char* tiles, const Dequantized& d, int warp, int lane) {
+__device__ __forceinline__ void store_latent(char* tiles, const uint4 (&latent)[T::kRowsPerWarp],
+                                             const float (&scale)[T::kRowsPerWarp], int warp, int lane) {
   const int tile = lane / 4, chunk0 = (lane % 4) * 2;  // this lane's 16 features: tile, first 16-byte chunk
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) {
     const int r = latent_row(warp, lane, j);
+    const uint32_t x[4] = {latent[j].x, latent[j].y, latent[j].z, latent[j].w};
+    uint32_t w[8];
+    dequant_16<kFolded>(x, scale[j], w);
     char* row = tiles + tile * kPageTileBytes + r * kBlockRowBytes;
-    *reinterpret_cast<uint4*>(row + ((chunk0 ^ (r & 7)) * kChunkBytes)) =
-        make_uint4(d.w[j][0], d.w[j][1], d.w[j][2], d.w[j][3]);
-    *reinterpret_cast<uint4*>(row + (((chunk0 + 1) ^ (r & 7)) * kChunkBytes)) =
-        make_uint4(d.w[j][4], d.w[j][5], d.w[j][6], d.w[j][7]);
+    *reinterpret_cast<uint4*>(row + ((chunk0 ^ (r & 7)) * kChunkBytes)) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(row + (((chunk0 + 1) ^ (r & 7)) * kChunkBytes)) = make_uint4(w[4], w[5], w[6], w[7]);
   }
 }
 
 // Page n (its latent bytes in registers, its scales and RoPE landing in slot n % 4) into buffer
-// n % 2. It is dequantized before waiting for the buffer (the consumer is still reading page
-// n - 2 there), so only the stores sit between the consumer's release and `full`. The loads issued
+// n % 2, once the consumer's PV product of page n - 2 is done with it; each row is stored as soon
+// as it is converted. (Dequantizing before that wait was measured slower here: docs/fp8-cache.md.) The loads issued
 // after it (page n + 2) reuse slot (n - 2) % 4: free, since the consumer's S^T of page n - 2
 // completed before it issued the PV product that releases buffer n % 2 (and pages 2 and 3 get
 // fresh slots; the first two waits do not wait).
@@ -182,13 +171,11 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int
   for (int j = 0; j < T::kRowsPerWarp; ++j) scale[j] = scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize];
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) folds &= fp8_scale_folds(scale[j]);
-  Dequantized d;
-  if (__all_sync(0xffffffffu, folds))
-    dequantize<true>(latent, scale, d);
-  else
-    dequantize<false>(latent, scale, d);
   PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
-  store_latent(s.page[buf][0], d, warp, lane);
+  if (__all_sync(0xffffffffu, folds))
+    store_latent<true>(s.page[buf][0], latent, scale, warp, lane);
+  else
+    store_latent<false>(s.page[buf][0], latent, scale, warp, lane);
   fence_async_proxy();  // generic-proxy stores and the landed RoPE copies -> visible to wgmma
   PageBarrier::arrive(&s.full[buf]);
 }
@@ -197,7 +184,7 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int
 // in registers (two register sets, hence the loop unrolled by two). Scale slots: pages n, n + 1 and
 // n + 2 are staged at once (a lane issues page n + 2's copies right after converting page n), in
 // 4 slots; a warp only ever touches its own rows of them.
-__device__ __noinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
+__device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
   const int ct = threadIdx.x - T::kWarpgroupThreads;
   PageCursor ahead(p, part);
   uint4 latent0[T::kRowsPerWarp], latent1[T::kRowsPerWarp];
