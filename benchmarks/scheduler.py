@@ -4,7 +4,7 @@ input ids, sampling hand-off, per-request token bookkeeping, metrics) with a mod
 fixed logits, and reports:
 
   schedule   Scheduler.schedule() (Sequence.reserve included)
-  tables     the decode tables' events and view (Engine.advance_decode_rows: leaves, new
+  tables     the decode tables' events and view (ModelRunner.advance_decode_rows: leaves, new
              pages, grow; BlockTables.view: block_table + cache_seqlens)
   rest       everything else step() does on the host: slots, input ids, DecodeBatch, taking
              each row's token (append, counters, finish checks), metrics
@@ -104,11 +104,11 @@ def measure(batch: int = 512, steps: int = 2000, prompt_len: int = 1000, mtp: in
     logs: dict[str, list[float]] = {k: [] for k in ("schedule", "advance", "view", "model",
                                                     "metadata", "sampling")}
     sched.schedule = _timed(sched.schedule, logs["schedule"])
-    engine.advance_decode_rows = _timed(engine.advance_decode_rows, logs["advance"])
+    engine.runner.advance_decode_rows = _timed(engine.runner.advance_decode_rows, logs["advance"])
     engine.decode_tables.view = _timed(engine.decode_tables.view, logs["view"])
     model.decode = _timed(model.decode, logs["model"])
-    engine.metadata = _timed(engine.metadata, logs["metadata"])
-    engine.sample = _timed(engine.sample, logs["sampling"])
+    engine.runner.metadata = _timed(engine.runner.metadata, logs["metadata"])
+    engine.runner.sample = _timed(engine.runner.sample, logs["sampling"])
     step_times, clock = [], time.perf_counter
     for _ in range(steps):
         t0 = clock()
@@ -140,8 +140,8 @@ def measure_prefill(requests: int = 64, steps: int = 200, prompt_len: int = 256,
     one = SamplingParams(max_new_tokens=1)
     logs: dict[str, list[float]] = {k: [] for k in ("model", "metadata", "sampling")}
     model.prefill = _timed(model.prefill, logs["model"])
-    engine.metadata = _timed(engine.metadata, logs["metadata"])
-    engine.sample = _timed(engine.sample, logs["sampling"])
+    engine.runner.metadata = _timed(engine.runner.metadata, logs["metadata"])
+    engine.runner.sample = _timed(engine.runner.sample, logs["sampling"])
     host, calls, clock = [], [], time.perf_counter
     for step in range(steps + 5):  # 5 untimed warm-up steps
         for p in prompts:

@@ -40,9 +40,18 @@ class StepGate:
         """Whether another thread is inside step() now (call with `lock` held)."""
         return self.stepping is not None and self.stepping != threading.get_ident()
 
-    def run_step(self, step: Callable[[], object], drain: Callable[[], None]) -> object:
+    def apply_or_post(self, change: Callable[[], None]) -> None:
+        """Apply change() now, or at the end of the step another thread is inside (call with
+        `lock` held), so a step never sees a half-applied change."""
+        if self.in_step_elsewhere():
+            self.posted.append(change)
+        else:
+            change()
+
+    def run_step(self, step: Callable[[], object]) -> object:
         """Run step() as this thread's step: ReentrantStep from inside a step on this thread;
-        waits while another thread steps. drain() runs at the end, under the lock."""
+        waits while another thread steps. What was posted meanwhile is applied at the end, in
+        order, under the lock."""
         me = threading.get_ident()
         if self.stepping == me:
             raise ReentrantStep(
@@ -56,7 +65,9 @@ class StepGate:
             finally:
                 with self.cond:
                     try:
-                        drain()
+                        for change in self.posted:
+                            change()
+                        self.posted.clear()
                     finally:
                         self.stepping = None
                         self.steps += 1

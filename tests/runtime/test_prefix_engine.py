@@ -83,10 +83,10 @@ def test_a_mid_page_hit_copies_the_page_before_the_prefill_writes():
     assert (start, n) == (150, 2) and len(plan.copies) == 1
     src, dst = plan.copies[0]
     assert req.seq.pages[2] == dst and eng.allocator.is_cached(src) and src != dst
-    eng._apply_copies(plan)
+    eng.runner.apply_copies(plan)
     assert eng.pool.kv[:, dst, :22].equal(eng.pool.kv[:, src, :22])
     # the rest of the step as Engine.step would run it
-    assert eng._prefill(plan, failed := []) and not failed
+    assert eng.runner.prefill(plan.prefill, failed := []) and not failed
     eng.book.prefilled(req, n, 0.0)
     assert h.status.value == "running"
 

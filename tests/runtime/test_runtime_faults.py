@@ -221,7 +221,7 @@ class FaultMachine(RuleBasedStateMachine):
         assert sorted(map(id, rows)) == sorted(
             id(r) for r in eng.scheduler.running if not r.is_prefilling)
         eng.decode_tables.check([r.seq for r in rows], rows)
-        assert eng._num_sampling == sum(
+        assert eng.intake.num_sampling == sum(
             1 for h, _, p in self.handles.values() if not p.greedy and not h.finished)
 
 
@@ -299,4 +299,4 @@ def test_nan_logits_in_a_sampled_row_end_that_request_only():
     assert bad.finish_reason == "error" and len(bad.output_token_ids) == 1  # from the prefill
     assert good.output_token_ids == oracle([5, 5, 5], SamplingParams(max_new_tokens=6))
     assert good.finish_reason == "length"
-    assert eng.allocator.num_used == 0 and eng._num_sampling == 0
+    assert eng.allocator.num_used == 0 and eng.intake.num_sampling == 0

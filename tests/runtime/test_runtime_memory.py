@@ -9,7 +9,7 @@ import torch
 
 from kvpager.config import CacheConfig
 from kvpager.errors import ConfigError, UnknownRequest
-from kvpager.runtime import engine as engine_module
+from kvpager.runtime import model_runner
 from kvpager.runtime.engine import Engine
 from kvpager.runtime.metrics import Metrics, Samples
 from kvpager.runtime.request import SamplingParams, Status
@@ -55,8 +55,8 @@ def serve(eng: Engine, n: int) -> None:
 def test_memory_stays_flat_over_20k_requests(monkeypatch):
     # The fixed-logits model ignores the MLA metadata; planning it (~0.4 ms on this CPU) would
     # triple the test's time for nothing.
-    planned = engine_module.get_mla_metadata(torch.tensor([1], dtype=torch.int32), 16, 1)
-    monkeypatch.setattr(engine_module, "get_mla_metadata", lambda *args: planned)
+    planned = model_runner.get_mla_metadata(torch.tensor([1], dtype=torch.int32), 16, 1)
+    monkeypatch.setattr(model_runner, "get_mla_metadata", lambda *args: planned)
     tracemalloc.start()
     try:
         eng = make_engine()
