@@ -85,7 +85,7 @@ class Engine:
         if model.num_layers != cache_config.num_layers:
             raise ConfigError(f"model has {model.num_layers} layers but CacheConfig.num_layers="
                               f"{cache_config.num_layers}; build the cache for the model")
-        self.model, self.cache_config, self.clock = model, cache_config, clock
+        self.cache_config, self.clock = cache_config, clock
         self.pool = PagePool(cache_config)
         ps = self.page_size = cache_config.page_size
         self.allocator = BlockAllocator(cache_config.resolved_num_pages, ps)
@@ -105,6 +105,17 @@ class Engine:
             warn_cpu_threads()
 
     # --- public API --------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Model:
+        """The model the engine calls (the runner's). Assignable, e.g. a CUDA-graph wrapper of the
+        same Protocol (examples/deepseek/cuda_graph.py): the next model call uses it."""
+        return self.runner.model
+
+    @model.setter
+    def model(self, model: Model) -> None:
+        self.runner.model = model
+
     def submit(self, prompt_token_ids: Seq[int], params: SamplingParams | None = None,
                request_id: str | None = None, on_token: Callable[[str, int], None] | None = None,
                arrival_time: float | None = None) -> RequestHandle:

@@ -100,3 +100,15 @@ def test_logprobs_stay_aligned_with_stop_tokens_and_mtp():
 def test_bad_logprobs_are_refused(bad):
     with pytest.raises(RequestError, match="logprobs"):
         SamplingParams(logprobs=bad)
+
+
+def test_assigning_engine_model_routes_the_next_calls_through_it():
+    """Engine.model is assignable (the CUDA-graph example swaps in a wrapper of the same Protocol
+    after build): every later prefill and decode call goes through the new object."""
+    eng = engine()
+    recorder = Recorder(MODEL)
+    eng.model = recorder
+    assert eng.model is recorder
+    outs = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3))
+    assert sorted(recorder.rows) == sorted(o.request_id for o in outs)
+    assert all(len(rows) == 3 for rows in recorder.rows.values())  # prefill's row + 2 decode rows
