@@ -1,5 +1,5 @@
 """The fused FP8 decodes of 16-row blocks side by side in one process (alternating, same inputs):
-the warp-specialized kernel with 3 or 2 pages of loads in flight and the split-K kernel, each against
+the warp-specialized kernel and the split-K kernel (KVPAGER_FP8_DECODE=ws|split), each against
 the bf16 kernel on the same values (benchmarks/kernel_fp8.py's bench_case: CUDA-graph replays, L2
 cleared before each). Prints one line per (case, variant) and writes JSON.
 
@@ -14,7 +14,7 @@ import os
 from kvpager.benchmarks import kernel as bench
 from kvpager.benchmarks import kernel_fp8
 
-VARIANTS = {"ws3": ("ws", "3"), "ws2": ("ws", "2"), "split": ("split", "3")}
+VARIANTS = ["ws", "split"]
 CASES = [bench.Case(128, 1, 16, 8192, False), bench.Case(128, 1, 16, 8192, True)]
 
 
@@ -29,8 +29,8 @@ def main() -> None:
     results = []
     for case in CASES:
         for r in range(a.rounds):
-            for name, (decode, ahead) in VARIANTS.items():
-                os.environ["KVPAGER_FP8_DECODE"], os.environ["KVPAGER_FP8_PAGES_AHEAD"] = decode, ahead
+            for name in VARIANTS:
+                os.environ["KVPAGER_FP8_DECODE"] = name
                 x = kernel_fp8.bench_case(case, 0, time_us, ceilings)
                 x.update(variant=name, round=r)
                 results.append(x)

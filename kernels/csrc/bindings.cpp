@@ -97,12 +97,6 @@ kvpager::DecodeOptions options_from_env() {
     KVP_CHECK(f == "ws" || f == "split", "KVPAGER_FP8_DECODE must be ws or split, got ", f);
     options.fp8_warp_specialized = f == "ws";
   }
-  const char* ahead = std::getenv("KVPAGER_FP8_PAGES_AHEAD");
-  if (ahead != nullptr) {
-    const std::string a = ahead;
-    KVP_CHECK(a == "2" || a == "3", "KVPAGER_FP8_PAGES_AHEAD must be 2 or 3, got ", a);
-    options.fp8_pages_ahead = a[0] - '0';
-  }
   return options;
 }
 

@@ -23,7 +23,6 @@
 #include <math_constants.h>
 
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "config.h"
 #include "epilogue.cuh"
@@ -154,19 +153,18 @@ __device__ __forceinline__ void store_latent(char* tiles, const uint4 (&latent)[
   }
 }
 
-// Page n (its latent bytes in registers, its scales and RoPE landing in stage slot n % kStageSlots)
-// into buffer n % 2, once the consumer's PV product of page n - 2 is done with it; each row is
-// stored as soon as it is converted. (Dequantizing before that wait was measured slower here: docs/fp8-cache.md.) The loads issued
+// Page n (its latent bytes in registers, its scales and RoPE landing in slot n % 4) into buffer
+// n % 2, once the consumer's PV product of page n - 2 is done with it; each row is stored as soon
+// as it is converted. (Dequantizing before that wait was measured slower here: docs/fp8-cache.md.) The loads issued
 // after it (page n + 2) reuse slot (n - 2) % 4: free, since the consumer's S^T of page n - 2
 // completed before it issued the PV product that releases buffer n % 2 (and pages 2 and 3 get
 // fresh slots; the first two waits do not wait).
-template <int kAhead>
 __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int ct, uint32_t n,
                                              const uint4 (&latent)[T::kRowsPerWarp]) {
   const int warp = ct / 32, lane = ct % 32, buf = n % 2;
-  cute::cp_async_wait<kAhead - 1>();  // all but pages n + 1 ..'s copies: this lane's scales and RoPE of page n
+  cute::cp_async_wait<1>();  // all but page n + 1's copies: this lane's scales and RoPE of page n
   __syncwarp();              // ... and its warp's scales (a warp reads only those of its own rows)
-  const float(*scales)[4] = s.scales[n % T::kStageSlots];
+  const float(*scales)[4] = s.scales[n % T::kScaleSlots];
   float scale[T::kRowsPerWarp];
   bool folds = true;
 #pragma unroll
@@ -182,39 +180,32 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int
   PageBarrier::arrive(&s.full[buf]);
 }
 
-// Both converter warpgroups together, every page, with the next kAhead pages' latent bytes in
-// flight in registers (kAhead register sets, hence the loop unrolled by kAhead: more bytes in flight
-// per SM is what keeps HBM busy). Pages n .. n + kAhead have scales and RoPE staged at once (a lane
-// issues page n + kAhead's copies right after converting page n); kStageSlots >= kAhead + 2 slots
-// keep page n + kAhead off the RoPE tile of page n - 2, the newest one whose S^T is known to be done
-// (the `empty` that convert_page(n) waited for follows it). A warp only touches its own rows'
-// scales.
-template <int kAhead>
+// Both converter warpgroups together, every page, with the next two pages' latent bytes in flight
+// in registers (two register sets, hence the loop unrolled by two). Scale slots: pages n, n + 1 and
+// n + 2 are staged at once (a lane issues page n + 2's copies right after converting page n), in
+// 4 slots; a warp only ever touches its own rows of them.
 __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part, int hk) {
-  static_assert(T::kStageSlots >= kAhead + 2, "RoPE slots: see above");
   const int ct = threadIdx.x - T::kWarpgroupThreads;
   PageCursor ahead(p, part);
-  uint4 latent[kAhead][T::kRowsPerWarp];
+  uint4 latent0[T::kRowsPerWarp], latent1[T::kRowsPerWarp];
   uint32_t loaded = 0;
-  auto load_next = [&](uint4 (&rows)[T::kRowsPerWarp]) {
+  auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp]) {
     if (!ahead.more) {
-      cute::cp_async_fence();  // an empty group, so convert_page's wait always leaves the newer pages'
+      cute::cp_async_fence();  // an empty group, so convert_page's wait<1> always leaves page n + 1's
       return;
     }
-    const int slot = loaded % T::kStageSlots;
-    load_page(p, PageRef(p, ahead, hk), ct, rows, s.scales[slot], s.rope[slot]);
+    load_page(p, PageRef(p, ahead, hk), ct, latent, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
     ++loaded;
     ahead.next();
   };
-#pragma unroll
-  for (int i = 0; i < kAhead; ++i) load_next(latent[i]);
-  for (uint32_t n = 0; n < loaded; n += kAhead) {
-#pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      if (n + i == loaded) break;
-      convert_page<kAhead>(s, p, ct, n + i, latent[i]);
-      load_next(latent[i]);
-    }
+  load_next(latent0);
+  load_next(latent1);
+  for (uint32_t n = 0; n < loaded; n += 2) {
+    convert_page(s, p, ct, n, latent0);
+    load_next(latent0);
+    if (n + 1 == loaded) break;
+    convert_page(s, p, ct, n + 1, latent1);
+    load_next(latent1);
   }
 }
 
@@ -258,7 +249,7 @@ __device__ __forceinline__ void issue_scores(Plan& s, const Descriptors& d, uint
   fence_accumulators(acc);
   cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
   const uint64_t page = desc_add(d.page_k, buf * kBufferBytes);
-  const uint64_t rope = desc_add(d.rope, (n % T::kStageSlots) * kPageTileBytes);
+  const uint64_t rope = desc_add(d.rope, (n % T::kRopeSlots) * kPageTileBytes);
 #pragma unroll
   for (int tile = 0; tile < kColBlocks; ++tile)
 #pragma unroll
@@ -473,7 +464,6 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 
 }  // namespace fp8ws
 
-template <int kAhead>
 __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p) {
   using T = Fp8WsTraits;
   extern __shared__ char smem_raw[];
@@ -488,13 +478,10 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
-  if (wg == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<T::kConsumerRegs>();
+  if (wg == 0)
     fp8ws::consume(s, p, part, hk, m_block);
-  } else {
-    cutlass::arch::warpgroup_reg_alloc<T::kConverterRegs>();
-    fp8ws::convert<kAhead>(s, p, part, hk);
-  }
+  else
+    fp8ws::convert(s, p, part, hk);
 }
 
 }  // namespace kvpager

@@ -15,7 +15,6 @@ struct DecodeOptions {
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).
   bool fp8_warp_specialized = true;
-  int fp8_pages_ahead = 3;  // ... whose converters hold this many pages of loads in flight (2 or 3)
 };
 
 // Split-KV schedule for a batch (one CTA, no host synchronisation).

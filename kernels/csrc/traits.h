@@ -76,9 +76,9 @@ struct Fp8Traits {
 // consumer: wgmma with the operands swapped (S^T = K Q^T, O^T += V^T P^T), so the 16 query rows are
 // wgmma's N and no MMA work is wasted on padding rows. Warpgroups 1 and 2 are the converters: for
 // every page, each of their 8 warps loads 8 rows of latent bytes from global memory into registers
-// (2 or 3 pages ahead), dequantizes them and stores the bf16 rows into the page's buffer in the wgmma
+// (two pages ahead), dequantizes them and stores the bf16 rows into the page's buffer in the wgmma
 // block layout; pages alternate between two buffers. The RoPE columns are bf16 already: cp.async
-// copies them ahead into a ring of tiles, where S^T reads them.
+// copies them two pages ahead into a ring of three tiles, where S^T reads them.
 struct Fp8WsTraits {
   static constexpr int kBlockM = 16;
   static constexpr int kWarpgroupThreads = 128;
@@ -88,24 +88,19 @@ struct Fp8WsTraits {
   static constexpr int kOutBlocks = kHeadDimV / kBlockCols;                   // 8 blocks of 64 features of O^T
   static constexpr int kRowsPerWarp = kPageSize / (kConverterThreads / 32);   // 8 latent rows a converter warp
   static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2
-  static constexpr int kStageSlots = 5;  // staged scales and RoPE tiles of pages n - 2 .. n + 2 (convert)
-  // setmaxnreg: the converters hold up to 3 pages of loads (96 registers); the consumer needs less.
-  // Both together must fit the launch's allocation (168 a thread at 384 threads).
-  static constexpr int kConsumerRegs = 152;
-  static constexpr int kConverterRegs = 176;
-  static_assert(kConsumerRegs * kWarpgroupThreads + kConverterRegs * kConverterThreads <= 168 * kThreads,
-                "setmaxnreg asks for more registers than the CTA was launched with");
+  static constexpr int kScaleSlots = 4;  // staged scales of pages n .. n + 2 (convert: why 4 suffice)
+  static constexpr int kRopeSlots = 4;   // RoPE tiles of pages n - 2 .. n + 1 (convert_page: why 4)
   static constexpr int kLatentTiles = kColBlocks - 1;
   static_assert(kHeadDimV / 32 == kChunkBytes, "a converter lane reads 16 latent bytes of a row");
 
   struct SharedMemoryPlan {  // every tile in the wgmma block layout, 1024-byte aligned
     alignas(1024) char page[kNumPageBuffers][kLatentTiles][kPageTileBytes];  // dequantized latents (2 x 64 KB)
-    alignas(1024) char rope[kStageSlots][kPageTileBytes];  // RoPE tiles, bf16 in the cache: cp.async
+    alignas(1024) char rope[kRopeSlots][kPageTileBytes];  // RoPE tiles, bf16 in the cache: cp.async
     alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];            // Q, 9 blocks of 16 x 64
     alignas(1024) char p[kBlockM * kBlockRowBytes];                        // P: 16 rows x 64 keys
     float out_stage[kBlockM][kHeadDimV];  // the segment's normalised output rows
     float row_exchange[4][kBlockM];       // per consumer warp: page maxima, then row sums
-    alignas(16) float scales[kStageSlots][kPageSize][4];  // pages' scales, staged by cp.async
+    alignas(16) float scales[kScaleSlots][kPageSize][4];  // pages' scales, staged by cp.async
     uint64_t full[kNumPageBuffers];       // converters -> consumer: page in buffer b
     uint64_t empty[kNumPageBuffers];      // consumer -> converters: buffer b read
   };

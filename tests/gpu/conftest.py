@@ -18,20 +18,10 @@ def fused_calls(monkeypatch) -> list:
     return calls
 
 
-FP8_DECODES = {  # name -> (KVPAGER_FP8_DECODE, KVPAGER_FP8_PAGES_AHEAD)
-    "ws": ("ws", "3"),
-    "ws2": ("ws", "2"),
-    "split": ("split", "3"),
-}
-
-
-@pytest.fixture(params=sorted(FP8_DECODES))
+@pytest.fixture(params=["ws", "split"])
 def fp8_decode(request, monkeypatch) -> str:
-    """Runs a test on every fused FP8 decode of 16-row blocks: the warp-specialized wgmma kernel
-    with 3 pages of loads in flight ("ws", the default) or 2 ("ws2"), and the split-K mma.sync kernel
-    ("split"); 32-row blocks always take the latter. The extension reads both variables on every
-    call."""
-    decode, ahead = FP8_DECODES[request.param]
-    monkeypatch.setenv("KVPAGER_FP8_DECODE", decode)
-    monkeypatch.setenv("KVPAGER_FP8_PAGES_AHEAD", ahead)
+    """Runs a test on both fused FP8 decodes of 16-row blocks: the warp-specialized wgmma kernel
+    ("ws", the default) and the split-K mma.sync kernel ("split"); 32-row blocks always take the
+    latter. KVPAGER_FP8_DECODE is read by the extension on every call."""
+    monkeypatch.setenv("KVPAGER_FP8_DECODE", request.param)
     return request.param
