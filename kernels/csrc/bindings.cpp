@@ -69,7 +69,9 @@ bool aligned16(const at::Tensor& t) {
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches,
-// KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads.
+// KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
+// KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
+// kernel's L2 prefetch distance in pages.
 kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
   const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
@@ -96,6 +98,12 @@ kvpager::DecodeOptions options_from_env() {
     const std::string f = fp8;
     KVP_CHECK(f == "ws" || f == "split", "KVPAGER_FP8_DECODE must be ws or split, got ", f);
     options.fp8_warp_specialized = f == "ws";
+  }
+  const char* fp8_prefetch = std::getenv("KVPAGER_FP8_PREFETCH");
+  if (fp8_prefetch != nullptr) {
+    const std::string v = fp8_prefetch;
+    KVP_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '8', "KVPAGER_FP8_PREFETCH must be 0-8 (pages), got ", v);
+    options.fp8_prefetch_pages = v[0] - '0';
   }
   return options;
 }

@@ -19,11 +19,15 @@ cudaError_t launch_fp8_block(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-inline cudaError_t launch_fp8_ws(const DecodeParams& p, cudaStream_t stream) {
+inline cudaError_t launch_fp8_ws(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   using Traits = Fp8WsTraits;
+  p.fp8_prefetch_pages = options.fp8_prefetch_pages;
   auto* kernel = mla_decode_fp8_ws_kernel;
   KVPAGER_SET_SMEM_ONCE(kernel, Traits::kSmemBytes);
   kernel<<<decode_grid(p, Traits::kBlockM), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+#ifdef KVPAGER_TRACE
+  fp8_ws_trace_dump<<<1, 1, 0, stream>>>();  // scripts/fp8_trace.py
+#endif
   return cudaGetLastError();
 }
 
@@ -31,7 +35,7 @@ inline cudaError_t launch_decode_fp8(const DecodeParams& p, const DecodeOptions&
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
   if (p.rows > kFp8MaxRows) return cudaErrorInvalidValue;
   const cudaError_t err = block_m_for(p.rows) == 32     ? launch_fp8_block<32>(p, stream)
-                            : options.fp8_warp_specialized ? launch_fp8_ws(p, stream)
+                            : options.fp8_warp_specialized ? launch_fp8_ws(p, options, stream)
                                                            : launch_fp8_block<16>(p, stream);
   if (err != cudaSuccess) return err;
   return launch_combine<__nv_bfloat16>(p, options.pdl, stream);

@@ -45,6 +45,26 @@ using NamedBarrier = cutlass::arch::NamedBarrier;
 using ScoreMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::MN, cute::SM90::GMMA::Major::K>;
 
+// Timeline of one CTA (a -DKVPAGER_TRACE build; scripts/fp8_trace.py reads it): clock64() at named
+// points of each of its first kTracePages pages, for the consumer and for converter warps 0 and 7.
+// Consumer: 0 full(n) waited, 1 S^T(n) done, 2 softmax(n) done (PV issued next), 3 PV(n) done,
+// 4 page maxima exchanged, 5 P stored and fenced. Converter: 0 data of page n in registers,
+// 1 empty waited, 2 full arrived, 3 loads of page n + 2 issued.
+#ifdef KVPAGER_TRACE
+constexpr int kTracePages = 48;
+__device__ unsigned long long g_trace[3][kTracePages][6];
+__device__ __forceinline__ bool traced_cta() { return blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == gridDim.z / 2; }
+#define FP8WS_TRACE(role, n, ev)                                                                  \
+  do {                                                                                            \
+    if (traced_cta() && threadIdx.x == ((role) == 0 ? 0 : 128 + ((role) - 1) * 224) && (n) < kTracePages) \
+      g_trace[role][n][ev] = clock64();                                                           \
+  } while (0)
+#else
+#define FP8WS_TRACE(role, n, ev) \
+  do {                           \
+  } while (0)
+#endif
+
 __device__ __forceinline__ void consumer_sync() {
   NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kConsumerSync);
 }
@@ -87,6 +107,11 @@ struct PageCursor {
     more = false;
   }
 };
+
+// Prefetch [ptr, ptr + bytes) into L2 (16-byte aligned, a multiple of 16 bytes), no completion to wait for.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* ptr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
 
 // Where a page's rows start and how many hold tokens: resolved when its loads are issued (two pages
 // ahead) and kept with them, so that no block-table read sits on the conversion's critical path.
@@ -171,13 +196,24 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int
   for (int j = 0; j < T::kRowsPerWarp; ++j) scale[j] = scales[latent_row(warp, lane, j)][lane * kChunkBytes / kFp8GroupSize];
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) folds &= fp8_scale_folds(scale[j]);
+#ifdef KVPAGER_TRACE
+  if (traced_cta()) {  // wait for this thread's latent bytes here: the timeline separates data from buffer waits
+    uint32_t all = 0;
+#pragma unroll
+    for (int j = 0; j < T::kRowsPerWarp; ++j) all ^= latent[j].x ^ latent[j].y ^ latent[j].z ^ latent[j].w;
+    asm volatile("" ::"r"(all));
+  }
+#endif
+  FP8WS_TRACE(1 + warp / 7, n, 0);
   PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
+  FP8WS_TRACE(1 + warp / 7, n, 1);
   if (__all_sync(0xffffffffu, folds))
     store_latent<true>(s.page[buf][0], latent, scale, warp, lane);
   else
     store_latent<false>(s.page[buf][0], latent, scale, warp, lane);
   fence_async_proxy();  // generic-proxy stores and the landed RoPE copies -> visible to wgmma
   PageBarrier::arrive(&s.full[buf]);
+  FP8WS_TRACE(1 + warp / 7, n, 2);
 }
 
 // Both converter warpgroups together, every page, with the next two pages' latent bytes in flight
@@ -189,7 +225,17 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   PageCursor ahead(p, part);
   uint4 latent0[T::kRowsPerWarp], latent1[T::kRowsPerWarp];
   uint32_t loaded = 0;
+  // L2 prefetch (one thread, one bulk prefetch a page): while page L is loaded into registers, page
+  // L + fp8_prefetch_pages goes into L2, so that its own loads hit L2 (0: off).
+  const int distance = ct == 0 ? p.fp8_prefetch_pages : 0;
+  PageCursor far = ahead;
+  for (int i = 0; i < distance && far.more; ++i) far.next();
   auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp]) {
+    if (distance > 0 && far.more) {
+      const PageRef page(p, far, hk);
+      prefetch_l2_bulk(page.base, uint32_t((kPageSize - 1) * p.k_token_stride + kFp8TokenBytes));
+      far.next();
+    }
     if (!ahead.more) {
       cute::cp_async_fence();  // an empty group, so convert_page's wait<1> always leaves page n + 1's
       return;
@@ -203,9 +249,11 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   for (uint32_t n = 0; n < loaded; n += 2) {
     convert_page(s, p, ct, n, latent0);
     load_next(latent0);
+    FP8WS_TRACE(1 + ct / 224, n, 3);
     if (n + 1 == loaded) break;
     convert_page(s, p, ct, n + 1, latent1);
     load_next(latent1);
+    FP8WS_TRACE(1 + ct / 224, n + 1, 3);
   }
 }
 
@@ -246,6 +294,7 @@ constexpr uint32_t kBufferBytes = sizeof(Plan::page[0]);
 __device__ __forceinline__ void issue_scores(Plan& s, const Descriptors& d, uint32_t n, float (&acc)[T::kScoreRegs]) {
   const int buf = n % kNumPageBuffers;
   PageBarrier::wait(&s.full[buf], (n / kNumPageBuffers) & 1);
+  FP8WS_TRACE(0, n, 0);
   fence_accumulators(acc);
   cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
   const uint64_t page = desc_add(d.page_k, buf * kBufferBytes);
@@ -285,10 +334,13 @@ __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint3
     issue_scores(s, d, n + 1, acc);
     cute::warpgroup_wait<1>();  // the PV product is done with buffer n % 2: release it early
     PageBarrier::arrive(&s.empty[buf]);
+    FP8WS_TRACE(0, n, 3);
     cute::warpgroup_wait<0>();
+    FP8WS_TRACE(0, n + 1, 1);
   } else {
     cute::warpgroup_wait<0>();
     PageBarrier::arrive(&s.empty[buf]);
+    FP8WS_TRACE(0, n, 3);
   }
   fence_accumulators(acc);
 #pragma unroll
@@ -399,6 +451,7 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
     if (ps < pe) {
       issue_scores(s, d, n, acc);
       cute::warpgroup_wait<0>();
+      FP8WS_TRACE(0, n, 1);
       fence_accumulators(acc);
     }
     for (int page = ps; page < pe; ++page, ++n) {
@@ -423,6 +476,7 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 #pragma unroll
         for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = page_max[c];
       consumer_sync();
+      FP8WS_TRACE(0, n, 4);
       float base[4], alpha[4], sum[4];
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
@@ -450,7 +504,9 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 #pragma unroll
         for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] *= alpha[col_slot(i)];
       fence_async_proxy();
+      FP8WS_TRACE(0, n, 5);
       consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
+      FP8WS_TRACE(0, n, 2);
 
       if (page + 1 < pe)
         finish_page<true>(s, d, n, o, acc);
@@ -483,5 +539,20 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
   else
     fp8ws::convert(s, p, part, hk);
 }
+
+#ifdef KVPAGER_TRACE
+// Prints the traced CTA's timeline; a kernel of its own, launched after the decode, because a printf
+// inside the decode kernel makes ptxas serialize its wgmma.
+__global__ void fp8_ws_trace_dump() {
+  const unsigned long long t0 = fp8ws::g_trace[0][0][0];
+  for (int role = 0; role < 3; ++role)
+    for (int n = 0; n < fp8ws::kTracePages; ++n) {
+      const unsigned long long* e = fp8ws::g_trace[role][n];
+      printf("FP8TRACE role %d page %d %lld %lld %lld %lld %lld %lld\n", role, n, (long long)(e[0] - t0),
+             (long long)(e[1] - t0), (long long)(e[2] - t0), (long long)(e[3] - t0), (long long)(e[4] - t0),
+             (long long)(e[5] - t0));
+    }
+}
+#endif
 
 }  // namespace kvpager

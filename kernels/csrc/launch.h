@@ -15,6 +15,9 @@ struct DecodeOptions {
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).
   bool fp8_warp_specialized = true;
+  // FP8 ws kernel: L2 prefetch of page L + this while page L is loaded (0: off; 1 measured best on
+  // the H100, docs/fp8-cache.md).
+  int fp8_prefetch_pages = 1;
 };
 
 // Split-KV schedule for a batch (one CTA, no host synchronisation).

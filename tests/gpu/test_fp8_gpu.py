@@ -317,6 +317,19 @@ def test_fp8_decode_switch_with_a_bad_value_is_a_typed_error(monkeypatch) -> Non
 
 
 @fused
+def test_fp8_prefetch_switch_with_a_bad_value_is_a_typed_error(monkeypatch) -> None:
+    """KVPAGER_FP8_PREFETCH (the ws kernel's L2 prefetch distance, pages) takes 0-8; anything else is
+    refused, naming the variable."""
+    c = dict(h_q=16, s_q=1, varlen=False, causal=False, padded=False)
+    q, k_cache, block_table, lens = make_batch(c, b=2, s_k=100)
+    meta, splits = get_mla_metadata(lens, 16, 1)
+    monkeypatch.setenv("KVPAGER_FP8_PREFETCH", "far")
+    with pytest.raises(InvalidArgument, match="KVPAGER_FP8_PREFETCH must be 0-8"):
+        kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
+    torch.cuda.synchronize()
+
+
+@fused
 def test_fused_fp8_decode_under_torch_compile() -> None:
     """The op's fake impl (kvpager.kernels.fake) lets torch.compile hold the call whole."""
     c = dict(h_q=16, s_q=2, varlen=True, causal=True, padded=True)
