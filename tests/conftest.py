@@ -3,6 +3,12 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
+from kvpager.hub_kernels import prefer_installed_kernels
+
+# Before any test imports transformers: `python -m pytest` puts this checkout's root on sys.path,
+# where `kernels` is our CUDA source directory, not the Hub package transformers imports.
+prefer_installed_kernels()
+
 # CI profile: enough steps to matter, fast enough for a 2-core machine. `long`: the soak run.
 settings.register_profile("ci", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -1,12 +1,16 @@
 """The folder layout maps onto one package: kvpager.runtime etc. import from anywhere, and no
-top-level `runtime` / `kernels` / `examples` module leaks out of the install."""
+top-level `runtime` / `kernels` / `examples` module leaks out of the install (another distribution
+may own such a name: transformers >= 5.25 installs Hugging Face's `kernels`; it must not be ours)."""
 import subprocess
 import sys
 
 PROBE = """
-import importlib, importlib.util
+import importlib, importlib.util, pathlib
+import kvpager
+root = pathlib.Path(kvpager.__file__).resolve().parent.parent  # the source checkout (editable install)
 for top in ("runtime", "kernels", "examples"):
-    assert importlib.util.find_spec(top) is None, top
+    spec = importlib.util.find_spec(top)
+    assert spec is None or pathlib.Path(spec.origin or "").resolve().parent != root / top, top
 import kvpager.runtime, kvpager.runtime.models, kvpager.kernels, kvpager.examples
 import kvpager.kernels.schedule
 print("ok")

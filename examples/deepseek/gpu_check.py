@@ -126,8 +126,9 @@ def compare_trained(model_dir: str, task: copy_task.CopyTask, batch: int = 16, s
     trained_hf_bf16:  transformers' DeepseekV3ForCausalLM in bf16 (its own attention and cache);
     trained_hf_fp32:  transformers in float32.
     `copy_accuracy`: the kernel run's free-running tokens against the task's true continuation."""
-    import transformers
+    from kvpager.hub_kernels import import_transformers
 
+    transformers = import_transformers()
     model = load_model(model_dir, device, torch.bfloat16)
     with_reference = load_model(model_dir, device, torch.bfloat16)
     with_reference.mla_impl = reference_mla

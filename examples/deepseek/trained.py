@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from kvpager.hub_kernels import import_transformers
+
 log = logging.getLogger("kvpager")
 
 BOS = 0  # ids 0 / 1 are bos / eos (ModelConfig's defaults); task tokens are 2 .. vocab - 1
@@ -82,7 +84,7 @@ SMALL = TrainSetting(task=CopyTask(vocab_size=64, period=12, seq_len=40),
 def hf_config(s: TrainSetting):
     """The transformers DeepseekV3Config: 2 layers (dense, then MoE when s.moe), plain q_proj,
     YaRN rope (so the softmax scale carries an mscale factor)."""
-    import transformers
+    transformers = import_transformers()
 
     moe = dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
                first_k_dense_replace=1, moe_intermediate_size=s.intermediate_size // 2,
@@ -149,7 +151,7 @@ class TrainReport:
 def train(s: TrainSetting = GPU, device: str | torch.device = "cpu", seed: int = 0):
     """Train a fresh DeepseekV3ForCausalLM (float32, on device) until held-out accuracy reaches
     s.target_accuracy twice in a row (or s.max_steps). Returns (model in eval mode, TrainReport)."""
-    import transformers
+    transformers = import_transformers()
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -191,7 +193,7 @@ def train_and_save(model_dir: str | Path, s: TrainSetting = GPU, device: str | t
 def hf_greedy(hf, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
     """transformers' greedy decoding with its own KV cache, one prompt at a time: the tokens and
     the logits float32 CPU [len(prompts), steps, vocab]."""
-    import transformers
+    transformers = import_transformers()
 
     tokens, logits = [], []
     for prompt in prompts:

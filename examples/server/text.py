@@ -21,9 +21,9 @@ class TokenizerText:
     """A Hugging Face tokenizer loaded from the model directory (no download)."""
 
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoTokenizer
+        from kvpager.hub_kernels import import_transformers
 
-        self._tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self._tok = import_transformers().AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.name = type(self._tok).__name__
 
     def encode(self, text: str) -> list[int]:

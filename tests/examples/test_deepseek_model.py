@@ -89,7 +89,7 @@ def test_absorbed_scores_equal_expanded_attention_scores():
     cfg = dataclasses.replace(ModelConfig(), num_hidden_layers=1, n_routed_experts=0)
     model = random_model(cfg, seed=0)
     attn = model.model.layers[0].self_attn
-    x = torch.randn(6, cfg.hidden_size)
+    x = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     cos, sin = model.rope.cos_sin(torch.arange(6), torch.float32)
     with torch.no_grad():
         query, latent = attn.query_and_latent(x, cos, sin, model.rope)
@@ -100,4 +100,5 @@ def test_absorbed_scores_equal_expanded_attention_scores():
         k_nope = kv[..., :cfg.qk_nope_head_dim]
         want = (torch.einsum("nhd,mhd->hnm", q_nope, k_nope)
                 + torch.einsum("nhr,mr->hnm", model.rope.apply(q_pe, cos, sin), latent[:, 512:]))
-    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+    # Scores reach ~100 here: fp32 reassociation over ~190 terms leaves a few 1e-5 absolute.
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
