@@ -8,7 +8,9 @@
 //    bytes straight from global memory into registers two pages ahead (the scales go to shared
 //    memory by cp.async), and once the page's buffer is free dequantizes them (fp8_dequant.cuh) into
 //    the bf16 page in the wgmma block layout; the RoPE columns (bf16 already) go by cp.async.
-//    Then `full`.
+//    Then `full`. One converter thread also bulk-prefetches into L2 the page whose register loads
+//    come next (KVPAGER_FP8_PREFETCH pages on), so that they hit L2: a page late from memory used
+//    to stall both sides (docs/fp8-cache.md, session s11).
 //  - the consumer warpgroup runs wgmma with the operands swapped: S^T = K Q^T (m64 = the page's 64
 //    keys, n16 = the query rows) and O^T += V^T P^T (m64 = 64 latent features, eight blocks), so
 //    the 16 rows are no wgmma padding and each page costs 68 wgmma instructions. Online softmax

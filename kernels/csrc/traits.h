@@ -78,7 +78,7 @@ struct Fp8Traits {
 // every page, each of their 8 warps loads 8 rows of latent bytes from global memory into registers
 // (two pages ahead), dequantizes them and stores the bf16 rows into the page's buffer in the wgmma
 // block layout; pages alternate between two buffers. The RoPE columns are bf16 already: cp.async
-// copies them two pages ahead into a ring of three tiles, where S^T reads them.
+// copies them two pages ahead into a ring of four tiles, where S^T reads them.
 struct Fp8WsTraits {
   static constexpr int kBlockM = 16;
   static constexpr int kWarpgroupThreads = 128;
