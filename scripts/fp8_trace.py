@@ -21,9 +21,9 @@ import argparse
 import os
 import re
 import statistics
-import tempfile
 
 import torch
+from device_printf import device_printf
 
 from kvpager import fp8
 from kvpager.benchmarks import kernel as bench
@@ -39,20 +39,12 @@ def capture(case: bench.Case) -> dict[int, list[list[int]]]:
     packed = fp8.quantize(x.pop("k_cache"))
     rows = case.s_q * case.h_q // case.h_kv
     meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv)
-    with tempfile.TemporaryFile(mode="w+") as f:
-        saved = os.dup(1)
-        os.dup2(f.fileno(), 1)
-        try:
-            for _ in range(3):  # the last call's lines are kept
-                torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()  # cold L2
-                kernels.flash_mla_with_kvcache(x["q"], packed, x["block_table"], x["cache_seqlens"], bench.DV,
-                                               meta, splits, causal=True, is_fp8_kvcache=True)
-                torch.cuda.synchronize()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        f.seek(0)
-        found = LINE.findall(f.read())
+    with device_printf() as printed:
+        for _ in range(3):  # the last call's lines are kept
+            torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()  # cold L2
+            kernels.flash_mla_with_kvcache(x["q"], packed, x["block_table"], x["cache_seqlens"], bench.DV,
+                                           meta, splits, causal=True, is_fp8_kvcache=True)
+        found = LINE.findall(printed())
     roles: dict[int, list[list[int]]] = {0: [], 1: [], 2: []}
     for role, page, *events in found[-3 * 48:]:
         roles[int(role)].append([int(e) for e in events])

@@ -67,28 +67,19 @@ EVENTS = ["start", "segment", "Q landed", "first S", "pair", "loop end", "epilog
 def trace(case: bench.Case) -> None:
     """With a -DKVPAGER_TRACE build, the seesaw kernel prints one CTA's timeline (clock64 per
     event); this captures the third call's lines and prints them compactly (pairs as deltas)."""
-    import os
     import re
-    import tempfile
+
+    from device_printf import device_printf
 
     x = bench.make_inputs(case, torch.bfloat16, 0)
     meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], case.s_q * case.h_q // case.h_kv, case.h_kv)
     mhz = torch.cuda.get_device_properties(0).clock_rate / 1e3 if hasattr(torch.cuda.get_device_properties(0), "clock_rate") else 1980.0
-    with tempfile.TemporaryFile(mode="w+") as f:
-        saved = os.dup(1)
-        os.dup2(f.fileno(), 1)
-        try:
-            for _ in range(3):
-                flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()  # cold L2
-                kernels.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"],
-                                               bench.DV, meta, splits)
-                torch.cuda.synchronize()
-                del flush
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        f.seek(0)
-        lines = [m.groups() for m in re.finditer(r"TRACE part (\d+) wg (\d+) #(\d+) event (\d+) cycle (\d+)", f.read())]
+    with device_printf() as printed:
+        for _ in range(3):
+            torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()  # cold L2
+            kernels.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"],
+                                           bench.DV, meta, splits)
+        lines = [m.groups() for m in re.finditer(r"TRACE part (\d+) wg (\d+) #(\d+) event (\d+) cycle (\d+)", printed())]
     per_wg: dict[int, list[tuple[int, int]]] = {}
     for part, wg, idx, ev, cyc in lines:
         if int(idx) == 0:

@@ -305,26 +305,18 @@ def test_fused_fp8_kernel_refuses_what_it_does_not_cover() -> None:
 
 
 @fused
-def test_fp8_decode_switch_with_a_bad_value_is_a_typed_error(monkeypatch) -> None:
-    """KVPAGER_FP8_DECODE is read on every call; a value other than ws / split is refused, naming it."""
+@pytest.mark.parametrize("name, value, message", [
+    ("KVPAGER_FP8_DECODE", "fast", "KVPAGER_FP8_DECODE must be ws or split"),
+    ("KVPAGER_FP8_PREFETCH", "far", "KVPAGER_FP8_PREFETCH must be 0-8"),  # the ws kernel's L2 prefetch, pages
+])
+def test_fp8_switch_with_a_bad_value_is_a_typed_error(monkeypatch, name, value, message) -> None:
+    """The FP8 run-time switches are read on every call; a value they do not know is refused, naming
+    the variable and its choices."""
     c = dict(h_q=16, s_q=1, varlen=False, causal=False, padded=False)
     q, k_cache, block_table, lens = make_batch(c, b=2, s_k=100)
     meta, splits = get_mla_metadata(lens, 16, 1)
-    monkeypatch.setenv("KVPAGER_FP8_DECODE", "fast")
-    with pytest.raises(InvalidArgument, match="KVPAGER_FP8_DECODE must be ws or split"):
-        kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
-    torch.cuda.synchronize()
-
-
-@fused
-def test_fp8_prefetch_switch_with_a_bad_value_is_a_typed_error(monkeypatch) -> None:
-    """KVPAGER_FP8_PREFETCH (the ws kernel's L2 prefetch distance, pages) takes 0-8; anything else is
-    refused, naming the variable."""
-    c = dict(h_q=16, s_q=1, varlen=False, causal=False, padded=False)
-    q, k_cache, block_table, lens = make_batch(c, b=2, s_k=100)
-    meta, splits = get_mla_metadata(lens, 16, 1)
-    monkeypatch.setenv("KVPAGER_FP8_PREFETCH", "far")
-    with pytest.raises(InvalidArgument, match="KVPAGER_FP8_PREFETCH must be 0-8"):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidArgument, match=message):
         kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
     torch.cuda.synchronize()
 
