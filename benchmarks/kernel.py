@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_const", dest="case_set", const="quick",
                         help="same as --set quick: s_k=8192, h_q in {16,128} and the small cases")
     parser.add_argument("--kernels", default="seesaw",
-                        help="64-row kernels to time, comma-separated: seesaw, lockstep (default: %(default)s)")
+                        help="64-row kernels to time, comma-separated: seesaw, seesaw-oN (hand-off order N: "
+                             "KVPAGER_SEESAW_ORDER), lockstep (default: %(default)s)")
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
     parser.add_argument("--prefetch", default="0",
                         help="seesaw L2 prefetch distances in pairs, e.g. 0,1,2 (default: %(default)s)")
@@ -195,7 +196,7 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 
 
 ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "prefetch": "KVPAGER_L2_PREFETCH",
-       "hint": "KVPAGER_TMA_HINT"}
+       "hint": "KVPAGER_TMA_HINT", "order": "KVPAGER_SEESAW_ORDER"}
 
 
 @contextlib.contextmanager
@@ -203,6 +204,11 @@ def kernel_env(variant: dict):
     """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
     saved = {v: os.environ.get(v) for v in ENV.values()}
     os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
+    order = variant["kernel"].partition("-o")[2]  # seesaw-o8: the seesaw kernel with hand-off order 8
+    if order:
+        os.environ[ENV["order"]] = order
+    else:
+        os.environ.pop(ENV["order"], None)
     os.environ[ENV["pdl"]] = "1" if variant["pdl"] else "0"
     os.environ[ENV["prefetch"]] = str(variant["prefetch"])
     os.environ[ENV["hint"]] = variant["hint"]
@@ -223,7 +229,7 @@ def variants(case: Case, kernels_: list[str], pdls: list[bool], prefetches: list
         return [dict(kernel="mma.sync", pdl=pdl, prefetch=prefetches[0], hint=hints[0]) for pdl in pdls]
     out = []
     for kernel in kernels_:
-        seesaw = kernel == "seesaw"
+        seesaw = kernel.startswith("seesaw")
         for hint in hints if seesaw else hints[:1]:
             for prefetch in prefetches if seesaw else prefetches[:1]:
                 out += [dict(kernel=kernel, pdl=pdl, prefetch=prefetch, hint=hint) for pdl in pdls]

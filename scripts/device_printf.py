@@ -1,5 +1,5 @@
 """Capture what CUDA kernels print (device printf goes to the process's file descriptor 1, below
-Python's sys.stdout): the trace builds' timelines (scripts/latency_probe.py --trace,
+Python's sys.stdout): the trace builds' timelines (scripts/seesaw_trace.py,
 scripts/fp8_trace.py)."""
 from __future__ import annotations
 

@@ -78,6 +78,12 @@ kvpager::DecodeOptions options_from_env() {
   const std::string name = kernel ? kernel : "seesaw";
   KVP_CHECK(name == "seesaw" || name == "lockstep", "KVPAGER_MLA_KERNEL must be seesaw or lockstep, got ", name);
   options.seesaw = name == "seesaw";
+  const char* order = std::getenv("KVPAGER_SEESAW_ORDER");
+  if (order != nullptr) {
+    const std::string v = order;
+    KVP_CHECK(v == "8" || v == "9" || v == "10", "KVPAGER_SEESAW_ORDER must be 8, 9 or 10, got ", v);
+    options.seesaw_order = std::stoi(v);
+  }
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");
   const char* prefetch = std::getenv("KVPAGER_L2_PREFETCH");

@@ -58,10 +58,22 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
-  auto* kernel = mla_decode_seesaw_kernel<Elem>;
-  KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  // One attribute call site per instantiation (the macro keeps a static).
+  auto* kernel = mla_decode_seesaw_kernel<Elem, 10>;
+  if (options.seesaw_order == 8) {
+    kernel = mla_decode_seesaw_kernel<Elem, 8>;
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  } else if (options.seesaw_order == 9) {
+    kernel = mla_decode_seesaw_kernel<Elem, 9>;
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  } else {
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  }
   kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
       p, page_map);
+#ifdef KVPAGER_TRACE
+  seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
+#endif
   return cudaGetLastError();
 }
 

@@ -41,19 +41,39 @@ namespace kvpager {
 namespace seesaw {
 
 // Timeline of one CTA (build with -DKVPAGER_TRACE, e.g. KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE): each
-// warpgroup's issuer records clock64() at named points; the CTA prints them when it is done.
+// warpgroup's issuer records clock64() at named points of every pair; seesaw_trace_dump (a kernel of
+// its own, launched after the decode: a printf in this kernel makes ptxas serialize its wgmmas)
+// prints them for scripts/seesaw_trace.py.
+enum TraceEvent {
+  kEvStart, kEvSegment, kEvQ, kEvFirstS, kEvPair, kEvLoopEnd, kEvEpilogue, kEvEnd,
+  kEvMax,          // page maxima of S computed
+  kEvScaleIn,      // the other warpgroup's scale read (WG0: scale1, WG1: scale0)
+  kEvP,            // P exponentiated and packed (WG1: also stored for WG0)
+  kEvPvIssued,     // own P V issued
+  kEvPvDone,       // own P V complete
+  kEvPStored,      // WG0: P0' stored and handed off
+  kEvPIn,          // the other's P ready
+  kEvRemoteIssued, // P_other V issued
+  kEvSEarly,       // WG0: next S0's first five tiles issued (their TMA waits included)
+  kEvRemoteDone,   // P_other V complete
+  kEvSIssued,      // next S fully issued (TMA waits included)
+};
 #ifdef KVPAGER_TRACE
-__device__ unsigned long long g_trace[2][96];
+constexpr int kTraceMax = 1024;
+static __device__ unsigned long long g_trace[2][kTraceMax];  // static: one per translation unit
+static __device__ int g_trace_n[2];
 #define SEESAW_TRACE(c, event)                                                                     \
   do {                                                                                             \
-    if ((c).trace && (c).trace_n < 96) g_trace[(c).wg][(c).trace_n++] = (uint64_t(event) << 48) | (clock64() & 0xffffffffffffull); \
+    if ((c).trace && (c).trace_n < kTraceMax) {                                                    \
+      g_trace[(c).wg][(c).trace_n++] = (uint64_t(event) << 48) | (clock64() & 0xffffffffffffull);  \
+      g_trace_n[(c).wg] = (c).trace_n;                                                             \
+    }                                                                                              \
   } while (0)
 #else
 #define SEESAW_TRACE(c, event) \
   do {                         \
   } while (0)
 #endif
-enum TraceEvent { kEvStart, kEvSegment, kEvQ, kEvFirstS, kEvPair, kEvLoopEnd, kEvEpilogue, kEvEnd };
 
 using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
@@ -267,7 +287,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
 // j1 + 2 exist (the next pair's). Steady state <1,1,1>; tails <1,1,0>, <1,0,0>, <0,0,0>.
 
 // WG0. On entry s holds S0 = Q K_j0^T (raw scores); on exit, S0 of the next pair if there is one.
-template <typename Elem, bool kHas1, bool kNext0, bool kNext1>
+template <typename Elem, int kOrder, bool kHas1, bool kNext0, bool kNext1>
 __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
                                          OnlineSoftmax& sm) {
   static_assert(kHas1 || !kNext0, "a next pair needs this one complete");
@@ -284,6 +304,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   float page_max[2], alpha[2], base[2];
   OnlineSoftmax::to_log2(s, c.p.scale_log2, (j0 + 1) * kPageSize > c.min_limit, j0 * kPageSize, c.t, c.limit,
                          page_max);
+  SEESAW_TRACE(c, kEvMax);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_max[i] = c.s.row_max[c.rows[i]];
   sm.advance(page_max, alpha, base);
@@ -301,45 +322,79 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   uint32_t pb[T::kScoreRegs / 2];
   const float one[2] = {1.f, 1.f};
   pack_fragment<Elem>(s, pb, one);
+  SEESAW_TRACE(c, kEvP);
 
   // O_L += P0 V0L.
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_local<Elem>(c, 0, pb, o);
-  cute::warpgroup_wait<0>();
-  fence_accumulators(o);
-
-  // WG1's scale1 (also: every WG0 warp is done with buffer 0's tiles 0-3 and 8) -> reload them.
-  NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
-  if constexpr (kNext0) {
-    if (c.issuer()) {
-      c.load(0, id0, 0, T::kVTilesPerWg);
-      c.load(0, id0, T::kRopeTile, kColBlocks);
-    }
-  }
+  SEESAW_TRACE(c, kEvPvIssued);
   float sc1[2];
+  if constexpr (kOrder >= 9) {
+    // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
+    // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
+    SEESAW_TRACE(c, kEvScaleIn);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
-  pack_fragment<Elem>(s, pb, sc1);
-  store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, pb);
-  fence_async_proxy();
-  handoff(T::kP0Ready);
+    for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
+    uint32_t p0[T::kScoreRegs / 2];
+    pack_fragment<Elem>(s, p0, sc1);
+    store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, p0);
+    fence_async_proxy();
+    handoff(T::kP0Ready);
+    cute::warpgroup_wait<0>();
+    fence_accumulators(o);
+    SEESAW_TRACE(c, kEvPvDone);
+    // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
+    if constexpr (kNext0) {
+      c.warpgroup_sync();
+      if (c.issuer()) {
+        c.load(0, id0, 0, T::kVTilesPerWg);
+        c.load(0, id0, T::kRopeTile, kColBlocks);
+      }
+    }
+  } else {
+    cute::warpgroup_wait<0>();
+    fence_accumulators(o);
+    SEESAW_TRACE(c, kEvPvDone);
+
+    // WG1's scale1 (also: every WG0 warp is done with buffer 0's tiles 0-3 and 8) -> reload them.
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
+    SEESAW_TRACE(c, kEvScaleIn);
+    if constexpr (kNext0) {
+      if (c.issuer()) {
+        c.load(0, id0, 0, T::kVTilesPerWg);
+        c.load(0, id0, T::kRopeTile, kColBlocks);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
+    pack_fragment<Elem>(s, pb, sc1);
+    store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, pb);
+    fence_async_proxy();
+    handoff(T::kP0Ready);
+  }
   OnlineSoftmax::rescale(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
+  SEESAW_TRACE(c, kEvPStored);
 
   if constexpr (kHas1) {
     // O_L += P1 V1L (P1 in buffer 1's rope tile).
     NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
+    SEESAW_TRACE(c, kEvPIn);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
+    SEESAW_TRACE(c, kEvRemoteIssued);
     // Next S0, first part, behind it; then buffer 1's tiles 0-3, 8 are free once O_L += P1 V1L is.
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
+      SEESAW_TRACE(c, kEvSEarly);
       cute::warpgroup_wait<1>();
     } else {
       cute::warpgroup_wait<0>();
     }
     fence_accumulators(o);
+    SEESAW_TRACE(c, kEvRemoteDone);
     if constexpr (kNext1) {
       c.warpgroup_sync();
       if (c.issuer()) {
@@ -349,6 +404,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
     if constexpr (kNext0) {
       issue_s0_late<Elem>(c, s);
+      SEESAW_TRACE(c, kEvSIssued);
       cute::warpgroup_wait<0>();
       fence_accumulators(s);
       c.phase ^= 1;
@@ -358,7 +414,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 }
 
 // WG1. On entry s holds S1 = Q K_j1^T if page j1 exists; on exit, S1 of the next pair if any.
-template <typename Elem, bool kHas1, bool kNext0, bool kNext1>
+template <typename Elem, int kOrder, bool kHas1, bool kNext0, bool kNext1>
 __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
                                          OnlineSoftmax& sm) {
   const int j1 = j0 + 1;
@@ -369,9 +425,11 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   if constexpr (kHas1)
     OnlineSoftmax::to_log2(s, c.p.scale_log2, (j1 + 1) * kPageSize > c.min_limit, j1 * kPageSize, c.t, c.limit,
                            page_max);
+  SEESAW_TRACE(c, kEvMax);
 
   // The pair's max after WG0's page, then after ours; WG0 picks up scale1.
   NamedBarrier::arrive_and_wait(T::kThreads, T::kScale0Ready);
+  SEESAW_TRACE(c, kEvScaleIn);
   float sc0[2], alpha[2], base[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -391,42 +449,92 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
   OnlineSoftmax::rescale(o, scale_o);
 
-  if constexpr (kHas1) {
-    // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
-    sm.exponentiate(s, base, scale_o);
-    uint32_t pb[T::kScoreRegs / 2];
-    const float one[2] = {1.f, 1.f};
-    pack_fragment<Elem>(s, pb, one);
-    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
-    fence_async_proxy();
-    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-    pv_local<Elem>(c, 1, pb, o);
-  } else {
+  if constexpr (kOrder >= 10) {
+    // O_R += P0' V0R first (WG0 stores P0' as soon as it has scale1), so that buffer 0's tiles 4-7
+    // are released early; P1 is exponentiated while it runs, then O_R += P1 V1R.
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+    SEESAW_TRACE(c, kEvPIn);
+    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+    SEESAW_TRACE(c, kEvRemoteIssued);
+    if constexpr (kHas1) {
+      sm.exponentiate(s, base, scale_o);
+      uint32_t pb[T::kScoreRegs / 2];
+      const float one[2] = {1.f, 1.f};
+      pack_fragment<Elem>(s, pb, one);
+      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+      fence_async_proxy();
+      handoff(T::kP1Ready);
+      SEESAW_TRACE(c, kEvP);
+      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+      pv_local<Elem>(c, 1, pb, o);
+      SEESAW_TRACE(c, kEvPvIssued);
+      cute::warpgroup_wait<1>();
+    } else {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
-  }
-
-  // O_R += P0' V0R.
-  NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-  if constexpr (kHas1) handoff(T::kP1Ready);
-
-  // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
-  if constexpr (kNext1) {
-    cute::warpgroup_wait<1>();
+      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+      cute::warpgroup_wait<0>();
+    }
     fence_accumulators(o);
-    c.warpgroup_sync();
-    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
-  }
-  cute::warpgroup_wait<0>();
-  fence_accumulators(o);
-  if constexpr (kNext0) {
-    c.warpgroup_sync();
-    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+    SEESAW_TRACE(c, kEvRemoteDone);
+    if constexpr (kNext0) {  // buffer 0's tiles 4-7 are read
+      c.warpgroup_sync();
+      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+    }
+    if constexpr (kHas1) {
+      cute::warpgroup_wait<0>();
+      fence_accumulators(o);
+      SEESAW_TRACE(c, kEvPvDone);
+      if constexpr (kNext1) {  // buffer 1's tiles 4-7 are read
+        c.warpgroup_sync();
+        if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+      }
+    }
+  } else {
+    if constexpr (kHas1) {
+      // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
+      sm.exponentiate(s, base, scale_o);
+      uint32_t pb[T::kScoreRegs / 2];
+      const float one[2] = {1.f, 1.f};
+      pack_fragment<Elem>(s, pb, one);
+      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+      fence_async_proxy();
+      SEESAW_TRACE(c, kEvP);
+      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+      pv_local<Elem>(c, 1, pb, o);
+      SEESAW_TRACE(c, kEvPvIssued);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+    }
+
+    // O_R += P0' V0R.
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+    SEESAW_TRACE(c, kEvPIn);
+    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+    if constexpr (kHas1) handoff(T::kP1Ready);
+    SEESAW_TRACE(c, kEvRemoteIssued);
+
+    // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
+    if constexpr (kNext1) {
+      cute::warpgroup_wait<1>();
+      fence_accumulators(o);
+      SEESAW_TRACE(c, kEvPvDone);
+      c.warpgroup_sync();
+      if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+    }
+    cute::warpgroup_wait<0>();
+    fence_accumulators(o);
+    SEESAW_TRACE(c, kEvRemoteDone);
+    if constexpr (kNext0) {
+      c.warpgroup_sync();
+      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+    }
   }
   if constexpr (kNext1) {
     issue_s1<Elem>(c, s);
+    SEESAW_TRACE(c, kEvSIssued);
     cute::warpgroup_wait<0>();
     fence_accumulators(s);
     c.phase ^= 1;
@@ -435,15 +543,15 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 }
 
 // All pairs of the segment [ps, pe) for warpgroup WG: the steady state, then the tail shape.
-template <typename Elem, int WG>
+template <typename Elem, int kOrder, int WG>
 __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
                                           OnlineSoftmax& sm) {
   const int pe = c.seg.end_page;
   auto pair = [&](auto has1, auto next0, auto next1, int j0) {
     if constexpr (WG == 0)
-      wg0_pair<Elem, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
+      wg0_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
     else
-      wg1_pair<Elem, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
+      wg1_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
   };
   using Y = std::true_type;
   using N = std::false_type;
@@ -462,7 +570,7 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
 
 }  // namespace seesaw
 
-template <typename Elem>
+template <typename Elem, int kOrder>
 __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap page_map) {
   using namespace seesaw;
@@ -535,7 +643,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
         c.phase ^= 1;
       }
       SEESAW_TRACE(c, kEvFirstS);
-      run_pairs<Elem, 0>(c, s, o, sm);
+      run_pairs<Elem, kOrder, 0>(c, s, o, sm);
     } else {
       if (ps + 1 < pe) {
         issue_s1<Elem>(c, s);
@@ -544,7 +652,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
         c.phase ^= 1;
       }
       SEESAW_TRACE(c, kEvFirstS);
-      run_pairs<Elem, 1>(c, s, o, sm);
+      run_pairs<Elem, kOrder, 1>(c, s, o, sm);
     }
 
     SEESAW_TRACE(c, kEvLoopEnd);
@@ -558,14 +666,16 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
   }
-#ifdef KVPAGER_TRACE
-  if (c.trace) {
-    const uint64_t t0 = g_trace[c.wg][0] & 0xffffffffffffull;
-    for (int i = 0; i < c.trace_n; ++i)
-      printf("TRACE part %d wg %d #%d event %d cycle %llu\n", part, c.wg, i, int(g_trace[c.wg][i] >> 48),
-             (unsigned long long)((g_trace[c.wg][i] & 0xffffffffffffull) - t0));
-  }
-#endif
 }
+
+#ifdef KVPAGER_TRACE
+// Prints the traced CTA's timeline (scripts/seesaw_trace.py reads it).
+static __global__ void seesaw_trace_dump() {
+  for (int wg = 0; wg < 2; ++wg)
+    for (int i = 0; i < seesaw::g_trace_n[wg]; ++i)
+      printf("SEESAW wg %d #%d event %d cycle %llu\n", wg, i, int(seesaw::g_trace[wg][i] >> 48),
+             (unsigned long long)(seesaw::g_trace[wg][i] & 0xffffffffffffull));
+}
+#endif
 
 }  // namespace kvpager

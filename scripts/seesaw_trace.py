@@ -1,0 +1,116 @@
+"""One CTA's timeline of the seesaw kernel, per pair of pages: when each warpgroup reaches each
+hand-off, relative to the end of WG0's previous pair. Needs a build with
+KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE (the kernel records clock64() at named points; a small kernel
+prints them afterwards, because a printf in the decode kernel serializes its wgmmas).
+
+    python scripts/seesaw_trace.py [--case b,s_q,h_q,s_k ...] [--orders 8,10]
+
+For each case: the steady-state pairs of the traced CTA's first segment (pairs 3..40), the median
+cycle of every event after the pair's origin, with its spread (10th..90th percentile), per
+warpgroup, in the order the events happen; then the pair period. Events (decode_seesaw_kernel.cuh):
+  max        page maxima of S            scale-in     the other warpgroup's scale read
+  P          P exponentiated and packed  pv-issued    own P V issued     pv-done   own P V complete
+  P-stored   WG0: P0' stored             P-in         the other's P ready
+  remote-iss P_other V issued            S-early      WG0: next S0's first five tiles issued
+  remote-done P_other V complete         S-issued     next S fully issued   pair  next S complete
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+
+import torch
+from device_printf import device_printf
+
+from kvpager import kernels
+from kvpager.benchmarks import kernel as bench
+
+NAMES = ["start", "segment", "Q", "first-S", "pair", "loop-end", "epilogue", "end", "max", "scale-in", "P",
+         "pv-issued", "pv-done", "P-stored", "P-in", "remote-iss", "S-early", "remote-done", "S-issued"]
+PAIR = NAMES.index("pair")
+LINE = re.compile(r"SEESAW wg (\d) #(\d+) event (\d+) cycle (\d+)")
+DEFAULT_CASES = ["128,2,128,8192", "128,1,128,8192", "64,1,128,1024"]
+
+
+def capture(case: bench.Case) -> dict[int, list[tuple[int, int]]]:
+    x = bench.make_inputs(case, torch.bfloat16, 0)
+    meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], case.s_q * case.h_q // case.h_kv, case.h_kv)
+    with device_printf() as printed:
+        for _ in range(3):  # the last call's lines are the ones kept
+            torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()  # cold L2
+            kernels.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], bench.DV,
+                                           meta, splits, causal=True)
+        text = printed()
+    events: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+    for wg, idx, ev, cyc in LINE.findall(text):
+        if int(idx) == 0:
+            events[int(wg)] = []
+        events[int(wg)].append((int(ev), int(cyc)))
+    return events
+
+
+def first_segment_pairs(evs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """The events of each pair of the first segment (a pair ends at its `pair` event)."""
+    pairs, cur, started = [], [], False
+    for ev, cyc in evs:
+        if NAMES[ev] == "first-S":
+            started = True
+            continue
+        if not started:
+            continue
+        if NAMES[ev] == "loop-end":
+            break
+        cur.append((ev, cyc))
+        if ev == PAIR:
+            pairs.append(cur)
+            cur = []
+    return pairs
+
+
+def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: int = 3, last: int = 40) -> None:
+    pairs = {wg: first_segment_pairs(events[wg]) for wg in (0, 1)}
+    n = min(len(pairs[0]), len(pairs[1]), last)
+    print(f"b={case.b} s_q={case.s_q} h_q={case.h_q} s_k={case.s_k}: {len(pairs[0])} pairs in the traced "
+          f"segment; steady pairs {first}..{n - 1}; cycles after the end of WG0's previous pair")
+    if n - first < 3:
+        print("  (too few pairs)")
+        return
+    periods = [pairs[0][k][-1][1] - pairs[0][k - 1][-1][1] for k in range(first, n)]
+    for wg in (0, 1):
+        offsets: dict[int, list[int]] = {}
+        for k in range(first, n):
+            origin = pairs[0][k - 1][-1][1]
+            for ev, cyc in pairs[wg][k]:
+                offsets.setdefault(ev, []).append(cyc - origin)
+        order = sorted(offsets, key=lambda e: statistics.median(offsets[e]))
+        cells = []
+        for ev in order:
+            v = sorted(offsets[ev])
+            cells.append(f"{NAMES[ev]} {statistics.median(v):.0f} ({v[len(v) // 10]}..{v[(9 * len(v)) // 10]})")
+        print(f"  wg{wg}: " + " | ".join(cells))
+    print(f"  period median {statistics.median(periods):.0f} cycles (min {min(periods)}, max {max(periods)})")
+    seg = {wg: {NAMES[e]: c for e, c in events[wg][:8] if NAMES[e] in ("start", "segment", "Q", "first-S")}
+           for wg in (0, 1)}
+    print(f"  segment start: {seg}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
+    ap.add_argument("--orders", default="", help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 8,10")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name())
+    for spec in args.case or DEFAULT_CASES:
+        b, s_q, h_q, s_k = (int(v) for v in spec.split(","))
+        case = bench.Case(b, s_q, h_q, s_k, False)
+        for order in args.orders.split(",") if args.orders else [""]:
+            if order:
+                os.environ["KVPAGER_SEESAW_ORDER"] = order
+                print(f"hand-off order {order}:")
+            report(case, capture(case))
+
+
+if __name__ == "__main__":
+    main()
