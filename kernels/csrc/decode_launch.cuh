@@ -59,7 +59,7 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
   // One attribute call site per instantiation (the macro keeps a static).
-  auto* kernel = mla_decode_seesaw_kernel<Elem, 10>;
+  auto* kernel = mla_decode_seesaw_kernel<Elem, 11>;
   if (options.seesaw_order == 8) {
     kernel = mla_decode_seesaw_kernel<Elem, 8>;
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);

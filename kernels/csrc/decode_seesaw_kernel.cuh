@@ -281,6 +281,17 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   fence_async_proxy();  // the next segment's TMA loads overwrite the staging tile
 }
 
+// O (this warpgroup's half) *= its rows' factors; from order 11 on, skipped when every factor of the
+// warp is 1 (the running max did not move: the common case once a sequence's max has settled).
+template <int kOrder>
+__device__ __forceinline__ void rescale_output(float (&o)[T::kOutRegs], const float (&alpha)[2]) {
+  if constexpr (kOrder >= 11) {
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) OnlineSoftmax::rescale(o, alpha);
+  } else {
+    OnlineSoftmax::rescale(o, alpha);
+  }
+}
+
 // ---- one pair of pages, per warpgroup --------------------------------------------------------
 // The pair's shape is a template so no branch separates a wgmma from its wait (ptxas serializes
 // every wgmma of the kernel otherwise): kHas1 = page j1 exists, kNext0 / kNext1 = pages j0 + 2 /
@@ -318,7 +329,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   }
   handoff(T::kScale0Ready);
   sm.exponentiate(s, base, alpha);
-  OnlineSoftmax::rescale(o, alpha);
+  rescale_output<kOrder>(o, alpha);
   uint32_t pb[T::kScoreRegs / 2];
   const float one[2] = {1.f, 1.f};
   pack_fragment<Elem>(s, pb, one);
@@ -373,7 +384,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     fence_async_proxy();
     handoff(T::kP0Ready);
   }
-  OnlineSoftmax::rescale(o, sc1);
+  rescale_output<kOrder>(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
   SEESAW_TRACE(c, kEvPStored);
@@ -447,90 +458,47 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   }
   handoff(T::kScale1Ready);
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
-  OnlineSoftmax::rescale(o, scale_o);
+  rescale_output<kOrder>(o, scale_o);
 
-  if constexpr (kOrder >= 10) {
-    // O_R += P0' V0R first (WG0 stores P0' as soon as it has scale1), so that buffer 0's tiles 4-7
-    // are released early; P1 is exponentiated while it runs, then O_R += P1 V1R.
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-    SEESAW_TRACE(c, kEvPIn);
-    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-    SEESAW_TRACE(c, kEvRemoteIssued);
-    if constexpr (kHas1) {
-      sm.exponentiate(s, base, scale_o);
-      uint32_t pb[T::kScoreRegs / 2];
-      const float one[2] = {1.f, 1.f};
-      pack_fragment<Elem>(s, pb, one);
-      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
-      fence_async_proxy();
-      handoff(T::kP1Ready);
-      SEESAW_TRACE(c, kEvP);
-      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-      pv_local<Elem>(c, 1, pb, o);
-      SEESAW_TRACE(c, kEvPvIssued);
-      cute::warpgroup_wait<1>();
-    } else {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
-      cute::warpgroup_wait<0>();
-    }
-    fence_accumulators(o);
-    SEESAW_TRACE(c, kEvRemoteDone);
-    if constexpr (kNext0) {  // buffer 0's tiles 4-7 are read
-      c.warpgroup_sync();
-      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
-    }
-    if constexpr (kHas1) {
-      cute::warpgroup_wait<0>();
-      fence_accumulators(o);
-      SEESAW_TRACE(c, kEvPvDone);
-      if constexpr (kNext1) {  // buffer 1's tiles 4-7 are read
-        c.warpgroup_sync();
-        if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
-      }
-    }
+  if constexpr (kHas1) {
+    // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
+    sm.exponentiate(s, base, scale_o);
+    uint32_t pb[T::kScoreRegs / 2];
+    const float one[2] = {1.f, 1.f};
+    pack_fragment<Elem>(s, pb, one);
+    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+    fence_async_proxy();
+    SEESAW_TRACE(c, kEvP);
+    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+    pv_local<Elem>(c, 1, pb, o);
+    SEESAW_TRACE(c, kEvPvIssued);
   } else {
-    if constexpr (kHas1) {
-      // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
-      sm.exponentiate(s, base, scale_o);
-      uint32_t pb[T::kScoreRegs / 2];
-      const float one[2] = {1.f, 1.f};
-      pack_fragment<Elem>(s, pb, one);
-      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
-      fence_async_proxy();
-      SEESAW_TRACE(c, kEvP);
-      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-      pv_local<Elem>(c, 1, pb, o);
-      SEESAW_TRACE(c, kEvPvIssued);
-    } else {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
-    }
+    for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+  }
 
-    // O_R += P0' V0R.
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-    SEESAW_TRACE(c, kEvPIn);
-    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-    if constexpr (kHas1) handoff(T::kP1Ready);
-    SEESAW_TRACE(c, kEvRemoteIssued);
+  // O_R += P0' V0R.
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+  SEESAW_TRACE(c, kEvPIn);
+  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+  if constexpr (kHas1) handoff(T::kP1Ready);
+  SEESAW_TRACE(c, kEvRemoteIssued);
 
-    // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
-    if constexpr (kNext1) {
-      cute::warpgroup_wait<1>();
-      fence_accumulators(o);
-      SEESAW_TRACE(c, kEvPvDone);
-      c.warpgroup_sync();
-      if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
-    }
-    cute::warpgroup_wait<0>();
+  // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
+  if constexpr (kNext1) {
+    cute::warpgroup_wait<1>();
     fence_accumulators(o);
-    SEESAW_TRACE(c, kEvRemoteDone);
-    if constexpr (kNext0) {
-      c.warpgroup_sync();
-      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
-    }
+    SEESAW_TRACE(c, kEvPvDone);
+    c.warpgroup_sync();
+    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+  }
+  cute::warpgroup_wait<0>();
+  fence_accumulators(o);
+  SEESAW_TRACE(c, kEvRemoteDone);
+  if constexpr (kNext0) {
+    c.warpgroup_sync();
+    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
   }
   if constexpr (kNext1) {
     issue_s1<Elem>(c, s);

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvpager import kernels
+from kvpager.errors import InvalidArgument
 from test_kernel import (  # tests/gpu is on sys.path: pytest's default rootdir-relative imports
     DTYPES,
     DV,
@@ -132,5 +133,40 @@ def test_bad_kernel_name_is_an_error(monkeypatch) -> None:
     monkeypatch.setenv("KVPAGER_MLA_KERNEL", "fast")
     c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
     with pytest.raises(Exception, match="KVPAGER_MLA_KERNEL"):
+        run(c)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("order", ["8", "9"])
+@pytest.mark.parametrize("c", CASES[1::6], ids=case_id)
+def test_earlier_handoff_orders_match_reference(order: str, c: dict, monkeypatch) -> None:
+    """KVPAGER_SEESAW_ORDER=8 / 9 (v8's hand-offs; P0' stored early) stay selectable for comparison;
+    the default (11) is what test_seesaw_matches_reference runs."""
+    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", order)
+    (q, k_cache, block_table, seqlens), out, lse = run(c)
+    assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
+
+
+@pytest.mark.parametrize("trend", ["rising", "falling"])
+def test_running_max_moving_every_page_or_never(trend: str) -> None:
+    """Keys scaled by their page's position: rising, most pages raise some row's running max (the O
+    rescales run); falling, the max settles on the first pages (later rescales are skipped)."""
+    torch.manual_seed(5)
+    lens = torch.tensor([40 * PAGE + 17, 23 * PAGE], dtype=torch.int32)
+    q, k_cache, block_table, seqlens = make_batch(2, 2, 128, 1, lens, torch.bfloat16)
+    for b, n in enumerate(lens.tolist()):
+        pages = -(-n // PAGE)
+        for j in range(pages):
+            factor = 0.25 + 0.05 * j if trend == "rising" else 2.25 - 0.05 * j
+            k_cache[int(block_table[b, j])] *= factor
+    meta, splits = metadata(q, k_cache, seqlens)
+    out, lse = kernels.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, DV, meta, splits)
+    assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, False), seqlens)
+
+
+def test_bad_handoff_order_is_a_typed_error(monkeypatch) -> None:
+    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "10")
+    c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
+    with pytest.raises(InvalidArgument, match="KVPAGER_SEESAW_ORDER must be 8, 9 or 11, got 10"):
         run(c)
     torch.cuda.synchronize()
