@@ -82,7 +82,8 @@ kvpager::DecodeOptions options_from_env() {
   const char* order = std::getenv("KVPAGER_SEESAW_ORDER");
   if (order != nullptr) {
     const std::string v = order;
-    KVP_CHECK(v == "8" || v == "9" || v == "11", "KVPAGER_SEESAW_ORDER must be 8, 9 or 11, got ", v);
+    KVP_CHECK(v == "8" || v == "9" || v == "11" || v == "12",
+              "KVPAGER_SEESAW_ORDER must be 8, 9, 11 or 12, got ", v);
     options.seesaw_order = std::stoi(v);
   }
   const char* pdl = std::getenv("KVPAGER_PDL");

@@ -460,45 +460,88 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
   rescale_output<kOrder>(o, scale_o);
 
-  if constexpr (kHas1) {
-    // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
-    sm.exponentiate(s, base, scale_o);
-    uint32_t pb[T::kScoreRegs / 2];
-    const float one[2] = {1.f, 1.f};
-    pack_fragment<Elem>(s, pb, one);
-    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
-    fence_async_proxy();
-    SEESAW_TRACE(c, kEvP);
-    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-    pv_local<Elem>(c, 1, pb, o);
-    SEESAW_TRACE(c, kEvPvIssued);
-  } else {
+  if constexpr (kOrder >= 12) {
+    // O_R += P0' V0R first, so that buffer 0's tiles 4-7 are released early; P1 is exponentiated
+    // while it runs, then O_R += P1 V1R.
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+    SEESAW_TRACE(c, kEvPIn);
+    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+    SEESAW_TRACE(c, kEvRemoteIssued);
+    if constexpr (kHas1) {
+      sm.exponentiate(s, base, scale_o);
+      uint32_t pb[T::kScoreRegs / 2];
+      const float one[2] = {1.f, 1.f};
+      pack_fragment<Elem>(s, pb, one);
+      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+      fence_async_proxy();
+      handoff(T::kP1Ready);
+      SEESAW_TRACE(c, kEvP);
+      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+      pv_local<Elem>(c, 1, pb, o);
+      SEESAW_TRACE(c, kEvPvIssued);
+      cute::warpgroup_wait<1>();
+    } else {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
-  }
-
-  // O_R += P0' V0R.
-  NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-  SEESAW_TRACE(c, kEvPIn);
-  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-  if constexpr (kHas1) handoff(T::kP1Ready);
-  SEESAW_TRACE(c, kEvRemoteIssued);
-
-  // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
-  if constexpr (kNext1) {
-    cute::warpgroup_wait<1>();
+      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+      cute::warpgroup_wait<0>();
+    }
     fence_accumulators(o);
-    SEESAW_TRACE(c, kEvPvDone);
-    c.warpgroup_sync();
-    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
-  }
-  cute::warpgroup_wait<0>();
-  fence_accumulators(o);
-  SEESAW_TRACE(c, kEvRemoteDone);
-  if constexpr (kNext0) {
-    c.warpgroup_sync();
-    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+    SEESAW_TRACE(c, kEvRemoteDone);
+    if constexpr (kNext0) {  // buffer 0's tiles 4-7 are read
+      c.warpgroup_sync();
+      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+    }
+    if constexpr (kHas1) {
+      cute::warpgroup_wait<0>();
+      fence_accumulators(o);
+      SEESAW_TRACE(c, kEvPvDone);
+      if constexpr (kNext1) {  // buffer 1's tiles 4-7 are read
+        c.warpgroup_sync();
+        if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+      }
+    }
+  } else {
+    if constexpr (kHas1) {
+      // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
+      sm.exponentiate(s, base, scale_o);
+      uint32_t pb[T::kScoreRegs / 2];
+      const float one[2] = {1.f, 1.f};
+      pack_fragment<Elem>(s, pb, one);
+      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+      fence_async_proxy();
+      SEESAW_TRACE(c, kEvP);
+      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+      pv_local<Elem>(c, 1, pb, o);
+      SEESAW_TRACE(c, kEvPvIssued);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+    }
+
+    // O_R += P0' V0R.
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+    SEESAW_TRACE(c, kEvPIn);
+    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+    if constexpr (kHas1) handoff(T::kP1Ready);
+    SEESAW_TRACE(c, kEvRemoteIssued);
+
+    // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
+    if constexpr (kNext1) {
+      cute::warpgroup_wait<1>();
+      fence_accumulators(o);
+      SEESAW_TRACE(c, kEvPvDone);
+      c.warpgroup_sync();
+      if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+    }
+    cute::warpgroup_wait<0>();
+    fence_accumulators(o);
+    SEESAW_TRACE(c, kEvRemoteDone);
+    if constexpr (kNext0) {
+      c.warpgroup_sync();
+      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
+    }
   }
   if constexpr (kNext1) {
     issue_s1<Elem>(c, s);

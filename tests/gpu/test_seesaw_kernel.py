@@ -137,7 +137,7 @@ def test_bad_kernel_name_is_an_error(monkeypatch) -> None:
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("order", ["8", "9"])
+@pytest.mark.parametrize("order", ["8", "9", "12"])
 @pytest.mark.parametrize("c", CASES[1::6], ids=case_id)
 def test_earlier_handoff_orders_match_reference(order: str, c: dict, monkeypatch) -> None:
     """KVPAGER_SEESAW_ORDER=8 / 9 (v8's hand-offs; P0' stored early) stay selectable for comparison;
@@ -167,6 +167,6 @@ def test_running_max_moving_every_page_or_never(trend: str) -> None:
 def test_bad_handoff_order_is_a_typed_error(monkeypatch) -> None:
     monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "10")
     c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
-    with pytest.raises(InvalidArgument, match="KVPAGER_SEESAW_ORDER must be 8, 9 or 11, got 10"):
+    with pytest.raises(InvalidArgument, match="KVPAGER_SEESAW_ORDER must be 8, 9, 11 or 12, got 10"):
         run(c)
     torch.cuda.synchronize()
