@@ -63,12 +63,6 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   if (options.seesaw_order == 8) {
     kernel = mla_decode_seesaw_kernel<Elem, 8>;
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else if (options.seesaw_order == 12) {
-    kernel = mla_decode_seesaw_kernel<Elem, 12>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else if (options.seesaw_order == 9) {
-    kernel = mla_decode_seesaw_kernel<Elem, 9>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   } else {
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   }

@@ -16,6 +16,11 @@
 //   buffer 0: tiles 0-3 and 8 by WG0 after O_L += P0 V0L, tiles 4-7 by WG1 after O_R += P0' V0R;
 //   buffer 1: tiles 4-7 by WG1 after O_R += P1 V1R, tiles 0-3 and 8 by WG0 after O_L += P1 V1L.
 // So WG0's next S0 starts on tiles 0-3, 8 and ends on 4-7; WG1's next S1 starts on 4-7.
+//
+// Hand-off order (template kOrder, KVPAGER_SEESAW_ORDER): 11, the default since s12, has WG0 store
+// P0' as soon as sc1 arrives, while its own O_L += P0 V0L runs, and skips every O rescale whose
+// factors are all 1 in a warp; 8 is v8's (P0' after WG0's P V completes, every rescale done), kept
+// so the two can be compared in one process. docs/kernel-perf.md, s12, has the timeline behind it.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -281,11 +286,11 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   fence_async_proxy();  // the next segment's TMA loads overwrite the staging tile
 }
 
-// O (this warpgroup's half) *= its rows' factors; from order 11 on, skipped when every factor of the
+// O (this warpgroup's half) *= its rows' factors; in order 11, skipped when every factor of the
 // warp is 1 (the running max did not move: the common case once a sequence's max has settled).
 template <int kOrder>
 __device__ __forceinline__ void rescale_output(float (&o)[T::kOutRegs], const float (&alpha)[2]) {
-  if constexpr (kOrder >= 11) {
+  if constexpr (kOrder != 8) {
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) OnlineSoftmax::rescale(o, alpha);
   } else {
     OnlineSoftmax::rescale(o, alpha);
@@ -340,7 +345,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   pv_local<Elem>(c, 0, pb, o);
   SEESAW_TRACE(c, kEvPvIssued);
   float sc1[2];
-  if constexpr (kOrder >= 9) {
+  if constexpr (kOrder != 8) {  // order 11 (s12)
     // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
     // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
     NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
@@ -460,88 +465,45 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
   rescale_output<kOrder>(o, scale_o);
 
-  if constexpr (kOrder >= 12) {
-    // O_R += P0' V0R first, so that buffer 0's tiles 4-7 are released early; P1 is exponentiated
-    // while it runs, then O_R += P1 V1R.
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-    SEESAW_TRACE(c, kEvPIn);
-    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-    SEESAW_TRACE(c, kEvRemoteIssued);
-    if constexpr (kHas1) {
-      sm.exponentiate(s, base, scale_o);
-      uint32_t pb[T::kScoreRegs / 2];
-      const float one[2] = {1.f, 1.f};
-      pack_fragment<Elem>(s, pb, one);
-      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
-      fence_async_proxy();
-      handoff(T::kP1Ready);
-      SEESAW_TRACE(c, kEvP);
-      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-      pv_local<Elem>(c, 1, pb, o);
-      SEESAW_TRACE(c, kEvPvIssued);
-      cute::warpgroup_wait<1>();
-    } else {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
-      cute::warpgroup_wait<0>();
-    }
-    fence_accumulators(o);
-    SEESAW_TRACE(c, kEvRemoteDone);
-    if constexpr (kNext0) {  // buffer 0's tiles 4-7 are read
-      c.warpgroup_sync();
-      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
-    }
-    if constexpr (kHas1) {
-      cute::warpgroup_wait<0>();
-      fence_accumulators(o);
-      SEESAW_TRACE(c, kEvPvDone);
-      if constexpr (kNext1) {  // buffer 1's tiles 4-7 are read
-        c.warpgroup_sync();
-        if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
-      }
-    }
+  if constexpr (kHas1) {
+    // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
+    sm.exponentiate(s, base, scale_o);
+    uint32_t pb[T::kScoreRegs / 2];
+    const float one[2] = {1.f, 1.f};
+    pack_fragment<Elem>(s, pb, one);
+    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+    fence_async_proxy();
+    SEESAW_TRACE(c, kEvP);
+    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+    pv_local<Elem>(c, 1, pb, o);
+    SEESAW_TRACE(c, kEvPvIssued);
   } else {
-    if constexpr (kHas1) {
-      // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
-      sm.exponentiate(s, base, scale_o);
-      uint32_t pb[T::kScoreRegs / 2];
-      const float one[2] = {1.f, 1.f};
-      pack_fragment<Elem>(s, pb, one);
-      store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
-      fence_async_proxy();
-      SEESAW_TRACE(c, kEvP);
-      if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-      pv_local<Elem>(c, 1, pb, o);
-      SEESAW_TRACE(c, kEvPvIssued);
-    } else {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
-    }
+    for (int i = 0; i < 2; ++i) sm.row_sum[i] *= scale_o[i];
+  }
 
-    // O_R += P0' V0R.
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-    SEESAW_TRACE(c, kEvPIn);
-    if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-    pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-    if constexpr (kHas1) handoff(T::kP1Ready);
-    SEESAW_TRACE(c, kEvRemoteIssued);
+  // O_R += P0' V0R.
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
+  SEESAW_TRACE(c, kEvPIn);
+  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
+  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
+  if constexpr (kHas1) handoff(T::kP1Ready);
+  SEESAW_TRACE(c, kEvRemoteIssued);
 
-    // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
-    if constexpr (kNext1) {
-      cute::warpgroup_wait<1>();
-      fence_accumulators(o);
-      SEESAW_TRACE(c, kEvPvDone);
-      c.warpgroup_sync();
-      if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
-    }
-    cute::warpgroup_wait<0>();
+  // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
+  if constexpr (kNext1) {
+    cute::warpgroup_wait<1>();
     fence_accumulators(o);
-    SEESAW_TRACE(c, kEvRemoteDone);
-    if constexpr (kNext0) {
-      c.warpgroup_sync();
-      if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
-    }
+    SEESAW_TRACE(c, kEvPvDone);
+    c.warpgroup_sync();
+    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+  }
+  cute::warpgroup_wait<0>();
+  fence_accumulators(o);
+  SEESAW_TRACE(c, kEvRemoteDone);
+  if constexpr (kNext0) {
+    c.warpgroup_sync();
+    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
   }
   if constexpr (kNext1) {
     issue_s1<Elem>(c, s);

@@ -10,9 +10,8 @@ namespace kvpager {
 struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
-  // seesaw hand-off order (experiment): 8 = v8; 9 = WG0 stores P0' while its O_L += P0 V0L runs;
-  // 11 = 9, and each O rescale is skipped where a warp's factors are all 1; 12 = 11, and WG1 issues
-  // O_R += P0' V0R before exponentiating S1 (10, that on top of 9, measured no faster and removed).
+  // seesaw hand-off order: 11 (s12: WG0 stores P0' while its own P V runs; O rescales skipped where
+  // a warp's factors are all 1) or 8 (v8's, kept for comparison). docs/kernel-perf.md, s12.
   int seesaw_order = 11;
   int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
