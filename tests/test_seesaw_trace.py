@@ -1,0 +1,65 @@
+"""scripts/seesaw_trace.py's parsing of the seesaw kernel's timeline (the device part needs a GPU and a
+-DKVPAGER_TRACE build; the arithmetic on the printed events does not)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def trace():
+    sys.path.insert(0, str(SCRIPTS))  # the script imports its sibling device_printf
+    try:
+        spec = importlib.util.spec_from_file_location("seesaw_trace", SCRIPTS / "seesaw_trace.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+def synthetic(trace, pairs: int, period: int, wg1_shift: int) -> dict[int, list[tuple[int, int]]]:
+    """Two warpgroups' events: a segment start, then `pairs` pairs of `period` cycles, each with a
+    `max` event 100 cycles in; then the loop end and a second segment that must be ignored."""
+    ev = {name: i for i, name in enumerate(trace.NAMES)}
+    out = {}
+    for wg in (0, 1):
+        shift = wg * wg1_shift
+        e = [(ev["start"], 0), (ev["segment"], 10), (ev["Q"], 500), (ev["first-S"], 1000 + shift)]
+        for k in range(pairs):
+            origin = 1000 + k * period
+            e += [(ev["max"], origin + 100 + shift), (ev["pair"], origin + period + shift)]
+        e += [(ev["loop-end"], 1000 + pairs * period + 50), (ev["segment"], 10**6), (ev["pair"], 2 * 10**6)]
+        out[wg] = e
+    return out
+
+
+def test_pairs_are_cut_at_their_pair_event_and_stop_at_the_loop_end(trace) -> None:
+    events = synthetic(trace, pairs=10, period=6000, wg1_shift=700)
+    pairs = trace.first_segment_pairs(events[0])
+    assert len(pairs) == 10
+    assert [trace.NAMES[e] for e, _ in pairs[0]] == ["max", "pair"]
+    assert pairs[-1][-1][1] == 1000 + 10 * 6000
+
+
+def test_report_gives_offsets_from_the_end_of_wg0s_previous_pair(trace, capsys) -> None:
+    from kvpager.benchmarks import kernel as bench
+
+    trace.report(bench.Case(128, 2, 128, 8192, False), synthetic(trace, pairs=12, period=6000, wg1_shift=700))
+    text = capsys.readouterr().out
+    assert "12 pairs" in text
+    assert "wg0: max 100 (100..100) | pair 6000 (6000..6000)" in text
+    assert "wg1: max 800 (800..800) | pair 6700 (6700..6700)" in text
+    assert "period median 6000 cycles" in text
+
+
+def test_too_short_a_segment_is_said_not_averaged(trace, capsys) -> None:
+    from kvpager.benchmarks import kernel as bench
+
+    trace.report(bench.Case(1, 1, 128, 128, False), synthetic(trace, pairs=2, period=6000, wg1_shift=0))
+    assert "(too few pairs)" in capsys.readouterr().out
