@@ -297,6 +297,19 @@ __device__ __forceinline__ void rescale_output(float (&o)[T::kOutRegs], const fl
   }
 }
 
+// WG0, once scale1 is in: P0' = P0 * scale1 (packed from the fp32 probabilities s) into p0 for WG1's
+// O_R += P0' V0R; sc1 returns scale1 for O_L.
+template <typename Elem>
+__device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::kScoreRegs], float (&sc1)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
+  uint32_t p0[T::kScoreRegs / 2];
+  pack_fragment<Elem>(s, p0, sc1);
+  store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, p0);
+  fence_async_proxy();
+  handoff(T::kP0Ready);
+}
+
 // ---- one pair of pages, per warpgroup --------------------------------------------------------
 // The pair's shape is a template so no branch separates a wgmma from its wait (ptxas serializes
 // every wgmma of the kernel otherwise): kHas1 = page j1 exists, kNext0 / kNext1 = pages j0 + 2 /
@@ -350,13 +363,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
     NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
     SEESAW_TRACE(c, kEvScaleIn);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
-    uint32_t p0[T::kScoreRegs / 2];
-    pack_fragment<Elem>(s, p0, sc1);
-    store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, p0);
-    fence_async_proxy();
-    handoff(T::kP0Ready);
+    hand_over_p0<Elem>(c, s, sc1);
     cute::warpgroup_wait<0>();
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvPvDone);
@@ -382,12 +389,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
         c.load(0, id0, T::kRopeTile, kColBlocks);
       }
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
-    pack_fragment<Elem>(s, pb, sc1);
-    store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, pb);
-    fence_async_proxy();
-    handoff(T::kP0Ready);
+    hand_over_p0<Elem>(c, s, sc1);
   }
   rescale_output<kOrder>(o, sc1);
 #pragma unroll
