@@ -123,6 +123,11 @@ struct Ctx {
   __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
     load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
   }
+  // One thread: the tiles WG0 reads last in buffer `buf` (0-3 and the rope tile 8), page `id`.
+  __device__ __forceinline__ void load_wg0_tiles(int buf, int id) const {
+    load(buf, id, 0, T::kVTilesPerWg);
+    load(buf, id, T::kRopeTile, kColBlocks);
+  }
   // One thread: pages [first, first + count) of the segment (those that exist) into L2.
   __device__ __forceinline__ void prefetch_pages(int first, int count) const {
     const int last = min(seg.end_page, first + count);
@@ -370,10 +375,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
     if constexpr (kNext0) {
       c.warpgroup_sync();
-      if (c.issuer()) {
-        c.load(0, id0, 0, T::kVTilesPerWg);
-        c.load(0, id0, T::kRopeTile, kColBlocks);
-      }
+      if (c.issuer()) c.load_wg0_tiles(0, id0);
     }
   } else {
     cute::warpgroup_wait<0>();
@@ -384,10 +386,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
     SEESAW_TRACE(c, kEvScaleIn);
     if constexpr (kNext0) {
-      if (c.issuer()) {
-        c.load(0, id0, 0, T::kVTilesPerWg);
-        c.load(0, id0, T::kRopeTile, kColBlocks);
-      }
+      if (c.issuer()) c.load_wg0_tiles(0, id0);
     }
     hand_over_p0<Elem>(c, s, sc1);
   }
@@ -415,10 +414,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     SEESAW_TRACE(c, kEvRemoteDone);
     if constexpr (kNext1) {
       c.warpgroup_sync();
-      if (c.issuer()) {
-        c.load(1, id1, 0, T::kVTilesPerWg);
-        c.load(1, id1, T::kRopeTile, kColBlocks);
-      }
+      if (c.issuer()) c.load_wg0_tiles(1, id1);
     }
     if constexpr (kNext0) {
       issue_s0_late<Elem>(c, s);
