@@ -129,10 +129,14 @@ def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
         assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, False), seqlens)
 
 
-def test_bad_kernel_name_is_an_error(monkeypatch) -> None:
-    monkeypatch.setenv("KVPAGER_MLA_KERNEL", "fast")
+@pytest.mark.parametrize("name, value, error, message", [
+    ("KVPAGER_MLA_KERNEL", "fast", Exception, "KVPAGER_MLA_KERNEL"),
+    ("KVPAGER_SEESAW_ORDER", "10", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 8 or 11, got 10"),
+])
+def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) -> None:
+    monkeypatch.setenv(name, value)
     c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
-    with pytest.raises(Exception, match="KVPAGER_MLA_KERNEL"):
+    with pytest.raises(error, match=message):
         run(c)
     torch.cuda.synchronize()
 
@@ -161,11 +165,3 @@ def test_running_max_moving_every_page_or_never(trend: str) -> None:
     meta, splits = metadata(q, k_cache, seqlens)
     out, lse = kernels.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, DV, meta, splits)
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, False), seqlens)
-
-
-def test_bad_handoff_order_is_a_typed_error(monkeypatch) -> None:
-    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "10")
-    c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
-    with pytest.raises(InvalidArgument, match="KVPAGER_SEESAW_ORDER must be 8 or 11, got 10"):
-        run(c)
-    torch.cuda.synchronize()
