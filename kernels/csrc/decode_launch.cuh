@@ -63,6 +63,12 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   if (options.seesaw_order == 8) {
     kernel = mla_decode_seesaw_kernel<Elem, 8>;
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  } else if (options.seesaw_order == 13) {
+    kernel = mla_decode_seesaw_kernel<Elem, 13>;
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  } else if (options.seesaw_order == 14) {
+    kernel = mla_decode_seesaw_kernel<Elem, 14>;
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   } else {
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   }

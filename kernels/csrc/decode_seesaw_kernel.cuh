@@ -405,6 +405,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     // Next S0, first part, behind it; then buffer 1's tiles 0-3, 8 are free once O_L += P1 V1L is.
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
+      if constexpr (kOrder == 14 && kNext1) handoff(T::kS0Queued);
       SEESAW_TRACE(c, kEvSEarly);
       cute::warpgroup_wait<1>();
     } else {
@@ -418,6 +419,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
     if constexpr (kNext0) {
       issue_s0_late<Elem>(c, s);
+      if constexpr (kOrder == 13 && kNext1) handoff(T::kS0Queued);
       SEESAW_TRACE(c, kEvSIssued);
       cute::warpgroup_wait<0>();
       fence_accumulators(s);
@@ -504,6 +506,9 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
   }
   if constexpr (kNext1) {
+    // Orders 13/14: S1 goes into the wgmma queue behind S0 (all of it / its first five tiles), so
+    // S0 completes first and WG0's softmax overlaps S1 instead of both softmaxes running together.
+    if constexpr (kOrder == 13 || kOrder == 14) NamedBarrier::arrive_and_wait(T::kThreads, T::kS0Queued);
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
     cute::warpgroup_wait<0>();

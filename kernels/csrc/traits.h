@@ -171,6 +171,7 @@ struct SeesawTraits {
     kScale1Ready,      // WG1 wrote row_max / scale1
     kP0Ready,          // WG0 stored P0 * scale1 in p0
     kP1Ready,          // WG1 stored P1 in buffer 1's rope tile and issued O_R += P0 V0R
+    kS0Queued,         // orders 13/14: WG0's next S0 is in the wgmma queue, WG1 may queue S1 behind it
     kWarpgroupSync,    // + warpgroup index: all 128 threads of one warpgroup (2 ids)
   };
 };
