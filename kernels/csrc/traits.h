@@ -160,6 +160,9 @@ struct SeesawTraits {
       float row_sum[2][kBlockM];  // the epilogue's per-warpgroup row sums
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
+    // Pair clusters (pair_cluster.cuh): releases of each buffer's two tile groups (0: tiles 0-3 and
+    // 8, 1: tiles 4-7) by both CTAs; rank 0's counters are the ones used.
+    uint32_t release_count[kNumPageBuffers][2];
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
