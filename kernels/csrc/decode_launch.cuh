@@ -56,12 +56,12 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
 // The seesaw kernel in pair clusters (pair_cluster.cuh) when asked for and the grid allows: an even
 // number of row blocks, and every wave of CTAs co-resident as clusters. Returns false (nothing
 // launched) otherwise.
-template <typename Elem>
+template <typename Elem, int kOrder>
 bool launch_seesaw_in_pairs(const DecodeParams& p, const CUtensorMap& page_map, cudaStream_t stream,
                             cudaError_t* err) {
   const dim3 grid = decode_grid(p, SeesawTraits::kBlockM);
   if (grid.x % pair_cluster::kCtas != 0) return false;
-  auto* kernel = mla_decode_seesaw_kernel<Elem, 11, true>;
+  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, true>;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = pair_cluster::kCtas;
@@ -103,9 +103,12 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
-  if (options.seesaw_cluster && options.seesaw_order == 11) {
+  if (options.seesaw_cluster && (options.seesaw_order == 11 || options.seesaw_order == 13)) {
     cudaError_t cluster_err = cudaSuccess;
-    if (launch_seesaw_in_pairs<Elem>(p, page_map, stream, &cluster_err)) {
+    const bool launched = options.seesaw_order == 11
+                              ? launch_seesaw_in_pairs<Elem, 11>(p, page_map, stream, &cluster_err)
+                              : launch_seesaw_in_pairs<Elem, 13>(p, page_map, stream, &cluster_err);
+    if (launched) {
 #ifdef KVPAGER_TRACE
       seesaw_trace_dump<<<1, 1, 0, stream>>>();
 #endif

@@ -13,7 +13,7 @@ struct DecodeOptions {
   // seesaw hand-off order: 11 (s12: WG0 stores P0' while its own P V runs; O rescales skipped where
   // a warp's factors are all 1) or 8 (v8's, kept for comparison). docs/kernel-perf.md, s12.
   int seesaw_order = 11;
-  // seesaw, order 11: launch in pair clusters where the row blocks pair up, each page tile copied
+  // seesaw, orders 11 and 13: launch in pair clusters where the row blocks pair up, each page tile copied
   // once by TMA multicast into both CTAs (pair_cluster.cuh).
   bool seesaw_cluster = false;
   int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)

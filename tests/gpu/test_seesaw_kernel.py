@@ -164,6 +164,14 @@ def test_pair_clusters_match_reference(c: dict, monkeypatch) -> None:
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
 
 
+@pytest.mark.parametrize("c", CASES[::4], ids=case_id)
+def test_pair_clusters_with_order_13_match_reference(c: dict, monkeypatch) -> None:
+    monkeypatch.setenv("KVPAGER_SEESAW_CLUSTER", "1")
+    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "13")
+    (q, k_cache, block_table, seqlens), out, lse = run(c)
+    assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
+
+
 def test_pair_clusters_are_launched_for_paired_row_blocks(monkeypatch) -> None:
     """128 rows (2 row blocks) run the pair-cluster instantiation, 192 rows (3) the single-CTA one."""
     monkeypatch.setenv("KVPAGER_SEESAW_CLUSTER", "1")
