@@ -83,8 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="same as --set quick: s_k=8192, h_q in {16,128} and the small cases")
     parser.add_argument("--kernels", default="seesaw",
                         help="64-row kernels to time, comma-separated: seesaw, seesaw-oN (hand-off order N: "
-                             "KVPAGER_SEESAW_ORDER), seesaw-cluster / seesaw-nocluster (pair clusters: "
-                             "KVPAGER_SEESAW_CLUSTER), lockstep (default: %(default)s)")
+                             "KVPAGER_SEESAW_ORDER), lockstep (default: %(default)s)")
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
     parser.add_argument("--prefetch", default="0",
                         help="seesaw L2 prefetch distances in pairs, e.g. 0,1,2 (default: %(default)s)")
@@ -197,7 +196,7 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 
 
 ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "prefetch": "KVPAGER_L2_PREFETCH",
-       "hint": "KVPAGER_TMA_HINT", "order": "KVPAGER_SEESAW_ORDER", "cluster": "KVPAGER_SEESAW_CLUSTER"}
+       "hint": "KVPAGER_TMA_HINT", "order": "KVPAGER_SEESAW_ORDER"}
 
 
 @contextlib.contextmanager
@@ -205,16 +204,11 @@ def kernel_env(variant: dict):
     """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
     saved = {v: os.environ.get(v) for v in ENV.values()}
     os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
-    # seesaw-o8: the seesaw kernel with hand-off order 8; seesaw-cluster / seesaw-nocluster: with or
-    # without pair clusters (KVPAGER_SEESAW_CLUSTER); no token: the binding's default
-    tokens = variant["kernel"].split("-")[1:]
-    order = next((t[1:] for t in tokens if t[:1] == "o" and t[1:].isdigit()), "")
-    cluster = {"cluster": "1", "nocluster": "0"}.get(next((t for t in tokens if t.endswith("cluster")), ""))
-    for name, value in (("order", order), ("cluster", cluster)):
-        if value:
-            os.environ[ENV[name]] = value
-        else:
-            os.environ.pop(ENV[name], None)
+    order = variant["kernel"].partition("-o")[2]  # seesaw-o8: the seesaw kernel with hand-off order 8
+    if order:
+        os.environ[ENV["order"]] = order
+    else:
+        os.environ.pop(ENV["order"], None)
     os.environ[ENV["pdl"]] = "1" if variant["pdl"] else "0"
     os.environ[ENV["prefetch"]] = str(variant["prefetch"])
     os.environ[ENV["hint"]] = variant["hint"]

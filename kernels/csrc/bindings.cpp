@@ -67,8 +67,7 @@ bool aligned16(const at::Tensor& t) {
 
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
-// KVPAGER_SEESAW_ORDER=8|11|13|14 the seesaw kernel's hand-off order (launch.h),
-// KVPAGER_SEESAW_CLUSTER=0|1 its pair clusters (TMA multicast of each page to two row blocks),
+// KVPAGER_SEESAW_ORDER=8|11 the seesaw kernel's hand-off order (launch.h),
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
@@ -83,14 +82,8 @@ kvpager::DecodeOptions options_from_env() {
   const char* order = std::getenv("KVPAGER_SEESAW_ORDER");
   if (order != nullptr) {
     const std::string v = order;
-    KVP_CHECK(v == "8" || v == "11" || v == "13" || v == "14", "KVPAGER_SEESAW_ORDER must be 8, 11, 13 or 14, got ", v);
+    KVP_CHECK(v == "8" || v == "11", "KVPAGER_SEESAW_ORDER must be 8 or 11, got ", v);
     options.seesaw_order = std::stoi(v);
-  }
-  const char* cluster = std::getenv("KVPAGER_SEESAW_CLUSTER");
-  if (cluster != nullptr) {
-    const std::string v = cluster;
-    KVP_CHECK(v == "0" || v == "1", "KVPAGER_SEESAW_CLUSTER must be 0 or 1, got ", v);
-    options.seesaw_cluster = v == "1";
   }
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");

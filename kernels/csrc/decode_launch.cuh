@@ -1,8 +1,6 @@
 // Launch of the decode kernels for one dtype: the kernel for the row-block size, then the combine
 // kernel (as a programmatic dependent launch unless switched off).
 #pragma once
-#include <algorithm>
-
 #include "combine_kernel.cuh"
 #include "decode_kernel.cuh"
 #include "decode_lockstep_kernel.cuh"
@@ -53,49 +51,6 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
   }
 }
 
-// The seesaw kernel in pair clusters (pair_cluster.cuh) when asked for and the grid allows: an even
-// number of row blocks, and every wave of CTAs co-resident as clusters. Returns false (nothing
-// launched) otherwise.
-template <typename Elem, int kOrder>
-bool launch_seesaw_in_pairs(const DecodeParams& p, const CUtensorMap& page_map, cudaStream_t stream,
-                            cudaError_t* err) {
-  const dim3 grid = decode_grid(p, SeesawTraits::kBlockM);
-  if (grid.x % pair_cluster::kCtas != 0) return false;
-  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, true>;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = pair_cluster::kCtas;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(SeesawTraits::kThreads);
-  config.dynamicSmemBytes = SeesawTraits::kSmemBytes;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  // Statics: measured on the first (eager) call, so a CUDA-graph capture makes no such API call.
-  static const cudaError_t attr_err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SeesawTraits::kSmemBytes);
-  static int sms = 0;
-  static const int cluster_ctas = [&] {  // CTAs resident at once in pair clusters
-    int clusters = 0, device = 0;
-    if (attr_err != cudaSuccess || cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
-        cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();  // a failed query leaves nothing behind: fall back to single CTAs
-      return 0;
-    }
-    return clusters * pair_cluster::kCtas;
-  }();
-  // The grid is sized to the SM count: if pairs cannot hold as many CTAs at once as single CTAs do
-  // (an SM left over in a GPC), a second wave would cost more than the multicast saves.
-  const int64_t ctas = int64_t(grid.x) * grid.y * grid.z;
-  if (cluster_ctas == 0 || cluster_ctas < std::min<int64_t>(ctas, sms)) return false;
-  *err = cudaLaunchKernelEx(&config, kernel, p, page_map);
-  return true;
-}
-
 template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.l2_prefetch_pairs = options.l2_prefetch_pairs;
@@ -103,28 +58,10 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
-  if (options.seesaw_cluster && (options.seesaw_order == 11 || options.seesaw_order == 13)) {
-    cudaError_t cluster_err = cudaSuccess;
-    const bool launched = options.seesaw_order == 11
-                              ? launch_seesaw_in_pairs<Elem, 11>(p, page_map, stream, &cluster_err)
-                              : launch_seesaw_in_pairs<Elem, 13>(p, page_map, stream, &cluster_err);
-    if (launched) {
-#ifdef KVPAGER_TRACE
-      seesaw_trace_dump<<<1, 1, 0, stream>>>();
-#endif
-      return cluster_err;
-    }
-  }
   // One attribute call site per instantiation (the macro keeps a static).
   auto* kernel = mla_decode_seesaw_kernel<Elem, 11>;
   if (options.seesaw_order == 8) {
     kernel = mla_decode_seesaw_kernel<Elem, 8>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else if (options.seesaw_order == 13) {
-    kernel = mla_decode_seesaw_kernel<Elem, 13>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else if (options.seesaw_order == 14) {
-    kernel = mla_decode_seesaw_kernel<Elem, 14>;
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   } else {
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);

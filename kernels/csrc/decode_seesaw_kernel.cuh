@@ -32,7 +32,6 @@
 
 #include "config.h"
 #include "epilogue.cuh"
-#include "pair_cluster.cuh"
 #include "params.h"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
@@ -109,7 +108,6 @@ struct Ctx {
   int hk;
   Segment seg;
   uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
-  bool cluster;    // a pair cluster: page tiles are multicast to both CTAs (pair_cluster.cuh)
 #ifdef KVPAGER_TRACE
   bool trace;
   int trace_n;
@@ -125,24 +123,10 @@ struct Ctx {
   __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
     load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
   }
-  // One thread, once its warpgroup is done with them: tile group `group` of buffer `buf` (0: tiles 0-3
-  // and the rope tile 8, read last by WG0; 1: tiles 4-7, read last by WG1) refilled with page `id`.
-  // In a pair cluster the second CTA to release the group multicasts it into both.
-  __device__ __forceinline__ void reload(int buf, int group, int id) const {
-    const int first = group * T::kVTilesPerWg, last = first + T::kVTilesPerWg;
-    if (!cluster) {
-      load(buf, id, first, last);
-      if (group == 0) load(buf, id, T::kRopeTile, kColBlocks);
-      return;
-    }
-    expect_page_tiles(s.tile_ready[buf], first, last);
-    if (group == 0) expect_page_tiles(s.tile_ready[buf], T::kRopeTile, kColBlocks);
-    if (!pair_cluster::second_release(&s.release_count[buf][group])) return;
-    multicast(buf, id, first, last);
-    if (group == 0) multicast(buf, id, T::kRopeTile, kColBlocks);
-  }
-  __device__ __forceinline__ void multicast(int buf, int id, int first, int last) const {
-    multicast_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+  // One thread: the tiles WG0 reads last in buffer `buf` (0-3 and the rope tile 8), page `id`.
+  __device__ __forceinline__ void load_wg0_tiles(int buf, int id) const {
+    load(buf, id, 0, T::kVTilesPerWg);
+    load(buf, id, T::kRopeTile, kColBlocks);
   }
   // One thread: pages [first, first + count) of the segment (those that exist) into L2.
   __device__ __forceinline__ void prefetch_pages(int first, int count) const {
@@ -348,8 +332,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
   // L2 prefetch, L = l2_prefetch_pairs pairs ahead: the pair j0 + 2L, whose TMA loads are issued
   // during pair j0 + 2L - 2 (the prologue covered the pairs before it).
-  if (kNext1 && c.issuer() && c.p.l2_prefetch_pairs > 0 && !(c.cluster && cute::block_rank_in_cluster() != 0))
-    c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
+  if (kNext1 && c.issuer() && c.p.l2_prefetch_pairs > 0) c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
@@ -392,7 +375,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
     if constexpr (kNext0) {
       c.warpgroup_sync();
-      if (c.issuer()) c.reload(0, 0, id0);
+      if (c.issuer()) c.load_wg0_tiles(0, id0);
     }
   } else {
     cute::warpgroup_wait<0>();
@@ -403,7 +386,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
     SEESAW_TRACE(c, kEvScaleIn);
     if constexpr (kNext0) {
-      if (c.issuer()) c.reload(0, 0, id0);
+      if (c.issuer()) c.load_wg0_tiles(0, id0);
     }
     hand_over_p0<Elem>(c, s, sc1);
   }
@@ -422,7 +405,6 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     // Next S0, first part, behind it; then buffer 1's tiles 0-3, 8 are free once O_L += P1 V1L is.
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
-      if constexpr (kOrder == 14 && kNext1) handoff(T::kS0Queued);
       SEESAW_TRACE(c, kEvSEarly);
       cute::warpgroup_wait<1>();
     } else {
@@ -432,11 +414,10 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     SEESAW_TRACE(c, kEvRemoteDone);
     if constexpr (kNext1) {
       c.warpgroup_sync();
-      if (c.issuer()) c.reload(1, 0, id1);
+      if (c.issuer()) c.load_wg0_tiles(1, id1);
     }
     if constexpr (kNext0) {
       issue_s0_late<Elem>(c, s);
-      if constexpr (kOrder == 13 && kNext1) handoff(T::kS0Queued);
       SEESAW_TRACE(c, kEvSIssued);
       cute::warpgroup_wait<0>();
       fence_accumulators(s);
@@ -513,19 +494,16 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvPvDone);
     c.warpgroup_sync();
-    if (c.issuer()) c.reload(1, 1, id1);
+    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
   }
   cute::warpgroup_wait<0>();
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvRemoteDone);
   if constexpr (kNext0) {
     c.warpgroup_sync();
-    if (c.issuer()) c.reload(0, 1, id0);
+    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
   }
   if constexpr (kNext1) {
-    // Orders 13/14: S1 goes into the wgmma queue behind S0 (all of it / its first five tiles), so
-    // S0 completes first and WG0's softmax overlaps S1 instead of both softmaxes running together.
-    if constexpr (kOrder == 13 || kOrder == 14) NamedBarrier::arrive_and_wait(T::kThreads, T::kS0Queued);
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
     cute::warpgroup_wait<0>();
@@ -563,8 +541,7 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
 
 }  // namespace seesaw
 
-// kCluster: launched in pair clusters (grid.x even), page tiles multicast to both CTAs (pair_cluster.cuh).
-template <typename Elem, int kOrder, bool kCluster = false>
+template <typename Elem, int kOrder>
 __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap page_map) {
   using namespace seesaw;
@@ -581,8 +558,6 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
   c.phase = 0;
-  c.cluster = kCluster;
-  const uint32_t rank = kCluster ? cute::block_rank_in_cluster() : 0;
 #ifdef KVPAGER_TRACE
   c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
   c.trace_n = 0;
@@ -595,34 +570,20 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     for (int buf = 0; buf < kNumPageBuffers; ++buf)
 #pragma unroll
       for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
-#pragma unroll
-    for (int buf = 0; buf < kNumPageBuffers; ++buf) plan.release_count[buf][0] = plan.release_count[buf][1] = 0;
     cutlass::arch::fence_barrier_init();
   }
 
   for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
-    // The previous segment is done with every buffer (and the barriers are set up): in a pair
-    // cluster, in both CTAs, since either one's copies fill both.
-    if constexpr (kCluster)
-      cute::cluster_sync();
-    else
-      __syncthreads();
+    __syncthreads();  // the previous segment is done with every buffer (and the barriers are set up)
     SEESAW_TRACE(c, kEvSegment);
 
     // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
-    // A pair cluster's rank 0 copies page ps into both CTAs, rank 1 page ps + 1.
     if (threadIdx.x == 0) {
-      if constexpr (kCluster) {
-        if (ps < pe) expect_page_tiles(plan.tile_ready[0], 0, kColBlocks);
-        if (ps + 1 < pe) expect_page_tiles(plan.tile_ready[1], 0, kColBlocks);
-        if (ps + rank < pe) c.multicast(rank, c.seg.block_table[ps + rank], 0, kColBlocks);
-      } else {
-        if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
-        if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
-      }
-      if (p.l2_prefetch_pairs > 1 && rank == 0) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
+      if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
+      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      if (p.l2_prefetch_pairs > 1) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
     }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
@@ -676,8 +637,6 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
   }
-  // Neither CTA of a pair cluster leaves while the other may still count a release in its memory.
-  if constexpr (kCluster) cute::cluster_sync();
 }
 
 #ifdef KVPAGER_TRACE

@@ -66,24 +66,6 @@ __device__ __forceinline__ void load_page_tiles(const CUtensorMap* map, uint64_t
   }
 }
 
-// One thread of each CTA of a pair cluster: expect tiles [first, last) on this CTA's barriers (the
-// copy may come from the other CTA's multicast, before or after this arrival).
-__device__ __forceinline__ void expect_page_tiles(uint64_t* ready, int first, int last) {
-#pragma unroll
-  for (int c = first; c < last; ++c) TileBarrier::arrive_and_expect_tx(&ready[c], kPageTileBytes);
-}
-
-// One thread of a pair cluster: tiles [first, last) of page `page_id` into `tiles` of both CTAs (same
-// shared-memory offsets), each completing on both CTAs' ready[c]; both must have expected them.
-__device__ __forceinline__ void multicast_page_tiles(const CUtensorMap* map, uint64_t* ready, char* tiles,
-                                                     int page_id, int hk, int first, int last, uint64_t cache_hint) {
-  constexpr uint16_t kBothCtas = 0b11;
-#pragma unroll
-  for (int c = first; c < last; ++c)
-    cute::SM90_TMA_LOAD_MULTICAST_4D::copy(map, &ready[c], kBothCtas, cache_hint, tiles + c * kPageTileBytes,
-                                           c * kBlockCols, 0, hk, page_id);
-}
-
 // One thread: all tiles of page `page_id` into L2 (no shared memory, no barrier), so that a TMA
 // load issued late in a pair finds them there instead of in HBM.
 __device__ __forceinline__ void prefetch_page(const CUtensorMap* map, int page_id, int hk) {

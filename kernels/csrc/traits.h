@@ -160,9 +160,6 @@ struct SeesawTraits {
       float row_sum[2][kBlockM];  // the epilogue's per-warpgroup row sums
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
-    // Pair clusters (pair_cluster.cuh): releases of each buffer's two tile groups (0: tiles 0-3 and
-    // 8, 1: tiles 4-7) by both CTAs; rank 0's counters are the ones used.
-    uint32_t release_count[kNumPageBuffers][2];
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
@@ -174,7 +171,6 @@ struct SeesawTraits {
     kScale1Ready,      // WG1 wrote row_max / scale1
     kP0Ready,          // WG0 stored P0 * scale1 in p0
     kP1Ready,          // WG1 stored P1 in buffer 1's rope tile and issued O_R += P0 V0R
-    kS0Queued,         // orders 13/14: WG0's next S0 is in the wgmma queue, WG1 may queue S1 behind it
     kWarpgroupSync,    // + warpgroup index: all 128 threads of one warpgroup (2 ids)
   };
 };
