@@ -7,7 +7,8 @@ prints them afterwards, because a printf in the decode kernel serializes its wgm
 
 For each case: the steady-state pairs of the traced CTA's first segment (pairs 3..40), the median
 cycle of every event after the pair's origin, with its spread (10th..90th percentile), per
-warpgroup, in the order the events happen; then the pair period. Events (decode_seesaw_kernel.cuh):
+warpgroup, in the order the events happen; then the pair period, and for the two reloads that feed
+an S GEMM's last tiles, the cycles from the reload to that S GEMM's issue. Events (decode_seesaw_kernel.cuh):
   max        page maxima of S            scale-in     the other warpgroup's scale read
   P          P exponentiated and packed  pv-issued    own P V issued     pv-done   own P V complete
   P-stored   WG0: P0' stored             P-in         the other's P ready
@@ -69,6 +70,26 @@ def first_segment_pairs(evs: list[tuple[int, int]]) -> list[list[tuple[int, int]
     return pairs
 
 
+# The S GEMM whose last tiles a reload supplies (order 11's reload rule, decode_seesaw_kernel.cuh):
+# WG1 refills buffer 0's tiles 4-7 after its remote P V, and WG0's next S0 reads them last; WG0
+# refills buffer 1's tiles 0-3 and 8 after its remote P V, and WG1's next S1 reads them last.
+RELOADS = {"S0 late (buf0 4-7, WG1)": (1, "remote-done", 0, "S-issued"),
+           "S1 (buf1 0-3+8, WG0)": (0, "remote-done", 1, "S-issued")}
+
+
+def reload_spans(pairs: dict[int, list], first: int, n: int) -> dict[str, list[int]]:
+    """Per steady pair, cycles from the reloading warpgroup's event to the reading one's S issue."""
+    out: dict[str, list[int]] = {}
+    for name, (wg_from, ev_from, wg_to, ev_to) in RELOADS.items():
+        a, b = NAMES.index(ev_from), NAMES.index(ev_to)
+        for k in range(first, n):
+            start = [c for e, c in pairs[wg_from][k] if e == a]
+            end = [c for e, c in pairs[wg_to][k] if e == b]
+            if start and end:
+                out.setdefault(name, []).append(end[0] - start[0])
+    return out
+
+
 def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: int = 3, last: int = 40) -> None:
     pairs = {wg: first_segment_pairs(events[wg]) for wg in (0, 1)}
     n = min(len(pairs[0]), len(pairs[1]), last)
@@ -91,6 +112,10 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
             cells.append(f"{NAMES[ev]} {statistics.median(v):.0f} ({v[len(v) // 10]}..{v[(9 * len(v)) // 10]})")
         print(f"  wg{wg}: " + " | ".join(cells))
     print(f"  period median {statistics.median(periods):.0f} cycles (min {min(periods)}, max {max(periods)})")
+    spans = reload_spans(pairs, first, n)
+    if spans:
+        print("  reload -> next S issued (an upper bound on the TMA latency the S GEMM waited for): "
+              + " | ".join(f"{name} {statistics.median(v):.0f}" for name, v in spans.items()))
     seg = {wg: {NAMES[e]: c for e, c in events[wg][:8] if NAMES[e] in ("start", "segment", "Q", "first-S")}
            for wg in (0, 1)}
     print(f"  segment start: {seg}")

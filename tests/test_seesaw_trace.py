@@ -63,3 +63,11 @@ def test_too_short_a_segment_is_said_not_averaged(trace, capsys) -> None:
 
     trace.report(bench.Case(1, 1, 128, 128, False), synthetic(trace, pairs=2, period=6000, wg1_shift=0))
     assert "(too few pairs)" in capsys.readouterr().out
+
+
+def test_reload_spans_run_from_the_reloader_to_the_readers_s_issue(trace) -> None:
+    ev = {name: i for i, name in enumerate(trace.NAMES)}
+    pair0 = [(ev["remote-done"], 5000), (ev["S-issued"], 6500), (ev["pair"], 6700)]
+    pair1 = [(ev["remote-done"], 4300), (ev["S-issued"], 7500), (ev["pair"], 7700)]
+    spans = trace.reload_spans({0: [pair0] * 5, 1: [pair1] * 5}, first=1, n=5)
+    assert spans == {"S0 late (buf0 4-7, WG1)": [6500 - 4300] * 4, "S1 (buf1 0-3+8, WG0)": [7500 - 5000] * 4}
