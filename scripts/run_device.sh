@@ -2,17 +2,20 @@
 # One device call: carried wheels -> build the extension -> smoke check (scripts/quick_check.py,
 # both 64-row kernels, short timeout: a hung kernel stops the run here) -> GPU tests -> kernel
 # benchmark (-> compute-sanitizer, demo). Everything logs under $OUT (the device tool brings it
-# back: at most 8 files): build.log ptxas.txt smoke.log gpu-tests.log bench.log bench-kernel.json
-# sanitize.log summary.txt (demo.log replaces smoke.log when both run)
+# back: at most 8 files): ptxas.txt smoke.log gpu-tests.log bench.log bench-kernel.json sanitize.log
+# summary.txt, and trace.txt (build.log only when the build failed; it is kept in /tmp otherwise)
 #
 # Device call (carry [".whl"], timeout_s 600):
 #   bash scripts/run_device.sh
 #   STAGES="build test" PYTEST_ARGS="-k metadata" bash scripts/run_device.sh
 #   STAGES="build fp8check" bash scripts/run_device.sh   # FP8 cache vs bf16 cache on the trained
 #     model: fp8check.log + fp8check.txt (its one summary line)
-# Env: STAGES (default "build smoke test bench"; also "fp8", "fp8check", "probe", "sanitize", "demo"), CLEAN=1 (rebuild from scratch:
+#   STAGES="build bench trace" TRACE_ARGS="--orders 8,11 --case 128,2,128,8192" bash scripts/run_device.sh
+#     # trace: rebuilds with -DKVPAGER_TRACE (so it runs last) and prints scripts/seesaw_trace.py's
+#     # per-pair timeline into trace.txt
+# Env: STAGES (default "build smoke test bench"; also "fp8", "fp8check", "probe", "sanitize", "demo", "trace"), CLEAN=1 (rebuild from scratch:
 #      fresh ptxas report), PYTEST_ARGS (default "-x"), PYTEST_K (a -k expression for the test stage), BENCH_ARGS (e.g. "--quick"),
-#      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, DEADLINE (seconds for the whole
+#      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, TRACE_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +74,7 @@ if has build; then
     NOTE[build]=$(grep -m1 -E "error|Error" "$OUT/build.log" | cut -c1-110)
   fi
   "$PY" scripts/ptxas_report.py "$OUT/build.log" | tee "$OUT/ptxas.txt"
+  [[ $built == 1 ]] && mv "$OUT/build.log" /tmp/build.log  # only 8 files come back: keep it when it failed
   [[ $built == 1 ]] && NOTE[build]=$(grep -E "^\*" "$OUT/ptxas.txt" | awk '{printf "%sregs/%s+%sB spill  ", $2, $4, $5}' | cut -c1-110)
   [[ $built == 1 && -z "${NOTE[build]}" ]] && NOTE[build]=$(tail -1 "$OUT/ptxas.txt")
 fi
@@ -143,6 +147,15 @@ fi
 if has demo; then
   stage demo "${DEMO_TIMEOUT:-120}" demo.log "$PY" -m kvpager.cli demo ${DEMO_ARGS:-}
   NOTE[demo]=$(tail -1 "$OUT/demo.log" | cut -c1-110)
+fi
+
+if has trace; then  # last: it replaces the installed extension with a -DKVPAGER_TRACE build
+  if [[ $built == 1 ]]; then
+    stage trace "${TRACE_TIMEOUT:-240}" trace.txt bash -c "KVPAGER_BUILD_CUDA=1 KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE \
+      $PY -m pip install -q --no-build-isolation --no-deps -e . >/tmp/trace-build.log 2>&1 \
+      || { tail -20 /tmp/trace-build.log; exit 1; }; cd scripts && $PY seesaw_trace.py ${TRACE_ARGS:-}"
+    NOTE[trace]=$(grep -E "period median" "$OUT/trace.txt" | head -2 | cut -c1-50 | tr '\n' ' ')
+  else skip trace "extension not available"; fi
 fi
 
 # ---- summary ------------------------------------------------------------------------------
