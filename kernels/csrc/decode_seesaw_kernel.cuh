@@ -128,6 +128,17 @@ struct Ctx {
     load(buf, id, 0, T::kVTilesPerWg);
     load(buf, id, T::kRopeTile, kColBlocks);
   }
+  // Warpgroup WG, once every one of its warps is done reading them: its issuer refills the tiles
+  // WG reads last in buffer `buf` (WG0: 0-3 and 8, WG1: 4-7) with page `id`.
+  template <int WG>
+  __device__ __forceinline__ void refill_after_reads(int buf, int id) const {
+    warpgroup_sync();
+    if (!issuer()) return;
+    if constexpr (WG == 0)
+      load_wg0_tiles(buf, id);
+    else
+      load(buf, id, T::kVTilesPerWg, T::kRopeTile);
+  }
   // One thread: pages [first, first + count) of the segment (those that exist) into L2.
   __device__ __forceinline__ void prefetch_pages(int first, int count) const {
     const int last = min(seg.end_page, first + count);
@@ -373,10 +384,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvPvDone);
     // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
-    if constexpr (kNext0) {
-      c.warpgroup_sync();
-      if (c.issuer()) c.load_wg0_tiles(0, id0);
-    }
+    if constexpr (kNext0) c.refill_after_reads<0>(0, id0);
   } else {
     cute::warpgroup_wait<0>();
     fence_accumulators(o);
@@ -412,10 +420,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvRemoteDone);
-    if constexpr (kNext1) {
-      c.warpgroup_sync();
-      if (c.issuer()) c.load_wg0_tiles(1, id1);
-    }
+    if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
     if constexpr (kNext0) {
       issue_s0_late<Elem>(c, s);
       SEESAW_TRACE(c, kEvSIssued);
@@ -493,16 +498,12 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     cute::warpgroup_wait<1>();
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvPvDone);
-    c.warpgroup_sync();
-    if (c.issuer()) c.load(1, id1, T::kVTilesPerWg, T::kRopeTile);
+    c.refill_after_reads<1>(1, id1);
   }
   cute::warpgroup_wait<0>();
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvRemoteDone);
-  if constexpr (kNext0) {
-    c.warpgroup_sync();
-    if (c.issuer()) c.load(0, id0, T::kVTilesPerWg, T::kRopeTile);
-  }
+  if constexpr (kNext0) c.refill_after_reads<1>(0, id0);
   if constexpr (kNext1) {
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
