@@ -13,7 +13,8 @@
 #   STAGES="build bench trace" TRACE_ARGS="--orders 8,11 --case 128,2,128,8192" bash scripts/run_device.sh
 #     # trace: rebuilds with -DKVPAGER_TRACE (so it runs last) and prints scripts/seesaw_trace.py's
 #     # per-pair timeline into trace.txt
-# Env: STAGES (default "build smoke test bench"; also "fp8", "fp8check", "probe", "sanitize", "demo", "trace"), CLEAN=1 (rebuild from scratch:
+#   STAGES="build racecheck": a -DKVPAGER_SYNC_HANDOFFS rebuild and racecheck of the seesaw kernel (last)
+# Env: STAGES (default "build smoke test bench"; also "fp8", "fp8check", "probe", "sanitize", "demo", "trace", "racecheck"), CLEAN=1 (rebuild from scratch:
 #      fresh ptxas report), PYTEST_ARGS (default "-x"), PYTEST_K (a -k expression for the test stage), BENCH_ARGS (e.g. "--quick"),
 #      CASES_ARGS / TOOLS (scripts/sanitize.sh), DEMO_ARGS, TRACE_ARGS, DEADLINE (seconds for the whole
 #      script, default 570: stages are cut so the summary always prints), *_TIMEOUT per stage.
@@ -156,6 +157,16 @@ if has trace; then  # last: it replaces the installed extension with a -DKVPAGER
       || { tail -20 /tmp/trace-build.log; exit 1; }; cd scripts && $PY seesaw_trace.py ${TRACE_ARGS:-}"
     NOTE[trace]=$(grep -E "period median" "$OUT/trace.txt" | head -2 | cut -c1-50 | tr '\n' ' ')
   else skip trace "extension not available"; fi
+fi
+
+if has racecheck; then  # after trace: rebuilds with -DKVPAGER_SYNC_HANDOFFS (racecheck does not model bar.arrive)
+  if [[ $built == 1 ]]; then
+    stage racecheck "${RACECHECK_TIMEOUT:-240}" racecheck.log bash -c "KVPAGER_BUILD_CUDA=1 \
+      KVPAGER_NVCC_EXTRA=-DKVPAGER_SYNC_HANDOFFS $PY -m pip install -q --no-build-isolation --no-deps -e . \
+      >/tmp/racecheck-build.log 2>&1 || { tail -20 /tmp/racecheck-build.log; exit 1; }; \
+      TOOLS=racecheck KERNEL_FILTER=seesaw PYTHON=$PY bash scripts/sanitize.sh"
+    NOTE[racecheck]=$(grep -E "^== racecheck:" "$OUT/racecheck.log" | cut -c1-110)
+  else skip racecheck "extension not available"; fi
 fi
 
 # ---- summary ------------------------------------------------------------------------------

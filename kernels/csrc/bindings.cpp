@@ -69,7 +69,7 @@ bool aligned16(const at::Tensor& t) {
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
 // KVPAGER_SEESAW_ORDER=8|11 the seesaw kernel's hand-off order (launch.h),
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
-// KVPAGER_L2_PREFETCH=0|1|2 sets how many pairs of pages ahead the seesaw kernel prefetches,
+// KVPAGER_L2_PREFETCH=0-4 sets how many pairs of pages ahead the seesaw kernel prefetches,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
 // KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
 // kernel's L2 prefetch distance in pages.
@@ -90,7 +90,8 @@ kvpager::DecodeOptions options_from_env() {
   const char* prefetch = std::getenv("KVPAGER_L2_PREFETCH");
   if (prefetch != nullptr) {
     const std::string pairs = prefetch;
-    KVP_CHECK(pairs == "0" || pairs == "1" || pairs == "2", "KVPAGER_L2_PREFETCH must be 0, 1 or 2, got ", pairs);
+    KVP_CHECK(pairs.size() == 1 && pairs[0] >= '0' && pairs[0] <= '4', "KVPAGER_L2_PREFETCH must be 0-4 (pairs), got ",
+              pairs);
     options.l2_prefetch_pairs = pairs[0] - '0';
   }
   const char* hint = std::getenv("KVPAGER_TMA_HINT");

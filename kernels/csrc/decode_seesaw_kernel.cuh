@@ -106,6 +106,7 @@ struct Ctx {
   int limit[2];  // keys visible to each of them (causal / sequence end)
   int min_limit; // the smallest limit of the row block: pages below it need no mask
   int hk;
+  bool prefetcher;  // the thread that prefetches pages into L2 (WG1's issuer in row block 0), if on
   Segment seg;
   uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
 #ifdef KVPAGER_TRACE
@@ -139,10 +140,17 @@ struct Ctx {
     else
       load(buf, id, T::kVTilesPerWg, T::kRopeTile);
   }
-  // One thread: pages [first, first + count) of the segment (those that exist) into L2.
+  // One thread: pages [first, first + count) of the segment (those that exist) into L2, one bulk
+  // prefetch each: the span of this kv head's 64 rows (the whole page when tokens are contiguous).
   __device__ __forceinline__ void prefetch_pages(int first, int count) const {
+    constexpr int kElemBytes = 2;
+    const uint32_t bytes = uint32_t(((kPageSize - 1) * p.k_token_stride + kHeadDim) * kElemBytes);
+    const char* cache = static_cast<const char*>(p.k_cache);
     const int last = min(seg.end_page, first + count);
-    for (int page = first; page < last; ++page) prefetch_page(map, seg.block_table[page], hk);
+    for (int page = first; page < last; ++page)
+      prefetch_l2_bulk(cache + (int64_t(seg.block_table[page]) * p.k_page_stride + int64_t(hk) * p.k_head_stride) *
+                                   kElemBytes,
+                       bytes);
   }
 };
 
@@ -341,9 +349,6 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
-  // L2 prefetch, L = l2_prefetch_pairs pairs ahead: the pair j0 + 2L, whose TMA loads are issued
-  // during pair j0 + 2L - 2 (the prologue covered the pairs before it).
-  if (kNext1 && c.issuer() && c.p.l2_prefetch_pairs > 0) c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
@@ -505,6 +510,10 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvRemoteDone);
   if constexpr (kNext0) c.refill_after_reads<1>(0, id0);
   if constexpr (kNext1) {
+    // L2 prefetch, L = l2_prefetch_pairs pairs ahead: the pair j0 + 2L, whose TMA loads are issued
+    // during pair j0 + 2L - 2 (the segment's start covered the pairs before it). Here, because WG1's
+    // issuer would only wait for its S1 tiles now (WG0's is on the critical path of its softmax).
+    if (c.prefetcher) c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
     cute::warpgroup_wait<0>();
@@ -558,6 +567,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
   c.rows[0] = warp_in_wg * kMmaM + lane / 4;
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
+  c.prefetcher = p.l2_prefetch_pairs > 0 && m_block == 0 && c.wg == 1 && c.issuer();
   c.phase = 0;
 #ifdef KVPAGER_TRACE
   c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
@@ -584,7 +594,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     if (threadIdx.x == 0) {
       if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
       if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
-      if (p.l2_prefetch_pairs > 1) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
+      if (p.l2_prefetch_pairs > 1 && m_block == 0) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
     }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();

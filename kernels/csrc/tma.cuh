@@ -66,11 +66,4 @@ __device__ __forceinline__ void load_page_tiles(const CUtensorMap* map, uint64_t
   }
 }
 
-// One thread: all tiles of page `page_id` into L2 (no shared memory, no barrier), so that a TMA
-// load issued late in a pair finds them there instead of in HBM.
-__device__ __forceinline__ void prefetch_page(const CUtensorMap* map, int page_id, int hk) {
-#pragma unroll
-  for (int c = 0; c < kColBlocks; ++c) cute::SM90_TMA_LOAD_4D::PREFETCH::copy(map, c * kBlockCols, 0, hk, page_id);
-}
-
 }  // namespace kvpager
