@@ -8,8 +8,8 @@ mid-size batches), `quick`. Reports time, TFLOPS = 2*b*s_q*h_q*mean_s_k*(d+dv)/t
 GB/s = 2*(b*mean_s_k*h_kv*d + b*s_q*h_q*(d+dv))/t, each also as a fraction of its ceiling.
 
 `--kernels seesaw,lockstep` times every case whose kv head has >= 64 query rows with both 64-row
-kernels (KVPAGER_MLA_KERNEL), `--prefetch 0,1,2` / `--hint first,normal,last` the seesaw kernel's
-L2 prefetch distance and TMA eviction hint (KVPAGER_L2_PREFETCH, KVPAGER_TMA_HINT), `--pdl on,off` the combine launch both ways (KVPAGER_PDL): side by side on
+kernels (KVPAGER_MLA_KERNEL), `--hint first,normal,last` the seesaw kernel's TMA eviction hint
+(KVPAGER_TMA_HINT), `--pdl on,off` the combine launch both ways (KVPAGER_PDL): side by side on
 the same card, in the same process.
 
 Timing: triton.testing.do_bench(warmup=25, rep=200, return_mode="median"), which clears L2 before
@@ -85,8 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="64-row kernels to time, comma-separated: seesaw, seesaw-oN (hand-off order N: "
                              "KVPAGER_SEESAW_ORDER), lockstep (default: %(default)s)")
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
-    parser.add_argument("--prefetch", default="0",
-                        help="seesaw L2 prefetch distances in pairs, e.g. 0,1,2 (default: %(default)s)")
     parser.add_argument("--hint", default="first",
                         help="seesaw TMA L2 eviction hints, e.g. first,normal,last (default: %(default)s)")
     parser.add_argument("--eager", action="store_true", help="also time eager calls through the wrapper")
@@ -195,8 +193,8 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 # ---- the run --------------------------------------------------------------------------------
 
 
-ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "prefetch": "KVPAGER_L2_PREFETCH",
-       "hint": "KVPAGER_TMA_HINT", "order": "KVPAGER_SEESAW_ORDER"}
+ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "hint": "KVPAGER_TMA_HINT",
+       "order": "KVPAGER_SEESAW_ORDER"}
 
 
 @contextlib.contextmanager
@@ -210,7 +208,6 @@ def kernel_env(variant: dict):
     else:
         os.environ.pop(ENV["order"], None)
     os.environ[ENV["pdl"]] = "1" if variant["pdl"] else "0"
-    os.environ[ENV["prefetch"]] = str(variant["prefetch"])
     os.environ[ENV["hint"]] = variant["hint"]
     try:
         yield
@@ -222,23 +219,21 @@ def kernel_env(variant: dict):
                 os.environ[k] = v
 
 
-def variants(case: Case, kernels_: list[str], pdls: list[bool], prefetches: list[int], hints: list[str]) -> list[dict]:
-    """Switch settings to time: the 64-row kernels (and the seesaw's L2 prefetch and TMA cache hint)
-    only matter when a kv head has more than 32 query rows."""
+def variants(case: Case, kernels_: list[str], pdls: list[bool], hints: list[str]) -> list[dict]:
+    """Switch settings to time: the 64-row kernels (and the seesaw's TMA cache hint) only matter when
+    a kv head has more than 32 query rows."""
     if case.s_q * case.h_q // case.h_kv <= 32:
-        return [dict(kernel="mma.sync", pdl=pdl, prefetch=prefetches[0], hint=hints[0]) for pdl in pdls]
+        return [dict(kernel="mma.sync", pdl=pdl, hint=hints[0]) for pdl in pdls]
     out = []
     for kernel in kernels_:
         seesaw = kernel.startswith("seesaw")
         for hint in hints if seesaw else hints[:1]:
-            for prefetch in prefetches if seesaw else prefetches[:1]:
-                out += [dict(kernel=kernel, pdl=pdl, prefetch=prefetch, hint=hint) for pdl in pdls]
+            out += [dict(kernel=kernel, pdl=pdl, hint=hint) for pdl in pdls]
     return out
 
 
 def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, ceilings: dict,
-               kernels_: list[str], pdls: list[bool], prefetches: list[int], hints: list[str],
-               eager: bool) -> list[dict]:
+               kernels_: list[str], pdls: list[bool], hints: list[str], eager: bool) -> list[dict]:
     from kvpager import kernels
 
     x = make_inputs(case, dtype, seed)
@@ -253,7 +248,7 @@ def bench_case(case: Case, dtype: torch.dtype, seed: int, time_us: Callable, cei
         )
 
     results, first_out = [], None
-    for variant in variants(case, kernels_, pdls, prefetches, hints):
+    for variant in variants(case, kernels_, pdls, hints):
         with kernel_env(variant):
             out, _ = call()
             finite = bool(torch.isfinite(out).all())
@@ -327,12 +322,11 @@ def run(args: argparse.Namespace) -> int:
         return kernel_fp8.run(args, time_us, method, props, ceilings)
     kernels_ = [k.strip() for k in args.kernels.split(",") if k.strip()]
     pdls = [{"on": True, "off": False}[v.strip()] for v in args.pdl.split(",") if v.strip()]
-    prefetches = [int(v) for v in args.prefetch.split(",") if v.strip()]
     hints = [v.strip() for v in args.hint.split(",") if v.strip()]
     results = []
     for i, case in enumerate(cases(args.case_set)):
-        results.extend(bench_case(case, dtype, args.seed + i, time_us, ceilings, kernels_, pdls, prefetches,
-                                  hints, args.eager))
+        results.extend(bench_case(case, dtype, args.seed + i, time_us, ceilings, kernels_, pdls, hints,
+                                  args.eager))
         torch.cuda.empty_cache()
     print_table(results, args.plain)
     reference = []
@@ -362,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
 COLUMNS = [  # (header, key, format)
     ("b", "b", "{}"), ("s_q", "s_q", "{}"), ("h_q", "h_q", "{}"), ("s_k", "mean_s_k", "{:.0f}"),
-    ("varlen", "varlen", "{}"), ("kernel", "kernel", "{}"), ("pdl", "pdl", "{}"), ("L2 pf", "prefetch", "{}"), ("hint", "hint", "{}"), ("µs", "time_us", "{:.1f}"),
+    ("varlen", "varlen", "{}"), ("kernel", "kernel", "{}"), ("pdl", "pdl", "{}"), ("hint", "hint", "{}"), ("µs", "time_us", "{:.1f}"),
     ("eager µs", "eager_us", "{:.1f}"), ("TFLOPS", "tflops", "{:.0f}"),
     ("×mm", "frac_matmul", "{:.2f}"), ("GB/s", "gbps", "{:.0f}"), ("×read", "frac_read", "{:.2f}"),
     ("splits", "total_splits", "{}"), ("meta µs", "metadata_us", "{:.1f}"), ("finite", "finite", "{}"),

@@ -3,7 +3,7 @@ hand-off, relative to the end of WG0's previous pair. Needs a build with
 KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE (the kernel records clock64() at named points; a small kernel
 prints them afterwards, because a printf in the decode kernel serializes its wgmmas).
 
-    python scripts/seesaw_trace.py [--case b,s_q,h_q,s_k ...] [--orders 8,10] [--prefetch 0,2]
+    python scripts/seesaw_trace.py [--case b,s_q,h_q,s_k ...] [--orders 8,10]
 
 For each case: the steady-state pairs of the traced CTA's first segment (pairs 3..40), the median
 cycle of every event after the pair's origin, with its spread (10th..90th percentile), per
@@ -14,6 +14,7 @@ an S GEMM's last tiles, the cycles from the reload to that S GEMM's issue. Event
   P-stored   WG0: P0' stored             P-in         the other's P ready
   remote-iss P_other V issued            S-early      WG0: next S0's first five tiles issued
   remote-done P_other V complete         S-issued     next S fully issued   pair  next S complete
+  refill-b0 / refill-b1  the warpgroup's TMA refill of buffer 0 / 1 issued (after its issuer's loads)
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from kvpager import kernels
 from kvpager.benchmarks import kernel as bench
 
 NAMES = ["start", "segment", "Q", "first-S", "pair", "loop-end", "epilogue", "end", "max", "scale-in", "P",
-         "pv-issued", "pv-done", "P-stored", "P-in", "remote-iss", "S-early", "remote-done", "S-issued"]
+         "pv-issued", "pv-done", "P-stored", "P-in", "remote-iss", "S-early", "remote-done", "S-issued",
+         "refill-b0", "refill-b1"]
 PAIR = NAMES.index("pair")
 LINE = re.compile(r"SEESAW wg (\d) #(\d+) event (\d+) cycle (\d+)")
 DEFAULT_CASES = ["128,2,128,8192", "128,1,128,8192", "64,1,128,1024"]
@@ -125,21 +127,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
     ap.add_argument("--orders", default="", help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 8,10")
-    ap.add_argument("--prefetch", default="", help="L2 prefetch distances to trace (KVPAGER_L2_PREFETCH), e.g. 0,2")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     for spec in args.case or DEFAULT_CASES:
         b, s_q, h_q, s_k = (int(v) for v in spec.split(","))
         case = bench.Case(b, s_q, h_q, s_k, False)
         for order in args.orders.split(",") if args.orders else [""]:
-            for pairs in args.prefetch.split(",") if args.prefetch else [""]:
-                if order:
-                    os.environ["KVPAGER_SEESAW_ORDER"] = order
-                if pairs:
-                    os.environ["KVPAGER_L2_PREFETCH"] = pairs
-                if order or pairs:
-                    print(f"hand-off order {order or 'default'}, L2 prefetch {pairs or 'default'}:")
-                report(case, capture(case))
+            if order:
+                os.environ["KVPAGER_SEESAW_ORDER"] = order
+                print(f"hand-off order {order}:")
+            report(case, capture(case))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
 
 template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
-  p.l2_prefetch_pairs = options.l2_prefetch_pairs;
   p.page_cache_hint = cache_policy(options.page_cache_hint);
   CUtensorMap page_map;
   const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
@@ -62,6 +61,9 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   auto* kernel = mla_decode_seesaw_kernel<Elem, 11>;
   if (options.seesaw_order == 8) {
     kernel = mla_decode_seesaw_kernel<Elem, 8>;
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  } else if (options.seesaw_order == 15) {
+    kernel = mla_decode_seesaw_kernel<Elem, 15>;
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   } else {
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);

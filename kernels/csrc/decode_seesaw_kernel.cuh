@@ -21,6 +21,8 @@
 // P0' as soon as sc1 arrives, while its own O_L += P0 V0L runs, and skips every O rescale whose
 // factors are all 1 in a warp; 8 is v8's (P0' after WG0's P V completes, every rescale done), kept
 // so the two can be compared in one process. docs/kernel-perf.md, s12, has the timeline behind it.
+// 15 (s14, on trial) is 11 with WG0 refilling buffer 1 before it issues its next S0 instead of after
+// that S0's first tiles landed.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -62,6 +64,8 @@ enum TraceEvent {
   kEvSEarly,       // WG0: next S0's first five tiles issued (their TMA waits included)
   kEvRemoteDone,   // P_other V complete
   kEvSIssued,      // next S fully issued (TMA waits included)
+  kEvRefill0,      // this warpgroup's refill of buffer 0 issued (its issuer's TMA instructions done)
+  kEvRefill1,      // same, buffer 1
 };
 #ifdef KVPAGER_TRACE
 constexpr int kTraceMax = 1024;
@@ -106,12 +110,11 @@ struct Ctx {
   int limit[2];  // keys visible to each of them (causal / sequence end)
   int min_limit; // the smallest limit of the row block: pages below it need no mask
   int hk;
-  bool prefetcher;  // the thread that prefetches pages into L2 (WG1's issuer in row block 0), if on
   Segment seg;
   uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
 #ifdef KVPAGER_TRACE
   bool trace;
-  int trace_n;
+  mutable int trace_n;
 #endif
 
   __device__ __forceinline__ uint32_t q_tile(int c) const { return smem_addr(s.q[c]); }
@@ -139,18 +142,7 @@ struct Ctx {
       load_wg0_tiles(buf, id);
     else
       load(buf, id, T::kVTilesPerWg, T::kRopeTile);
-  }
-  // One thread: pages [first, first + count) of the segment (those that exist) into L2, one bulk
-  // prefetch each: the span of this kv head's 64 rows (the whole page when tokens are contiguous).
-  __device__ __forceinline__ void prefetch_pages(int first, int count) const {
-    constexpr int kElemBytes = 2;
-    const uint32_t bytes = uint32_t(((kPageSize - 1) * p.k_token_stride + kHeadDim) * kElemBytes);
-    const char* cache = static_cast<const char*>(p.k_cache);
-    const int last = min(seg.end_page, first + count);
-    for (int page = first; page < last; ++page)
-      prefetch_l2_bulk(cache + (int64_t(seg.block_table[page]) * p.k_page_stride + int64_t(hk) * p.k_head_stride) *
-                                   kElemBytes,
-                       bytes);
+    SEESAW_TRACE(*this, buf == 0 ? kEvRefill0 : kEvRefill1);
   }
 };
 
@@ -415,6 +407,26 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
     SEESAW_TRACE(c, kEvRemoteIssued);
+    if constexpr (kOrder == 15) {
+      // Buffer 1's tiles 0-3 and 8 are what WG1's next S1 reads last: refill them as soon as
+      // O_L += P1 V1L is done, before this warpgroup's next S0, whose tile waits (TMA latency)
+      // would otherwise hold the refill back.
+      cute::warpgroup_wait<0>();
+      fence_accumulators(o);
+      SEESAW_TRACE(c, kEvRemoteDone);
+      if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
+      if constexpr (kNext0) {
+        issue_s0_early<Elem>(c, s);
+        SEESAW_TRACE(c, kEvSEarly);
+        issue_s0_late<Elem>(c, s);
+        SEESAW_TRACE(c, kEvSIssued);
+        cute::warpgroup_wait<0>();
+        fence_accumulators(s);
+        c.phase ^= 1;
+      }
+      SEESAW_TRACE(c, kEvPair);
+      return;
+    }
     // Next S0, first part, behind it; then buffer 1's tiles 0-3, 8 are free once O_L += P1 V1L is.
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
@@ -510,10 +522,6 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvRemoteDone);
   if constexpr (kNext0) c.refill_after_reads<1>(0, id0);
   if constexpr (kNext1) {
-    // L2 prefetch, L = l2_prefetch_pairs pairs ahead: the pair j0 + 2L, whose TMA loads are issued
-    // during pair j0 + 2L - 2 (the segment's start covered the pairs before it). Here, because WG1's
-    // issuer would only wait for its S1 tiles now (WG0's is on the critical path of its softmax).
-    if (c.prefetcher) c.prefetch_pages(j0 + 2 * c.p.l2_prefetch_pairs, 2);
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
     cute::warpgroup_wait<0>();
@@ -567,7 +575,6 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
   c.rows[0] = warp_in_wg * kMmaM + lane / 4;
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
-  c.prefetcher = p.l2_prefetch_pairs > 0 && m_block == 0 && c.wg == 1 && c.issuer();
   c.phase = 0;
 #ifdef KVPAGER_TRACE
   c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
@@ -594,7 +601,6 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     if (threadIdx.x == 0) {
       if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
       if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
-      if (p.l2_prefetch_pairs > 1 && m_block == 0) c.prefetch_pages(ps + 2, 2 * p.l2_prefetch_pairs - 2);
     }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();

@@ -13,7 +13,6 @@ struct DecodeOptions {
   // seesaw hand-off order: 11 (s12: WG0 stores P0' while its own P V runs; O rescales skipped where
   // a warp's factors are all 1) or 8 (v8's, kept for comparison). docs/kernel-perf.md, s12.
   int seesaw_order = 11;
-  int l2_prefetch_pairs = 0;  // seesaw: how many pairs of pages ahead to prefetch into L2 (0: none)
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).

@@ -31,7 +31,6 @@ struct DecodeParams {
   int max_pages;     // block_table columns
   float scale_log2;  // softmax_scale * log2(e)
   bool causal;
-  int l2_prefetch_pairs;  // seesaw: pairs of pages prefetched into L2 ahead of their TMA loads
   int fp8_prefetch_pages; // FP8 ws: L2 prefetch distance in pages from the page loaded into registers
   uint64_t page_cache_hint;  // seesaw: L2 cache-policy operand of the page TMA loads
 };
