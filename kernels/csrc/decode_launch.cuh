@@ -65,6 +65,9 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   } else if (options.seesaw_order == 15) {
     kernel = mla_decode_seesaw_kernel<Elem, 15>;
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  } else if (options.seesaw_order == 16) {
+    kernel = mla_decode_seesaw_kernel<Elem, 16>;
+    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   } else {
     KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   }

@@ -21,8 +21,7 @@
 // P0' as soon as sc1 arrives, while its own O_L += P0 V0L runs, and skips every O rescale whose
 // factors are all 1 in a warp; 8 is v8's (P0' after WG0's P V completes, every rescale done), kept
 // so the two can be compared in one process. docs/kernel-perf.md, s12, has the timeline behind it.
-// 15 (s14, on trial) is 11 with WG0 refilling buffer 1 before it issues its next S0 instead of after
-// that S0's first tiles landed.
+// 15 and 16 (s14, on trial: kRefillBeforeS0, kEarlyP1 below) change two hand-offs of 11.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -92,13 +91,24 @@ using NamedBarrier = cutlass::arch::NamedBarrier;
 // acquires). compute-sanitizer's racecheck does not model bar.arrive's ordering, so a
 // -DKVPAGER_SYNC_HANDOFFS build makes producers wait too (bar.sync on both sides; no cycle: each
 // consumer reaches its sync without waiting on its producer) for racecheck runs.
-__device__ __forceinline__ void handoff(uint32_t barrier) {
 #ifdef KVPAGER_SYNC_HANDOFFS
-  NamedBarrier::arrive_and_wait(T::kThreads, barrier);
+constexpr bool kSyncHandoffs = true;
 #else
-  NamedBarrier::arrive(T::kThreads, barrier);
+constexpr bool kSyncHandoffs = false;
 #endif
+__device__ __forceinline__ void handoff(uint32_t barrier) {
+  if constexpr (kSyncHandoffs)
+    NamedBarrier::arrive_and_wait(T::kThreads, barrier);
+  else
+    NamedBarrier::arrive(T::kThreads, barrier);
 }
+
+// The orders on trial (s14), on top of 11: WG0 refills buffer 1 before it issues its next S0 (15,
+// 16), and WG1 hands P1 over as soon as it is stored, before its own P V (16; not under
+// KVPAGER_SYNC_HANDOFFS, where WG1 would wait in that hand-off for WG0, itself waiting in its P0
+// hand-off for WG1: there 16 runs as 15).
+template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kOrder == 16;
+template <int kOrder> constexpr bool kEarlyP1 = kOrder == 16 && !kSyncHandoffs;
 
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
@@ -407,7 +417,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
     SEESAW_TRACE(c, kEvRemoteIssued);
-    if constexpr (kOrder == 15) {
+    if constexpr (kRefillBeforeS0<kOrder>) {
       // Buffer 1's tiles 0-3 and 8 are what WG1's next S1 reads last: refill them as soon as
       // O_L += P1 V1L is done, before this warpgroup's next S0, whose tile waits (TMA latency)
       // would otherwise hold the refill back.
@@ -494,6 +504,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
     fence_async_proxy();
     SEESAW_TRACE(c, kEvP);
+    if constexpr (kEarlyP1<kOrder>) handoff(T::kP1Ready);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_local<Elem>(c, 1, pb, o);
     SEESAW_TRACE(c, kEvPvIssued);
@@ -507,7 +518,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvPIn);
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-  if constexpr (kHas1) handoff(T::kP1Ready);
+  if constexpr (kHas1 && !kEarlyP1<kOrder>) handoff(T::kP1Ready);
   SEESAW_TRACE(c, kEvRemoteIssued);
 
   // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.

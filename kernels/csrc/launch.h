@@ -11,7 +11,8 @@ struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
   // seesaw hand-off order: 11 (s12: WG0 stores P0' while its own P V runs; O rescales skipped where
-  // a warp's factors are all 1) or 8 (v8's, kept for comparison). docs/kernel-perf.md, s12.
+  // a warp's factors are all 1) or 8 (v8's, kept for comparison). docs/kernel-perf.md, s12. 15 and
+  // 16: on trial (s14; decode_seesaw_kernel.cuh, kRefillBeforeS0 / kEarlyP1).
   int seesaw_order = 11;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;

@@ -131,7 +131,7 @@ def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
 
 @pytest.mark.parametrize("name, value, error, message", [
     ("KVPAGER_MLA_KERNEL", "fast", Exception, "KVPAGER_MLA_KERNEL"),
-    ("KVPAGER_SEESAW_ORDER", "10", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 8, 11 or 15, got 10"),
+    ("KVPAGER_SEESAW_ORDER", "10", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 8, 11, 15 or 16, got 10"),
 ])
 def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) -> None:
     monkeypatch.setenv(name, value)
@@ -141,10 +141,10 @@ def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) 
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("order", ["8", "15"])
+@pytest.mark.parametrize("order", ["8", "15", "16"])
 @pytest.mark.parametrize("c", CASES[1::6], ids=case_id)
 def test_other_handoff_orders_match_reference(c: dict, order: str, monkeypatch) -> None:
-    """KVPAGER_SEESAW_ORDER=8 (v8's hand-offs) stays selectable for comparison, 15 is on trial; the
+    """KVPAGER_SEESAW_ORDER=8 (v8's hand-offs) stays selectable for comparison, 15 and 16 are on trial; the
     default (11) is what test_seesaw_matches_reference runs."""
     monkeypatch.setenv("KVPAGER_SEESAW_ORDER", order)
     (q, k_cache, block_table, seqlens), out, lse = run(c)
