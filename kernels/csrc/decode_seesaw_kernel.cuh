@@ -417,38 +417,25 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
     SEESAW_TRACE(c, kEvRemoteIssued);
-    if constexpr (kRefillBeforeS0<kOrder>) {
-      // Buffer 1's tiles 0-3 and 8 are what WG1's next S1 reads last: refill them as soon as
-      // O_L += P1 V1L is done, before this warpgroup's next S0, whose tile waits (TMA latency)
-      // would otherwise hold the refill back.
-      cute::warpgroup_wait<0>();
+    // Buffer 1's tiles 0-3 and 8 are free once O_L += P1 V1L is done; WG1's next S1 reads them last.
+    auto refill_buffer1 = [&] {
       fence_accumulators(o);
       SEESAW_TRACE(c, kEvRemoteDone);
       if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
-      if constexpr (kNext0) {
-        issue_s0_early<Elem>(c, s);
-        SEESAW_TRACE(c, kEvSEarly);
-        issue_s0_late<Elem>(c, s);
-        SEESAW_TRACE(c, kEvSIssued);
-        cute::warpgroup_wait<0>();
-        fence_accumulators(s);
-        c.phase ^= 1;
-      }
-      SEESAW_TRACE(c, kEvPair);
-      return;
+    };
+    if constexpr (kRefillBeforeS0<kOrder> || !kNext0) {
+      // 15, 16 (and a tail pair): refill before the next S0, whose tile waits (TMA latency) would
+      // otherwise hold the refill back.
+      cute::warpgroup_wait<0>();
+      refill_buffer1();
     }
-    // Next S0, first part, behind it; then buffer 1's tiles 0-3, 8 are free once O_L += P1 V1L is.
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
       SEESAW_TRACE(c, kEvSEarly);
-      cute::warpgroup_wait<1>();
-    } else {
-      cute::warpgroup_wait<0>();
-    }
-    fence_accumulators(o);
-    SEESAW_TRACE(c, kEvRemoteDone);
-    if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
-    if constexpr (kNext0) {
+      if constexpr (!kRefillBeforeS0<kOrder>) {  // 8, 11: S0's first tiles queue behind O_L += P1 V1L
+        cute::warpgroup_wait<1>();
+        refill_buffer1();
+      }
       issue_s0_late<Elem>(c, s);
       SEESAW_TRACE(c, kEvSIssued);
       cute::warpgroup_wait<0>();
