@@ -51,32 +51,32 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
   }
 }
 
+// The seesaw kernel with hand-off order kOrder (its shared-memory attribute set once per order).
+template <typename Elem, int kOrder>
+cudaError_t launch_seesaw_order(const DecodeParams& p, const CUtensorMap& page_map, cudaStream_t stream) {
+  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder>;
+  KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
+      p, page_map);
+  return cudaGetLastError();
+}
+
 template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.page_cache_hint = cache_policy(options.page_cache_hint);
   CUtensorMap page_map;
-  const cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
+  cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;
-  // One attribute call site per instantiation (the macro keeps a static).
-  auto* kernel = mla_decode_seesaw_kernel<Elem, 11>;
-  if (options.seesaw_order == 8) {
-    kernel = mla_decode_seesaw_kernel<Elem, 8>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else if (options.seesaw_order == 15) {
-    kernel = mla_decode_seesaw_kernel<Elem, 15>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else if (options.seesaw_order == 16) {
-    kernel = mla_decode_seesaw_kernel<Elem, 16>;
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  } else {
-    KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
+  switch (options.seesaw_order) {
+    case 8: err = launch_seesaw_order<Elem, 8>(p, page_map, stream); break;
+    case 15: err = launch_seesaw_order<Elem, 15>(p, page_map, stream); break;
+    case 16: err = launch_seesaw_order<Elem, 16>(p, page_map, stream); break;
+    default: err = launch_seesaw_order<Elem, 11>(p, page_map, stream);
   }
-  kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
-      p, page_map);
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
 #endif
-  return cudaGetLastError();
+  return err;
 }
 
 // With pdl, the combine grid may launch while the decode grid's last CTAs finish (they signal it
