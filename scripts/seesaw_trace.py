@@ -8,7 +8,8 @@ prints them afterwards, because a printf in the decode kernel serializes its wgm
 For each case: the steady-state pairs of the traced CTA's first segment (pairs 3..40), the median
 cycle of every event after the pair's origin, with its spread (10th..90th percentile), per
 warpgroup, in the order the events happen; then the pair period, and for the two reloads that feed
-an S GEMM's last tiles, the cycles from the reload to that S GEMM's issue. Events (decode_seesaw_kernel.cuh):
+an S GEMM's last tiles, the cycles from the reload to that S GEMM's issue; and what each refill's
+TMA issue costs (builds since s14). Events (decode_seesaw_kernel.cuh):
   max        page maxima of S            scale-in     the other warpgroup's scale read
   P          P exponentiated and packed  pv-issued    own P V issued     pv-done   own P V complete
   P-stored   WG0: P0' stored             P-in         the other's P ready
@@ -92,6 +93,25 @@ def reload_spans(pairs: dict[int, list], first: int, n: int) -> dict[str, list[i
     return out
 
 
+# The TMA issue of each refill: from the event after which a warpgroup refills a buffer (its last read
+# of it complete) to the refill's stamp, i.e. the warpgroup sync plus its issuer's 4-5 tile loads.
+REFILLS = {"WG0 buf0 0-3+8": (0, "pv-done", "refill-b0"), "WG0 buf1 0-3+8": (0, "remote-done", "refill-b1"),
+           "WG1 buf1 4-7": (1, "pv-done", "refill-b1"), "WG1 buf0 4-7": (1, "remote-done", "refill-b0")}
+
+
+def refill_issue_spans(pairs: dict[int, list], first: int, n: int) -> dict[str, list[int]]:
+    """Per steady pair, cycles a warpgroup spends issuing a refill (only where the stamps exist)."""
+    out: dict[str, list[int]] = {}
+    for name, (wg, ev_from, ev_to) in REFILLS.items():
+        a, b = NAMES.index(ev_from), NAMES.index(ev_to)
+        for k in range(first, n):
+            start = [c for e, c in pairs[wg][k] if e == a]
+            end = [c for e, c in pairs[wg][k] if e == b and start and c >= start[0]]
+            if start and end:
+                out.setdefault(name, []).append(end[0] - start[0])
+    return out
+
+
 def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: int = 3, last: int = 40) -> None:
     pairs = {wg: first_segment_pairs(events[wg]) for wg in (0, 1)}
     n = min(len(pairs[0]), len(pairs[1]), last)
@@ -118,6 +138,10 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
     if spans:
         print("  reload -> next S issued (an upper bound on the TMA latency the S GEMM waited for): "
               + " | ".join(f"{name} {statistics.median(v):.0f}" for name, v in spans.items()))
+    issue = refill_issue_spans(pairs, first, n)
+    if issue:
+        print("  refill TMA issue (sync + loads, cycles): "
+              + " | ".join(f"{name} {statistics.median(v):.0f}" for name, v in issue.items()))
     seg = {wg: {NAMES[e]: c for e, c in events[wg][:8] if NAMES[e] in ("start", "segment", "Q", "first-S")}
            for wg in (0, 1)}
     print(f"  segment start: {seg}")

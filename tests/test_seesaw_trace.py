@@ -71,3 +71,16 @@ def test_reload_spans_run_from_the_reloader_to_the_readers_s_issue(trace) -> Non
     pair1 = [(ev["remote-done"], 4300), (ev["S-issued"], 7500), (ev["pair"], 7700)]
     spans = trace.reload_spans({0: [pair0] * 5, 1: [pair1] * 5}, first=1, n=5)
     assert spans == {"S0 late (buf0 4-7, WG1)": [6500 - 4300] * 4, "S1 (buf1 0-3+8, WG0)": [7500 - 5000] * 4}
+
+
+def test_refill_issue_spans_pair_each_refill_with_the_read_that_freed_it(trace) -> None:
+    ev = {name: i for i, name in enumerate(trace.NAMES)}
+    wg0 = [(ev["pv-done"], 2800), (ev["refill-b0"], 3100), (ev["remote-done"], 5500), (ev["refill-b1"], 5900),
+           (ev["pair"], 6800)]
+    wg1 = [(ev["pv-done"], 3900), (ev["refill-b1"], 4050), (ev["remote-done"], 4500), (ev["refill-b0"], 4700),
+           (ev["pair"], 7900)]
+    spans = trace.refill_issue_spans({0: [wg0] * 4, 1: [wg1] * 4}, first=1, n=4)
+    assert spans == {"WG0 buf0 0-3+8": [300] * 3, "WG0 buf1 0-3+8": [400] * 3,
+                     "WG1 buf1 4-7": [150] * 3, "WG1 buf0 4-7": [200] * 3}
+    # A build without the stamps (before s14) prints no such line.
+    assert trace.refill_issue_spans({0: [wg0[2:3]] * 4, 1: [wg1[:1]] * 4}, first=1, n=4) == {}
