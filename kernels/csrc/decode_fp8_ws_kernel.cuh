@@ -110,6 +110,11 @@ struct PageCursor {
   }
 };
 
+// Prefetch [ptr, ptr + bytes) into L2 (16-byte aligned, a multiple of 16 bytes), no completion to wait for.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* ptr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
+
 // Where a page's rows start and how many hold tokens: resolved when its loads are issued (two pages
 // ahead) and kept with them, so that no block-table read sits on the conversion's critical path.
 struct PageRef {

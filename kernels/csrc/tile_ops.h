@@ -35,12 +35,6 @@ __device__ __forceinline__ Plan& aligned_plan(char* smem_raw) {
   return *reinterpret_cast<Plan*>(smem_raw + ((1024u - misalign) & 1023u));
 }
 
-// Prefetch [ptr, ptr + bytes) into L2 with one instruction (16-byte aligned, a multiple of 16 bytes);
-// nothing to wait for.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* ptr, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-}
-
 // 16-byte global -> shared copy; zero-fills the destination when `valid` is false (the source
 // is then not read, but must still be a mapped address).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
