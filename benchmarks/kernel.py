@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="same as --set quick: s_k=8192, h_q in {16,128} and the small cases")
     parser.add_argument("--kernels", default="seesaw",
                         help="64-row kernels to time, comma-separated: seesaw, seesaw-oN (hand-off order N: "
-                             "KVPAGER_SEESAW_ORDER), lockstep (default: %(default)s)")
+                             "KVPAGER_SEESAW_ORDER), either with -qfirst (KVPAGER_SEESAW_START=q-first), "
+                             "lockstep (default: %(default)s)")
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
     parser.add_argument("--hint", default="first",
                         help="seesaw TMA L2 eviction hints, e.g. first,normal,last (default: %(default)s)")
@@ -194,7 +195,7 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 
 
 ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "hint": "KVPAGER_TMA_HINT",
-       "order": "KVPAGER_SEESAW_ORDER"}
+       "order": "KVPAGER_SEESAW_ORDER", "start": "KVPAGER_SEESAW_START"}
 
 
 @contextlib.contextmanager
@@ -202,7 +203,10 @@ def kernel_env(variant: dict):
     """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
     saved = {v: os.environ.get(v) for v in ENV.values()}
     os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
-    order = variant["kernel"].partition("-o")[2]  # seesaw-o8: the seesaw kernel with hand-off order 8
+    # seesaw-o8: the seesaw kernel with hand-off order 8; a "-qfirst" suffix: KVPAGER_SEESAW_START=q-first
+    name, qfirst, _ = variant["kernel"].partition("-qfirst")
+    order = name.partition("-o")[2]
+    os.environ[ENV["start"]] = "q-first" if qfirst else "pages-first"
     if order:
         os.environ[ENV["order"]] = order
     else:

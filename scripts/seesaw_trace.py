@@ -142,15 +142,24 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
     if issue:
         print("  refill TMA issue (sync + loads, cycles): "
               + " | ".join(f"{name} {statistics.median(v):.0f}" for name, v in issue.items()))
-    seg = {wg: {NAMES[e]: c for e, c in events[wg][:8] if NAMES[e] in ("start", "segment", "Q", "first-S")}
-           for wg in (0, 1)}
-    print(f"  segment start: {seg}")
+    print("  segment start (cycles): " + " | ".join(f"wg{wg} {start_spans(events[wg])}" for wg in (0, 1)))
+
+
+def start_spans(events: list[tuple[int, int]]) -> str:
+    """The first segment's start as spans: kernel start -> segment -> Q landed -> first S done."""
+    stamps = {}
+    for e, c in events[:8]:
+        stamps.setdefault(NAMES[e], c)
+    names = [n for n in ("start", "segment", "Q", "first-S") if n in stamps]
+    return ", ".join(f"{a}->{b} {stamps[b] - stamps[a]}" for a, b in zip(names, names[1:]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
-    ap.add_argument("--orders", default="", help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 8,10")
+    ap.add_argument("--orders", default="",
+                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 8,11; a q suffix (11q) also sets "
+                         "KVPAGER_SEESAW_START=q-first")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     for spec in args.case or DEFAULT_CASES:
@@ -158,8 +167,9 @@ def main() -> None:
         case = bench.Case(b, s_q, h_q, s_k, False)
         for order in args.orders.split(",") if args.orders else [""]:
             if order:
-                os.environ["KVPAGER_SEESAW_ORDER"] = order
-                print(f"hand-off order {order}:")
+                os.environ["KVPAGER_SEESAW_ORDER"] = order.rstrip("q")
+                os.environ["KVPAGER_SEESAW_START"] = "q-first" if order.endswith("q") else "pages-first"
+                print(f"hand-off order {order.rstrip('q')}, start {os.environ['KVPAGER_SEESAW_START']}:")
             report(case, capture(case))
 
 

@@ -56,6 +56,8 @@ def test_report_gives_offsets_from_the_end_of_wg0s_previous_pair(trace, capsys) 
     assert "wg0: max 100 (100..100) | pair 6000 (6000..6000)" in text
     assert "wg1: max 800 (800..800) | pair 6700 (6700..6700)" in text
     assert "period median 6000 cycles" in text
+    assert "segment start (cycles): wg0 start->segment 10, segment->Q 490, Q->first-S 500 | wg1 " in text
+    assert "Q->first-S 1200" in text
 
 
 def test_too_short_a_segment_is_said_not_averaged(trace, capsys) -> None:

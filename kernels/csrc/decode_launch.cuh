@@ -64,6 +64,7 @@ cudaError_t launch_seesaw_order(const DecodeParams& p, const CUtensorMap& page_m
 template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.page_cache_hint = cache_policy(options.page_cache_hint);
+  p.q_first = options.seesaw_q_first;
   CUtensorMap page_map;
   cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
   if (err != cudaSuccess) return err;

@@ -596,12 +596,18 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     SEESAW_TRACE(c, kEvSegment);
 
     // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
-    if (threadIdx.x == 0) {
-      if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
-      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
-    }
+    // With p.q_first, Q's loads go out first: when every CTA starts at once the memory queue is
+    // long, and the first S needs Q and page 0, not page 1.
+    const auto load_first_pages = [&] {
+      if (threadIdx.x == 0) {
+        if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
+        if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      }
+    };
+    if (!p.q_first) load_first_pages();
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
+    if (p.q_first) load_first_pages();
     if (threadIdx.x < T::kBlockM) plan.row_max[threadIdx.x] = -CUDART_INF_F;
 #pragma unroll
     for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);

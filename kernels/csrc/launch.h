@@ -16,6 +16,9 @@ struct DecodeOptions {
   int seesaw_order = 11;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
+  // seesaw: a segment's start issues Q's cp.async before the TMA of its first two pages, so Q and
+  // page 0 land first when every CTA starts at once (s15, on trial; docs/kernel-perf.md).
+  bool seesaw_q_first = false;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).
   bool fp8_warp_specialized = true;
   // FP8 ws kernel: L2 prefetch of page L + this while page L is loaded (0: off; 1 measured best on

@@ -132,6 +132,8 @@ def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
 @pytest.mark.parametrize("name, value, error, message", [
     ("KVPAGER_MLA_KERNEL", "fast", Exception, "KVPAGER_MLA_KERNEL"),
     ("KVPAGER_SEESAW_ORDER", "10", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 8, 11, 15 or 16, got 10"),
+    ("KVPAGER_SEESAW_START", "k-first", InvalidArgument,
+     "KVPAGER_SEESAW_START must be pages-first or q-first, got k-first"),
 ])
 def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) -> None:
     monkeypatch.setenv(name, value)
@@ -146,6 +148,16 @@ def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) 
 def test_other_handoff_orders_match_reference(c: dict, order: str, monkeypatch) -> None:
     """KVPAGER_SEESAW_ORDER=8 (v8's hand-offs) stays selectable for comparison, 15 and 16 are on trial; the
     default (11) is what test_seesaw_matches_reference runs."""
+    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", order)
+    (q, k_cache, block_table, seqlens), out, lse = run(c)
+    assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
+
+
+@pytest.mark.parametrize("order", ["11", "16"])
+@pytest.mark.parametrize("c", CASES[2::6], ids=case_id)
+def test_q_first_start_matches_reference(c: dict, order: str, monkeypatch) -> None:
+    """KVPAGER_SEESAW_START=q-first (on trial) only reorders a segment's first loads: same results."""
+    monkeypatch.setenv("KVPAGER_SEESAW_START", "q-first")
     monkeypatch.setenv("KVPAGER_SEESAW_ORDER", order)
     (q, k_cache, block_table, seqlens), out, lse = run(c)
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
