@@ -158,8 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
     ap.add_argument("--orders", default="",
-                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 8,11; a q suffix (11q) also sets "
-                         "KVPAGER_SEESAW_START=q-first")
+                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 11,15; a t4 suffix (15t4) also sets "
+                         "KVPAGER_SEESAW_TMA_TILES=4")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     for spec in args.case or DEFAULT_CASES:
@@ -167,9 +167,10 @@ def main() -> None:
         case = bench.Case(b, s_q, h_q, s_k, False)
         for order in args.orders.split(",") if args.orders else [""]:
             if order:
-                os.environ["KVPAGER_SEESAW_ORDER"] = order.rstrip("q")
-                os.environ["KVPAGER_SEESAW_START"] = "q-first" if order.endswith("q") else "pages-first"
-                print(f"hand-off order {order.rstrip('q')}, start {os.environ['KVPAGER_SEESAW_START']}:")
+                order, _, tiles = order.partition("t")
+                os.environ["KVPAGER_SEESAW_ORDER"] = order
+                os.environ["KVPAGER_SEESAW_TMA_TILES"] = tiles or "1"
+                print(f"hand-off order {order}, {tiles or 1} tile(s) a TMA copy:")
             report(case, capture(case))
 
 

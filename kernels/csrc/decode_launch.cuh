@@ -51,29 +51,32 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
   }
 }
 
-// The seesaw kernel with hand-off order kOrder (its shared-memory attribute set once per order).
-template <typename Elem, int kOrder>
-cudaError_t launch_seesaw_order(const DecodeParams& p, const CUtensorMap& page_map, cudaStream_t stream) {
-  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder>;
+// The seesaw kernel with hand-off order kOrder and kTilesPerCopy tiles a TMA copy (its
+// shared-memory attribute set once per instance).
+template <typename Elem, int kOrder, int kTilesPerCopy>
+cudaError_t launch_seesaw_kernel(const DecodeParams& p, const CUtensorMap& page_map, const CUtensorMap& group_map,
+                                 cudaStream_t stream) {
+  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kTilesPerCopy>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
-      p, page_map);
+      p, page_map, group_map);
   return cudaGetLastError();
 }
 
 template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.page_cache_hint = cache_policy(options.page_cache_hint);
-  p.q_first = options.seesaw_q_first;
-  CUtensorMap page_map;
-  cudaError_t err = encode_page_tensor_map<Elem>(p, &page_map);
+  const bool grouped = options.seesaw_tma_tiles == kTilesPerGroupCopy;
+  CUtensorMap page_map, group_map{};
+  cudaError_t err = encode_page_tensor_map<Elem>(p, 1, &page_map);
+  if (err == cudaSuccess && grouped) err = encode_page_tensor_map<Elem>(p, kTilesPerGroupCopy, &group_map);
   if (err != cudaSuccess) return err;
-  switch (options.seesaw_order) {
-    case 8: err = launch_seesaw_order<Elem, 8>(p, page_map, stream); break;
-    case 15: err = launch_seesaw_order<Elem, 15>(p, page_map, stream); break;
-    case 16: err = launch_seesaw_order<Elem, 16>(p, page_map, stream); break;
-    default: err = launch_seesaw_order<Elem, 11>(p, page_map, stream);
-  }
+  if (options.seesaw_order == 11)
+    err = launch_seesaw_kernel<Elem, 11, 1>(p, page_map, group_map, stream);
+  else if (grouped)
+    err = launch_seesaw_kernel<Elem, 15, kTilesPerGroupCopy>(p, page_map, group_map, stream);
+  else
+    err = launch_seesaw_kernel<Elem, 15, 1>(p, page_map, group_map, stream);
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
 #endif

@@ -17,11 +17,11 @@
 //   buffer 1: tiles 4-7 by WG1 after O_R += P1 V1R, tiles 0-3 and 8 by WG0 after O_L += P1 V1L.
 // So WG0's next S0 starts on tiles 0-3, 8 and ends on 4-7; WG1's next S1 starts on 4-7.
 //
-// Hand-off order (template kOrder, KVPAGER_SEESAW_ORDER): 11, the default since s12, has WG0 store
-// P0' as soon as sc1 arrives, while its own O_L += P0 V0L runs, and skips every O rescale whose
-// factors are all 1 in a warp; 8 is v8's (P0' after WG0's P V completes, every rescale done), kept
-// so the two can be compared in one process. docs/kernel-perf.md, s12, has the timeline behind it.
-// 15 and 16 (s14, on trial: kRefillBeforeS0, kEarlyP1 below) change two hand-offs of 11.
+// Hand-off order (template kOrder, KVPAGER_SEESAW_ORDER): both have WG0 store P0' as soon as sc1
+// arrives, while its own O_L += P0 V0L runs, and skip every O rescale whose factors are all 1 in a
+// warp (s12). 15, the default since s15, has WG0 wait for O_L += P1 V1L and refill buffer 1 before
+// it issues its next S0; 11 (s12-s14) issues S0's first tiles first, kept so the two can be
+// compared in one process. docs/kernel-perf.md (s12, s14, s15) has the timelines behind them.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -103,18 +103,16 @@ __device__ __forceinline__ void handoff(uint32_t barrier) {
     NamedBarrier::arrive(T::kThreads, barrier);
 }
 
-// The orders on trial (s14), on top of 11: WG0 refills buffer 1 before it issues its next S0 (15,
-// 16), and WG1 hands P1 over as soon as it is stored, before its own P V (16; not under
-// KVPAGER_SYNC_HANDOFFS, where WG1 would wait in that hand-off for WG0, itself waiting in its P0
-// hand-off for WG1: there 16 runs as 15).
-template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kOrder == 16;
-template <int kOrder> constexpr bool kEarlyP1 = kOrder == 16 && !kSyncHandoffs;
+// Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
+template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
   Plan& s;
   const DecodeParams& p;
   const CUtensorMap* map;
+  const CUtensorMap* group_map;  // 4-tile copies (template kTilesPerCopy 4), else nullptr
+  bool grouped;                  // = group_map != nullptr, a compile-time constant in every kernel
   int wg, lane_in_wg, t;
   int rows[2];   // local rows of this lane's two accumulator rows
   int limit[2];  // keys visible to each of them (causal / sequence end)
@@ -135,7 +133,7 @@ struct Ctx {
   }
   // One thread: tiles [first, last) of page `page` (its block-table id `id`) into buffer `buf`.
   __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
-    load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+    load_page_tiles(map, group_map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
   }
   // One thread: the tiles WG0 reads last in buffer `buf` (0-3 and the rope tile 8), page `id`.
   __device__ __forceinline__ void load_wg0_tiles(int buf, int id) const {
@@ -160,10 +158,12 @@ struct Ctx {
 // (the caller fences acc first).
 template <typename Elem, int kFirst, int kLast, bool kZeroFirst>
 __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[T::kScoreRegs]) {
+  static_assert(group_barrier(true, kFirst) == kFirst, "with 4-tile copies a range starts at a copy's first tile");
   const uint32_t page = c.page(buf);
 #pragma unroll
   for (int tile = kFirst; tile < kLast; ++tile) {
-    TileBarrier::wait(&c.s.tile_ready[buf][tile], c.phase);
+    // A grouped copy's later tiles landed with its first, whose barrier this loop already waited on.
+    if (group_barrier(c.grouped, tile) == tile) TileBarrier::wait(&c.s.tile_ready[buf][tile], c.phase);
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
@@ -312,15 +312,10 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   fence_async_proxy();  // the next segment's TMA loads overwrite the staging tile
 }
 
-// O (this warpgroup's half) *= its rows' factors; in order 11, skipped when every factor of the
-// warp is 1 (the running max did not move: the common case once a sequence's max has settled).
-template <int kOrder>
+// O (this warpgroup's half) *= its rows' factors, skipped when every factor of the warp is 1 (the
+// running max did not move: the common case once a sequence's max has settled).
 __device__ __forceinline__ void rescale_output(float (&o)[T::kOutRegs], const float (&alpha)[2]) {
-  if constexpr (kOrder != 8) {
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) OnlineSoftmax::rescale(o, alpha);
-  } else {
-    OnlineSoftmax::rescale(o, alpha);
-  }
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) OnlineSoftmax::rescale(o, alpha);
 }
 
 // WG0, once scale1 is in: P0' = P0 * scale1 (packed from the fp32 probabilities s) into p0 for WG1's
@@ -370,7 +365,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   }
   handoff(T::kScale0Ready);
   sm.exponentiate(s, base, alpha);
-  rescale_output<kOrder>(o, alpha);
+  rescale_output(o, alpha);
   uint32_t pb[T::kScoreRegs / 2];
   const float one[2] = {1.f, 1.f};
   pack_fragment<Elem>(s, pb, one);
@@ -380,32 +375,18 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_local<Elem>(c, 0, pb, o);
   SEESAW_TRACE(c, kEvPvIssued);
+  // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
+  // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
   float sc1[2];
-  if constexpr (kOrder != 8) {  // order 11 (s12)
-    // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
-    // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
-    SEESAW_TRACE(c, kEvScaleIn);
-    hand_over_p0<Elem>(c, s, sc1);
-    cute::warpgroup_wait<0>();
-    fence_accumulators(o);
-    SEESAW_TRACE(c, kEvPvDone);
-    // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
-    if constexpr (kNext0) c.refill_after_reads<0>(0, id0);
-  } else {
-    cute::warpgroup_wait<0>();
-    fence_accumulators(o);
-    SEESAW_TRACE(c, kEvPvDone);
-
-    // WG1's scale1 (also: every WG0 warp is done with buffer 0's tiles 0-3 and 8) -> reload them.
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
-    SEESAW_TRACE(c, kEvScaleIn);
-    if constexpr (kNext0) {
-      if (c.issuer()) c.load_wg0_tiles(0, id0);
-    }
-    hand_over_p0<Elem>(c, s, sc1);
-  }
-  rescale_output<kOrder>(o, sc1);
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
+  SEESAW_TRACE(c, kEvScaleIn);
+  hand_over_p0<Elem>(c, s, sc1);
+  cute::warpgroup_wait<0>();
+  fence_accumulators(o);
+  SEESAW_TRACE(c, kEvPvDone);
+  // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
+  if constexpr (kNext0) c.refill_after_reads<0>(0, id0);
+  rescale_output(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
   SEESAW_TRACE(c, kEvPStored);
@@ -424,7 +405,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
     };
     if constexpr (kRefillBeforeS0<kOrder> || !kNext0) {
-      // 15, 16 (and a tail pair): refill before the next S0, whose tile waits (TMA latency) would
+      // 15 (and a tail pair): refill before the next S0, whose tile waits (TMA latency) would
       // otherwise hold the refill back.
       cute::warpgroup_wait<0>();
       refill_buffer1();
@@ -432,7 +413,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
       SEESAW_TRACE(c, kEvSEarly);
-      if constexpr (!kRefillBeforeS0<kOrder>) {  // 8, 11: S0's first tiles queue behind O_L += P1 V1L
+      if constexpr (!kRefillBeforeS0<kOrder>) {  // 11: S0's first tiles queue behind O_L += P1 V1L
         cute::warpgroup_wait<1>();
         refill_buffer1();
       }
@@ -480,7 +461,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   }
   handoff(T::kScale1Ready);
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
-  rescale_output<kOrder>(o, scale_o);
+  rescale_output(o, scale_o);
 
   if constexpr (kHas1) {
     // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
@@ -491,7 +472,6 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
     fence_async_proxy();
     SEESAW_TRACE(c, kEvP);
-    if constexpr (kEarlyP1<kOrder>) handoff(T::kP1Ready);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_local<Elem>(c, 1, pb, o);
     SEESAW_TRACE(c, kEvPvIssued);
@@ -505,7 +485,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvPIn);
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-  if constexpr (kHas1 && !kEarlyP1<kOrder>) handoff(T::kP1Ready);
+  if constexpr (kHas1) handoff(T::kP1Ready);
   SEESAW_TRACE(c, kEvRemoteIssued);
 
   // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
@@ -557,16 +537,21 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
 
 }  // namespace seesaw
 
-template <typename Elem, int kOrder>
+// kTilesPerCopy: 1 (each tile its own TMA copy and barrier) or 4 (tiles 0-3 and 4-7 one copy each,
+// through group_map; s15, on trial).
+template <typename Elem, int kOrder, int kTilesPerCopy>
 __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
-    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap page_map) {
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap page_map,
+                             const __grid_constant__ CUtensorMap group_map) {
   using namespace seesaw;
+  static_assert(kTilesPerCopy == 1 || kTilesPerCopy == kTilesPerGroupCopy);
   extern __shared__ char smem_raw[];
   Plan& plan = aligned_plan<Plan>(smem_raw);
 
   const int m_block = blockIdx.x, part = blockIdx.z;
   const int warp_in_wg = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  Ctx c{plan, p, &page_map};
+  constexpr bool kGrouped = kTilesPerCopy == kTilesPerGroupCopy;
+  Ctx c{plan, p, &page_map, kGrouped ? &group_map : nullptr, kGrouped};
   c.wg = threadIdx.x / T::kWarpgroupThreads;
   c.lane_in_wg = threadIdx.x % T::kWarpgroupThreads;
   c.t = lane % 4;
@@ -582,6 +567,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
 
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&page_map);
+    if constexpr (kGrouped) cute::prefetch_tma_descriptor(&group_map);
 #pragma unroll
     for (int buf = 0; buf < kNumPageBuffers; ++buf)
 #pragma unroll
@@ -596,18 +582,13 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     SEESAW_TRACE(c, kEvSegment);
 
     // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
-    // With p.q_first, Q's loads go out first: when every CTA starts at once the memory queue is
-    // long, and the first S needs Q and page 0, not page 1.
-    const auto load_first_pages = [&] {
-      if (threadIdx.x == 0) {
-        if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
-        if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
-      }
-    };
-    if (!p.q_first) load_first_pages();
+    // The pages go first: issuing Q first made the first S later (s15, docs/kernel-perf.md).
+    if (threadIdx.x == 0) {
+      if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
+      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+    }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
-    if (p.q_first) load_first_pages();
     if (threadIdx.x < T::kBlockM) plan.row_max[threadIdx.x] = -CUDART_INF_F;
 #pragma unroll
     for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);

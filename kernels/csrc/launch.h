@@ -10,15 +10,14 @@ namespace kvpager {
 struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
-  // seesaw hand-off order: 11 (s12: WG0 stores P0' while its own P V runs; O rescales skipped where
-  // a warp's factors are all 1) or 8 (v8's, kept for comparison). docs/kernel-perf.md, s12. 15 and
-  // 16: on trial (s14; decode_seesaw_kernel.cuh, kRefillBeforeS0 / kEarlyP1).
-  int seesaw_order = 11;
+  // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0) or 11 (s12-s14, kept
+  // for comparison). decode_seesaw_kernel.cuh, docs/kernel-perf.md.
+  int seesaw_order = 15;
+  // seesaw, order 15: latent tiles a TMA copy, 1 or 4 (tiles 0-3 / 4-7 one copy and one barrier
+  // each: fewer copies to issue in a refill; s15, on trial).
+  int seesaw_tma_tiles = 1;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
-  // seesaw: a segment's start issues Q's cp.async before the TMA of its first two pages, so Q and
-  // page 0 land first when every CTA starts at once (s15, on trial; docs/kernel-perf.md).
-  bool seesaw_q_first = false;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).
   bool fp8_warp_specialized = true;
   // FP8 ws kernel: L2 prefetch of page L + this while page L is loaded (0: off; 1 measured best on

@@ -33,7 +33,6 @@ struct DecodeParams {
   bool causal;
   int fp8_prefetch_pages; // FP8 ws: L2 prefetch distance in pages from the page loaded into registers
   uint64_t page_cache_hint;  // seesaw: L2 cache-policy operand of the page TMA loads
-  bool q_first;              // seesaw: a segment issues Q's loads before its first two pages'
 };
 
 struct MetadataParams {

@@ -131,9 +131,9 @@ def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
 
 @pytest.mark.parametrize("name, value, error, message", [
     ("KVPAGER_MLA_KERNEL", "fast", Exception, "KVPAGER_MLA_KERNEL"),
-    ("KVPAGER_SEESAW_ORDER", "10", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 8, 11, 15 or 16, got 10"),
-    ("KVPAGER_SEESAW_START", "k-first", InvalidArgument,
-     "KVPAGER_SEESAW_START must be pages-first or q-first, got k-first"),
+    ("KVPAGER_SEESAW_ORDER", "16", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 11 or 15, got 16"),
+    ("KVPAGER_SEESAW_TMA_TILES", "2", InvalidArgument,
+     r"KVPAGER_SEESAW_TMA_TILES must be 1 or 4 \(latent tiles a TMA copy\), got 2"),
 ])
 def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) -> None:
     monkeypatch.setenv(name, value)
@@ -143,24 +143,40 @@ def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) 
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("order", ["8", "15", "16"])
 @pytest.mark.parametrize("c", CASES[1::6], ids=case_id)
-def test_other_handoff_orders_match_reference(c: dict, order: str, monkeypatch) -> None:
-    """KVPAGER_SEESAW_ORDER=8 (v8's hand-offs) stays selectable for comparison, 15 and 16 are on trial; the
-    default (11) is what test_seesaw_matches_reference runs."""
-    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", order)
+def test_order_11_matches_reference(c: dict, monkeypatch) -> None:
+    """KVPAGER_SEESAW_ORDER=11 (s12-s14's hand-offs) stays selectable for comparison; the default (15)
+    is what test_seesaw_matches_reference runs."""
+    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "11")
     (q, k_cache, block_table, seqlens), out, lse = run(c)
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
 
 
-@pytest.mark.parametrize("order", ["11", "16"])
-@pytest.mark.parametrize("c", CASES[2::6], ids=case_id)
-def test_q_first_start_matches_reference(c: dict, order: str, monkeypatch) -> None:
-    """KVPAGER_SEESAW_START=q-first (on trial) only reorders a segment's first loads: same results."""
-    monkeypatch.setenv("KVPAGER_SEESAW_START", "q-first")
-    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", order)
+@pytest.mark.parametrize("c", CASES[2::4], ids=case_id)
+def test_four_tile_tma_copies_match_reference(c: dict, monkeypatch) -> None:
+    """KVPAGER_SEESAW_TMA_TILES=4 (on trial) lands tiles 0-3 and 4-7 of a page with one copy each:
+    the 5-D tensor map's boxes must land exactly where the 1-tile copies do, any h_kv and stride."""
+    monkeypatch.setenv("KVPAGER_SEESAW_TMA_TILES", "4")
     (q, k_cache, block_table, seqlens), out, lse = run(c)
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
+
+
+@pytest.mark.parametrize("tiles", ["1", "4"])
+@pytest.mark.parametrize("h_kv", [1, 2])
+def test_padded_page_stride(tiles: str, h_kv: int, monkeypatch) -> None:
+    """A cache view of 65-row pages (a convention in the field; the tensor maps take the page stride
+    from the tensor) with a NaN 65th row: both TMA copy widths read only the 64 rows of each page."""
+    monkeypatch.setenv("KVPAGER_SEESAW_TMA_TILES", tiles)
+    torch.manual_seed(21)
+    lens = torch.tensor([700, 64, 129, 1], dtype=torch.int32)
+    q, dense, block_table, seqlens = make_batch(4, 2, 64 * h_kv, h_kv, lens, torch.bfloat16)
+    padded = torch.full((dense.shape[0], PAGE + 1, h_kv, dense.shape[3]), float("nan"), dtype=dense.dtype,
+                        device=dense.device)
+    padded[:, :PAGE] = dense
+    k_cache = padded[:, :PAGE]
+    meta, splits = metadata(q, k_cache, seqlens)
+    out, lse = kernels.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, DV, meta, splits)
+    assert_matches_reference(out, lse, *reference(q, dense, block_table, seqlens, False), seqlens)
 
 
 @pytest.mark.parametrize("trend", ["rising", "falling"])
