@@ -90,6 +90,9 @@ kvpager::DecodeOptions options_from_env() {
     const std::string v = tiles;
     KVP_CHECK(v == "1" || v == "4", "KVPAGER_SEESAW_TMA_TILES must be 1 or 4 (latent tiles a TMA copy), got ", v);
     options.seesaw_tma_tiles = std::stoi(v);
+    KVP_CHECK(options.seesaw_tma_tiles == 1 || options.seesaw_order == 15,
+              "KVPAGER_SEESAW_TMA_TILES=4 is built for hand-off order 15 only; unset KVPAGER_SEESAW_ORDER "
+              "or set it to 15");
   }
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");

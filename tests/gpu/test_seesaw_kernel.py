@@ -143,6 +143,16 @@ def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) 
     torch.cuda.synchronize()
 
 
+def test_four_tile_copies_with_order_11_is_an_error(monkeypatch) -> None:
+    """Only order 15 is built with 4-tile copies: asking for both is refused, not silently dropped."""
+    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "11")
+    monkeypatch.setenv("KVPAGER_SEESAW_TMA_TILES", "4")
+    c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
+    with pytest.raises(InvalidArgument, match="KVPAGER_SEESAW_TMA_TILES=4 is built for hand-off order 15 only"):
+        run(c)
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("c", CASES[1::6], ids=case_id)
 def test_order_11_matches_reference(c: dict, monkeypatch) -> None:
     """KVPAGER_SEESAW_ORDER=11 (s12-s14's hand-offs) stays selectable for comparison; the default (15)
