@@ -3,8 +3,8 @@
 The extension `kvpager.kernels._C` registers three custom ops (torch.library, namespace `kvpager`):
 `get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel), `mla_decode` (decode +
 combine) and `mla_decode_fp8` (the same on kvpager.fp8's 656-byte cache rows, dequantized in the
-kernel; s_q * h_q // h_kv <= 32). Their fake implementations live in `kvpager.kernels.fake`, so torch.compile and CUDA
-graphs can hold them. This module is a thin wrapper: defaults and one op call. The arguments are
+kernel, any s_q * h_q // h_kv). Their fake implementations live in `kvpager.kernels.fake`, so
+torch.compile and CUDA graphs can hold them. This module is a thin wrapper: defaults and one op call. The arguments are
 validated once, by `kvpager.mla` (which dispatches between this and the PyTorch reference); the
 binding keeps only the checks memory safety needs, and its "kvpager: ..." errors arrive here as
 InvalidArgument.
@@ -27,8 +27,11 @@ HEAD_DIM_V = 512  # V = the first 512 columns of the cache row
 PAGE_SIZE = schedule.PAGE_SIZE
 DTYPES = (torch.bfloat16, torch.float16)
 _HOPPER = (9, 0)
-FP8_MAX_ROWS = 32  # query rows per kv head the fused FP8 decode covers (config.h's kFp8MaxRows)
 FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kvpager.mla: reference)
+# "0": calls with more than 32 query rows per kv head (64-row blocks: the seesaw kernel with its
+# FP8 converter warpgroup, new in s16) run on the reference; 16/32-row blocks keep the fused decode.
+FP8_SEESAW_ENV = "KVPAGER_FP8_SEESAW"
+FP8_MMA_SYNC_MAX_ROWS = 32  # rows a kv head of the 16/32-row FP8 kernels; more: 64-row blocks
 
 try:
     _C = importlib.import_module("kvpager.kernels._C")  # loading it registers torch.ops.kvpager.*
@@ -93,13 +96,17 @@ def fp8_unavailable_reason() -> str:
 
 def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
     """True when the fused FP8 decode is available (fp8_unavailable_reason() == '') and covers a
-    call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: 1 to 32 (the
-    memory-bound shapes, e.g. h_q = 16 or 32 with s_q = 1 or 2). None: whether it covers any.
-    kvpager.mla runs everything else on the reference. Says nothing about the device (see
-    supports_device)."""
+    call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: any count >= 1
+    (1-32 on the 16/32-row kernels, more on 64-row blocks unless KVPAGER_FP8_SEESAW=0, read on every
+    call). None: whether it covers any. kvpager.mla runs what it does not cover on the reference.
+    Says nothing about the device (see supports_device)."""
     if fp8_unavailable_reason():
         return False
-    return num_heads_per_head_k is None or 1 <= num_heads_per_head_k <= FP8_MAX_ROWS
+    if num_heads_per_head_k is None:
+        return True
+    if num_heads_per_head_k > FP8_MMA_SYNC_MAX_ROWS:
+        return os.environ.get(FP8_SEESAW_ENV, "1") != "0"
+    return num_heads_per_head_k >= 1
 
 
 def num_sms(device: torch.device) -> int:
@@ -154,8 +161,9 @@ def flash_mla_with_kvcache(
     kvpager.mla, which checks the arguments; this wrapper does not.
     is_fp8_kvcache: k_cache holds kvpager.fp8's 656-byte rows, uint8 (or float8_e4m3fn)
       [num_pages, 64, h_kv, 656] with 16-byte-aligned strides (65-row pages work); q and out are
-      bf16, and s_q * h_q // h_kv <= 32 (supports_fp8_kvcache). The kernel dequantizes in
-      registers and multiplies in bf16: no dequantized copy of the cache is made.
+      bf16. Up to 32 rows a kv head (s_q * h_q // h_kv) the kernel dequantizes in registers; with
+      more (64-row blocks) a converter warpgroup dequantizes each 64 x 64 tile in shared memory
+      beside the seesaw kernel's MMAs. Both multiply in bf16: no dequantized copy of the cache.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5

@@ -18,7 +18,7 @@ NUM_SMS_CPU = 132  # plan the CPU metadata for an H100 SXM, so CPU and GPU sched
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: reference only
 _fallback_logged = False
 _fp8_fallback_logged = False
-_fp8_rows_logged: set[int] = set()  # row counts already logged as beyond the fused FP8 decode
+_fp8_rows_logged: set[int] = set()  # row counts already logged as sent to the reference (FP8)
 
 
 def _kernels_for(device: torch.device):
@@ -275,8 +275,9 @@ def _check_fp8(q: torch.Tensor, k_cache: torch.Tensor, is_fp8_kvcache: bool) -> 
 
 def _fused_fp8(kernels, device: torch.device, rows: int) -> bool:
     """True when kvpager.kernels' fused FP8 decode covers this call: supports_fp8_kvcache(rows),
-    rows = s_q * h_q // h_kv (the kernel covers up to 32; KVPAGER_FP8_KERNEL=0 switches it off).
-    Otherwise the call runs on the reference, logged once per reason."""
+    rows = s_q * h_q // h_kv (any count; KVPAGER_FP8_KERNEL=0 switches it off, KVPAGER_FP8_SEESAW=0
+    the 64-row blocks of more than 32 rows). Otherwise the call runs on the reference, logged once
+    per reason."""
     global _fp8_fallback_logged
     supports = getattr(kernels, "supports_fp8_kvcache", None)
     if supports is not None and supports(rows):
@@ -284,9 +285,9 @@ def _fused_fp8(kernels, device: torch.device, rows: int) -> bool:
     if supports is not None and supports():  # the kernel exists, but not for this many rows
         if rows not in _fp8_rows_logged:
             log.warning("kvpager: FP8 cache with %d query rows per kv head (s_q * h_q / h_kv) on %s: "
-                        "the fused FP8 decode covers up to %d, so these calls run on the PyTorch "
-                        "reference (dequantizes the used pages per call; slow)",
-                        rows, device, getattr(kernels, "FP8_MAX_ROWS", 32))
+                        "the fused FP8 decode of more than 32 rows is switched off (%s=0), so these "
+                        "calls run on the PyTorch reference (dequantizes the used pages per call; slow)",
+                        rows, device, getattr(kernels, "FP8_SEESAW_ENV", "KVPAGER_FP8_SEESAW"))
             _fp8_rows_logged.add(rows)
         return False
     if not _fp8_fallback_logged:

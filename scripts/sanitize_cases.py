@@ -40,13 +40,18 @@ def cases(quick: bool) -> list[dict]:
 
 
 def fp8_cases() -> list[dict]:
-    """The fused FP8 decode's shapes (<= 32 rows a kv head); page_rows 65 = a padded page stride."""
+    """The fused FP8 decode's shapes (16/32-row blocks, then 64-row blocks: the seesaw kernel and its
+    converter warpgroup); page_rows 65 = a padded page stride."""
     return [
         dict(b=2, s_q=1, h_q=16, h_kv=1, lens=[140, 0], dtype="fp8", page_rows=64),
         dict(b=2, s_q=2, h_q=16, h_kv=1, lens=[65, 1], dtype="fp8", page_rows=65),
         dict(b=2, s_q=1, h_q=32, h_kv=2, lens=[0, 200], dtype="fp8", page_rows=65),
         dict(b=3, s_q=2, h_q=16, h_kv=1, lens=[300, 0, 64], dtype="fp8", page_rows=64),
         dict(b=1, s_q=1, h_q=16, h_kv=1, lens=[3000], dtype="fp8", page_rows=64),  # split + combine
+        dict(b=2, s_q=1, h_q=128, h_kv=1, lens=[140, 0], dtype="fp8", page_rows=65),
+        dict(b=3, s_q=2, h_q=64, h_kv=1, lens=[65, 1, 300], dtype="fp8", page_rows=64),  # 2 row blocks
+        dict(b=2, s_q=2, h_q=20, h_kv=1, lens=[200, 3], dtype="fp8", page_rows=64),  # 40 rows: padded block
+        dict(b=1, s_q=1, h_q=128, h_kv=2, lens=[3000], dtype="fp8", page_rows=64),  # split + combine
     ]
 
 

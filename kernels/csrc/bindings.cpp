@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
 
 // The fused FP8 decode: k_cache holds 656-byte rows (kvpager/fp8.py's layout) as uint8 or
 // float8_e4m3fn bytes, any 16-byte multiple page / token / head stride (e.g. 65-row pages); q is
-// bf16; out bf16. The kernel covers rows = s_q * h_q / h_kv <= 32.
+// bf16; out bf16. Any rows = s_q * h_q / h_kv (64-row blocks on the seesaw kernel).
 std::tuple<at::Tensor, at::Tensor> mla_decode_fp8(const at::Tensor& q, const at::Tensor& k_cache,
                                                   const at::Tensor& block_table,
                                                   const at::Tensor& cache_seqlens, int64_t head_dim_v,
@@ -288,9 +288,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_fp8(const at::Tensor& q, const at:
   KVP_CHECK_LAST_CONTIGUOUS(k_cache);
   KVP_CHECK(aligned16(q) && aligned16(k_cache),
             "q and k_cache need 16-byte aligned rows (pointer and strides multiples of 16 bytes)");
-  const int64_t rows = q.size(1) * (q.size(2) / k_cache.size(2));
-  KVP_CHECK_ARG(rows <= kFp8MaxRows, "got s_q * h_q / h_kv = ", rows,
-                " query rows per kv head; the fused FP8 decode covers up to 32");
 
   const c10::cuda::CUDAGuard guard(q.device());
   DecodeCall c = prepare_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,

@@ -35,7 +35,6 @@ constexpr int kFp8PageSmemBytes = kPageSize * kFp8SmemRowBytes;  // 45056
 // The fused kernel's warp w owns latent features [64w, 64w + 64); a lane reads 16 of them a key.
 constexpr int kFp8FeaturesPerWarp = kHeadDimV / kNumWarps;       // 64
 constexpr int kFp8LaneBytes = kFp8FeaturesPerWarp / 4;            // 16
-constexpr int kFp8MaxRows = 32;  // the fused FP8 decode covers rows = s_q * h_q / h_kv <= 32 (mma.sync)
 // (2^120, 2^120) in bf16: e4m3 bits placed in a bf16 (exponent bias 7 vs 127) read as value * 2^-120.
 constexpr unsigned kBf16x2TwoPow120 = 0x7B807B80u;
 constexpr float kTwoPow120 = 0x1p120f;

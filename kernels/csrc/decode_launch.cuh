@@ -51,15 +51,14 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
   }
 }
 
-// The seesaw kernel with hand-off order kOrder and kTilesPerCopy tiles a TMA copy (its
-// shared-memory attribute set once per instance).
-template <typename Elem, int kOrder, int kTilesPerCopy>
-cudaError_t launch_seesaw_kernel(const DecodeParams& p, const CUtensorMap& page_map, const CUtensorMap& group_map,
-                                 cudaStream_t stream) {
-  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kTilesPerCopy>;
+// The seesaw kernel with hand-off order kOrder, kTilesPerCopy tiles a TMA copy, on a bf16 / fp16
+// or (kFp8) an FP8 cache (its shared-memory attribute set once per instance).
+template <typename Elem, int kOrder, int kTilesPerCopy, bool kFp8 = false>
+cudaError_t launch_seesaw_kernel(const DecodeParams& p, const SeesawMaps& maps, cudaStream_t stream) {
+  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kTilesPerCopy, kFp8>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  kernel<<<decode_grid(p, SeesawTraits::kBlockM), SeesawTraits::kThreads, SeesawTraits::kSmemBytes, stream>>>(
-      p, page_map, group_map);
+  constexpr int kThreads = kFp8 ? SeesawTraits::kFp8Threads : SeesawTraits::kThreads;
+  kernel<<<decode_grid(p, SeesawTraits::kBlockM), kThreads, SeesawTraits::kSmemBytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 
@@ -67,16 +66,16 @@ template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.page_cache_hint = cache_policy(options.page_cache_hint);
   const bool grouped = options.seesaw_tma_tiles == kTilesPerGroupCopy;
-  CUtensorMap page_map, group_map{};
-  cudaError_t err = encode_page_tensor_map<Elem>(p, 1, &page_map);
-  if (err == cudaSuccess && grouped) err = encode_page_tensor_map<Elem>(p, kTilesPerGroupCopy, &group_map);
+  SeesawMaps maps{};
+  cudaError_t err = encode_page_tensor_map<Elem>(p, 1, &maps.page);
+  if (err == cudaSuccess && grouped) err = encode_page_tensor_map<Elem>(p, kTilesPerGroupCopy, &maps.group);
   if (err != cudaSuccess) return err;
   if (options.seesaw_order == 11)
-    err = launch_seesaw_kernel<Elem, 11, 1>(p, page_map, group_map, stream);
+    err = launch_seesaw_kernel<Elem, 11, 1>(p, maps, stream);
   else if (grouped)
-    err = launch_seesaw_kernel<Elem, 15, kTilesPerGroupCopy>(p, page_map, group_map, stream);
+    err = launch_seesaw_kernel<Elem, 15, kTilesPerGroupCopy>(p, maps, stream);
   else
-    err = launch_seesaw_kernel<Elem, 15, 1>(p, page_map, group_map, stream);
+    err = launch_seesaw_kernel<Elem, 15, 1>(p, maps, stream);
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
 #endif

@@ -30,10 +30,12 @@
 #include <type_traits>
 
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include "config.h"
 #include "epilogue.cuh"
 #include "params.h"
+#include "seesaw_fp8.cuh"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
 #include "tile_scheduler.cuh"
@@ -103,6 +105,11 @@ __device__ __forceinline__ void handoff(uint32_t barrier) {
     NamedBarrier::arrive(T::kThreads, barrier);
 }
 
+// cta_row_sum's barrier on an FP8 cache: the consumers only.
+struct ConsumerSync {
+  __device__ __forceinline__ static void sync() { NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync); }
+};
+
 // Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
@@ -113,6 +120,8 @@ struct Ctx {
   const CUtensorMap* map;
   const CUtensorMap* group_map;  // 4-tile copies (template kTilesPerCopy 4), else nullptr
   bool grouped;                  // = group_map != nullptr, a compile-time constant in every kernel
+  const Fp8PageMaps* fp8_maps;   // FP8 cache (template kFp8), else nullptr
+  bool fp8;                      // = fp8_maps != nullptr, a compile-time constant in every kernel
   int wg, lane_in_wg, t;
   int rows[2];   // local rows of this lane's two accumulator rows
   int limit[2];  // keys visible to each of them (causal / sequence end)
@@ -131,9 +140,24 @@ struct Ctx {
   __device__ __forceinline__ void warpgroup_sync() const {
     NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kWarpgroupSync + wg);
   }
+  // Both consumer warpgroups (the whole CTA unless an FP8 converter warpgroup runs beside them).
+  __device__ __forceinline__ void consumers_sync() const {
+    if (fp8)
+      NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync);
+    else
+      __syncthreads();
+  }
+  // The barrier an S GEMM waits on for tile `tile` of buffer `buf`: its TMA copy's, or on an FP8
+  // cache a latent tile's dequantization.
+  __device__ __forceinline__ uint64_t* tile_barrier(int buf, int tile) const {
+    return fp8 && tile < T::kRopeTile ? &s.converted[buf][tile] : &s.tile_ready[buf][tile];
+  }
   // One thread: tiles [first, last) of page `page` (its block-table id `id`) into buffer `buf`.
   __device__ __forceinline__ void load(int buf, int id, int first, int last) const {
-    load_page_tiles(map, group_map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+    if (fp8)
+      load_fp8_page_tiles(*fp8_maps, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+    else
+      load_page_tiles(map, group_map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
   }
   // One thread: the tiles WG0 reads last in buffer `buf` (0-3 and the rope tile 8), page `id`.
   __device__ __forceinline__ void load_wg0_tiles(int buf, int id) const {
@@ -163,7 +187,7 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
 #pragma unroll
   for (int tile = kFirst; tile < kLast; ++tile) {
     // A grouped copy's later tiles landed with its first, whose barrier this loop already waited on.
-    if (group_barrier(c.grouped, tile) == tile) TileBarrier::wait(&c.s.tile_ready[buf][tile], c.phase);
+    if (group_barrier(c.grouped, tile) == tile) TileBarrier::wait(c.tile_barrier(buf, tile), c.phase);
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
@@ -299,7 +323,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
         *reinterpret_cast<uint32_t*>(stage + c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes) + 4 * c.t) =
             ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
       }
-    __syncthreads();
+    c.consumers_sync();
     constexpr int kChunks = kRowBytes16 / kChunkBytes;  // 64 per row
     for (int i = threadIdx.x; i < valid_rows * kChunks; i += T::kThreads) {
       const int r = i / kChunks, chunk = i % kChunks, mrow = m_block * T::kBlockM + r;
@@ -537,21 +561,15 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
 
 }  // namespace seesaw
 
-// kTilesPerCopy: 1 (each tile its own TMA copy and barrier) or 4 (tiles 0-3 and 4-7 one copy each,
-// through group_map; s15, on trial).
-template <typename Elem, int kOrder, int kTilesPerCopy>
-__global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
-    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap page_map,
-                             const __grid_constant__ CUtensorMap group_map) {
-  using namespace seesaw;
-  static_assert(kTilesPerCopy == 1 || kTilesPerCopy == kTilesPerGroupCopy);
-  extern __shared__ char smem_raw[];
-  Plan& plan = aligned_plan<Plan>(smem_raw);
+namespace seesaw {
 
+// The two consumer warpgroups: every segment of this CTA's part, its pairs, its output.
+template <typename Elem, int kOrder, int kTilesPerCopy, bool kFp8>
+__device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p, const SeesawMaps& maps) {
+  constexpr bool kGrouped = kTilesPerCopy == kTilesPerGroupCopy;
   const int m_block = blockIdx.x, part = blockIdx.z;
   const int warp_in_wg = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  constexpr bool kGrouped = kTilesPerCopy == kTilesPerGroupCopy;
-  Ctx c{plan, p, &page_map, kGrouped ? &group_map : nullptr, kGrouped};
+  Ctx c{plan, p, &maps.page, kGrouped ? &maps.group : nullptr, kGrouped, kFp8 ? &maps.fp8 : nullptr, kFp8};
   c.wg = threadIdx.x / T::kWarpgroupThreads;
   c.lane_in_wg = threadIdx.x % T::kWarpgroupThreads;
   c.t = lane % 4;
@@ -565,20 +583,10 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
 #endif
   SEESAW_TRACE(c, kEvStart);
 
-  if (threadIdx.x == 0) {
-    cute::prefetch_tma_descriptor(&page_map);
-    if constexpr (kGrouped) cute::prefetch_tma_descriptor(&group_map);
-#pragma unroll
-    for (int buf = 0; buf < kNumPageBuffers; ++buf)
-#pragma unroll
-      for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
-    cutlass::arch::fence_barrier_init();
-  }
-
   for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
-    __syncthreads();  // the previous segment is done with every buffer (and the barriers are set up)
+    c.consumers_sync();  // the previous segment is done with every buffer (and the barriers are set up)
     SEESAW_TRACE(c, kEvSegment);
 
     // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
@@ -595,7 +603,7 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
     c.min_limit = row_limit(p, c.seg.seqlen, m_block * T::kBlockM);
     cute::cp_async_wait<0>();
     fence_async_proxy();  // Q was written through the generic proxy; wgmma reads it through the async one
-    __syncthreads();
+    c.consumers_sync();
     SEESAW_TRACE(c, kEvQ);
 
     float o[T::kOutRegs];
@@ -633,11 +641,64 @@ __global__ void __launch_bounds__(SeesawTraits::kThreads, 1)
 
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
     float total[2];
-    __syncthreads();  // every pair's exchange (and every read of the page buffers) is over
-    cta_row_sum(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
+    c.consumers_sync();  // every pair's exchange (and every read of the page buffers) is over
+    if constexpr (kFp8)
+      cta_row_sum<ConsumerSync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
+    else
+      cta_row_sum(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
+  }
+}
+
+}  // namespace seesaw
+
+// kTilesPerCopy: 1 (each tile its own TMA copy and barrier) or 4 (tiles 0-3 and 4-7 one copy each,
+// through maps.group; s15, on trial). kFp8: the cache holds 656-byte FP8 rows (seesaw_fp8.cuh; Elem
+// is q's bf16), and a third warpgroup converts them.
+template <typename Elem, int kOrder, int kTilesPerCopy, bool kFp8>
+__global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTraits::kThreads, 1)
+    mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ SeesawMaps maps) {
+  using namespace seesaw;
+  static_assert(kTilesPerCopy == 1 || kTilesPerCopy == kTilesPerGroupCopy);
+  static_assert(!kFp8 || (kTilesPerCopy == 1 && std::is_same_v<Elem, __nv_bfloat16>), "FP8: bf16 q, 1-tile copies");
+  extern __shared__ char smem_raw[];
+  Plan& plan = aligned_plan<Plan>(smem_raw);
+
+  if (threadIdx.x == 0) {
+    if constexpr (kFp8) {
+      if (p.num_pages > 0) {  // else no map was encoded (and no page is ever loaded)
+        cute::prefetch_tma_descriptor(&maps.fp8.latent);
+        cute::prefetch_tma_descriptor(&maps.fp8.scales);
+        cute::prefetch_tma_descriptor(&maps.fp8.rope);
+      }
+    } else {
+      cute::prefetch_tma_descriptor(&maps.page);
+      if constexpr (kTilesPerCopy == kTilesPerGroupCopy) cute::prefetch_tma_descriptor(&maps.group);
+    }
+#pragma unroll
+    for (int buf = 0; buf < kNumPageBuffers; ++buf) {
+#pragma unroll
+      for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
+      if constexpr (kFp8) {
+#pragma unroll
+        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], 32);
+      }
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if constexpr (kFp8) {
+    __syncthreads();  // the barriers are set up, for the converter too (it takes no part in later syncs)
+    if (threadIdx.x < T::kThreads) {
+      cutlass::arch::warpgroup_reg_alloc<T::kConsumerRegs>();
+      run_consumers<Elem, kOrder, kTilesPerCopy, kFp8>(plan, p, maps);
+    } else {
+      cutlass::arch::warpgroup_reg_dealloc<T::kConverterRegs>();
+      seesaw_fp8::run_converter(plan, p, blockIdx.z, (threadIdx.x / 32) % 4, threadIdx.x % 32);
+    }
+  } else {
+    run_consumers<Elem, kOrder, kTilesPerCopy, kFp8>(plan, p, maps);
   }
 }
 

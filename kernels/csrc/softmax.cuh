@@ -91,7 +91,14 @@ __device__ __forceinline__ void cta_row_max(float* exchange, int group, int grou
   }
 }
 
+// The barrier of a row exchange: the whole CTA, unless a kernel has threads that take no part
+// (the FP8 seesaw's converter warpgroup) and passes a named barrier of its own.
+struct CtaSync {
+  __device__ __forceinline__ static void sync() { __syncthreads(); }
+};
+
 // Full row sums: this lane's shares summed over the quad, then over the groups (as cta_row_max).
+template <typename Sync = CtaSync>
 __device__ __forceinline__ void cta_row_sum(float* exchange, int group, int groups, int block_m,
                                             const int (&rows)[2], int t, const float (&share)[2],
                                             float (&total)[2]) {
@@ -100,7 +107,7 @@ __device__ __forceinline__ void cta_row_sum(float* exchange, int group, int grou
     const float s = quad_sum(share[i]);
     if (t == 0) exchange[group * block_m + rows[i]] = s;
   }
-  __syncthreads();
+  Sync::sync();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float l = 0.f;

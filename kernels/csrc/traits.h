@@ -135,10 +135,19 @@ struct LockstepTraits {
 // with its half of V and the other's P (through shared memory) with the other half, so one
 // warpgroup's softmax overlaps the other's MMAs. K/V tiles arrive by TMA, one mbarrier per
 // 64 x 64 tile, reloaded as soon as their last reader is done.
+//
+// On an FP8 cache (seesaw_fp8.cuh) a third warpgroup, the converter, dequantizes each latent tile in
+// place after its FP8 bytes land; the two consumer warpgroups then run exactly as on bf16. The
+// register file is split with setmaxnreg: 2 x 232 + 40 = 3 x 168 (the launch-bounds allocation).
 struct SeesawTraits {
   static constexpr int kBlockM = kWgmmaBlockM;
-  static constexpr int kThreads = 256;
+  static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
   static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kConverterThreads = kWarpgroupThreads;
+  static constexpr int kFp8Threads = kThreads + kConverterThreads;
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kConverterRegs = 40;
+  static_assert(2 * kConsumerRegs + kConverterRegs == 3 * 168, "setmaxnreg must not ask for more than launched");
   static constexpr int kColsPerWg = kHeadDimV / 2;                 // 256
   static constexpr int kVTilesPerWg = kColsPerWg / kBlockCols;     // 4: V tiles [4w, 4w + 4)
   static constexpr int kScoreRegs = kBlockM * kPageSize / kWarpgroupThreads;   // 32
@@ -160,6 +169,7 @@ struct SeesawTraits {
       float row_sum[2][kBlockM];  // the epilogue's per-warpgroup row sums
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
+    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (32 arrivals)
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
@@ -172,6 +182,8 @@ struct SeesawTraits {
     kP0Ready,          // WG0 stored P0 * scale1 in p0
     kP1Ready,          // WG1 stored P1 in buffer 1's rope tile and issued O_R += P0 V0R
     kWarpgroupSync,    // + warpgroup index: all 128 threads of one warpgroup (2 ids)
+    kConsumersSync = kWarpgroupSync + 2,  // FP8 cache: both consumer warpgroups (the converter takes no part)
+    kScalesRead,       // FP8 cache: the converter's warps have read a group's scales
   };
 };
 

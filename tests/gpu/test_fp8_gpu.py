@@ -1,9 +1,10 @@
 """The FP8 latent cache on a CUDA device: quantize matches the CPU byte for byte, and
 kvpager.mla's decode on an FP8 cache matches the CPU reference on the dequantized cache.
 
-kvpager.mla picks the decode: the fused FP8 kernel (kvpager.kernels, sm_90) for s_q * h_q / h_kv
-<= 32 query rows per kv head, the PyTorch reference otherwise; the fused-kernel tests check which
-one ran, so a kernel switched off (KVPAGER_FP8_KERNEL=0) or missing cannot pass unseen.
+kvpager.mla picks the decode: the fused FP8 kernel (kvpager.kernels, sm_90; 16/32-row blocks up to
+32 query rows per kv head, the seesaw kernel with its converter warpgroup beyond), the PyTorch
+reference where it is missing or switched off; the fused-kernel tests check which one ran, so a
+kernel switched off (KVPAGER_FP8_KERNEL=0, KVPAGER_FP8_SEESAW=0) or missing cannot pass unseen.
 Every case has zero-length rows, NaN in every byte no sequence owns (e4m3 NaN values, NaN scales,
 NaN RoPE), shuffled pages and a huge page id in the padded table columns; half use 65-row pages.
 """
@@ -187,7 +188,7 @@ def test_bad_fp8_input_on_cuda(change, needle) -> None:
     torch.cuda.synchronize()  # no sticky CUDA error
 
 
-# ---- the fused FP8 decode (kvpager.kernels, <= 32 query rows per kv head) -----------------------
+# ---- the fused FP8 decode (kvpager.kernels, any query rows per kv head) --------------------------
 
 
 def _fused_skip_reason() -> str:
@@ -208,6 +209,15 @@ FUSED_CASES += [
     dict(h_q=32, s_q=1, varlen=True, causal=False, padded=True, h_kv=2),   # 16 rows a kv head
     dict(h_q=64, s_q=1, varlen=False, causal=True, padded=False, h_kv=2),  # 32 rows a kv head
     dict(h_q=8, s_q=2, varlen=True, causal=True, padded=True),             # 16 rows, 8 heads
+]
+# 64-row blocks (the seesaw kernel and its converter warpgroup): the pairwise grid at h_q 64 / 128,
+# two kv heads, and 40 rows (a block with 24 padding rows).
+FUSED_CASES += [dict(h_q=h_q, s_q=s_q, varlen=varlen, causal=(h_q // 64 + s_q + varlen) % 2 == 1,
+                     padded=(h_q // 64 + s_q) % 2 == 0)
+                for h_q in (64, 128) for s_q in (1, 2) for varlen in (False, True)]
+FUSED_CASES += [
+    dict(h_q=128, s_q=1, varlen=True, causal=False, padded=True, h_kv=2),  # 64 rows a kv head, 2 heads
+    dict(h_q=20, s_q=2, varlen=True, causal=True, padded=False),           # 40 rows: one padded block
 ]
 
 
@@ -236,13 +246,13 @@ def test_fused_fp8_decode_matches_the_reference(c: dict, fused_calls, fp8_decode
     torch.manual_seed(zlib.crc32(fused_id(c).encode()))
     q, k_cache, block_table, lens = make_batch(c)
     out, lse = decode(c, q, k_cache, block_table, lens)
-    rows = c["s_q"] * c["h_q"] // c.get("h_kv", 1)
-    assert fused_calls == ([tuple(q.shape)] if rows <= kernels.FP8_MAX_ROWS else [])
+    assert fused_calls == [tuple(q.shape)]
     assert_agrees(out, lse, *reference_on_gpu(c, q, k_cache, block_table, lens), lens)
 
 
 @fused
-@pytest.mark.parametrize("b,s_k,h_q,varlen", [(1, 20000, 16, False), (128, 4096, 16, True), (64, 2048, 32, False)])
+@pytest.mark.parametrize("b,s_k,h_q,varlen", [(1, 20000, 16, False), (128, 4096, 16, True), (64, 2048, 32, False),
+                                               (1, 20000, 128, False), (64, 2048, 128, True), (33, 3000, 64, False)])
 def test_fused_fp8_decode_long_and_wide(b, s_k, h_q, varlen, fused_calls, fp8_decode) -> None:
     """Long sequences split over many SMs (the combine kernel), and the bench's batch shapes."""
     c = dict(h_q=h_q, s_q=1, varlen=varlen, causal=False, padded=b == 64)
@@ -254,12 +264,12 @@ def test_fused_fp8_decode_long_and_wide(b, s_k, h_q, varlen, fused_calls, fp8_de
 
 
 @fused
-@pytest.mark.parametrize("pdl", ["1", "0"])
-def test_fused_fp8_decode_in_a_cuda_graph(pdl, monkeypatch, fused_calls, fp8_decode) -> None:
+@pytest.mark.parametrize("pdl,h_q", [("1", 16), ("0", 16), ("1", 128), ("0", 128)])
+def test_fused_fp8_decode_in_a_cuda_graph(pdl, h_q, monkeypatch, fused_calls, fp8_decode) -> None:
     """Metadata + decode captured once, replayed on new q and lengths written in place (with and
-    without programmatic dependent launch of the combine kernel)."""
+    without programmatic dependent launch of the combine kernel), on 32- and 64-row blocks."""
     monkeypatch.setenv("KVPAGER_PDL", pdl)
-    c = dict(h_q=16, s_q=2, varlen=True, causal=True, padded=True)
+    c = dict(h_q=h_q, s_q=2, varlen=True, causal=True, padded=True)
     torch.manual_seed(7)
     q, k_cache, block_table, lens = make_batch(c, b=16, s_k=900)
     eager = decode(c, q, k_cache, block_table, lens)  # also the kernel's one-time setup
@@ -292,16 +302,30 @@ def test_fused_fp8_switched_off_runs_the_reference(monkeypatch, fused_calls) -> 
 
 @fused
 def test_fused_fp8_kernel_refuses_what_it_does_not_cover() -> None:
-    """Called directly (kvpager.kernels is a thin wrapper; kvpager.mla sends these calls to the
-    reference), the binding's memory-safety checks refuse with a typed error."""
-    c = dict(h_q=64, s_q=1, varlen=False, causal=False, padded=False)
-    q, k_cache, block_table, lens = make_batch(c, b=2, s_k=100)
-    meta, splits = get_mla_metadata(lens, 64, 1)
-    with pytest.raises(InvalidArgument, match="covers up to 32"):
-        kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
-    with pytest.raises(InvalidArgument, match="(?i)bfloat16"):
-        kernels.flash_mla_with_kvcache(q.half(), k_cache, block_table, lens, DV, meta, splits, is_fp8_kvcache=True)
+    """Called directly (kvpager.kernels is a thin wrapper; kvpager.mla checks first), the binding's
+    memory-safety checks refuse with a typed error: fp16 q on an FP8 cache, on both row-block kinds."""
+    for h_q in (16, 128):
+        c = dict(h_q=h_q, s_q=1, varlen=False, causal=False, padded=False)
+        q, k_cache, block_table, lens = make_batch(c, b=2, s_k=100)
+        meta, splits = get_mla_metadata(lens, h_q, 1)
+        with pytest.raises(InvalidArgument, match="(?i)bfloat16"):
+            kernels.flash_mla_with_kvcache(q.half(), k_cache, block_table, lens, DV, meta, splits,
+                                           is_fp8_kvcache=True)
     torch.cuda.synchronize()
+
+
+@fused
+def test_fp8_seesaw_switched_off_runs_the_reference(monkeypatch, fused_calls) -> None:
+    """KVPAGER_FP8_SEESAW=0: more than 32 rows a kv head go to the reference; 16 rows stay fused."""
+    monkeypatch.setenv("KVPAGER_FP8_SEESAW", "0")
+    for h_q, expected in ((128, 0), (16, 1)):
+        c = dict(h_q=h_q, s_q=1, varlen=True, causal=False, padded=False)
+        torch.manual_seed(h_q)
+        q, k_cache, block_table, lens = make_batch(c, b=4, s_k=300)
+        fused_calls.clear()
+        out, lse = decode(c, q, k_cache, block_table, lens)
+        assert len(fused_calls) == expected
+        assert_agrees(out, lse, *reference_on_gpu(c, q, k_cache, block_table, lens), lens)
 
 
 @fused
@@ -322,14 +346,15 @@ def test_fp8_switch_with_a_bad_value_is_a_typed_error(monkeypatch, name, value, 
 
 
 @fused
-def test_fused_fp8_decode_under_torch_compile() -> None:
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_fused_fp8_decode_under_torch_compile(h_q) -> None:
     """The op's fake impl (kvpager.kernels.fake) lets torch.compile hold the call whole."""
-    c = dict(h_q=16, s_q=2, varlen=True, causal=True, padded=True)
+    c = dict(h_q=h_q, s_q=2, varlen=True, causal=True, padded=True)
     torch.manual_seed(9)
     q, k_cache, block_table, lens = make_batch(c, b=5, s_k=400)
 
     def step(q, k_cache, block_table, lens):
-        meta, splits = kernels.get_mla_metadata(lens, 32, 1)
+        meta, splits = kernels.get_mla_metadata(lens, 2 * h_q, 1)
         return kernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, causal=True,
                                               is_fp8_kvcache=True)
 

@@ -1,6 +1,7 @@
 """flash_mla_with_kvcache(..., is_fp8_kvcache=True) on a machine without the kernel: the reference
 on a 656-byte FP8 cache equals the reference on its dequantized bf16 cache; bad input is typed."""
 import logging
+import os
 import random
 
 import pytest
@@ -195,8 +196,9 @@ def fake_kernels(monkeypatch, calls, fused_fp8):
     monkeypatch.setattr(kernels, "num_sms", lambda device: mla.NUM_SMS_CPU, raising=False)
     monkeypatch.setattr(kernels, "flash_mla_with_kvcache",
                         lambda *a, **k: calls.append(k) or ("out", "lse"), raising=False)
-    if fused_fp8:  # as kvpager.kernels: any rows when asked without, else up to 32
-        monkeypatch.setattr(kernels, "supports_fp8_kvcache", lambda rows=None: rows is None or rows <= 32,
+    if fused_fp8:  # as kvpager.kernels: any rows, more than 32 unless KVPAGER_FP8_SEESAW=0
+        monkeypatch.setattr(kernels, "supports_fp8_kvcache",
+                            lambda rows=None: rows is None or rows <= 32 or os.environ.get("KVPAGER_FP8_SEESAW") != "0",
                             raising=False)
 
 
@@ -223,19 +225,24 @@ def test_fp8_goes_to_the_fused_kernel_when_it_exists(monkeypatch):
     assert calls == [{"softmax_scale": None, "causal": False, "is_fp8_kvcache": True}]
 
 
-def test_fp8_beyond_the_fused_kernels_rows_runs_on_the_reference(monkeypatch, caplog):
-    """64 query rows per kv head (h_q = 64): the fused FP8 decode covers <= 32, so the reference
-    serves it, logged once for that row count; 16 rows still go to the kernel."""
+def test_fp8_with_64_rows_goes_to_the_fused_kernel_unless_switched_off(monkeypatch, caplog):
+    """64 query rows per kv head (h_q = 64): the fused FP8 decode's 64-row blocks serve it; with
+    KVPAGER_FP8_SEESAW=0 the reference does, logged once for that row count, and 16 rows still go
+    to the kernel."""
     calls, a, small = [], good(), good()
     a["q"] = torch.randn(2, 1, 64, D).bfloat16()
     a["tile_scheduler_metadata"], a["num_splits"] = get_mla_metadata(a["cache_seqlens"], 64, 1)
     fake_kernels(monkeypatch, calls, fused_fp8=True)
+    assert flash_mla_with_kvcache(**a) == ("out", "lse")
+    assert calls == [{"softmax_scale": None, "causal": False, "is_fp8_kvcache": True}]
+    calls.clear()
+    monkeypatch.setenv("KVPAGER_FP8_SEESAW", "0")
     monkeypatch.setattr(mla, "_fp8_rows_logged", set())
     with caplog.at_level(logging.INFO, logger="kvpager"):
         out, lse = flash_mla_with_kvcache(**a)
         flash_mla_with_kvcache(**a)
     assert calls == [] and out.shape == (2, 1, 64, DV) and torch.isfinite(lse).all()
-    lines = [r for r in caplog.records if "covers up to 32" in r.getMessage()]
+    lines = [r for r in caplog.records if "KVPAGER_FP8_SEESAW=0" in r.getMessage()]
     assert len(lines) == 1 and "64 query rows" in lines[0].getMessage()
     assert flash_mla_with_kvcache(**small) == ("out", "lse")
     assert calls == [{"softmax_scale": None, "causal": False, "is_fp8_kvcache": True}]
@@ -251,5 +258,6 @@ def test_fp8_kernel_switch(monkeypatch):
     if not kernels.available():
         assert not kernels.supports_fp8_kvcache(16) and kernels.fp8_unavailable_reason()
     elif hasattr(torch.ops.kvpager, "mla_decode_fp8"):
-        assert kernels.supports_fp8_kvcache(16) and kernels.supports_fp8_kvcache(32)
-        assert not kernels.supports_fp8_kvcache(33) and not kernels.supports_fp8_kvcache(64)
+        assert all(kernels.supports_fp8_kvcache(rows) for rows in (1, 16, 32, 33, 64, 128))
+        monkeypatch.setenv("KVPAGER_FP8_SEESAW", "0")  # 64-row blocks off: more than 32 rows -> reference
+        assert kernels.supports_fp8_kvcache(32) and not kernels.supports_fp8_kvcache(33)
