@@ -29,6 +29,15 @@ print(f"fp8_device_check: {dev}; kernels.available()={kernels.available()}; "
       f"(64)={kernels.supports_fp8_kvcache(64)}; {kernels.fp8_unavailable_reason() or 'fused FP8 decode on'}")
 PYEOF
 
+echo "==== FP8 smoke: one 64-row-block case first (a hung kernel stops the script here) ===="
+timeout -k 5 "${FP8_SMOKE_TIMEOUT:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py \
+  -k "test_fused_fp8_decode_matches_the_reference and hq128-sq2 and ws" 2>&1 | tail -3
+smoke_rc=${PIPESTATUS[0]}
+if [[ $smoke_rc -eq 124 || $smoke_rc -eq 137 ]]; then
+  echo "fp8 smoke: TIMEOUT (hang) - no tests, bench or sanitizer run" | tee "$OUT/fp8-summary.txt"
+  exit 1
+fi
+
 echo "==== FP8 GPU tests ===="
 timeout -k 10 "${FP8_TEST_TIMEOUT:-240}" "$PY" -m pytest -q -rs -p no:cacheprovider --durations=5 \
   ${FP8_PYTEST_ARGS:-} tests/gpu/test_fp8_gpu.py 2>&1 | tee "$LOG/tests.log"
