@@ -31,6 +31,7 @@ FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kv
 # "0": calls with more than 32 query rows per kv head (64-row blocks: the seesaw kernel with its
 # FP8 converter warpgroup, new in s16) run on the reference; 16/32-row blocks keep the fused decode.
 FP8_SEESAW_ENV = "KVPAGER_FP8_SEESAW"
+FP8_SEESAW_DEFAULT = "1"  # the switch's value when unset
 FP8_MMA_SYNC_MAX_ROWS = 32  # rows a kv head of the 16/32-row FP8 kernels; more: 64-row blocks
 
 try:
@@ -105,7 +106,7 @@ def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
     if num_heads_per_head_k is None:
         return True
     if num_heads_per_head_k > FP8_MMA_SYNC_MAX_ROWS:
-        return os.environ.get(FP8_SEESAW_ENV, "1") != "0"
+        return os.environ.get(FP8_SEESAW_ENV, FP8_SEESAW_DEFAULT) != "0"
     return num_heads_per_head_k >= 1
 
 

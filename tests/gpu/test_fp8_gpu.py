@@ -30,6 +30,13 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
+@pytest.fixture(autouse=True)
+def fp8_seesaw_on(monkeypatch):
+    """The 64-row FP8 blocks on, whatever kvpager.kernels.FP8_SEESAW_DEFAULT says (a test may turn
+    them off again)."""
+    monkeypatch.setenv("KVPAGER_FP8_SEESAW", "1")
+
+
 # ---- quantize / dequantize / pool ---------------------------------------------------------------
 
 

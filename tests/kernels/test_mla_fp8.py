@@ -198,7 +198,8 @@ def fake_kernels(monkeypatch, calls, fused_fp8):
                         lambda *a, **k: calls.append(k) or ("out", "lse"), raising=False)
     if fused_fp8:  # as kvpager.kernels: any rows, more than 32 unless KVPAGER_FP8_SEESAW=0
         monkeypatch.setattr(kernels, "supports_fp8_kvcache",
-                            lambda rows=None: rows is None or rows <= 32 or os.environ.get("KVPAGER_FP8_SEESAW") != "0",
+                            lambda rows=None: rows is None or rows <= 32
+                            or os.environ.get("KVPAGER_FP8_SEESAW", kernels.FP8_SEESAW_DEFAULT) != "0",
                             raising=False)
 
 
@@ -233,6 +234,7 @@ def test_fp8_with_64_rows_goes_to_the_fused_kernel_unless_switched_off(monkeypat
     a["q"] = torch.randn(2, 1, 64, D).bfloat16()
     a["tile_scheduler_metadata"], a["num_splits"] = get_mla_metadata(a["cache_seqlens"], 64, 1)
     fake_kernels(monkeypatch, calls, fused_fp8=True)
+    monkeypatch.setenv("KVPAGER_FP8_SEESAW", "1")
     assert flash_mla_with_kvcache(**a) == ("out", "lse")
     assert calls == [{"softmax_scale": None, "causal": False, "is_fp8_kvcache": True}]
     calls.clear()
@@ -258,6 +260,7 @@ def test_fp8_kernel_switch(monkeypatch):
     if not kernels.available():
         assert not kernels.supports_fp8_kvcache(16) and kernels.fp8_unavailable_reason()
     elif hasattr(torch.ops.kvpager, "mla_decode_fp8"):
+        monkeypatch.setenv("KVPAGER_FP8_SEESAW", "1")
         assert all(kernels.supports_fp8_kvcache(rows) for rows in (1, 16, 32, 33, 64, 128))
         monkeypatch.setenv("KVPAGER_FP8_SEESAW", "0")  # 64-row blocks off: more than 32 rows -> reference
         assert kernels.supports_fp8_kvcache(32) and not kernels.supports_fp8_kvcache(33)
