@@ -1,9 +1,9 @@
 """`kvpager bench kernel --kv-cache-dtype fp8`: the fused FP8 decode against the bf16 kernel, in
 one run, on the same values.
 
-For every case of the chosen set that the fused FP8 decode covers (every one, unless
-KVPAGER_FP8_SEESAW=0 sends those of more than 32 query rows per kv head to the reference: they are
-then listed as skipped), the random bf16 cache of
+For every case of the chosen set that the fused FP8 decode covers (every one when
+KVPAGER_FP8_SEESAW=1; with it off, those of more than 32 query rows per kv head run on the reference
+and are listed as skipped), the random bf16 cache of
 `kvpager bench kernel` is quantized (kvpager.fp8.quantize) and the bf16 kernel is timed on its
 dequantized copy, so both kernels read the same numbers: their outputs must agree to rounding
 (1 - cos printed), and the time ratio is the FP8 cache's speed-up. GB/s and ×read count what the
@@ -131,8 +131,8 @@ def run(args: argparse.Namespace, time_us: Callable, method: str, props, ceiling
     if skipped:
         names = ", ".join(f"b={c.b} s_q={c.s_q} h_q={c.h_q} s_k={c.s_k}{' varlen' if c.varlen else ''}"
                           for c in skipped)
-        print(f"not covered by the fused FP8 decode ({kernels.FP8_SEESAW_ENV}=0 switches off more than "
-              f"{kernels.FP8_MMA_SYNC_MAX_ROWS} query rows per kv head; kvpager.mla runs them on the reference): {names}")
+        print(f"not covered by the fused FP8 decode (more than {kernels.FP8_MMA_SYNC_MAX_ROWS} query rows per "
+              f"kv head need {kernels.FP8_SEESAW_ENV}=1; kvpager.mla runs them on the reference): {names}")
     report = {
         "device": props.name,
         "num_sms": props.multi_processor_count,

@@ -28,10 +28,11 @@ PAGE_SIZE = schedule.PAGE_SIZE
 DTYPES = (torch.bfloat16, torch.float16)
 _HOPPER = (9, 0)
 FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kvpager.mla: reference)
-# "0": calls with more than 32 query rows per kv head (64-row blocks: the seesaw kernel with its
-# FP8 converter warpgroup, new in s16) run on the reference; 16/32-row blocks keep the fused decode.
+# "1": calls with more than 32 query rows per kv head run the 64-row blocks (the seesaw kernel with
+# its FP8 converter warpgroup, new in s16); "0": they run on the reference (16/32-row blocks keep the
+# fused decode). Read on every call; unset means FP8_SEESAW_DEFAULT.
 FP8_SEESAW_ENV = "KVPAGER_FP8_SEESAW"
-FP8_SEESAW_DEFAULT = "1"  # the switch's value when unset
+FP8_SEESAW_DEFAULT = "0"  # the switch's value when unset: off until the 64-row FP8 path has run on a GPU
 FP8_MMA_SYNC_MAX_ROWS = 32  # rows a kv head of the 16/32-row FP8 kernels; more: 64-row blocks
 
 try:
@@ -98,8 +99,8 @@ def fp8_unavailable_reason() -> str:
 def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
     """True when the fused FP8 decode is available (fp8_unavailable_reason() == '') and covers a
     call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: any count >= 1
-    (1-32 on the 16/32-row kernels, more on 64-row blocks unless KVPAGER_FP8_SEESAW=0, read on every
-    call). None: whether it covers any. kvpager.mla runs what it does not cover on the reference.
+    (1-32 on the 16/32-row kernels; more on the 64-row blocks when KVPAGER_FP8_SEESAW, read on every
+    call, is "1" - unset: FP8_SEESAW_DEFAULT). None: whether it covers any. kvpager.mla runs what it does not cover on the reference.
     Says nothing about the device (see supports_device)."""
     if fp8_unavailable_reason():
         return False

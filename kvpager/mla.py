@@ -275,8 +275,8 @@ def _check_fp8(q: torch.Tensor, k_cache: torch.Tensor, is_fp8_kvcache: bool) -> 
 
 def _fused_fp8(kernels, device: torch.device, rows: int) -> bool:
     """True when kvpager.kernels' fused FP8 decode covers this call: supports_fp8_kvcache(rows),
-    rows = s_q * h_q // h_kv (any count; KVPAGER_FP8_KERNEL=0 switches it off, KVPAGER_FP8_SEESAW=0
-    the 64-row blocks of more than 32 rows). Otherwise the call runs on the reference, logged once
+    rows = s_q * h_q // h_kv (any count; KVPAGER_FP8_KERNEL=0 switches it off, KVPAGER_FP8_SEESAW
+    the 64-row blocks of more than 32 rows: kvpager.kernels.FP8_SEESAW_DEFAULT when unset). Otherwise the call runs on the reference, logged once
     per reason."""
     global _fp8_fallback_logged
     supports = getattr(kernels, "supports_fp8_kvcache", None)
@@ -285,7 +285,7 @@ def _fused_fp8(kernels, device: torch.device, rows: int) -> bool:
     if supports is not None and supports():  # the kernel exists, but not for this many rows
         if rows not in _fp8_rows_logged:
             log.warning("kvpager: FP8 cache with %d query rows per kv head (s_q * h_q / h_kv) on %s: "
-                        "the fused FP8 decode of more than 32 rows is switched off (%s=0), so these "
+                        "the fused FP8 decode of more than 32 rows is off (%s=1 turns it on), so these "
                         "calls run on the PyTorch reference (dequantizes the used pages per call; slow)",
                         rows, device, getattr(kernels, "FP8_SEESAW_ENV", "KVPAGER_FP8_SEESAW"))
             _fp8_rows_logged.add(rows)

@@ -244,7 +244,7 @@ def test_fp8_with_64_rows_goes_to_the_fused_kernel_unless_switched_off(monkeypat
         out, lse = flash_mla_with_kvcache(**a)
         flash_mla_with_kvcache(**a)
     assert calls == [] and out.shape == (2, 1, 64, DV) and torch.isfinite(lse).all()
-    lines = [r for r in caplog.records if "KVPAGER_FP8_SEESAW=0" in r.getMessage()]
+    lines = [r for r in caplog.records if "KVPAGER_FP8_SEESAW=1 turns it on" in r.getMessage()]
     assert len(lines) == 1 and "64 query rows" in lines[0].getMessage()
     assert flash_mla_with_kvcache(**small) == ("out", "lse")
     assert calls == [{"softmax_scale": None, "causal": False, "is_fp8_kvcache": True}]
