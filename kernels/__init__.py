@@ -32,7 +32,7 @@ FP8_KERNEL_ENV = "KVPAGER_FP8_KERNEL"  # "0": never use the fused FP8 decode (kv
 # its FP8 converter warpgroup, new in s16); "0": they run on the reference (16/32-row blocks keep the
 # fused decode). Read on every call; unset means FP8_SEESAW_DEFAULT.
 FP8_SEESAW_ENV = "KVPAGER_FP8_SEESAW"
-FP8_SEESAW_DEFAULT = "0"  # the switch's value when unset: off until the 64-row FP8 path has run on a GPU
+FP8_SEESAW_DEFAULT = "1"  # the switch's value when unset (on since the s16 H100 run: docs/fp8-cache.md)
 FP8_MMA_SYNC_MAX_ROWS = 32  # rows a kv head of the 16/32-row FP8 kernels; more: 64-row blocks
 
 try:
