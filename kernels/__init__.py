@@ -4,8 +4,8 @@ The extension `kvpager.kernels._C` registers three custom ops (torch.library, na
 `get_mla_metadata` (the split-KV tile scheduler, a small GPU kernel), `mla_decode` (decode +
 combine) and `mla_decode_fp8` (the same on kvpager.fp8's 656-byte cache rows, dequantized in the
 kernel, any s_q * h_q // h_kv). Their fake implementations live in `kvpager.kernels.fake`, so
-torch.compile and CUDA graphs can hold them. This module is a thin wrapper: defaults and one op call. The arguments are
-validated once, by `kvpager.mla` (which dispatches between this and the PyTorch reference); the
+torch.compile and CUDA graphs can hold them. This module is a thin wrapper: defaults and one op
+call. The arguments are validated once, by `kvpager.mla` (which dispatches between this and the PyTorch reference); the
 binding keeps only the checks memory safety needs, and its "kvpager: ..." errors arrive here as
 InvalidArgument.
 """
@@ -100,8 +100,8 @@ def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
     """True when the fused FP8 decode is available (fp8_unavailable_reason() == '') and covers a
     call with `num_heads_per_head_k` = s_q * h_q // h_kv query rows per kv head: any count >= 1
     (1-32 on the 16/32-row kernels; more on the 64-row blocks when KVPAGER_FP8_SEESAW, read on every
-    call, is "1" - unset: FP8_SEESAW_DEFAULT). None: whether it covers any. kvpager.mla runs what it does not cover on the reference.
-    Says nothing about the device (see supports_device)."""
+    call, is "1" - unset: FP8_SEESAW_DEFAULT). None: whether it covers any. kvpager.mla runs what it
+    does not cover on the reference. Says nothing about the device (see supports_device)."""
     if fp8_unavailable_reason():
         return False
     if num_heads_per_head_k is None:

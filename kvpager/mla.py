@@ -276,8 +276,8 @@ def _check_fp8(q: torch.Tensor, k_cache: torch.Tensor, is_fp8_kvcache: bool) -> 
 def _fused_fp8(kernels, device: torch.device, rows: int) -> bool:
     """True when kvpager.kernels' fused FP8 decode covers this call: supports_fp8_kvcache(rows),
     rows = s_q * h_q // h_kv (any count; KVPAGER_FP8_KERNEL=0 switches it off, KVPAGER_FP8_SEESAW
-    the 64-row blocks of more than 32 rows: kvpager.kernels.FP8_SEESAW_DEFAULT when unset). Otherwise the call runs on the reference, logged once
-    per reason."""
+    the 64-row blocks of more than 32 rows: kvpager.kernels.FP8_SEESAW_DEFAULT when unset).
+    Otherwise the call runs on the reference, logged once per reason."""
     global _fp8_fallback_logged
     supports = getattr(kernels, "supports_fp8_kvcache", None)
     if supports is not None and supports(rows):
