@@ -5,9 +5,9 @@ The extension `kvpager.kernels._C` registers three custom ops (torch.library, na
 combine) and `mla_decode_fp8` (the same on kvpager.fp8's 656-byte cache rows, dequantized in the
 kernel, any s_q * h_q // h_kv). Their fake implementations live in `kvpager.kernels.fake`, so
 torch.compile and CUDA graphs can hold them. This module is a thin wrapper: defaults and one op
-call. The arguments are validated once, by `kvpager.mla` (which dispatches between this and the PyTorch reference); the
-binding keeps only the checks memory safety needs, and its "kvpager: ..." errors arrive here as
-InvalidArgument.
+call. The arguments are validated once, by `kvpager.mla` (which dispatches between this and the
+PyTorch reference); the binding keeps only the checks memory safety needs, and its "kvpager: ..."
+errors arrive here as InvalidArgument.
 """
 from __future__ import annotations
 
