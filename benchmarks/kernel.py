@@ -86,8 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="same as --set quick: s_k=8192, h_q in {16,128} and the small cases")
     parser.add_argument("--kernels", default="seesaw",
                         help="64-row kernels to time, comma-separated: seesaw, seesaw-oN (hand-off order N: "
-                             "KVPAGER_SEESAW_ORDER), seesaw-tN (N latent tiles a TMA copy: "
-                             "KVPAGER_SEESAW_TMA_TILES), lockstep (default: %(default)s)")
+                             "KVPAGER_SEESAW_ORDER), lockstep (default: %(default)s)")
     parser.add_argument("--pdl", default="on", help="combine launch: on, off or on,off (default: %(default)s)")
     parser.add_argument("--hint", default="first",
                         help="seesaw TMA L2 eviction hints, e.g. first,normal,last (default: %(default)s)")
@@ -207,7 +206,7 @@ def work(case: Case, lens: torch.Tensor) -> tuple[float, float, float]:
 
 
 ENV = {"kernel": "KVPAGER_MLA_KERNEL", "pdl": "KVPAGER_PDL", "hint": "KVPAGER_TMA_HINT",
-       "order": "KVPAGER_SEESAW_ORDER", "tiles": "KVPAGER_SEESAW_TMA_TILES"}
+       "order": "KVPAGER_SEESAW_ORDER"}
 
 
 @contextlib.contextmanager
@@ -215,13 +214,11 @@ def kernel_env(variant: dict):
     """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
     saved = {v: os.environ.get(v) for v in ENV.values()}
     os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
-    # seesaw-o11: the seesaw kernel with hand-off order 11; seesaw-t4: 4 latent tiles a TMA copy
-    options = dict((part[0], part[1:]) for part in variant["kernel"].split("-")[1:])
-    for key, env in (("o", ENV["order"]), ("t", ENV["tiles"])):
-        if key in options:
-            os.environ[env] = options[key]
-        else:
-            os.environ.pop(env, None)
+    order = variant["kernel"].partition("-o")[2]  # seesaw-o11: the seesaw kernel with hand-off order 11
+    if order:
+        os.environ[ENV["order"]] = order
+    else:
+        os.environ.pop(ENV["order"], None)
     os.environ[ENV["pdl"]] = "1" if variant["pdl"] else "0"
     os.environ[ENV["hint"]] = variant["hint"]
     try:

@@ -57,6 +57,7 @@ __all__ = [
     "supports_device",
     "supports_fp8_kvcache",
     "fp8_unavailable_reason",
+    "fp8_seesaw_on",
     "num_sms",
     "get_mla_metadata",
     "flash_mla_with_kvcache",
@@ -107,8 +108,19 @@ def supports_fp8_kvcache(num_heads_per_head_k: int | None = None) -> bool:
     if num_heads_per_head_k is None:
         return True
     if num_heads_per_head_k > FP8_MMA_SYNC_MAX_ROWS:
-        return os.environ.get(FP8_SEESAW_ENV, FP8_SEESAW_DEFAULT) != "0"
+        return fp8_seesaw_on()
     return num_heads_per_head_k >= 1
+
+
+def fp8_seesaw_on() -> bool:
+    """KVPAGER_FP8_SEESAW, read on every call (unset: FP8_SEESAW_DEFAULT): "1" runs FP8 calls of
+    more than 32 query rows per kv head in the 64-row blocks, "0" on the reference. Any other value
+    raises InvalidArgument naming the variable and its choices."""
+    value = os.environ.get(FP8_SEESAW_ENV, FP8_SEESAW_DEFAULT)
+    if value not in ("0", "1"):
+        raise InvalidArgument(f"{FP8_SEESAW_ENV} must be 0 (FP8 calls of more than 32 query rows per kv head "
+                              f"on the reference) or 1 (in the kernel), got {value!r}")
+    return value == "1"
 
 
 def num_sms(device: torch.device) -> int:

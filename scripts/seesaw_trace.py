@@ -158,8 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
     ap.add_argument("--orders", default="",
-                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 11,15; a t4 suffix (15t4) also sets "
-                         "KVPAGER_SEESAW_TMA_TILES=4")
+                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 11,15")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     for spec in args.case or DEFAULT_CASES:
@@ -167,10 +166,8 @@ def main() -> None:
         case = bench.Case(b, s_q, h_q, s_k, False)
         for order in args.orders.split(",") if args.orders else [""]:
             if order:
-                order, _, tiles = order.partition("t")
                 os.environ["KVPAGER_SEESAW_ORDER"] = order
-                os.environ["KVPAGER_SEESAW_TMA_TILES"] = tiles or "1"
-                print(f"hand-off order {order}, {tiles or 1} tile(s) a TMA copy:")
+                print(f"hand-off order {order}:")
             report(case, capture(case))
 
 

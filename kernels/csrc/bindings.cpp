@@ -68,7 +68,6 @@ bool aligned16(const at::Tensor& t) {
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
 // KVPAGER_SEESAW_ORDER=11|15 the seesaw kernel's hand-off order (launch.h),
-// KVPAGER_SEESAW_TMA_TILES=1|4 its latent tiles a TMA copy (order 15 only),
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
 // KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
@@ -84,15 +83,6 @@ kvpager::DecodeOptions options_from_env() {
     const std::string v = order;
     KVP_CHECK(v == "11" || v == "15", "KVPAGER_SEESAW_ORDER must be 11 or 15, got ", v);
     options.seesaw_order = std::stoi(v);
-  }
-  const char* tiles = std::getenv("KVPAGER_SEESAW_TMA_TILES");
-  if (tiles != nullptr) {
-    const std::string v = tiles;
-    KVP_CHECK(v == "1" || v == "4", "KVPAGER_SEESAW_TMA_TILES must be 1 or 4 (latent tiles a TMA copy), got ", v);
-    options.seesaw_tma_tiles = std::stoi(v);
-    KVP_CHECK(options.seesaw_tma_tiles == 1 || options.seesaw_order == 15,
-              "KVPAGER_SEESAW_TMA_TILES=4 is built for hand-off order 15 only; unset KVPAGER_SEESAW_ORDER "
-              "or set it to 15");
   }
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");

@@ -32,7 +32,7 @@ inline cudaError_t launch_fp8_ws(DecodeParams p, const DecodeOptions& options, c
   return cudaGetLastError();
 }
 
-// 64-row blocks: the seesaw kernel with its converter warpgroup (hand-off order 15, 1-tile copies;
+// 64-row blocks: the seesaw kernel with its converter warpgroup (hand-off order 15;
 // with no page in the pool no map is encoded, and no segment has a page to load).
 inline cudaError_t launch_fp8_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.page_cache_hint = cache_policy(options.page_cache_hint);
@@ -41,7 +41,7 @@ inline cudaError_t launch_fp8_seesaw(DecodeParams p, const DecodeOptions& option
     const cudaError_t err = encode_fp8_page_maps(p, &maps.fp8);
     if (err != cudaSuccess) return err;
   }
-  return launch_seesaw_kernel<__nv_bfloat16, 15, 1, true>(p, maps, stream);
+  return launch_seesaw_kernel<__nv_bfloat16, 15, true>(p, maps, stream);
 }
 
 inline cudaError_t launch_decode_fp8(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {

@@ -51,11 +51,11 @@ inline uint64_t cache_policy(DecodeOptions::CacheHint hint) {
   }
 }
 
-// The seesaw kernel with hand-off order kOrder, kTilesPerCopy tiles a TMA copy, on a bf16 / fp16
-// or (kFp8) an FP8 cache (its shared-memory attribute set once per instance).
-template <typename Elem, int kOrder, int kTilesPerCopy, bool kFp8 = false>
+// The seesaw kernel with hand-off order kOrder on a bf16 / fp16 or (kFp8) an FP8 cache (its
+// shared-memory attribute set once per instance).
+template <typename Elem, int kOrder, bool kFp8 = false>
 cudaError_t launch_seesaw_kernel(const DecodeParams& p, const SeesawMaps& maps, cudaStream_t stream) {
-  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kTilesPerCopy, kFp8>;
+  auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kFp8>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
   constexpr int kThreads = kFp8 ? SeesawTraits::kFp8Threads : SeesawTraits::kThreads;
   kernel<<<decode_grid(p, SeesawTraits::kBlockM), kThreads, SeesawTraits::kSmemBytes, stream>>>(p, maps);
@@ -65,17 +65,11 @@ cudaError_t launch_seesaw_kernel(const DecodeParams& p, const SeesawMaps& maps, 
 template <typename Elem>
 cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStream_t stream) {
   p.page_cache_hint = cache_policy(options.page_cache_hint);
-  const bool grouped = options.seesaw_tma_tiles == kTilesPerGroupCopy;
   SeesawMaps maps{};
-  cudaError_t err = encode_page_tensor_map<Elem>(p, 1, &maps.page);
-  if (err == cudaSuccess && grouped) err = encode_page_tensor_map<Elem>(p, kTilesPerGroupCopy, &maps.group);
+  cudaError_t err = encode_page_tensor_map<Elem>(p, &maps.page);
   if (err != cudaSuccess) return err;
-  if (options.seesaw_order == 11)
-    err = launch_seesaw_kernel<Elem, 11, 1>(p, maps, stream);
-  else if (grouped)
-    err = launch_seesaw_kernel<Elem, 15, kTilesPerGroupCopy>(p, maps, stream);
-  else
-    err = launch_seesaw_kernel<Elem, 15, 1>(p, maps, stream);
+  err = options.seesaw_order == 11 ? launch_seesaw_kernel<Elem, 11>(p, maps, stream)
+                                   : launch_seesaw_kernel<Elem, 15>(p, maps, stream);
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
 #endif

@@ -118,8 +118,6 @@ struct Ctx {
   Plan& s;
   const DecodeParams& p;
   const CUtensorMap* map;
-  const CUtensorMap* group_map;  // 4-tile copies (template kTilesPerCopy 4), else nullptr
-  bool grouped;                  // = group_map != nullptr, a compile-time constant in every kernel
   const Fp8PageMaps* fp8_maps;   // FP8 cache (template kFp8), else nullptr
   bool fp8;                      // = fp8_maps != nullptr, a compile-time constant in every kernel
   int wg, lane_in_wg, t;
@@ -157,7 +155,7 @@ struct Ctx {
     if (fp8)
       load_fp8_page_tiles(*fp8_maps, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
     else
-      load_page_tiles(map, group_map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+      load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
   }
   // One thread: the tiles WG0 reads last in buffer `buf` (0-3 and the rope tile 8), page `id`.
   __device__ __forceinline__ void load_wg0_tiles(int buf, int id) const {
@@ -182,12 +180,10 @@ struct Ctx {
 // (the caller fences acc first).
 template <typename Elem, int kFirst, int kLast, bool kZeroFirst>
 __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[T::kScoreRegs]) {
-  static_assert(group_barrier(true, kFirst) == kFirst, "with 4-tile copies a range starts at a copy's first tile");
   const uint32_t page = c.page(buf);
 #pragma unroll
   for (int tile = kFirst; tile < kLast; ++tile) {
-    // A grouped copy's later tiles landed with its first, whose barrier this loop already waited on.
-    if (group_barrier(c.grouped, tile) == tile) TileBarrier::wait(c.tile_barrier(buf, tile), c.phase);
+    TileBarrier::wait(c.tile_barrier(buf, tile), c.phase);
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk)
@@ -564,12 +560,11 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
 namespace seesaw {
 
 // The two consumer warpgroups: every segment of this CTA's part, its pairs, its output.
-template <typename Elem, int kOrder, int kTilesPerCopy, bool kFp8>
+template <typename Elem, int kOrder, bool kFp8>
 __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p, const SeesawMaps& maps) {
-  constexpr bool kGrouped = kTilesPerCopy == kTilesPerGroupCopy;
   const int m_block = blockIdx.x, part = blockIdx.z;
   const int warp_in_wg = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  Ctx c{plan, p, &maps.page, kGrouped ? &maps.group : nullptr, kGrouped, kFp8 ? &maps.fp8 : nullptr, kFp8};
+  Ctx c{plan, p, &maps.page, kFp8 ? &maps.fp8 : nullptr, kFp8};
   c.wg = threadIdx.x / T::kWarpgroupThreads;
   c.lane_in_wg = threadIdx.x % T::kWarpgroupThreads;
   c.t = lane % 4;
@@ -654,15 +649,13 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 
 }  // namespace seesaw
 
-// kTilesPerCopy: 1 (each tile its own TMA copy and barrier) or 4 (tiles 0-3 and 4-7 one copy each,
-// through maps.group; s15, on trial). kFp8: the cache holds 656-byte FP8 rows (seesaw_fp8.cuh; Elem
-// is q's bf16), and a third warpgroup converts them.
-template <typename Elem, int kOrder, int kTilesPerCopy, bool kFp8>
+// kFp8: the cache holds 656-byte FP8 rows (seesaw_fp8.cuh; Elem is q's bf16), and a third
+// warpgroup converts them.
+template <typename Elem, int kOrder, bool kFp8>
 __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTraits::kThreads, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ SeesawMaps maps) {
   using namespace seesaw;
-  static_assert(kTilesPerCopy == 1 || kTilesPerCopy == kTilesPerGroupCopy);
-  static_assert(!kFp8 || (kTilesPerCopy == 1 && std::is_same_v<Elem, __nv_bfloat16>), "FP8: bf16 q, 1-tile copies");
+  static_assert(!kFp8 || std::is_same_v<Elem, __nv_bfloat16>, "FP8: bf16 q");
   extern __shared__ char smem_raw[];
   Plan& plan = aligned_plan<Plan>(smem_raw);
 
@@ -675,7 +668,6 @@ __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTrait
       }
     } else {
       cute::prefetch_tma_descriptor(&maps.page);
-      if constexpr (kTilesPerCopy == kTilesPerGroupCopy) cute::prefetch_tma_descriptor(&maps.group);
     }
 #pragma unroll
     for (int buf = 0; buf < kNumPageBuffers; ++buf) {
@@ -692,13 +684,13 @@ __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTrait
     __syncthreads();  // the barriers are set up, for the converter too (it takes no part in later syncs)
     if (threadIdx.x < T::kThreads) {
       cutlass::arch::warpgroup_reg_alloc<T::kConsumerRegs>();
-      run_consumers<Elem, kOrder, kTilesPerCopy, kFp8>(plan, p, maps);
+      run_consumers<Elem, kOrder, kFp8>(plan, p, maps);
     } else {
       cutlass::arch::warpgroup_reg_dealloc<T::kConverterRegs>();
       seesaw_fp8::run_converter(plan, p, blockIdx.z, (threadIdx.x / 32) % 4, threadIdx.x % 32);
     }
   } else {
-    run_consumers<Elem, kOrder, kTilesPerCopy, kFp8>(plan, p, maps);
+    run_consumers<Elem, kOrder, kFp8>(plan, p, maps);
   }
 }
 

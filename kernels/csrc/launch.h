@@ -13,9 +13,6 @@ struct DecodeOptions {
   // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0) or 11 (s12-s14, kept
   // for comparison). decode_seesaw_kernel.cuh, docs/kernel-perf.md.
   int seesaw_order = 15;
-  // seesaw, order 15: latent tiles a TMA copy, 1 or 4 (tiles 0-3 / 4-7 one copy and one barrier
-  // each: fewer copies to issue in a refill; s15, on trial).
-  int seesaw_tma_tiles = 1;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).

@@ -39,9 +39,8 @@ struct Fp8PageMaps {
 
 // Every map of the seesaw kernel, one kernel parameter (each CUtensorMap stays in parameter space).
 struct SeesawMaps {
-  CUtensorMap page;   // bf16 / fp16 cache: one 64 x 64 tile a copy
-  CUtensorMap group;  // bf16 / fp16 cache: four latent tiles a copy (KVPAGER_SEESAW_TMA_TILES=4)
-  Fp8PageMaps fp8;    // FP8 cache
+  CUtensorMap page;  // bf16 / fp16 cache: one 64 x 64 tile a copy
+  Fp8PageMaps fp8;   // FP8 cache
 };
 
 constexpr int kFp8TileBytes = kPageSize * kBlockCols;        // 4096: a tile's FP8 bytes in its slot
@@ -80,7 +79,7 @@ inline cudaError_t encode_fp8_page_maps(const DecodeParams& p, Fp8PageMaps* maps
 }
 
 // One thread: tiles [first, last) of FP8 page `page_id` (kv head hk) into `tiles` (8 KB slots),
-// tile c completing on ready[c]. A 4-tile group's first tile (0, 4) brings the page's scales along.
+// tile c completing on ready[c]. A refill group's first tile (0, 4) brings the page's scales along.
 __device__ __forceinline__ void load_fp8_page_tiles(const Fp8PageMaps& maps, uint64_t* ready, char* tiles,
                                                     int page_id, int hk, int first, int last, uint64_t cache_hint) {
 #pragma unroll
@@ -91,7 +90,7 @@ __device__ __forceinline__ void load_fp8_page_tiles(const Fp8PageMaps& maps, uin
       cute::SM90_TMA_LOAD_4D::copy(&maps.rope, &ready[c], cache_hint, slot, 0, 0, hk, page_id);
       continue;
     }
-    const bool scales = c % kTilesPerGroupCopy == 0;
+    const bool scales = c % SeesawTraits::kVTilesPerWg == 0;
     TileBarrier::arrive_and_expect_tx(&ready[c], kFp8TileBytes + (scales ? kFp8PageScalesBytes : 0));
     cute::SM90_TMA_LOAD_4D::copy(&maps.latent, &ready[c], cache_hint, slot, c * kBlockCols, 0, hk, page_id);
     if (scales)

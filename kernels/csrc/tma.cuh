@@ -1,6 +1,6 @@
 // TMA (bulk tensor copy) of K/V page tiles: the tensor map over the paged cache (host), and the
 // copy of 64 x 64 tiles into the wgmma block layout, each completing on its own mbarrier (device).
-// The copy atoms and the barrier are CUTLASS's (SM90_TMA_LOAD_4D / _5D, ClusterTransactionBarrier).
+// The copy atom and the barrier are CUTLASS's (SM90_TMA_LOAD_4D, ClusterTransactionBarrier).
 #pragma once
 #include <cuda.h>  // CUtensorMap and the driver enums (header only: the encoder is fetched at run time)
 #include <cudaTypedefs.h>
@@ -37,18 +37,11 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// Tiles landed by one TMA copy: 1 (a 64 x 64 tile, the rope tile always) or 4 (four consecutive
-// latent tiles, one instruction and one barrier: KVPAGER_SEESAW_TMA_TILES, s15).
-constexpr int kTilesPerGroupCopy = 4;
-
-// The cache [num_pages, 64, h_kv, 576] as a tensor, innermost first, copied with the 128-byte
-// swizzle (= the wgmma block layout):
-//   tiles_per_copy 1: 4-D (576, 64 tokens, h_kv, num_pages), boxes of 64 columns x 64 tokens;
-//   tiles_per_copy 4: 5-D (64 columns, 64 tokens, 9 column blocks, h_kv, num_pages), boxes of
-//     64 x 64 x 4: a box lands as four consecutive 8 KB tiles, column block by column block.
+// The cache [num_pages, 64, h_kv, 576] as a 4-D tensor (576, 64, h_kv, num_pages), innermost first,
+// copied in boxes of 64 columns x 64 tokens with the 128-byte swizzle (= the wgmma block layout).
 // Needs num_pages >= 1, a 16-byte aligned base and 16-byte multiple strides (the binding checks).
 template <typename Elem>
-cudaError_t encode_page_tensor_map(const DecodeParams& p, int tiles_per_copy, CUtensorMap* map) {
+cudaError_t encode_page_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
   constexpr int64_t kElemBytes = sizeof(Elem);
@@ -56,55 +49,27 @@ cudaError_t encode_page_tensor_map(const DecodeParams& p, int tiles_per_copy, CU
   const cuuint64_t token_stride = p.k_token_stride * kElemBytes;
   const cuuint64_t head_stride = p.h_kv > 1 ? p.k_head_stride * kElemBytes : kRowBytes;
   const cuuint64_t page_stride = p.num_pages > 1 ? p.k_page_stride * kElemBytes : kPageBytes;
-  const cuuint64_t h_kv = p.h_kv, pages = p.num_pages;
-  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
-  CUresult r;
-  if (tiles_per_copy == 1) {
-    const cuuint64_t dims[4] = {kHeadDim, kPageSize, h_kv, pages};
-    const cuuint64_t strides[3] = {token_stride, head_stride, page_stride};
-    const cuuint32_t box[4] = {kBlockCols, kPageSize, 1, 1};
-    r = encode(map, TmaElem<Elem>::kType, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  } else {
-    const cuuint64_t dims[5] = {kBlockCols, kPageSize, kColBlocks, h_kv, pages};
-    const cuuint64_t strides[4] = {token_stride, kBlockRowBytes, head_stride, page_stride};
-    const cuuint32_t box[5] = {kBlockCols, kPageSize, cuuint32_t(tiles_per_copy), 1, 1};
-    r = encode(map, TmaElem<Elem>::kType, 5, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  }
+  const cuuint64_t dims[4] = {kHeadDim, kPageSize, cuuint64_t(p.h_kv), cuuint64_t(p.num_pages)};
+  const cuuint64_t strides[3] = {token_stride, head_stride, page_stride};
+  const cuuint32_t box[4] = {kBlockCols, kPageSize, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, TmaElem<Elem>::kType, 4, const_cast<void*>(p.k_cache), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 // One thread: tiles [first, last) of page `page_id` (kv head hk) into `tiles` (kPageTileBytes each,
 // 1024-byte aligned), tile c completing on ready[c]; cache_hint is the L2 policy operand
-// (cute::TMA::CacheHintSm90). With group_map (the 4-tile map), every run of four latent tiles
-// that starts at a multiple of 4 goes as one copy completing on ready[first of the four]: readers
-// then wait on that barrier (group_barrier below).
-__device__ __forceinline__ void load_page_tiles(const CUtensorMap* map, const CUtensorMap* group_map,
-                                                uint64_t* ready, char* tiles, int page_id, int hk, int first,
-                                                int last, uint64_t cache_hint) {
+// (cute::TMA::CacheHintSm90).
+__device__ __forceinline__ void load_page_tiles(const CUtensorMap* map, uint64_t* ready, char* tiles,
+                                                int page_id, int hk, int first, int last, uint64_t cache_hint) {
 #pragma unroll
-  for (int c = first; c < last;) {
-    if (group_map != nullptr && c % kTilesPerGroupCopy == 0 && c + kTilesPerGroupCopy <= last &&
-        c + kTilesPerGroupCopy <= kColBlocks - 1) {
-      TileBarrier::arrive_and_expect_tx(&ready[c], kTilesPerGroupCopy * kPageTileBytes);
-      cute::SM90_TMA_LOAD_5D::copy(group_map, &ready[c], cache_hint, tiles + c * kPageTileBytes, 0, 0, c, hk,
-                                   page_id);
-      c += kTilesPerGroupCopy;
-    } else {
-      TileBarrier::arrive_and_expect_tx(&ready[c], kPageTileBytes);
-      cute::SM90_TMA_LOAD_4D::copy(map, &ready[c], cache_hint, tiles + c * kPageTileBytes, c * kBlockCols, 0, hk,
-                                   page_id);
-      ++c;
-    }
+  for (int c = first; c < last; ++c) {
+    TileBarrier::arrive_and_expect_tx(&ready[c], kPageTileBytes);
+    cute::SM90_TMA_LOAD_4D::copy(map, &ready[c], cache_hint, tiles + c * kPageTileBytes, c * kBlockCols, 0, hk,
+                                 page_id);
   }
-}
-
-// The barrier tile `tile`'s copy completes on: its own, or (grouped copies) its group's first.
-__device__ __forceinline__ constexpr int group_barrier(bool grouped, int tile) {
-  return grouped && tile < kColBlocks - 1 ? tile - tile % kTilesPerGroupCopy : tile;
 }
 
 }  // namespace kvpager

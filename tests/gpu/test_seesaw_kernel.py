@@ -132,23 +132,11 @@ def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
 @pytest.mark.parametrize("name, value, error, message", [
     ("KVPAGER_MLA_KERNEL", "fast", Exception, "KVPAGER_MLA_KERNEL"),
     ("KVPAGER_SEESAW_ORDER", "16", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 11 or 15, got 16"),
-    ("KVPAGER_SEESAW_TMA_TILES", "2", InvalidArgument,
-     r"KVPAGER_SEESAW_TMA_TILES must be 1 or 4 \(latent tiles a TMA copy\), got 2"),
 ])
 def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) -> None:
     monkeypatch.setenv(name, value)
     c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
     with pytest.raises(error, match=message):
-        run(c)
-    torch.cuda.synchronize()
-
-
-def test_four_tile_copies_with_order_11_is_an_error(monkeypatch) -> None:
-    """Only order 15 is built with 4-tile copies: asking for both is refused, not silently dropped."""
-    monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "11")
-    monkeypatch.setenv("KVPAGER_SEESAW_TMA_TILES", "4")
-    c = dict(h_q=64, s_q=1, varlen=False, s_k=PAGE, b=1, h_kv=1, causal=False, zeros=False, dtype="bf16")
-    with pytest.raises(InvalidArgument, match="KVPAGER_SEESAW_TMA_TILES=4 is built for hand-off order 15 only"):
         run(c)
     torch.cuda.synchronize()
 
@@ -162,21 +150,10 @@ def test_order_11_matches_reference(c: dict, monkeypatch) -> None:
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
 
 
-@pytest.mark.parametrize("c", CASES[2::4], ids=case_id)
-def test_four_tile_tma_copies_match_reference(c: dict, monkeypatch) -> None:
-    """KVPAGER_SEESAW_TMA_TILES=4 (on trial) lands tiles 0-3 and 4-7 of a page with one copy each:
-    the 5-D tensor map's boxes must land exactly where the 1-tile copies do, any h_kv and stride."""
-    monkeypatch.setenv("KVPAGER_SEESAW_TMA_TILES", "4")
-    (q, k_cache, block_table, seqlens), out, lse = run(c)
-    assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
-
-
-@pytest.mark.parametrize("tiles", ["1", "4"])
 @pytest.mark.parametrize("h_kv", [1, 2])
-def test_padded_page_stride(tiles: str, h_kv: int, monkeypatch) -> None:
-    """A cache view of 65-row pages (a convention in the field; the tensor maps take the page stride
-    from the tensor) with a NaN 65th row: both TMA copy widths read only the 64 rows of each page."""
-    monkeypatch.setenv("KVPAGER_SEESAW_TMA_TILES", tiles)
+def test_padded_page_stride(h_kv: int) -> None:
+    """A cache view of 65-row pages (a convention in the field; the tensor map takes the page stride
+    from the tensor) with a NaN 65th row: the TMA copies read only the 64 rows of each page."""
     torch.manual_seed(21)
     lens = torch.tensor([700, 64, 129, 1], dtype=torch.int32)
     q, dense, block_table, seqlens = make_batch(4, 2, 64 * h_kv, h_kv, lens, torch.bfloat16)

@@ -11,20 +11,17 @@ from kvpager.benchmarks import kernel as bench
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("seesaw", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": None, "KVPAGER_SEESAW_TMA_TILES": None}),
-    ("seesaw-o11", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": "11", "KVPAGER_SEESAW_TMA_TILES": None}),
-    ("seesaw-t4", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": None, "KVPAGER_SEESAW_TMA_TILES": "4"}),
+    ("seesaw", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": None}),
+    ("seesaw-o11", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": "11"}),
     ("lockstep", {"KVPAGER_MLA_KERNEL": "lockstep", "KVPAGER_SEESAW_ORDER": None}),
 ])
 def test_kernel_name_sets_its_switches_and_restores_them(name, expected, monkeypatch) -> None:
     monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "15")  # a caller's own setting: overridden, then restored
-    monkeypatch.delenv("KVPAGER_SEESAW_TMA_TILES", raising=False)
     with bench.kernel_env({"kernel": name, "pdl": False, "hint": "normal"}):
         for var, value in expected.items():
             assert os.environ.get(var) == value, var
         assert os.environ["KVPAGER_PDL"] == "0" and os.environ["KVPAGER_TMA_HINT"] == "normal"
     assert os.environ["KVPAGER_SEESAW_ORDER"] == "15"
-    assert "KVPAGER_SEESAW_TMA_TILES" not in os.environ
 
 
 def test_l2_traffic_counts_every_row_block_of_a_kv_head() -> None:

@@ -198,8 +198,7 @@ def fake_kernels(monkeypatch, calls, fused_fp8):
                         lambda *a, **k: calls.append(k) or ("out", "lse"), raising=False)
     if fused_fp8:  # as kvpager.kernels: any rows, more than 32 unless KVPAGER_FP8_SEESAW=0
         monkeypatch.setattr(kernels, "supports_fp8_kvcache",
-                            lambda rows=None: rows is None or rows <= 32
-                            or os.environ.get("KVPAGER_FP8_SEESAW", kernels.FP8_SEESAW_DEFAULT) != "0",
+                            lambda rows=None: rows is None or rows <= 32 or kernels.fp8_seesaw_on(),
                             raising=False)
 
 
@@ -248,6 +247,23 @@ def test_fp8_with_64_rows_goes_to_the_fused_kernel_unless_switched_off(monkeypat
     assert len(lines) == 1 and "64 query rows" in lines[0].getMessage()
     assert flash_mla_with_kvcache(**small) == ("out", "lse")
     assert calls == [{"softmax_scale": None, "causal": False, "is_fp8_kvcache": True}]
+
+
+@pytest.mark.parametrize("value", ["yes", "", "2"])
+def test_fp8_seesaw_switch_with_a_bad_value_is_a_typed_error(value, monkeypatch):
+    """KVPAGER_FP8_SEESAW takes 0 or 1; anything else is refused by name, also through kvpager.mla's
+    dispatch of a 64-row FP8 call (nothing runs)."""
+    import kvpager.kernels as kernels
+    calls, a = [], good()
+    a["q"] = torch.randn(2, 1, 64, D).bfloat16()
+    a["tile_scheduler_metadata"], a["num_splits"] = get_mla_metadata(a["cache_seqlens"], 64, 1)
+    fake_kernels(monkeypatch, calls, fused_fp8=True)
+    monkeypatch.setenv("KVPAGER_FP8_SEESAW", value)
+    with pytest.raises(InvalidArgument, match="KVPAGER_FP8_SEESAW must be 0 .* or 1 .*, got"):
+        kernels.fp8_seesaw_on()
+    with pytest.raises(InvalidArgument, match="KVPAGER_FP8_SEESAW must be 0"):
+        flash_mla_with_kvcache(**a)
+    assert calls == []
 
 
 def test_fp8_kernel_switch(monkeypatch):
