@@ -141,9 +141,9 @@ struct Ctx {
   // Both consumer warpgroups (the whole CTA unless an FP8 converter warpgroup runs beside them).
   __device__ __forceinline__ void consumers_sync() const {
     if (fp8)
-      NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync);
+      ConsumerSync::sync();
     else
-      __syncthreads();
+      CtaSync::sync();
   }
   // The barrier an S GEMM waits on for tile `tile` of buffer `buf`: its TMA copy's, or on an FP8
   // cache a latent tile's dequantization.
@@ -637,10 +637,8 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
     float total[2];
     c.consumers_sync();  // every pair's exchange (and every read of the page buffers) is over
-    if constexpr (kFp8)
-      cta_row_sum<ConsumerSync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
-    else
-      cta_row_sum(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
+    using Sync = std::conditional_t<kFp8, ConsumerSync, CtaSync>;
+    cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
