@@ -3,7 +3,7 @@ hand-off, relative to the end of WG0's previous pair. Needs a build with
 KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE (the kernel records clock64() at named points; a small kernel
 prints them afterwards, because a printf in the decode kernel serializes its wgmmas).
 
-    python scripts/seesaw_trace.py [--case b,s_q,h_q,s_k ...] [--orders 8,10]
+    python scripts/seesaw_trace.py [--case b,s_q,h_q,s_k ...] [--orders 8,10] [--fp8]
 
 For each case: the steady-state pairs of the traced CTA's first segment (pairs 3..40), the median
 cycle of every event after the pair's origin, with its spread (10th..90th percentile), per
@@ -16,6 +16,10 @@ TMA issue costs (builds since s14). Events (decode_seesaw_kernel.cuh):
   remote-iss P_other V issued            S-early      WG0: next S0's first five tiles issued
   remote-done P_other V complete         S-issued     next S fully issued   pair  next S complete
   refill-b0 / refill-b1  the warpgroup's TMA refill of buffer 0 / 1 issued (after its issuer's loads)
+With --fp8 (a 656-byte FP8 cache) the converter warpgroup's first thread stamps each of a pair's four
+4-tile groups (step 0: buffer 0 tiles 0-3, 1: buffer 1 4-7, 2: buffer 0 4-7, 3: buffer 1 0-3):
+  cv-landed-k  the group's first tile has landed    cv-done-k  its last tile is converted
+printed for the pages whose S GEMMs the consumers issue in the same pair.
 """
 from __future__ import annotations
 
@@ -32,22 +36,26 @@ from kvpager.benchmarks import kernel as bench
 
 NAMES = ["start", "segment", "Q", "first-S", "pair", "loop-end", "epilogue", "end", "max", "scale-in", "P",
          "pv-issued", "pv-done", "P-stored", "P-in", "remote-iss", "S-early", "remote-done", "S-issued",
-         "refill-b0", "refill-b1"]
+         "refill-b0", "refill-b1"] + [f"cv-landed-{k}" for k in range(4)] + [f"cv-done-{k}" for k in range(4)]
+CV_LANDED, CV_DONE = NAMES.index("cv-landed-0"), NAMES.index("cv-done-0")
 PAIR = NAMES.index("pair")
 LINE = re.compile(r"SEESAW wg (\d) #(\d+) event (\d+) cycle (\d+)")
 DEFAULT_CASES = ["128,2,128,8192", "128,1,128,8192", "64,1,128,1024"]
 
 
-def capture(case: bench.Case) -> dict[int, list[tuple[int, int]]]:
+def capture(case: bench.Case, fp8_cache: bool = False) -> dict[int, list[tuple[int, int]]]:
     x = bench.make_inputs(case, torch.bfloat16, 0)
+    if fp8_cache:
+        from kvpager import fp8
+        x["k_cache"] = fp8.quantize(x["k_cache"])
     meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], case.s_q * case.h_q // case.h_kv, case.h_kv)
     with device_printf() as printed:
         for _ in range(3):  # the last call's lines are the ones kept
             torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()  # cold L2
             kernels.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], bench.DV,
-                                           meta, splits, causal=True)
+                                           meta, splits, causal=True, is_fp8_kvcache=fp8_cache)
         text = printed()
-    events: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+    events: dict[int, list[tuple[int, int]]] = {0: [], 1: [], 2: []}
     for wg, idx, ev, cyc in LINE.findall(text):
         if int(idx) == 0:
             events[int(wg)] = []
@@ -142,7 +150,38 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
     if issue:
         print("  refill TMA issue (sync + loads, cycles): "
               + " | ".join(f"{name} {statistics.median(v):.0f}" for name, v in issue.items()))
+    if events.get(2):
+        print("  converter: " + converter_cells(events[2], pairs[0], first, n))
     print("  segment start (cycles): " + " | ".join(f"wg{wg} {start_spans(events[wg])}" for wg in (0, 1)))
+
+
+def converter_cells(evs: list[tuple[int, int]], wg0_pairs: list, first: int, n: int) -> str:
+    """The converter's group stamps of the first segment, pair p + 1's groups against WG0's pair p
+    (whose S GEMMs read them), as offsets from the end of WG0's pair p - 1, median (10th..90th)."""
+    groups: list[dict[int, int]] = []  # per group of the first segment: event -> cycle
+    seen_segment = 0
+    for ev, cyc in evs:
+        if NAMES[ev] == "segment":
+            seen_segment += 1
+            if seen_segment > 1:
+                break
+            continue
+        if ev >= CV_DONE:
+            if groups:
+                groups[-1][ev] = cyc
+        elif ev >= CV_LANDED:
+            groups.append({ev: cyc})
+    offsets: dict[int, list[int]] = {}
+    for k in range(first, n):
+        origin = wg0_pairs[k - 1][-1][1]
+        for g in groups[4 * (k + 1): 4 * (k + 2)]:
+            for ev, cyc in g.items():
+                offsets.setdefault(ev, []).append(cyc - origin)
+    cells = []
+    for ev in sorted(offsets, key=lambda e: statistics.median(offsets[e])):
+        v = sorted(offsets[ev])
+        cells.append(f"{NAMES[ev]} {statistics.median(v):.0f} ({v[len(v) // 10]}..{v[(9 * len(v)) // 10]})")
+    return " | ".join(cells) if cells else "(no stamps)"
 
 
 def start_spans(events: list[tuple[int, int]]) -> str:
@@ -157,6 +196,7 @@ def start_spans(events: list[tuple[int, int]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
+    ap.add_argument("--fp8", action="store_true", help="trace on a 656-byte FP8 cache (converter stamps too)")
     ap.add_argument("--orders", default="",
                     help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 11,15")
     args = ap.parse_args()
@@ -168,7 +208,7 @@ def main() -> None:
             if order:
                 os.environ["KVPAGER_SEESAW_ORDER"] = order
                 print(f"hand-off order {order}:")
-            report(case, capture(case))
+            report(case, capture(case, args.fp8))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,11 @@ inline cudaError_t launch_fp8_seesaw(DecodeParams p, const DecodeOptions& option
     const cudaError_t err = encode_fp8_page_maps(p, &maps.fp8);
     if (err != cudaSuccess) return err;
   }
-  return launch_seesaw_kernel<__nv_bfloat16, 15, true>(p, maps, stream);
+  const cudaError_t err = launch_seesaw_kernel<__nv_bfloat16, 15, true>(p, maps, stream);
+#ifdef KVPAGER_TRACE
+  seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py --fp8
+#endif
+  return err;
 }
 
 inline cudaError_t launch_decode_fp8(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {

@@ -36,6 +36,7 @@
 #include "epilogue.cuh"
 #include "params.h"
 #include "seesaw_fp8.cuh"
+#include "seesaw_trace.cuh"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
 #include "tile_scheduler.cuh"
@@ -47,43 +48,6 @@
 namespace kvpager {
 
 namespace seesaw {
-
-// Timeline of one CTA (build with -DKVPAGER_TRACE, e.g. KVPAGER_NVCC_EXTRA=-DKVPAGER_TRACE): each
-// warpgroup's issuer records clock64() at named points of every pair; seesaw_trace_dump (a kernel of
-// its own, launched after the decode: a printf in this kernel makes ptxas serialize its wgmmas)
-// prints them for scripts/seesaw_trace.py.
-enum TraceEvent {
-  kEvStart, kEvSegment, kEvQ, kEvFirstS, kEvPair, kEvLoopEnd, kEvEpilogue, kEvEnd,
-  kEvMax,          // page maxima of S computed
-  kEvScaleIn,      // the other warpgroup's scale read (WG0: scale1, WG1: scale0)
-  kEvP,            // P exponentiated and packed (WG1: also stored for WG0)
-  kEvPvIssued,     // own P V issued
-  kEvPvDone,       // own P V complete
-  kEvPStored,      // WG0: P0' stored and handed off
-  kEvPIn,          // the other's P ready
-  kEvRemoteIssued, // P_other V issued
-  kEvSEarly,       // WG0: next S0's first five tiles issued (their TMA waits included)
-  kEvRemoteDone,   // P_other V complete
-  kEvSIssued,      // next S fully issued (TMA waits included)
-  kEvRefill0,      // this warpgroup's refill of buffer 0 issued (its issuer's TMA instructions done)
-  kEvRefill1,      // same, buffer 1
-};
-#ifdef KVPAGER_TRACE
-constexpr int kTraceMax = 1024;
-static __device__ unsigned long long g_trace[2][kTraceMax];  // static: one per translation unit
-static __device__ int g_trace_n[2];
-#define SEESAW_TRACE(c, event)                                                                     \
-  do {                                                                                             \
-    if ((c).trace && (c).trace_n < kTraceMax) {                                                    \
-      g_trace[(c).wg][(c).trace_n++] = (uint64_t(event) << 48) | (clock64() & 0xffffffffffffull);  \
-      g_trace_n[(c).wg] = (c).trace_n;                                                             \
-    }                                                                                              \
-  } while (0)
-#else
-#define SEESAW_TRACE(c, event) \
-  do {                         \
-  } while (0)
-#endif
 
 using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
@@ -673,7 +637,7 @@ __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTrait
       for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
       if constexpr (kFp8) {
 #pragma unroll
-        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], 32);
+        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConverterThreads);
       }
     }
     cutlass::arch::fence_barrier_init();
@@ -692,14 +656,5 @@ __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTrait
   }
 }
 
-#ifdef KVPAGER_TRACE
-// Prints the traced CTA's timeline (scripts/seesaw_trace.py reads it).
-static __global__ void seesaw_trace_dump() {
-  for (int wg = 0; wg < 2; ++wg)
-    for (int i = 0; i < seesaw::g_trace_n[wg]; ++i)
-      printf("SEESAW wg %d #%d event %d cycle %llu\n", wg, i, int(seesaw::g_trace[wg][i] >> 48),
-             (unsigned long long)(seesaw::g_trace[wg][i] & 0xffffffffffffull));
-}
-#endif
 
 }  // namespace kvpager

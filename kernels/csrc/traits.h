@@ -169,7 +169,7 @@ struct SeesawTraits {
       float row_sum[2][kBlockM];  // the epilogue's per-warpgroup row sums
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
-    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (32 arrivals)
+    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (128 arrivals)
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
@@ -183,7 +183,7 @@ struct SeesawTraits {
     kP1Ready,          // WG1 stored P1 in buffer 1's rope tile and issued O_R += P0 V0R
     kWarpgroupSync,    // + warpgroup index: all 128 threads of one warpgroup (2 ids)
     kConsumersSync = kWarpgroupSync + 2,  // FP8 cache: both consumer warpgroups (the converter takes no part)
-    kScalesRead,       // FP8 cache: the converter's warps have read a group's scales
+    kTileRead,         // FP8 cache: the converter's warps have read a tile's FP8 bytes (and a group's scales)
   };
 };
 
