@@ -653,7 +653,7 @@ __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTrait
       for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
       if constexpr (kFp8) {
 #pragma unroll
-        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConverterThreads);
+        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConverterThreads / 32);
       }
     }
     cutlass::arch::fence_barrier_init();

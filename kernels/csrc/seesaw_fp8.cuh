@@ -105,6 +105,8 @@ using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
 constexpr int kRowsPerWarp = kPageSize / (T::kConverterThreads / 32);  // 16: rows 16 w .. 16 w + 15 of every tile
 constexpr int kRowStep = 32 / 4;                                        // 8: a lane's second row
+constexpr int kTilesPerBatch = T::kConverterBatch;  // tiles read (8 registers each) before one barrier
+static_assert(T::kVTilesPerWg % kTilesPerBatch == 0, "batches split a group evenly");
 
 // The converter's stamps (seesaw_trace.cuh): its first thread, in the traced CTA only.
 struct ConverterTrace {
@@ -129,12 +131,14 @@ __device__ __forceinline__ void store_row(char* slot, int row, int chunk, const 
 }
 
 // The 4-tile group [first, first + 4) of buffer `buf` (its load's parity `phase`), converted by all
-// four converter warps together, tile by tile in the order the S GEMMs read them, so the first tile
-// is ready after a quarter of the group's work (s17; until s16 each warp converted one whole tile
-// and all four became ready together). Lane l of warp w converts rows 16 w + l / 4 and + 8, bytes
-// 16 (l % 4) .. + 15. In place: a tile's bf16 rows overwrite FP8 rows that other warps read, so all
-// 128 threads read the whole tile (and, before the group's first tile, their rows' scales, which
-// sit behind tile `first`'s FP8 bytes) before one named barrier, and write after it.
+// four converter warps together, kTilesPerBatch tiles at a time. Lane l of warp w converts rows
+// 16 w + l / 4 and + 8 of each tile, bytes 16 (l % 4) .. + 15. In place: a tile's bf16 rows overwrite
+// FP8 rows that other warps read, so all 128 threads read a batch's FP8 bytes (and, in the first
+// batch, their rows' scales, which sit behind tile `first`'s FP8 bytes) into registers before one
+// named barrier, and write after it; then one proxy fence a thread and one arrival a warp on each
+// tile's `converted` barrier. s16 had each warp convert one tile in 8 dependent rounds; s17's trace
+// (docs/fp8-cache.md) showed the converter busy ~2,000 cycles a group either way, i.e. bound by the
+// per-step latencies (load, barrier, fence, arrivals), which a batch pays once.
 __device__ __forceinline__ void convert_group(Plan& s, int buf, int first, uint32_t phase, int warp, int lane,
                                               ConverterTrace& tr, int step) {
   const int chunk = lane % 4;
@@ -157,53 +161,44 @@ __device__ __forceinline__ void convert_group(Plan& s, int buf, int first, uint3
     factors[0] = (dequant_factor<false>(s00) & 0xFFFFu) | (dequant_factor<false>(s01) << 16);
     factors[1] = (dequant_factor<false>(s10) & 0xFFFFu) | (dequant_factor<false>(s11) << 16);
   }
-#ifdef KVPAGER_FP8_CONVERT_AHEAD
-  // Variant on trial (s17): tile t + 1's bytes are read (once landed) before tile t is written, so
-  // their shared-memory latency overlaps tile t's conversion.
-  const char* first_slot = s.page[buf][first];
-  uint4 x0 = *reinterpret_cast<const uint4*>(first_slot + row0 * kBlockCols + chunk * kChunkBytes);
-  uint4 x1 = *reinterpret_cast<const uint4*>(first_slot + (row0 + kRowStep) * kBlockCols + chunk * kChunkBytes);
-#endif
 #pragma unroll 1
-  for (int t = 0; t < T::kVTilesPerWg; ++t) {
-    const int tile = first + t;
-    char* slot = s.page[buf][tile];
-#ifdef KVPAGER_FP8_CONVERT_AHEAD
-    cutlass::arch::NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kTileRead);
-    uint4 y0 = x0, y1 = x1;
-    if (t + 1 < T::kVTilesPerWg) {
-      TileBarrier::wait(&s.tile_ready[buf][tile + 1], phase);
-      const char* next = slot + kPageTileBytes;
-      y0 = *reinterpret_cast<const uint4*>(next + row0 * kBlockCols + chunk * kChunkBytes);
-      y1 = *reinterpret_cast<const uint4*>(next + (row0 + kRowStep) * kBlockCols + chunk * kChunkBytes);
+  for (int batch = 0; batch < T::kVTilesPerWg; batch += kTilesPerBatch) {
+    uint4 x[kTilesPerBatch][2];
+#pragma unroll
+    for (int i = 0; i < kTilesPerBatch; ++i) {
+      const int t = batch + i;
+      if (t > 0) TileBarrier::wait(&s.tile_ready[buf][first + t], phase);
+      const char* slot = s.page[buf][first + t];
+      x[i][0] = *reinterpret_cast<const uint4*>(slot + row0 * kBlockCols + chunk * kChunkBytes);
+      x[i][1] = *reinterpret_cast<const uint4*>(slot + (row0 + kRowStep) * kBlockCols + chunk * kChunkBytes);
     }
-#else
-    if (t > 0) TileBarrier::wait(&s.tile_ready[buf][tile], phase);
-    const uint4 x0 = *reinterpret_cast<const uint4*>(slot + row0 * kBlockCols + chunk * kChunkBytes);
-    const uint4 x1 = *reinterpret_cast<const uint4*>(slot + (row0 + kRowStep) * kBlockCols + chunk * kChunkBytes);
     cutlass::arch::NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kTileRead);
-#endif
-    const uint32_t half = t < 2 ? 0x1010u : 0x3232u;  // the low or the high factor, in both halves
-    const uint32_t f0 = byte_perm(factors[0], 0u, half), f1 = byte_perm(factors[1], 0u, half);
-    if (folds) {
-      store_row<true>(slot, row0, chunk, x0, f0);
-      store_row<true>(slot, row0 + kRowStep, chunk, x1, f1);
-    } else {
-      store_row<false>(slot, row0, chunk, x0, f0);
-      store_row<false>(slot, row0 + kRowStep, chunk, x1, f1);
+#pragma unroll
+    for (int i = 0; i < kTilesPerBatch; ++i) {
+      const int t = batch + i;
+      char* slot = s.page[buf][first + t];
+      const uint32_t half = t < 2 ? 0x1010u : 0x3232u;  // the low or the high factor, in both halves
+      const uint32_t f0 = byte_perm(factors[0], 0u, half), f1 = byte_perm(factors[1], 0u, half);
+      if (folds) {
+        store_row<true>(slot, row0, chunk, x[i][0], f0);
+        store_row<true>(slot, row0 + kRowStep, chunk, x[i][1], f1);
+      } else {
+        store_row<false>(slot, row0, chunk, x[i][0], f0);
+        store_row<false>(slot, row0 + kRowStep, chunk, x[i][1], f1);
+      }
     }
-    fence_async_proxy();  // generic-proxy stores -> visible to the S and P V wgmmas
-    TileBarrier::arrive(&s.converted[buf][tile]);
-#ifdef KVPAGER_FP8_CONVERT_AHEAD
-    x0 = y0;
-    x1 = y1;
-#endif
+    fence_async_proxy();  // this thread's generic-proxy stores -> visible to the S and P V wgmmas
+    __syncwarp();         // ... and the warp's, before its one arrival (release) below
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < kTilesPerBatch; ++i) TileBarrier::arrive(&s.converted[buf][first + batch + i]);
+    }
   }
 }
 
 // The converter warpgroup's whole life: every page of every segment of this CTA's part, in the
 // consumers' order (pages alternate buffers from each segment's first page). One group a loop
-// iteration, not four inlined calls: the converter has only 40 registers.
+// iteration, not four inlined calls (the converter's registers are few).
 __device__ __forceinline__ void run_converter(Plan& s, const DecodeParams& p, int part, int warp, int lane) {
   ConverterTrace tr;
 #ifdef KVPAGER_TRACE

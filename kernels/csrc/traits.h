@@ -138,15 +138,25 @@ struct LockstepTraits {
 //
 // On an FP8 cache (seesaw_fp8.cuh) a third warpgroup, the converter, dequantizes each latent tile in
 // place after its FP8 bytes land; the two consumer warpgroups then run exactly as on bf16. The
-// register file is split with setmaxnreg: 2 x 232 + 40 = 3 x 168 (the launch-bounds allocation).
+// register file is split with setmaxnreg: 2 x 216 + 72 = 3 x 168 (the launch-bounds allocation).
 struct SeesawTraits {
   static constexpr int kBlockM = kWgmmaBlockM;
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConverterThreads = kWarpgroupThreads;
   static constexpr int kFp8Threads = kThreads + kConverterThreads;
-  static constexpr int kConsumerRegs = 232;
-  static constexpr int kConverterRegs = 40;
+#ifndef KVPAGER_FP8_CONVERT_BATCH
+#define KVPAGER_FP8_CONVERT_BATCH 4
+#endif
+#ifndef KVPAGER_FP8_CONSUMER_REGS
+#define KVPAGER_FP8_CONSUMER_REGS (KVPAGER_FP8_CONVERT_BATCH == 4 ? 216 : 232)
+#endif
+  // Tiles the converter reads into registers before it writes them (seesaw_fp8.cuh): a whole group
+  // (4: 32 registers of FP8 bytes) needs more converter registers than one or two tiles. The split
+  // (setmaxnreg, multiples of 8) gives the converter what the consumers leave.
+  static constexpr int kConverterBatch = KVPAGER_FP8_CONVERT_BATCH;
+  static constexpr int kConsumerRegs = KVPAGER_FP8_CONSUMER_REGS;
+  static constexpr int kConverterRegs = 3 * 168 - 2 * kConsumerRegs;
   static_assert(2 * kConsumerRegs + kConverterRegs == 3 * 168, "setmaxnreg must not ask for more than launched");
   static constexpr int kColsPerWg = kHeadDimV / 2;                 // 256
   static constexpr int kVTilesPerWg = kColsPerWg / kBlockCols;     // 4: V tiles [4w, 4w + 4)
@@ -169,7 +179,7 @@ struct SeesawTraits {
       float row_sum[2][kBlockM];  // the epilogue's per-warpgroup row sums
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
-    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (128 arrivals)
+    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (one arrival a converter warp)
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Device machine: build the extension once per FP8 converter variant (batch of tiles read before a
+# barrier, consumer registers; traits.h) and time each with scripts/fp8_seesaw_time.py; the last
+# variant stays installed. Logs under $OUT: variants.txt (timings), spills-<variant>.txt (where the
+# FP8 seesaw kernel spills, scripts/sass_spills.py).
+#   VARIANTS="4:224 2:232 4:216" bash scripts/fp8_converter_variants.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+for v in ${VARIANTS:-4:224 2:232 1:232 4:216}; do
+  batch=${v%%:*} regs=${v#*:}
+  echo "==== variant batch $batch consumer regs $regs ====" | tee -a "$OUT/variants.txt"
+  if ! KVPAGER_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+      KVPAGER_NVCC_EXTRA="-DKVPAGER_FP8_CONVERT_BATCH=$batch -DKVPAGER_FP8_CONSUMER_REGS=$regs" \
+      timeout 200 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >/tmp/variant-build.log 2>&1; then
+    tail -5 /tmp/variant-build.log | tee -a "$OUT/variants.txt"
+    continue
+  fi
+  timeout 120 "$PY" scripts/fp8_seesaw_time.py --label "b$batch/r$regs" 2>&1 | tee -a "$OUT/variants.txt"
+  timeout 60 "$PY" scripts/sass_spills.py "Lb1E" 3 >"$OUT/spills-b$batch-r$regs.txt" 2>&1
+  grep -cE "\b(STL|LDL)\b" "$OUT/spills-b$batch-r$regs.txt" | sed "s/^/  local-memory instructions in the FP8 seesaw: /" | tee -a "$OUT/variants.txt"
+done
