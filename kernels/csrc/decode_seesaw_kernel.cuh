@@ -22,9 +22,6 @@
 // warp (s12). 15, the default since s15, has WG0 wait for O_L += P1 V1L and refill buffer 1 before
 // it issues its next S0; 11 (s12-s14) issues S0's first tiles first, kept so the two can be
 // compared in one process. docs/kernel-perf.md (s12, s14, s15) has the timelines behind them.
-// 17 and 18 (on trial, s17) are 15 and 11 with the rope tile (8) of both buffers read late and
-// reloaded by WG1 with tiles 4-7: P0' then waits in buffer 0's rope tile and P1 in the spare P tile,
-// so buffer 1's rope tile is refilled right after O_R += P1 V1R and S0 starts on 0-3, S1 on 4-8.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -78,9 +75,7 @@ struct ConsumerSync {
 };
 
 // Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
-template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kOrder == 17;
-// Orders 17 / 18 (s17) on top of 15 / 11: the rope tile is read late and reloaded by WG1.
-template <int kOrder> constexpr bool kRopeWithWg1 = kOrder == 17 || kOrder == 18;
+template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
@@ -132,15 +127,12 @@ struct Ctx {
     load(buf, id, T::kRopeTile, kColBlocks);
   }
   // Warpgroup WG, once every one of its warps is done reading them: its issuer refills the tiles
-  // WG reads last in buffer `buf` (WG0: 0-3 and 8, WG1: 4-7; kRope8WithWg1: WG0 0-3, WG1 4-8)
-  // with page `id`.
-  template <int WG, bool kRope8WithWg1 = false>
+  // WG reads last in buffer `buf` (WG0: 0-3 and 8, WG1: 4-7) with page `id`.
+  template <int WG>
   __device__ __forceinline__ void refill_after_reads(int buf, int id) const {
     warpgroup_sync();
     if (!issuer()) return;
-    if constexpr (kRope8WithWg1)
-      load(buf, id, WG == 0 ? 0 : T::kVTilesPerWg, WG == 0 ? T::kVTilesPerWg : kColBlocks);
-    else if constexpr (WG == 0)
+    if constexpr (WG == 0)
       load_wg0_tiles(buf, id);
     else
       load(buf, id, T::kVTilesPerWg, T::kRopeTile);
@@ -165,18 +157,17 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
   }
 }
 
-// The S GEMM of WG0 (buffer 0): tiles 0-3 and the rope tile first (reloaded early), then 4-7
-// (kRope8WithWg1: 0-3, then 4-8).
-template <typename Elem, bool kRope8WithWg1>
+// The S GEMM of WG0 (buffer 0): tiles 0-3 and the rope tile first (reloaded early), then 4-7.
+template <typename Elem>
 __device__ __forceinline__ void issue_s0_early(const Ctx& c, float (&s)[T::kScoreRegs]) {
   fence_accumulators(s);
   score_tiles<Elem, 0, T::kVTilesPerWg, true>(c, 0, s);
-  if constexpr (!kRope8WithWg1) score_tiles<Elem, T::kRopeTile, kColBlocks, false>(c, 0, s);
+  score_tiles<Elem, T::kRopeTile, kColBlocks, false>(c, 0, s);
   cute::warpgroup_commit_batch();
 }
-template <typename Elem, bool kRope8WithWg1>
+template <typename Elem>
 __device__ __forceinline__ void issue_s0_late(const Ctx& c, float (&s)[T::kScoreRegs]) {
-  score_tiles<Elem, T::kVTilesPerWg, kRope8WithWg1 ? kColBlocks : T::kRopeTile, false>(c, 0, s);
+  score_tiles<Elem, T::kVTilesPerWg, T::kRopeTile, false>(c, 0, s);
   cute::warpgroup_commit_batch();
 }
 // The S GEMM of WG1 (buffer 1): tiles 4-7 first (reloaded by WG1 itself), then 8 and 0-3.
@@ -311,22 +302,15 @@ __device__ __forceinline__ void rescale_output(float (&o)[T::kOutRegs], const fl
   if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) OnlineSoftmax::rescale(o, alpha);
 }
 
-// Where P0' (WG0's, for WG1) and P1 (WG1's, for WG0) wait in shared memory: the spare P tile and
-// buffer 1's rope tile, or (kRopeWithWg1) buffer 0's rope tile and the spare P tile.
-template <int kOrder>
-__device__ __forceinline__ char* p0_tile(Plan& s) { return kRopeWithWg1<kOrder> ? s.page[0][T::kRopeTile] : s.p0; }
-template <int kOrder>
-__device__ __forceinline__ char* p1_tile(Plan& s) { return kRopeWithWg1<kOrder> ? s.p0 : s.page[1][T::kRopeTile]; }
-
-// WG0, once scale1 is in: P0' = P0 * scale1 (packed from the fp32 probabilities s) into p0_tile for
-// WG1's O_R += P0' V0R; sc1 returns scale1 for O_L.
-template <typename Elem, int kOrder>
+// WG0, once scale1 is in: P0' = P0 * scale1 (packed from the fp32 probabilities s) into p0 for WG1's
+// O_R += P0' V0R; sc1 returns scale1 for O_L.
+template <typename Elem>
 __device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::kScoreRegs], float (&sc1)[2]) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
   uint32_t p0[T::kScoreRegs / 2];
   pack_fragment<Elem>(s, p0, sc1);
-  store_packed(p0_tile<kOrder>(c.s), kBlockRowBytes, c.rows, 0, c.t, p0);
+  store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, p0);
   fence_async_proxy();
   handoff(T::kP0Ready);
 }
@@ -380,29 +364,29 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   float sc1[2];
   NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
   SEESAW_TRACE(c, kEvScaleIn);
-  hand_over_p0<Elem, kOrder>(c, s, sc1);
+  hand_over_p0<Elem>(c, s, sc1);
   cute::warpgroup_wait<0>();
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvPvDone);
-  // Every WG0 warp is done with buffer 0's tiles 0-3 (and 8) -> reload them.
-  if constexpr (kNext0) c.refill_after_reads<0, kRopeWithWg1<kOrder>>(0, id0);
+  // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
+  if constexpr (kNext0) c.refill_after_reads<0>(0, id0);
   rescale_output(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
   SEESAW_TRACE(c, kEvPStored);
 
   if constexpr (kHas1) {
-    // O_L += P1 V1L (P1 in p1_tile).
+    // O_L += P1 V1L (P1 in buffer 1's rope tile).
     NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
     SEESAW_TRACE(c, kEvPIn);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-    pv_remote<Elem>(c, smem_addr(p1_tile<kOrder>(c.s)), 1, o);
+    pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
     SEESAW_TRACE(c, kEvRemoteIssued);
     // Buffer 1's tiles 0-3 and 8 are free once O_L += P1 V1L is done; WG1's next S1 reads them last.
     auto refill_buffer1 = [&] {
       fence_accumulators(o);
       SEESAW_TRACE(c, kEvRemoteDone);
-      if constexpr (kNext1) c.refill_after_reads<0, kRopeWithWg1<kOrder>>(1, id1);
+      if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
     };
     if constexpr (kRefillBeforeS0<kOrder> || !kNext0) {
       // 15 (and a tail pair): refill before the next S0, whose tile waits (TMA latency) would
@@ -411,13 +395,13 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       refill_buffer1();
     }
     if constexpr (kNext0) {
-      issue_s0_early<Elem, kRopeWithWg1<kOrder>>(c, s);
+      issue_s0_early<Elem>(c, s);
       SEESAW_TRACE(c, kEvSEarly);
       if constexpr (!kRefillBeforeS0<kOrder>) {  // 11: S0's first tiles queue behind O_L += P1 V1L
         cute::warpgroup_wait<1>();
         refill_buffer1();
       }
-      issue_s0_late<Elem, kRopeWithWg1<kOrder>>(c, s);
+      issue_s0_late<Elem>(c, s);
       SEESAW_TRACE(c, kEvSIssued);
       cute::warpgroup_wait<0>();
       fence_accumulators(s);
@@ -464,12 +448,12 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   rescale_output(o, scale_o);
 
   if constexpr (kHas1) {
-    // O_R += P1 V1R, P1 also into p1_tile for WG0.
+    // O_R += P1 V1R, P1 also into buffer 1's rope tile for WG0.
     sm.exponentiate(s, base, scale_o);
     uint32_t pb[T::kScoreRegs / 2];
     const float one[2] = {1.f, 1.f};
     pack_fragment<Elem>(s, pb, one);
-    store_packed(p1_tile<kOrder>(c.s), kBlockRowBytes, c.rows, 0, c.t, pb);
+    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
     fence_async_proxy();
     SEESAW_TRACE(c, kEvP);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
@@ -484,7 +468,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
   SEESAW_TRACE(c, kEvPIn);
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-  pv_remote<Elem>(c, smem_addr(p0_tile<kOrder>(c.s)), 0, o);
+  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
   if constexpr (kHas1) handoff(T::kP1Ready);
   SEESAW_TRACE(c, kEvRemoteIssued);
 
@@ -493,12 +477,12 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     cute::warpgroup_wait<1>();
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvPvDone);
-    c.refill_after_reads<1, kRopeWithWg1<kOrder>>(1, id1);
+    c.refill_after_reads<1>(1, id1);
   }
   cute::warpgroup_wait<0>();
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvRemoteDone);
-  if constexpr (kNext0) c.refill_after_reads<1, kRopeWithWg1<kOrder>>(0, id0);
+  if constexpr (kNext0) c.refill_after_reads<1>(0, id0);
   if constexpr (kNext1) {
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
@@ -592,8 +576,8 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 
     if (c.wg == 0) {
       if (ps < pe) {
-        issue_s0_early<Elem, kRopeWithWg1<kOrder>>(c, s);
-        issue_s0_late<Elem, kRopeWithWg1<kOrder>>(c, s);
+        issue_s0_early<Elem>(c, s);
+        issue_s0_late<Elem>(c, s);
         cute::warpgroup_wait<0>();
         fence_accumulators(s);
         c.phase ^= 1;
