@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Device machine: build the extension once per FP8 converter variant (batch of tiles read before a
-# barrier, consumer registers; traits.h) and time each with scripts/fp8_seesaw_time.py; the last
-# variant stays installed. Logs under $OUT: variants.txt (timings), spills-<variant>.txt (where the
-# FP8 seesaw kernel spills, scripts/sass_spills.py).
-#   VARIANTS="4:224 2:232 4:216" bash scripts/fp8_converter_variants.sh
+# Device machine: build the extension once per FP8 converter variant (KVPAGER_FP8_CONVERT_BATCH:
+# 0 = the default per-warp tiles, 1/2/4 = the batched converter on trial; consumer registers of the
+# setmaxnreg split; traits.h) and time each with scripts/fp8_seesaw_time.py against the bf16 kernel;
+# the last variant stays installed (rebuild the default before other stages). Logs under $OUT:
+# variants.txt (timings), spills-<variant>.txt (where the FP8 seesaw kernel spills, sass_spills.py).
+#   VARIANTS="0:232 4:216" bash scripts/fp8_converter_variants.sh   # batch:consumer registers
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-for v in ${VARIANTS:-4:224 2:232 1:232 4:216}; do
+for v in ${VARIANTS:-0:232 4:216 4:224 2:232}; do
   batch=${v%%:*} regs=${v#*:}
   echo "==== variant batch $batch consumer regs $regs ====" | tee -a "$OUT/variants.txt"
   if ! KVPAGER_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \

@@ -61,5 +61,11 @@ constexpr int kBlockCols = 64;
 constexpr int kBlockRowBytes = kBlockCols * 2;            // 128
 constexpr int kColBlocks = kHeadDim / kBlockCols;         // 9: blocks 0-7 are V, block 8 the rope part
 constexpr int kPageTileBytes = kPageSize * kBlockRowBytes;  // 8192: one 64 x 64 tile of a page
+// The seesaw kernel's FP8 slots (seesaw_fp8.cuh): a latent tile's FP8 bytes in the first half of
+// its 8 KB bf16 slot, a page's scales behind them in the slots of tiles 0 and 4.
+constexpr int kFp8TileBytes = kPageSize * kBlockCols;               // 4096
+constexpr int kFp8ScaleRowBytes = 4 * sizeof(float);                // a token's 4 scales
+constexpr int kFp8PageScalesBytes = kPageSize * kFp8ScaleRowBytes;  // 1024
+static_assert(kFp8TileBytes + kFp8PageScalesBytes <= kPageTileBytes, "FP8 bytes and scales fit a slot");
 
 }  // namespace kvpager

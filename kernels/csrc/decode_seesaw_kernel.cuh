@@ -637,7 +637,7 @@ __global__ void __launch_bounds__(kFp8 ? SeesawTraits::kFp8Threads : SeesawTrait
       for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.tile_ready[buf][tile], 1);
       if constexpr (kFp8) {
 #pragma unroll
-        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConverterThreads / 32);
+        for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConvertedArrivals);
       }
     }
     cutlass::arch::fence_barrier_init();

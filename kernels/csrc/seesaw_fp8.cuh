@@ -23,6 +23,7 @@
 #include "config.h"
 #include "fp8_dequant.cuh"
 #include "params.h"
+#include "seesaw_fp8_batch.cuh"
 #include "seesaw_trace.cuh"
 #include "tile_ops.h"
 #include "tile_scheduler.cuh"
@@ -44,10 +45,6 @@ struct SeesawMaps {
   Fp8PageMaps fp8;   // FP8 cache
 };
 
-constexpr int kFp8TileBytes = kPageSize * kBlockCols;        // 4096: a tile's FP8 bytes in its slot
-constexpr int kFp8ScaleRowBytes = 4 * sizeof(float);         // a token's 4 scales
-constexpr int kFp8PageScalesBytes = kPageSize * kFp8ScaleRowBytes;  // 1024, behind the FP8 bytes
-static_assert(kFp8TileBytes + kFp8PageScalesBytes <= kPageTileBytes, "FP8 bytes and scales fit a slot");
 
 // Needs num_pages >= 1, a 16-byte aligned cache and 16-byte multiple strides (the binding checks).
 inline cudaError_t encode_fp8_page_maps(const DecodeParams& p, Fp8PageMaps* maps) {
@@ -103,104 +100,91 @@ namespace seesaw_fp8 {
 
 using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
-constexpr int kRowsPerWarp = kPageSize / (T::kConverterThreads / 32);  // 16: rows 16 w .. 16 w + 15 of every tile
-constexpr int kRowStep = 32 / 4;                                        // 8: a lane's second row
-constexpr int kTilesPerBatch = T::kConverterBatch;  // tiles read (8 registers each) before one barrier
-static_assert(T::kVTilesPerWg % kTilesPerBatch == 0, "batches split a group evenly");
+constexpr int kRowsPerRound = 32 / 4;                      // a round: 8 rows x 4 lanes of 16 bytes
+constexpr int kRounds = kPageSize / kRowsPerRound;         // 8
+constexpr int kScaleRounds = kFp8TileBytes / (kRowsPerRound * kBlockRowBytes);  // 4: rounds >= 4 write over scales, not FP8
 
-// The converter's stamps (seesaw_trace.cuh): its first thread, in the traced CTA only.
-struct ConverterTrace {
-  bool trace = false;
-  int trace_n = 0;
-  int wg = 2;
-};
-
-// One lane's 16 FP8 bytes of a row -> that row's two bf16 chunks 2 chunk, 2 chunk + 1 (wgmma's
-// 128-byte swizzle), one 16-byte store at a time (fewer live registers).
+// One warp, one tile in place. Lane l converts row 8k + l / 4, bytes 16 (l % 4) .. + 15 in round k,
+// rounds from 7 down to 0: round k writes bf16 rows 8k..8k+7 = bytes [1024k, 1024k + 1024), i.e.
+// FP8 rows 16k..16k+15 when k < 4, which rounds > k (and this one) have read: a __syncwarp before
+// those writes is all the ordering needed. Rounds >= 4 write over the scales (read before).
+// factors[k / 2] holds round k's factor (dequant_factor, bf16) in its low (k even) or high half.
 template <bool kFolded>
-__device__ __forceinline__ void store_row(char* slot, int row, int chunk, const uint4& x, uint32_t factor2) {
-  char* dst = slot + row * kBlockRowBytes;
-  const int swz = row % 8;
-  uint32_t w[4];
-  dequant_e4m3x4<kFolded>(x.x, factor2, w[0], w[1]);
-  dequant_e4m3x4<kFolded>(x.y, factor2, w[2], w[3]);
-  *reinterpret_cast<uint4*>(dst + ((2 * chunk) ^ swz) * kChunkBytes) = make_uint4(w[0], w[1], w[2], w[3]);
-  dequant_e4m3x4<kFolded>(x.z, factor2, w[0], w[1]);
-  dequant_e4m3x4<kFolded>(x.w, factor2, w[2], w[3]);
-  *reinterpret_cast<uint4*>(dst + ((2 * chunk + 1) ^ swz) * kChunkBytes) = make_uint4(w[0], w[1], w[2], w[3]);
+__device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
+  const int chunk = lane % 4;  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
+  // One round an iteration, not unrolled (unrolled rounds need more than the converter's 40
+  // registers); the factors shift up one half-word a round instead of being indexed.
+  uint32_t f[kRounds / 2] = {factors[0], factors[1], factors[2], factors[3]};
+#pragma unroll 1
+  for (int k = kRounds - 1; k >= 0; --k) {
+    const int row = kRowsPerRound * k + lane / 4;
+    const uint4 x = *reinterpret_cast<const uint4*>(slot + row * kBlockCols + chunk * kChunkBytes);
+    if (k < kScaleRounds) __syncwarp();
+    const uint32_t factor2 = byte_perm(f[kRounds / 2 - 1], 0u, 0x3232u);  // round k's: the top half-word
+#pragma unroll
+    for (int i = kRounds / 2 - 1; i > 0; --i) f[i] = byte_perm(f[i - 1], f[i], 0x5432u);  // (f[i] << 16) | (f[i-1] >> 16)
+    f[0] <<= 16;
+    const uint32_t words[4] = {x.x, x.y, x.z, x.w};
+    uint32_t w[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dequant_e4m3x4<kFolded>(words[j], factor2, w[2 * j], w[2 * j + 1]);
+    char* dst = slot + row * kBlockRowBytes;
+    const int swz = row % 8;
+    *reinterpret_cast<uint4*>(dst + ((2 * chunk) ^ swz) * kChunkBytes) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(dst + ((2 * chunk + 1) ^ swz) * kChunkBytes) = make_uint4(w[4], w[5], w[6], w[7]);
+  }
 }
 
-// The 4-tile group [first, first + 4) of buffer `buf` (its load's parity `phase`), converted by all
-// four converter warps together, kTilesPerBatch tiles at a time. Lane l of warp w converts rows
-// 16 w + l / 4 and + 8 of each tile, bytes 16 (l % 4) .. + 15. In place: a tile's bf16 rows overwrite
-// FP8 rows that other warps read, so all 128 threads read a batch's FP8 bytes (and, in the first
-// batch, their rows' scales, which sit behind tile `first`'s FP8 bytes) into registers before one
-// named barrier, and write after it; then one proxy fence a thread and one arrival a warp on each
-// tile's `converted` barrier. s16 had each warp convert one tile in 8 dependent rounds; s17's trace
-// (docs/fp8-cache.md) showed the converter busy ~2,000 cycles a group either way, i.e. bound by the
-// per-step latencies (load, barrier, fence, arrivals), which a batch pays once.
+// This lane's rows' scales (rows 8k + lane / 4) for scale group `group`, packed as bf16 factors.
+// Two passes over shared memory (the warp's vote on folding comes between) keep registers low.
+template <bool kFolded>
+__device__ __forceinline__ void pack_factors(const char* scales, int group, int lane, uint32_t (&factors)[kRounds / 2]) {
+#pragma unroll
+  for (int i = 0; i < kRounds / 2; ++i) {
+    const float* row = reinterpret_cast<const float*>(scales + (kRowsPerRound * 2 * i + lane / 4) * kFp8ScaleRowBytes);
+    const uint32_t lo = dequant_factor<kFolded>(row[group]) & 0xFFFFu;
+    const uint32_t hi = dequant_factor<kFolded>(row[kRowsPerRound * 4 + group]) << 16;
+    factors[i] = lo | hi;
+  }
+}
+
+// Converter warp `warp`: tile first + warp of buffer `buf` (its load's parity `phase`). The scales
+// came with tile `first`; warp 0 overwrites them, so all four warps meet once they have read theirs
+// (a full barrier: with arrive-only, warps 1-3 could run a group ahead and complete it without warp 0).
 __device__ __forceinline__ void convert_group(Plan& s, int buf, int first, uint32_t phase, int warp, int lane,
-                                              ConverterTrace& tr, int step) {
-  const int chunk = lane % 4;
-  const int row0 = kRowsPerWarp * warp + lane / 4;
+                                              seesaw::ConverterTrace& tr, int step) {
+  const int tile = first + warp;
   TileBarrier::wait(&s.tile_ready[buf][first], phase);
   SEESAW_TRACE(tr, seesaw::kEvCvLanded + step);
-  // Scale groups first / 2 (tiles first, first + 1) and first / 2 + 1 (the other two), per row.
-  const float* scales = reinterpret_cast<const float*>(s.page[buf][first] + kFp8TileBytes);
-  const int group = first * kBlockCols / kFp8GroupSize;
-  const float s00 = scales[row0 * 4 + group], s01 = scales[row0 * 4 + group + 1];
-  const float s10 = scales[(row0 + kRowStep) * 4 + group], s11 = scales[(row0 + kRowStep) * 4 + group + 1];
-  const bool folds = __all_sync(0xffffffffu, fp8_scale_folds(s00) && fp8_scale_folds(s01) &&
-                                                 fp8_scale_folds(s10) && fp8_scale_folds(s11));
-  // factors[r]: row r's two groups as bf16 factors, the first in the low half.
-  uint32_t factors[2];
-  if (folds) {
-    factors[0] = (dequant_factor<true>(s00) & 0xFFFFu) | (dequant_factor<true>(s01) << 16);
-    factors[1] = (dequant_factor<true>(s10) & 0xFFFFu) | (dequant_factor<true>(s11) << 16);
-  } else {
-    factors[0] = (dequant_factor<false>(s00) & 0xFFFFu) | (dequant_factor<false>(s01) << 16);
-    factors[1] = (dequant_factor<false>(s10) & 0xFFFFu) | (dequant_factor<false>(s11) << 16);
-  }
-#pragma unroll 1
-  for (int batch = 0; batch < T::kVTilesPerWg; batch += kTilesPerBatch) {
-    uint4 x[kTilesPerBatch][2];
+  if (warp != 0) TileBarrier::wait(&s.tile_ready[buf][tile], phase);
+  const char* scales = s.page[buf][first] + kFp8TileBytes;
+  const int group = tile * kBlockCols / kFp8GroupSize;
+  bool folds = true;
 #pragma unroll
-    for (int i = 0; i < kTilesPerBatch; ++i) {
-      const int t = batch + i;
-      if (t > 0) TileBarrier::wait(&s.tile_ready[buf][first + t], phase);
-      const char* slot = s.page[buf][first + t];
-      x[i][0] = *reinterpret_cast<const uint4*>(slot + row0 * kBlockCols + chunk * kChunkBytes);
-      x[i][1] = *reinterpret_cast<const uint4*>(slot + (row0 + kRowStep) * kBlockCols + chunk * kChunkBytes);
-    }
-    cutlass::arch::NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kTileRead);
-#pragma unroll
-    for (int i = 0; i < kTilesPerBatch; ++i) {
-      const int t = batch + i;
-      char* slot = s.page[buf][first + t];
-      const uint32_t half = t < 2 ? 0x1010u : 0x3232u;  // the low or the high factor, in both halves
-      const uint32_t f0 = byte_perm(factors[0], 0u, half), f1 = byte_perm(factors[1], 0u, half);
-      if (folds) {
-        store_row<true>(slot, row0, chunk, x[i][0], f0);
-        store_row<true>(slot, row0 + kRowStep, chunk, x[i][1], f1);
-      } else {
-        store_row<false>(slot, row0, chunk, x[i][0], f0);
-        store_row<false>(slot, row0 + kRowStep, chunk, x[i][1], f1);
-      }
-    }
-    fence_async_proxy();  // this thread's generic-proxy stores -> visible to the S and P V wgmmas
-    __syncwarp();         // ... and the warp's, before its one arrival (release) below
-    if (lane == 0) {
-#pragma unroll
-      for (int i = 0; i < kTilesPerBatch; ++i) TileBarrier::arrive(&s.converted[buf][first + batch + i]);
-    }
-  }
+  for (int k = 0; k < kRounds; ++k)
+    folds &= fp8_scale_folds(
+        *reinterpret_cast<const float*>(scales + (kRowsPerRound * k + lane / 4) * kFp8ScaleRowBytes + group * 4));
+  folds = __all_sync(0xffffffffu, folds);
+  uint32_t factors[kRounds / 2];
+  if (folds)
+    pack_factors<true>(scales, group, lane, factors);
+  else
+    pack_factors<false>(scales, group, lane, factors);
+  cutlass::arch::NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kConverterSync);
+  char* slot = s.page[buf][tile];
+  if (folds)
+    convert_tile_rows<true>(slot, factors, lane);
+  else
+    convert_tile_rows<false>(slot, factors, lane);
+  fence_async_proxy();  // generic-proxy stores -> visible to the S and P V wgmmas
+  TileBarrier::arrive(&s.converted[buf][tile]);
 }
 
 // The converter warpgroup's whole life: every page of every segment of this CTA's part, in the
 // consumers' order (pages alternate buffers from each segment's first page). One group a loop
 // iteration, not four inlined calls (the converter's registers are few).
 __device__ __forceinline__ void run_converter(Plan& s, const DecodeParams& p, int part, int warp, int lane) {
-  ConverterTrace tr;
+  seesaw::ConverterTrace tr;
 #ifdef KVPAGER_TRACE
   tr.trace = blockIdx.x == 0 && part == p.num_parts / 2 && warp == 0 && lane == 0;
 #endif
@@ -218,7 +202,10 @@ __device__ __forceinline__ void run_converter(Plan& s, const DecodeParams& p, in
       const bool lone = 2 * (g / 4) + 1 == pages;
       const int buf = lone ? 0 : step % 2;
       const int first = (lone ? step == 1 : step == 1 || step == 2) ? T::kVTilesPerWg : 0;
-      convert_group(s, buf, first, (phases >> buf) & 1, warp, lane, tr, step);
+      if constexpr (T::kConverterBatch > 0)
+        convert_group_batched(s, buf, first, (phases >> buf) & 1, warp, lane, tr, step);
+      else
+        convert_group(s, buf, first, (phases >> buf) & 1, warp, lane, tr, step);
       SEESAW_TRACE(tr, seesaw::kEvCvDone + step);
       if (lone ? step == 1 : step >= 2) phases ^= 1u << buf;  // the buffer's page is done
     }

@@ -30,6 +30,13 @@ enum TraceEvent {
 };
 constexpr int kTraceStreams = 3;  // WG0, WG1, the converter (as "wg 2")
 
+// The converter's stamps: its first thread, in the traced CTA only (set under KVPAGER_TRACE).
+struct ConverterTrace {
+  bool trace = false;
+  int trace_n = 0;
+  int wg = 2;
+};
+
 #ifdef KVPAGER_TRACE
 constexpr int kTraceMax = 1024;
 static __device__ unsigned long long g_trace[kTraceStreams][kTraceMax];  // static: one per translation unit

@@ -138,7 +138,7 @@ struct LockstepTraits {
 //
 // On an FP8 cache (seesaw_fp8.cuh) a third warpgroup, the converter, dequantizes each latent tile in
 // place after its FP8 bytes land; the two consumer warpgroups then run exactly as on bf16. The
-// register file is split with setmaxnreg: 2 x 216 + 72 = 3 x 168 (the launch-bounds allocation).
+// register file is split with setmaxnreg: 2 x 232 + 40 = 3 x 168 (the launch-bounds allocation).
 struct SeesawTraits {
   static constexpr int kBlockM = kWgmmaBlockM;
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
@@ -146,17 +146,22 @@ struct SeesawTraits {
   static constexpr int kConverterThreads = kWarpgroupThreads;
   static constexpr int kFp8Threads = kThreads + kConverterThreads;
 #ifndef KVPAGER_FP8_CONVERT_BATCH
-#define KVPAGER_FP8_CONVERT_BATCH 4
+#define KVPAGER_FP8_CONVERT_BATCH 0
 #endif
 #ifndef KVPAGER_FP8_CONSUMER_REGS
 #define KVPAGER_FP8_CONSUMER_REGS (KVPAGER_FP8_CONVERT_BATCH == 4 ? 216 : 232)
 #endif
-  // Tiles the converter reads into registers before it writes them (seesaw_fp8.cuh): a whole group
-  // (4: 32 registers of FP8 bytes) needs more converter registers than one or two tiles. The split
-  // (setmaxnreg, multiples of 8) gives the converter what the consumers leave.
+  // The converter (seesaw_fp8.cuh): 0 = each warp converts one tile of a group (the default,
+  // measured); 1 / 2 / 4 = all warps convert a batch of that many tiles read into registers before
+  // one barrier (seesaw_fp8_batch.cuh, on trial, not yet run on a GPU). A whole group (4: 32
+  // registers of FP8 bytes) needs more converter registers: the setmaxnreg split (multiples of 8)
+  // gives the converter what the consumers leave.
   static constexpr int kConverterBatch = KVPAGER_FP8_CONVERT_BATCH;
   static constexpr int kConsumerRegs = KVPAGER_FP8_CONSUMER_REGS;
   static constexpr int kConverterRegs = 3 * 168 - 2 * kConsumerRegs;
+  // Arrivals that complete a tile's `converted` barrier: every lane of the converting warp, or one
+  // per converter warp (batched).
+  static constexpr int kConvertedArrivals = kConverterBatch > 0 ? kConverterThreads / 32 : 32;
   static_assert(2 * kConsumerRegs + kConverterRegs == 3 * 168, "setmaxnreg must not ask for more than launched");
   static constexpr int kColsPerWg = kHeadDimV / 2;                 // 256
   static constexpr int kVTilesPerWg = kColsPerWg / kBlockCols;     // 4: V tiles [4w, 4w + 4)
@@ -179,7 +184,7 @@ struct SeesawTraits {
       float row_sum[2][kBlockM];  // the epilogue's per-warpgroup row sums
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
-    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (one arrival a converter warp)
+    uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (kConvertedArrivals)
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
@@ -193,7 +198,7 @@ struct SeesawTraits {
     kP1Ready,          // WG1 stored P1 in buffer 1's rope tile and issued O_R += P0 V0R
     kWarpgroupSync,    // + warpgroup index: all 128 threads of one warpgroup (2 ids)
     kConsumersSync = kWarpgroupSync + 2,  // FP8 cache: both consumer warpgroups (the converter takes no part)
-    kTileRead,         // FP8 cache: the converter's warps have read a tile's FP8 bytes (and a group's scales)
+    kConverterSync,    // FP8 cache: the converter's warps have read a group's scales / a batch's FP8 bytes
   };
 };
 
