@@ -24,6 +24,7 @@
 #include "fp8_dequant.cuh"
 #include "params.h"
 #include "seesaw_fp8_batch.cuh"
+#include "seesaw_fp8_layout.h"
 #include "seesaw_trace.cuh"
 #include "tile_ops.h"
 #include "tile_scheduler.cuh"
@@ -111,14 +112,14 @@ constexpr int kScaleRounds = kFp8TileBytes / (kRowsPerRound * kBlockRowBytes);  
 // factors[k / 2] holds round k's factor (dequant_factor, bf16) in its low (k even) or high half.
 template <bool kFolded>
 __device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
-  const int chunk = lane % 4;  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
+  const int chunk = converter_chunk(lane);  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
   // One round an iteration, not unrolled (unrolled rounds need more than the converter's 40
   // registers); the factors shift up one half-word a round instead of being indexed.
   uint32_t f[kRounds / 2] = {factors[0], factors[1], factors[2], factors[3]};
 #pragma unroll 1
   for (int k = kRounds - 1; k >= 0; --k) {
-    const int row = kRowsPerRound * k + lane / 4;
-    const uint4 x = *reinterpret_cast<const uint4*>(slot + row * kBlockCols + chunk * kChunkBytes);
+    const int row = round_row(k, lane);
+    const uint4 x = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(row, chunk));
     if (k < kScaleRounds) __syncwarp();
     const uint32_t factor2 = byte_perm(f[kRounds / 2 - 1], 0u, 0x3232u);  // round k's: the top half-word
 #pragma unroll
@@ -128,20 +129,22 @@ __device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&f
     uint32_t w[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) dequant_e4m3x4<kFolded>(words[j], factor2, w[2 * j], w[2 * j + 1]);
-    char* dst = slot + row * kBlockRowBytes;
-    const int swz = row % 8;
-    *reinterpret_cast<uint4*>(dst + ((2 * chunk) ^ swz) * kChunkBytes) = make_uint4(w[0], w[1], w[2], w[3]);
-    *reinterpret_cast<uint4*>(dst + ((2 * chunk + 1) ^ swz) * kChunkBytes) = make_uint4(w[4], w[5], w[6], w[7]);
+    char* dst = slot + bf16_row_offset(row);
+    *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk)) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk + 1)) = make_uint4(w[4], w[5], w[6], w[7]);
   }
 }
 
-// This lane's rows' scales (rows 8k + lane / 4) for scale group `group`, packed as bf16 factors.
+// This lane's rows' scales (round_row(k, lane)) for scale group `group`, packed as bf16 factors: round
+// k's in the low (k even) or high half of factors[k / 2]; `scales` = tile `first`'s slot + kFp8TileBytes
+// (fp8_scale_offset's layout).
 // Two passes over shared memory (the warp's vote on folding comes between) keep registers low.
 template <bool kFolded>
 __device__ __forceinline__ void pack_factors(const char* scales, int group, int lane, uint32_t (&factors)[kRounds / 2]) {
 #pragma unroll
   for (int i = 0; i < kRounds / 2; ++i) {
-    const float* row = reinterpret_cast<const float*>(scales + (kRowsPerRound * 2 * i + lane / 4) * kFp8ScaleRowBytes);
+    // Rows round_row(2 i, lane) and, 8 rows (32 floats) further, round_row(2 i + 1, lane).
+    const float* row = reinterpret_cast<const float*>(scales + round_row(2 * i, lane) * kFp8ScaleRowBytes);
     const uint32_t lo = dequant_factor<kFolded>(row[group]) & 0xFFFFu;
     const uint32_t hi = dequant_factor<kFolded>(row[kRowsPerRound * 4 + group]) << 16;
     factors[i] = lo | hi;
@@ -158,12 +161,12 @@ __device__ __forceinline__ void convert_group(Plan& s, int buf, int first, uint3
   SEESAW_TRACE(tr, seesaw::kEvCvLanded + step);
   if (warp != 0) TileBarrier::wait(&s.tile_ready[buf][tile], phase);
   const char* scales = s.page[buf][first] + kFp8TileBytes;
-  const int group = tile * kBlockCols / kFp8GroupSize;
+  const int group = fp8_scale_group(tile);
   bool folds = true;
 #pragma unroll
   for (int k = 0; k < kRounds; ++k)
     folds &= fp8_scale_folds(
-        *reinterpret_cast<const float*>(scales + (kRowsPerRound * k + lane / 4) * kFp8ScaleRowBytes + group * 4));
+        *reinterpret_cast<const float*>(scales + round_row(k, lane) * kFp8ScaleRowBytes + group * 4));
   folds = __all_sync(0xffffffffu, folds);
   uint32_t factors[kRounds / 2];
   if (folds)

@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "fp8_dequant.cuh"
+#include "seesaw_fp8_layout.h"
 #include "seesaw_trace.cuh"
 #include "tile_ops.h"
 #include "tma.cuh"
@@ -17,8 +18,6 @@ namespace seesaw_fp8 {
 using T = SeesawTraits;
 using Plan = T::SharedMemoryPlan;
 
-constexpr int kRowsPerWarp = kPageSize / (T::kConverterThreads / 32);  // 16: rows 16 w .. 16 w + 15 of every tile
-constexpr int kRowStep = 32 / 4;                                        // 8: a lane's second row
 constexpr int kTilesPerBatch = T::kConverterBatch > 0 ? T::kConverterBatch : 1;  // tiles read (8 registers each) before one barrier
 static_assert(T::kVTilesPerWg % kTilesPerBatch == 0, "batches split a group evenly");
 
@@ -26,20 +25,18 @@ static_assert(T::kVTilesPerWg % kTilesPerBatch == 0, "batches split a group even
 // 128-byte swizzle), one 16-byte store at a time (fewer live registers).
 template <bool kFolded>
 __device__ __forceinline__ void store_row(char* slot, int row, int chunk, const uint4& x, uint32_t factor2) {
-  char* dst = slot + row * kBlockRowBytes;
-  const int swz = row % 8;
   uint32_t w[4];
   dequant_e4m3x4<kFolded>(x.x, factor2, w[0], w[1]);
   dequant_e4m3x4<kFolded>(x.y, factor2, w[2], w[3]);
-  *reinterpret_cast<uint4*>(dst + ((2 * chunk) ^ swz) * kChunkBytes) = make_uint4(w[0], w[1], w[2], w[3]);
+  *reinterpret_cast<uint4*>(slot + bf16_dst_offset(row, 2 * chunk)) = make_uint4(w[0], w[1], w[2], w[3]);
   dequant_e4m3x4<kFolded>(x.z, factor2, w[0], w[1]);
   dequant_e4m3x4<kFolded>(x.w, factor2, w[2], w[3]);
-  *reinterpret_cast<uint4*>(dst + ((2 * chunk + 1) ^ swz) * kChunkBytes) = make_uint4(w[0], w[1], w[2], w[3]);
+  *reinterpret_cast<uint4*>(slot + bf16_dst_offset(row, 2 * chunk + 1)) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // The 4-tile group [first, first + 4) of buffer `buf` (its load's parity `phase`), converted by all
 // four converter warps together, kTilesPerBatch tiles at a time. Lane l of warp w converts rows
-// 16 w + l / 4 and + 8 of each tile, bytes 16 (l % 4) .. + 15. In place: a tile's bf16 rows overwrite
+// batched_row(w, l, 0 / 1) = 16 w + l / 4 (+ 8) of each tile, FP8 chunk l % 4 (seesaw_fp8_layout.h). In place: a tile's bf16 rows overwrite
 // FP8 rows that other warps read, so all 128 threads read a batch's FP8 bytes (and, in the first
 // batch, their rows' scales, which sit behind tile `first`'s FP8 bytes) into registers before one
 // named barrier, and write after it; then one proxy fence a thread and one arrival a warp on each
@@ -48,15 +45,15 @@ __device__ __forceinline__ void store_row(char* slot, int row, int chunk, const 
 // per-step latencies (load, barrier, fence, arrivals), which a batch pays once.
 __device__ __forceinline__ void convert_group_batched(Plan& s, int buf, int first, uint32_t phase, int warp, int lane,
                                               seesaw::ConverterTrace& tr, int step) {
-  const int chunk = lane % 4;
-  const int row0 = kRowsPerWarp * warp + lane / 4;
+  const int chunk = converter_chunk(lane);
+  const int rows[2] = {batched_row(warp, lane, 0), batched_row(warp, lane, 1)};
   TileBarrier::wait(&s.tile_ready[buf][first], phase);
   SEESAW_TRACE(tr, seesaw::kEvCvLanded + step);
   // Scale groups first / 2 (tiles first, first + 1) and first / 2 + 1 (the other two), per row.
-  const float* scales = reinterpret_cast<const float*>(s.page[buf][first] + kFp8TileBytes);
-  const int group = first * kBlockCols / kFp8GroupSize;
-  const float s00 = scales[row0 * 4 + group], s01 = scales[row0 * 4 + group + 1];
-  const float s10 = scales[(row0 + kRowStep) * 4 + group], s11 = scales[(row0 + kRowStep) * 4 + group + 1];
+  const char* first_slot = s.page[buf][first];
+  const int group = fp8_scale_group(first);
+  auto scale = [&](int r, int g) { return *reinterpret_cast<const float*>(first_slot + fp8_scale_offset(rows[r], g)); };
+  const float s00 = scale(0, group), s01 = scale(0, group + 1), s10 = scale(1, group), s11 = scale(1, group + 1);
   const bool folds = __all_sync(0xffffffffu, fp8_scale_folds(s00) && fp8_scale_folds(s01) &&
                                                  fp8_scale_folds(s10) && fp8_scale_folds(s11));
   // factors[r]: row r's two groups as bf16 factors, the first in the low half.
@@ -76,8 +73,8 @@ __device__ __forceinline__ void convert_group_batched(Plan& s, int buf, int firs
       const int t = batch + i;
       if (t > 0) TileBarrier::wait(&s.tile_ready[buf][first + t], phase);
       const char* slot = s.page[buf][first + t];
-      x[i][0] = *reinterpret_cast<const uint4*>(slot + row0 * kBlockCols + chunk * kChunkBytes);
-      x[i][1] = *reinterpret_cast<const uint4*>(slot + (row0 + kRowStep) * kBlockCols + chunk * kChunkBytes);
+      x[i][0] = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(rows[0], chunk));
+      x[i][1] = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(rows[1], chunk));
     }
     cutlass::arch::NamedBarrier::arrive_and_wait(T::kConverterThreads, T::kConverterSync);
 #pragma unroll
@@ -87,11 +84,11 @@ __device__ __forceinline__ void convert_group_batched(Plan& s, int buf, int firs
       const uint32_t half = t < 2 ? 0x1010u : 0x3232u;  // the low or the high factor, in both halves
       const uint32_t f0 = byte_perm(factors[0], 0u, half), f1 = byte_perm(factors[1], 0u, half);
       if (folds) {
-        store_row<true>(slot, row0, chunk, x[i][0], f0);
-        store_row<true>(slot, row0 + kRowStep, chunk, x[i][1], f1);
+        store_row<true>(slot, rows[0], chunk, x[i][0], f0);
+        store_row<true>(slot, rows[1], chunk, x[i][1], f1);
       } else {
-        store_row<false>(slot, row0, chunk, x[i][0], f0);
-        store_row<false>(slot, row0 + kRowStep, chunk, x[i][1], f1);
+        store_row<false>(slot, rows[0], chunk, x[i][0], f0);
+        store_row<false>(slot, rows[1], chunk, x[i][1], f1);
       }
     }
     fence_async_proxy();  // this thread's generic-proxy stores -> visible to the S and P V wgmmas

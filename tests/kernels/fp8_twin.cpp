@@ -5,6 +5,12 @@
 //   fp8_twin dequant IN OUT N   N rows of 656 bytes (IN) -> N rows of 576 bf16 (OUT), converted the
 //                               way the kernel does: 16-byte groups through dequant_16, RoPE as is.
 //   fp8_twin dequant-folded ... the same with the one-multiply form wherever the scale allows it.
+//   fp8_twin seesaw-slots IN OUT SCHEDULE   one page (64 rows of 656 bytes) through the seesaw kernel's
+//                               in-place converter (seesaw_fp8_layout.h's index math): the 8 latent
+//                               slots filled as TMA lands them, converted with SCHEDULE (rounds = the
+//                               default, one warp a tile in 8 rounds from the last; batch1 / batch2 /
+//                               batch4 = all warps, a batch of tiles read before one barrier), then
+//                               read back through the 128-byte swizzle into 64 rows of 512 bf16 (OUT).
 //   fp8_twin fragments SEED     one page through every warp's and lane's fragments as the kernel
 //                               builds them (Fp8Lane, k_step_b, dequant_16), with mma.m16n8k16 and
 //                               movmatrix emulated from the PTX ISA's fragment layouts; checks S and
@@ -15,10 +21,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "fp8_dequant.cuh"
 #include "fp8_lane.h"
+#include "seesaw_fp8_layout.h"
 
 using namespace kvpager;
 
@@ -285,6 +293,135 @@ int run_fragments(unsigned seed) {
   return 0;
 }
 
+
+// ---- the seesaw kernel's in-place converter (seesaw_fp8.cuh, seesaw_fp8_batch.cuh) ---------------
+
+constexpr int kLatentTiles = kHeadDimV / kBlockCols;  // 8
+
+// One lane's conversion of its 16 FP8 bytes x of `row` into the slot (the kernel's store order).
+void convert_lane(uint8_t* slot, int row, int chunk, const uint32_t (&x)[4], float scale, bool folded) {
+  uint32_t w[8];
+  if (folded)
+    dequant_16<true>(x, scale, w);
+  else
+    dequant_16<false>(x, scale, w);
+  for (int half = 0; half < 2; ++half)
+    std::memcpy(slot + bf16_dst_offset(row, 2 * chunk + half), &w[4 * half], kChunkBytes);
+}
+
+float scale_at(const std::vector<uint8_t>& slots, int first, int row, int group) {
+  float v;
+  std::memcpy(&v, &slots[size_t(first) * kPageTileBytes + fp8_scale_offset(row, group)], 4);
+  return v;
+}
+
+// A warp folds only if every scale its lanes use does (the kernel's __all_sync).
+bool warp_folds(const std::vector<float>& scales) {
+  for (float v : scales)
+    if (!fp8_scale_folds(v)) return false;
+  return true;
+}
+
+void read_lane(const uint8_t* slot, int row, int chunk, uint32_t (&x)[4]) {
+  for (int i = 0; i < 4; ++i) x[i] = load_u32(slot + fp8_src_offset(row, chunk) + 4 * i);
+}
+
+// Default: warp w converts tile first + w; all warps read their rows' scales before any write (the
+// kernel's named barrier); then rounds 7 .. 0, each lane of the warp reading before any writes
+// (what the kernel's round order plus __syncwarp guarantee).
+void convert_rounds(std::vector<uint8_t>& slots, int first) {
+  float scale[4][kLanes][8];
+  bool folds[4];
+  for (int w = 0; w < 4; ++w) {
+    std::vector<float> used;
+    for (int lane = 0; lane < kLanes; ++lane)
+      for (int k = 0; k < 8; ++k) {
+        scale[w][lane][k] = scale_at(slots, first, round_row(k, lane), fp8_scale_group(first + w));
+        used.push_back(scale[w][lane][k]);
+      }
+    folds[w] = warp_folds(used);
+  }
+  for (int w = 0; w < 4; ++w) {
+    uint8_t* slot = &slots[size_t(first + w) * kPageTileBytes];
+    for (int k = 7; k >= 0; --k) {
+      uint32_t x[kLanes][4];
+      for (int lane = 0; lane < kLanes; ++lane) read_lane(slot, round_row(k, lane), converter_chunk(lane), x[lane]);
+      for (int lane = 0; lane < kLanes; ++lane)
+        convert_lane(slot, round_row(k, lane), converter_chunk(lane), x[lane], scale[w][lane][k], folds[w]);
+    }
+  }
+}
+
+// Batched: all 128 threads read their rows' scales, then per batch of `batch` tiles read every
+// tile's bytes before any writes (the kernel's one named barrier a batch).
+void convert_batched(std::vector<uint8_t>& slots, int first, int batch) {
+  constexpr int kThreads = 4 * kLanes;
+  float scale[kThreads][2][2];  // [thread][row r][group first / 2 + g]
+  bool folds[4];
+  for (int w = 0; w < 4; ++w) {
+    std::vector<float> used;
+    for (int lane = 0; lane < kLanes; ++lane)
+      for (int r = 0; r < 2; ++r)
+        for (int g = 0; g < 2; ++g) {
+          const float v = scale_at(slots, first, batched_row(w, lane, r), fp8_scale_group(first) + g);
+          scale[w * kLanes + lane][r][g] = v;
+          used.push_back(v);
+        }
+    folds[w] = warp_folds(used);
+  }
+  for (int t0 = 0; t0 < 4; t0 += batch) {
+    std::vector<uint32_t> x(size_t(kThreads) * batch * 2 * 4);
+    auto at = [&](int th, int i, int r) { return reinterpret_cast<uint32_t(*)[4]>(&x[((size_t(th) * batch + i) * 2 + r) * 4]); };
+    for (int th = 0; th < kThreads; ++th)
+      for (int i = 0; i < batch; ++i)
+        for (int r = 0; r < 2; ++r)
+          read_lane(&slots[size_t(first + t0 + i) * kPageTileBytes], batched_row(th / kLanes, th % kLanes, r),
+                    converter_chunk(th % kLanes), *at(th, i, r));
+    for (int th = 0; th < kThreads; ++th)
+      for (int i = 0; i < batch; ++i)
+        for (int r = 0; r < 2; ++r)
+          convert_lane(&slots[size_t(first + t0 + i) * kPageTileBytes], batched_row(th / kLanes, th % kLanes, r),
+                       converter_chunk(th % kLanes), *at(th, i, r), scale[th][r][(t0 + i) / 2], folds[th / kLanes]);
+  }
+}
+
+int run_seesaw_slots(const char* in_path, const char* out_path, const char* schedule) {
+  std::vector<uint8_t> page(size_t(kPageSize) * kFp8TokenBytes);
+  FILE* f = std::fopen(in_path, "rb");
+  if (!f || std::fread(page.data(), 1, page.size(), f) != page.size()) return 2;
+  std::fclose(f);
+  // The slots as the TMA copies leave them (written from the copies' definitions, not the helpers):
+  // tile t's 64 bytes of row r at r * 64 (no swizzle), the page's scales [64][4 floats] at 4096 in
+  // the slots of tiles 0 and 4; the rest of each slot holds stale data.
+  std::vector<uint8_t> slots(size_t(kLatentTiles) * kPageTileBytes, 0xA5);
+  for (int t = 0; t < kLatentTiles; ++t)
+    for (int r = 0; r < kPageSize; ++r) {
+      const uint8_t* row = &page[size_t(r) * kFp8TokenBytes];
+      std::memcpy(&slots[size_t(t) * kPageTileBytes + r * kBlockCols], row + t * kBlockCols, kBlockCols);
+      if (t % 4 == 0) std::memcpy(&slots[size_t(t) * kPageTileBytes + 4096 + r * 16], row + kFp8ScalesOffset, 16);
+    }
+  const std::string sched = schedule;
+  for (int first : {0, 4}) {
+    if (sched == "rounds")
+      convert_rounds(slots, first);
+    else if (sched == "batch1" || sched == "batch2" || sched == "batch4")
+      convert_batched(slots, first, sched.back() - '0');
+    else
+      return 2;
+  }
+  // Read back through wgmma's 128-byte swizzle (its definition: 16-byte chunk k of row r at chunk
+  // k ^ (r % 8) of the row's 128 bytes).
+  std::vector<uint16_t> out(size_t(kPageSize) * kHeadDimV);
+  for (int r = 0; r < kPageSize; ++r)
+    for (int c = 0; c < kHeadDimV; ++c) {
+      const int t = c / kBlockCols, k = (c % kBlockCols) / 8, e = c % 8;
+      std::memcpy(&out[size_t(r) * kHeadDimV + c], &slots[size_t(t) * kPageTileBytes + r * 128 + ((k ^ (r % 8)) * 16) + 2 * e], 2);
+    }
+  f = std::fopen(out_path, "wb");
+  if (!f || std::fwrite(out.data(), 2, out.size(), f) != out.size()) return 2;
+  std::fclose(f);
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -292,6 +429,9 @@ int main(int argc, char** argv) {
   if (argc == 5 && std::strcmp(argv[1], "dequant-folded") == 0)
     return run_dequant(argv[2], argv[3], std::atol(argv[4]), true);
   if (argc == 3 && std::strcmp(argv[1], "fragments") == 0) return run_fragments(unsigned(std::atol(argv[2])));
-  std::fprintf(stderr, "usage: fp8_twin dequant|dequant-folded IN OUT N | fp8_twin fragments SEED\n");
+  if (argc == 5 && std::strcmp(argv[1], "seesaw-slots") == 0) return run_seesaw_slots(argv[2], argv[3], argv[4]);
+  std::fprintf(stderr,
+               "usage: fp8_twin dequant|dequant-folded IN OUT N | fp8_twin fragments SEED | "
+               "fp8_twin seesaw-slots IN OUT rounds|batch1|batch2|batch4\n");
   return 2;
 }

@@ -8,6 +8,9 @@ the device instructions have host twins there) and is built here with the C++ co
   +-480 * scale (NaN only when the scale is);
 - one page through every warp's and lane's fragments (emulated mma.m16n8k16 / movmatrix) gives
   S = Q K^T and P V exactly (double sums), so the kernel's index math is right by construction.
+- one page through the seesaw kernel's in-place converter (seesaw_fp8_layout.h's index math, the
+  default schedule of 8 rounds a warp and the batched one on trial) fills the wgmma tiles with the
+  dequantized page, bit for bit: the round order's in-place hazards and the lane / row / scale mapping.
 What this cannot see: the GPU's own instructions (tests/gpu/test_fp8_gpu.py runs those).
 """
 from __future__ import annotations
@@ -63,6 +66,7 @@ def rows_for(scales: list[float], seed: int) -> torch.Tensor:
 POWERS = [2.0**k for k in range(-20, 128)]
 
 
+PAGE_ROWS = 64  # tokens a page (the kernel's kPageSize)
 MODES = ["dequant", "dequant-folded"]  # two bf16 multiplies; one where the scale is <= 2^7
 
 
@@ -105,3 +109,25 @@ def test_dequant_of_quantized_latents_is_exact(twin, tmp_path, mode):
 def test_fragments_compute_s_and_pv(twin, seed):
     res = subprocess.run([str(twin), "fragments", str(seed)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("schedule", ["rounds", "batch1", "batch2", "batch4"])
+def test_seesaw_converter_fills_the_wgmma_tiles(twin, tmp_path, schedule):
+    """The seesaw kernel's in-place converter, default (rounds) and batched schedules, on one page as
+    TMA lands it: every latent value ends up in its 128-byte-swizzled bf16 tile, equal bit for bit to
+    kvpager.fp8.dequantize. The page mixes scales that fold into one multiply with ones that do not
+    (> 2^7), zero groups and a zero-filled row, so both of a warp's paths are exercised."""
+    gen = torch.Generator().manual_seed(7)
+    kv = torch.randn(PAGE_ROWS, fp8.HEAD_DIM, generator=gen)
+    kv = kv * torch.exp2(torch.randint(-12, 16, (kv.shape[0], 1), generator=gen).float())
+    kv[3, fp8.GROUP_SIZE:2 * fp8.GROUP_SIZE] = 0.0
+    packed = fp8.quantize(kv.bfloat16())
+    packed[40] = 0
+    src, dst = tmp_path / "page.bin", tmp_path / "tiles.bin"
+    src.write_bytes(packed.contiguous().numpy().tobytes())
+    subprocess.run([str(twin), "seesaw-slots", str(src), str(dst), schedule], check=True, timeout=60)
+    got = torch.frombuffer(bytearray(dst.read_bytes()), dtype=torch.int16).view(PAGE_ROWS, fp8.LATENT_DIM)
+    want = fp8.dequantize(packed, torch.bfloat16)[:, :fp8.LATENT_DIM].contiguous().view(torch.int16)
+    scales = packed[:, fp8.SCALES_OFFSET:fp8.ROPE_OFFSET].contiguous().view(torch.float32)
+    assert bool((scales > 2.0**7).any()) and bool((scales <= 2.0**7).any()), "both multiply forms covered"
+    assert torch.equal(got, want)
