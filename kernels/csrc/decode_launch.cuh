@@ -57,7 +57,7 @@ template <typename Elem, int kOrder, bool kFp8 = false>
 cudaError_t launch_seesaw_kernel(const DecodeParams& p, const SeesawMaps& maps, cudaStream_t stream) {
   auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kFp8>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  constexpr int kThreads = kFp8 ? SeesawTraits::kFp8Threads : SeesawTraits::kThreads;
+  constexpr int kThreads = kFp8 || seesaw::kProducerWg<kOrder> ? SeesawTraits::kThreeWgThreads : SeesawTraits::kThreads;
   kernel<<<decode_grid(p, SeesawTraits::kBlockM), kThreads, SeesawTraits::kSmemBytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
@@ -68,8 +68,11 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   SeesawMaps maps{};
   cudaError_t err = encode_page_tensor_map<Elem>(p, &maps.page);
   if (err != cudaSuccess) return err;
-  err = options.seesaw_order == 11 ? launch_seesaw_kernel<Elem, 11>(p, maps, stream)
-                                   : launch_seesaw_kernel<Elem, 15>(p, maps, stream);
+  switch (options.seesaw_order) {
+    case 11: err = launch_seesaw_kernel<Elem, 11>(p, maps, stream); break;
+    case 19: err = launch_seesaw_kernel<Elem, 19>(p, maps, stream); break;
+    default: err = launch_seesaw_kernel<Elem, 15>(p, maps, stream);
+  }
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
 #endif
