@@ -88,7 +88,8 @@ struct Ctx {
   const Fp8PageMaps* fp8_maps;   // FP8 cache (template kFp8), else nullptr
   bool fp8;                      // = fp8_maps != nullptr, a compile-time constant in every kernel
   bool producer;                 // order 19: a producer warpgroup issues the refills (compile-time too)
-  int wg, lane_in_wg, t;
+  int wg, lane_in_wg, t_;
+  __device__ __forceinline__ int t() const { return fp8 ? lane_in_wg & 3 : t_; }
   int rows[2];   // local rows of this lane's two accumulator rows
   int limit[2];  // keys visible to each of them (causal / sequence end)
   int min_limit; // the smallest limit of the row block: pages below it need no mask
@@ -259,7 +260,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
     const bool empty = !(total[i] > 0.f);
     inv[i] = empty ? 0.f : 1.f / total[i];
     const float lse = empty ? (split ? -CUDART_INF_F : CUDART_INF_F) : (row_max[i] + __log2f(total[i])) * 0.69314718055994531f;
-    if (c.wg == 0 && c.t == 0 && mrow < p.rows) {
+    if (c.wg == 0 && c.t() == 0 && mrow < p.rows) {
       if (split) {
         p.lse_accum[(int64_t(seg.split_slot) * p.h_kv + c.hk) * p.rows + mrow] = lse;
       } else {
@@ -280,7 +281,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
       if (mrow >= p.rows) continue;
 #pragma unroll
       for (int n = 0; n < T::kOutRegs / 4; ++n)
-        *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN + 2 * c.t) =
+        *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN + 2 * c.t()) =
             make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
     }
   } else {
@@ -290,7 +291,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int chunk = c.wg * (T::kColsPerWg / kChunkElems) + n;
-        *reinterpret_cast<uint32_t*>(stage + c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes) + 4 * c.t) =
+        *reinterpret_cast<uint32_t*>(stage + c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes) + 4 * c.t()) =
             ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
       }
     c.consumers_sync();
@@ -320,7 +321,7 @@ __device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::k
   for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
   uint32_t p0[T::kScoreRegs / 2];
   pack_fragment<Elem>(s, p0, sc1);
-  store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t, p0);
+  store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t(), p0);
   fence_async_proxy();
   handoff(T::kP0Ready);
 }
@@ -343,14 +344,14 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
-  OnlineSoftmax::to_log2(s, c.p.scale_log2, (j0 + 1) * kPageSize > c.min_limit, j0 * kPageSize, c.t, c.limit,
+  OnlineSoftmax::to_log2(s, c.p.scale_log2, (j0 + 1) * kPageSize > c.min_limit, j0 * kPageSize, c.t(), c.limit,
                          page_max);
   SEESAW_TRACE(c, kEvMax);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_max[i] = c.s.row_max[c.rows[i]];
   sm.advance(page_max, alpha, base);
   __syncwarp();
-  if (c.t == 0) {
+  if (c.t() == 0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       c.s.row_max[c.rows[i]] = sm.row_max[i];
@@ -431,7 +432,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 
   float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
   if constexpr (kHas1)
-    OnlineSoftmax::to_log2(s, c.p.scale_log2, (j1 + 1) * kPageSize > c.min_limit, j1 * kPageSize, c.t, c.limit,
+    OnlineSoftmax::to_log2(s, c.p.scale_log2, (j1 + 1) * kPageSize > c.min_limit, j1 * kPageSize, c.t(), c.limit,
                            page_max);
   SEESAW_TRACE(c, kEvMax);
 
@@ -446,7 +447,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   }
   sm.advance(page_max, alpha, base);
   __syncwarp();
-  if (c.t == 0) {
+  if (c.t() == 0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       c.s.row_max[c.rows[i]] = sm.row_max[i];
@@ -463,7 +464,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     uint32_t pb[T::kScoreRegs / 2];
     const float one[2] = {1.f, 1.f};
     pack_fragment<Elem>(s, pb, one);
-    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t, pb);
+    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t(), pb);
     fence_async_proxy();
     SEESAW_TRACE(c, kEvP);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
@@ -541,7 +542,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
   Ctx c{plan, p, &maps.page, kFp8 ? &maps.fp8 : nullptr, kFp8, kProducerWg<kOrder>};
   c.wg = threadIdx.x / T::kWarpgroupThreads;
   c.lane_in_wg = threadIdx.x % T::kWarpgroupThreads;
-  c.t = lane % 4;
+  c.t_ = lane % 4;
   c.rows[0] = warp_in_wg * kMmaM + lane / 4;
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
@@ -552,7 +553,8 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 #endif
   SEESAW_TRACE(c, kEvStart);
 
-  for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
+  using Scheduler = std::conditional_t<kFp8, LeanTileScheduler, TileScheduler>;  // FP8: 232 registers
+  for (Scheduler sched(p, part); sched.valid(); sched.next()) {
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
     c.consumers_sync();  // the previous segment is done with every buffer (and the barriers are set up)
@@ -607,12 +609,15 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 
     SEESAW_TRACE(c, kEvLoopEnd);
     if (sched.last()) allow_dependent_launch();
+    // FP8: read the segment's split fields again for the epilogue rather than keep them live
+    // through the pairs (232 registers).
+    if constexpr (kFp8) c.seg = sched.segment();
 
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
     float total[2];
     c.consumers_sync();  // every pair's exchange (and every read of the page buffers) is over
     using Sync = std::conditional_t<kFp8 || kProducerWg<kOrder>, ConsumerSync, CtaSync>;
-    cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t, sm.row_sum, total);
+    cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t(), sm.row_sum, total);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);

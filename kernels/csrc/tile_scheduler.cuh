@@ -53,6 +53,38 @@ class TileScheduler {
   int begin_b_, begin_page_, begin_split_, end_b_, end_page_, b_;
 };
 
+// TileScheduler's interface holding two registers instead of six: the part's metadata fields are
+// read again (L1-resident) where they are needed. For a kernel whose registers are too few to keep
+// six values live across its page loop (the FP8 seesaw's consumers, setmaxnreg 232: s18).
+class LeanTileScheduler {
+ public:
+  __device__ __forceinline__ LeanTileScheduler(const DecodeParams& p, int part) : p_(p), part_(part), b_(m(0)) {}
+  __device__ __forceinline__ bool valid() const { return b_ <= m(3); }
+  __device__ __forceinline__ bool last() const { return b_ == m(3); }
+  __device__ __forceinline__ void next() { ++b_; }
+
+  __device__ __forceinline__ Segment segment() const {
+    const bool first = b_ == m(0), final = b_ == m(3);
+    Segment s;
+    s.b = b_;
+    s.seqlen = p_.cache_seqlens[b_];
+    s.first_page = first ? m(1) : 0;
+    s.end_page = final ? m(4) : ceil_div(s.seqlen, kPageSize);
+    const int split_base = p_.num_splits[b_];
+    s.num_splits = p_.num_splits[b_ + 1] - split_base;
+    s.split_slot = split_base + (first ? m(2) : 0);
+    s.block_table = p_.block_table + int64_t(b_) * p_.block_table_stride;
+    return s;
+  }
+
+ private:
+  // Field f of this part's metadata (TileScheduler's order); the pointer is rebuilt from the
+  // kernel parameter each time rather than held.
+  __device__ __forceinline__ int m(int f) const { return p_.tile_metadata[part_ * kMetadataFields + f]; }
+  const DecodeParams& p_;
+  int part_, b_;
+};
+
 // Lets the dependent grid (the combine kernel, launched with programmatic stream serialization)
 // start its launch; it still waits for this grid's completion before reading any result.
 __device__ __forceinline__ void allow_dependent_launch() {
