@@ -105,6 +105,43 @@ constexpr int kRowsPerRound = 32 / 4;                      // a round: 8 rows x 
 constexpr int kRounds = kPageSize / kRowsPerRound;         // 8
 constexpr int kScaleRounds = kFp8TileBytes / (kRowsPerRound * kBlockRowBytes);  // 4: rounds >= 4 write over scales, not FP8
 
+// convert_tile_rows with R = T::kConverterRounds > 1 rounds an iteration (s18, on trial: more loads
+// and dequantizations in flight, more registers): round k writes bf16 rows
+// 8k..8k+7 = bytes [1024k, 1024k + 1024), i.e. FP8 rows 16k..16k+15 when k < 4, which rounds 2k and
+// 2k + 1 read - rounds of this iteration or earlier ones, so a __syncwarp between an iteration's
+// loads and its writes is all the ordering needed. Rounds >= 4 write over the scales (read before).
+template <bool kFolded>
+__device__ __forceinline__ void convert_tile_rows_unrolled(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
+  constexpr int R = T::kConverterRounds;
+  static_assert(kRounds % R == 0, "iterations split the rounds evenly");
+  const int chunk = converter_chunk(lane);  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
+  // Not unrolled across iterations (the converter's registers are few); the factors shift up one
+  // half-word a round instead of being indexed.
+  uint32_t f[kRounds / 2] = {factors[0], factors[1], factors[2], factors[3]};
+#pragma unroll 1
+  for (int k0 = kRounds - 1; k0 >= 0; k0 -= R) {
+    uint4 x[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) x[r] = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(round_row(k0 - r, lane), chunk));
+    if (k0 - R + 1 < kScaleRounds) __syncwarp();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = round_row(k0 - r, lane);
+      const uint32_t factor2 = byte_perm(f[kRounds / 2 - 1], 0u, 0x3232u);  // round k0 - r's: the top half-word
+#pragma unroll
+      for (int i = kRounds / 2 - 1; i > 0; --i) f[i] = byte_perm(f[i - 1], f[i], 0x5432u);  // (f[i] << 16) | (f[i-1] >> 16)
+      f[0] <<= 16;
+      const uint32_t words[4] = {x[r].x, x[r].y, x[r].z, x[r].w};
+      uint32_t w[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dequant_e4m3x4<kFolded>(words[j], factor2, w[2 * j], w[2 * j + 1]);
+      char* dst = slot + bf16_row_offset(row);
+      *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk)) = make_uint4(w[0], w[1], w[2], w[3]);
+      *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk + 1)) = make_uint4(w[4], w[5], w[6], w[7]);
+    }
+  }
+}
+
 // One warp, one tile in place. Lane l converts row 8k + l / 4, bytes 16 (l % 4) .. + 15 in round k,
 // rounds from 7 down to 0: round k writes bf16 rows 8k..8k+7 = bytes [1024k, 1024k + 1024), i.e.
 // FP8 rows 16k..16k+15 when k < 4, which rounds > k (and this one) have read: a __syncwarp before
@@ -112,6 +149,7 @@ constexpr int kScaleRounds = kFp8TileBytes / (kRowsPerRound * kBlockRowBytes);  
 // factors[k / 2] holds round k's factor (dequant_factor, bf16) in its low (k even) or high half.
 template <bool kFolded>
 __device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
+  if constexpr (T::kConverterRounds > 1) return convert_tile_rows_unrolled<kFolded>(slot, factors, lane);
   const int chunk = converter_chunk(lane);  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
   // One round an iteration, not unrolled (unrolled rounds need more than the converter's 40
   // registers); the factors shift up one half-word a round instead of being indexed.

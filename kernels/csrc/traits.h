@@ -154,6 +154,9 @@ struct SeesawTraits {
 #ifndef KVPAGER_FP8_CONVERT_BATCH
 #define KVPAGER_FP8_CONVERT_BATCH 0
 #endif
+#ifndef KVPAGER_FP8_CONVERT_ROUNDS
+#define KVPAGER_FP8_CONVERT_ROUNDS 1
+#endif
 #ifndef KVPAGER_FP8_CONSUMER_REGS
 #define KVPAGER_FP8_CONSUMER_REGS (KVPAGER_FP8_CONVERT_BATCH == 4 ? 216 : 232)
 #endif
@@ -163,6 +166,9 @@ struct SeesawTraits {
   // registers of FP8 bytes) needs more converter registers: the setmaxnreg split (multiples of 8)
   // gives the converter what the consumers leave.
   static constexpr int kConverterBatch = KVPAGER_FP8_CONVERT_BATCH;
+  // The default converter's rounds an iteration (seesaw_fp8.cuh's convert_tile_rows): 1 (measured),
+  // 2 / 4 on trial (s18; KVPAGER_FP8_CONVERT_ROUNDS, with consumer registers 224 for the converter's 56).
+  static constexpr int kConverterRounds = KVPAGER_FP8_CONVERT_ROUNDS;
   static constexpr int kConsumerRegs = KVPAGER_FP8_CONSUMER_REGS;
   static constexpr int kConverterRegs = 3 * 168 - 2 * kConsumerRegs;
   // Arrivals that complete a tile's `converted` barrier: every lane of the converting warp, or one

@@ -8,7 +8,8 @@
 //   fp8_twin seesaw-slots IN OUT SCHEDULE   one page (64 rows of 656 bytes) through the seesaw kernel's
 //                               in-place converter (seesaw_fp8_layout.h's index math): the 8 latent
 //                               slots filled as TMA lands them, converted with SCHEDULE (rounds = the
-//                               default, one warp a tile in 8 rounds from the last; batch1 / batch2 /
+//                               default, one warp a tile in 8 rounds from the last; rounds2 / rounds4 = 2 / 4 rounds an
+//                               iteration (KVPAGER_FP8_CONVERT_ROUNDS); batch1 / batch2 /
 //                               batch4 = all warps, a batch of tiles read before one barrier), then
 //                               read back through the 128-byte swizzle into 64 rows of 512 bf16 (OUT).
 //   fp8_twin fragments SEED     one page through every warp's and lane's fragments as the kernel
@@ -327,9 +328,10 @@ void read_lane(const uint8_t* slot, int row, int chunk, uint32_t (&x)[4]) {
 }
 
 // Default: warp w converts tile first + w; all warps read their rows' scales before any write (the
-// kernel's named barrier); then rounds 7 .. 0, each lane of the warp reading before any writes
-// (what the kernel's round order plus __syncwarp guarantee).
-void convert_rounds(std::vector<uint8_t>& slots, int first) {
+// kernel's named barrier); then rounds 7 .. 0, `per_iter` of them an iteration (1, or 2 / 4 for
+// KVPAGER_FP8_CONVERT_ROUNDS), every lane of the warp reading the iteration's rounds before any of its
+// writes (what the kernel's round order plus __syncwarp guarantee).
+void convert_rounds(std::vector<uint8_t>& slots, int first, int per_iter) {
   float scale[4][kLanes][8];
   bool folds[4];
   for (int w = 0; w < 4; ++w) {
@@ -343,11 +345,15 @@ void convert_rounds(std::vector<uint8_t>& slots, int first) {
   }
   for (int w = 0; w < 4; ++w) {
     uint8_t* slot = &slots[size_t(first + w) * kPageTileBytes];
-    for (int k = 7; k >= 0; --k) {
-      uint32_t x[kLanes][4];
-      for (int lane = 0; lane < kLanes; ++lane) read_lane(slot, round_row(k, lane), converter_chunk(lane), x[lane]);
-      for (int lane = 0; lane < kLanes; ++lane)
-        convert_lane(slot, round_row(k, lane), converter_chunk(lane), x[lane], scale[w][lane][k], folds[w]);
+    for (int k0 = 7; k0 >= 0; k0 -= per_iter) {
+      uint32_t x[4][kLanes][4];
+      for (int r = 0; r < per_iter; ++r)
+        for (int lane = 0; lane < kLanes; ++lane)
+          read_lane(slot, round_row(k0 - r, lane), converter_chunk(lane), x[r][lane]);
+      for (int r = 0; r < per_iter; ++r)
+        for (int lane = 0; lane < kLanes; ++lane)
+          convert_lane(slot, round_row(k0 - r, lane), converter_chunk(lane), x[r][lane], scale[w][lane][k0 - r],
+                       folds[w]);
     }
   }
 }
@@ -403,7 +409,9 @@ int run_seesaw_slots(const char* in_path, const char* out_path, const char* sche
   const std::string sched = schedule;
   for (int first : {0, 4}) {
     if (sched == "rounds")
-      convert_rounds(slots, first);
+      convert_rounds(slots, first, 1);
+    else if (sched == "rounds2" || sched == "rounds4")
+      convert_rounds(slots, first, sched.back() - '0');
     else if (sched == "batch1" || sched == "batch2" || sched == "batch4")
       convert_batched(slots, first, sched.back() - '0');
     else
@@ -432,6 +440,6 @@ int main(int argc, char** argv) {
   if (argc == 5 && std::strcmp(argv[1], "seesaw-slots") == 0) return run_seesaw_slots(argv[2], argv[3], argv[4]);
   std::fprintf(stderr,
                "usage: fp8_twin dequant|dequant-folded IN OUT N | fp8_twin fragments SEED | "
-               "fp8_twin seesaw-slots IN OUT rounds|batch1|batch2|batch4\n");
+               "fp8_twin seesaw-slots IN OUT rounds|rounds2|rounds4|batch1|batch2|batch4\n");
   return 2;
 }

@@ -111,7 +111,7 @@ def test_fragments_compute_s_and_pv(twin, seed):
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("schedule", ["rounds", "batch1", "batch2", "batch4"])
+@pytest.mark.parametrize("schedule", ["rounds", "rounds2", "rounds4", "batch1", "batch2", "batch4"])
 def test_seesaw_converter_fills_the_wgmma_tiles(twin, tmp_path, schedule):
     """The seesaw kernel's in-place converter, default (rounds) and batched schedules, on one page as
     TMA lands it: every latent value ends up in its 128-byte-swizzled bf16 tile, equal bit for bit to
