@@ -76,7 +76,7 @@ struct ConsumerSync {
 
 // Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0. Order 19 (s18,
 // on trial) is 15 with a producer warpgroup: the consumers only arrive on `emptied` where 15 has
-// them sync their warpgroup and issue the refill's TMA copies (run_producer).
+// them sync their warpgroup and issue the refill's TMA copies (run_producer_warp).
 template <int kOrder> constexpr bool kProducerWg = kOrder == 19;
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kProducerWg<kOrder>;
 
@@ -89,6 +89,7 @@ struct Ctx {
   bool fp8;                      // = fp8_maps != nullptr, a compile-time constant in every kernel
   bool producer;                 // order 19: a producer warpgroup issues the refills (compile-time too)
   int wg, lane_in_wg, t_;
+  // The lane's quad index; on an FP8 cache derived where used (no spill at setmaxnreg 232).
   __device__ __forceinline__ int t() const { return fp8 ? lane_in_wg & 3 : t_; }
   int rows[2];   // local rows of this lane's two accumulator rows
   int limit[2];  // keys visible to each of them (causal / sequence end)
