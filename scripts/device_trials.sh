@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call for what is on trial since s18 and has not run on a GPU yet (docs/kernel-perf.md
+# "s18", docs/fp8-cache.md "s18"): build the default, run the FP8 and order-19 GPU tests (the FP8
+# seesaw's 0-spill rewrite is the default and ran only through ptxas), time seesaw orders 15 vs 19
+# with the ceilings of the same run, time the FP8 seesaw against bf16, then rebuild with the
+# rounds-2 converter and time it. Everything on stdout; ptxas.txt / variants.txt under $OUT.
+#
+# Device call (carry [".whl"], timeout_s 600):   bash scripts/device_trials.sh
+# Env: CAP (seconds for the whole script, default 540; later steps are cut first).
+set -u
+cd "$(dirname "$0")/.."
+CAP=${CAP:-540}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+  export PYTHONPATH=/tmp/site || exit 1
+nvidia-smi --query-gpu=name --format=csv,noheader
+T0=$SECONDS
+left() { echo $((CAP - SECONDS + T0)); }
+STAGES="build" DEADLINE=200 bash scripts/run_device.sh >"$OUT/build-summary.txt" 2>&1
+tail -3 "$OUT/build-summary.txt"
+echo "==== FP8 + order 19 tests ($((SECONDS - T0)) s)"
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_seesaw_kernel.py \
+  -k "fp8 or order_19 or bad_switch" 2>&1 | tail -6
+echo "==== seesaw orders 15 vs 19 ($((SECONDS - T0)) s)"
+timeout 100 python3 scripts/seesaw_order_time.py --orders 15,19 2>&1 | tail -14
+echo "==== FP8 seesaw vs bf16, default converter ($((SECONDS - T0)) s)"
+timeout 50 python3 scripts/fp8_seesaw_time.py --label default
+VARIANTS="0:232:2" timeout "$(left)" bash scripts/fp8_converter_variants.sh
+echo "==== end ($((SECONDS - T0)) s)"
