@@ -36,6 +36,7 @@
 #include "epilogue.cuh"
 #include "params.h"
 #include "seesaw_fp8.cuh"
+#include "seesaw_refills.h"
 #include "seesaw_trace.cuh"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
@@ -630,7 +631,8 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 // warpgroup frees them (WG0: buffer 0 then 1 each pair, WG1: 1 then 0), each once its four warps
 // arrived on `emptied`. A segment's first two pages stay the consumers' (after their epilogue, which
 // stages the output in the page buffers). It walks the CTA's schedule like TileScheduler but keeps
-// only what a refill needs: 24 registers (setmaxnreg) hold no Segment.
+// only what a refill needs: 24 registers (setmaxnreg) hold no Segment. The order within a segment is
+// seesaw_refills.h's (tested on the host against the consumers' releases).
 template <int W>
 __device__ __forceinline__ void run_producer_warp(Plan& s, const DecodeParams& p, const CUtensorMap* map, int part) {
   const int32_t* m = p.tile_metadata + part * kMetadataFields;  // TileScheduler's fields 0, 1, 3, 4
@@ -641,26 +643,19 @@ __device__ __forceinline__ void run_producer_warp(Plan& s, const DecodeParams& p
   for (int b = m[0]; b <= end_b; ++b, first = 0) {
     const int end = b == end_b ? m[4] : ceil_div(p.cache_seqlens[b], kPageSize);
     const int32_t* table = p.block_table + int64_t(b) * p.block_table_stride;
-#pragma unroll 1
-    for (int j0 = first; j0 + 2 < end; j0 += 2) {
-#pragma unroll
-      for (int k = 0; k < kNumPageBuffers; ++k) {
-        const int buf = W == 0 ? k : 1 - k;
-        const int page = j0 + 2 + buf;
-        if (page >= end) continue;
-        cutlass::arch::ClusterBarrier::wait(&s.emptied[buf][W], (phase >> buf) & 1);
-        phase ^= 1u << buf;
-        const int id = table[page];
-        if constexpr (W == 0) {
-          load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, 0, T::kVTilesPerWg, p.page_cache_hint);
-          load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, T::kRopeTile, kColBlocks,
-                          p.page_cache_hint);
-        } else {
-          load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, T::kVTilesPerWg, T::kRopeTile,
-                          p.page_cache_hint);
-        }
+    for_each_refill<W>(first, end, [&](int buf, int page) {
+      cutlass::arch::ClusterBarrier::wait(&s.emptied[buf][W], (phase >> buf) & 1);
+      phase ^= 1u << buf;
+      const int id = table[page];
+      if constexpr (W == 0) {
+        load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, 0, T::kVTilesPerWg, p.page_cache_hint);
+        load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, T::kRopeTile, kColBlocks,
+                        p.page_cache_hint);
+      } else {
+        load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, T::kVTilesPerWg, T::kRopeTile,
+                        p.page_cache_hint);
       }
-    }
+    });
   }
 }
 
