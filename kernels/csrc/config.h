@@ -1,6 +1,13 @@
 // Every tile size, page size and head dim of the MLA decode kernels, as named constants.
 #pragma once
 
+// Host and device (nvcc), or plain inline for a host compiler (the host twins in tests/kernels).
+#ifdef __CUDACC__
+#define KVPAGER_HD __host__ __device__ __forceinline__
+#else
+#define KVPAGER_HD inline
+#endif
+
 namespace kvpager {
 
 constexpr int kPageSize = 64;        // tokens per KV page (the pool's page)
@@ -67,5 +74,7 @@ constexpr int kFp8TileBytes = kPageSize * kBlockCols;               // 4096
 constexpr int kFp8ScaleRowBytes = 4 * sizeof(float);                // a token's 4 scales
 constexpr int kFp8PageScalesBytes = kPageSize * kFp8ScaleRowBytes;  // 1024
 static_assert(kFp8TileBytes + kFp8PageScalesBytes <= kPageTileBytes, "FP8 bytes and scales fit a slot");
+
+KVPAGER_HD int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace kvpager

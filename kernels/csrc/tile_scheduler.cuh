@@ -2,10 +2,10 @@
 // the sequences b = begin_b .. end_b of its part, each as a segment of its pages. Every decode
 // kernel iterates it the same way:
 //   for (TileScheduler sched(p, part); sched.valid(); sched.next()) { Segment seg = sched.segment(); ... }
+// Needs only config.h and params.h: tests/kernels/scheduler_twin.cpp compiles it on the host.
 #pragma once
 #include "config.h"
 #include "params.h"
-#include "tile_ops.h"
 
 namespace kvpager {
 
