@@ -57,8 +57,8 @@ template <typename Elem, int kOrder, bool kFp8 = false>
 cudaError_t launch_seesaw_kernel(const DecodeParams& p, const SeesawMaps& maps, cudaStream_t stream) {
   auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kFp8>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  constexpr int kThreads = kFp8 || seesaw::kProducerWg<kOrder> ? SeesawTraits::kThreeWgThreads : SeesawTraits::kThreads;
-  kernel<<<decode_grid(p, SeesawTraits::kBlockM), kThreads, SeesawTraits::kSmemBytes, stream>>>(p, maps);
+  kernel<<<decode_grid(p, SeesawTraits::kBlockM), seesaw::kCtaThreads<kFp8, kOrder>, SeesawTraits::kSmemBytes, stream>>>(
+      p, maps);
   return cudaGetLastError();
 }
 

@@ -80,6 +80,9 @@ struct ConsumerSync {
 // them sync their warpgroup and issue the refill's TMA copies (run_producer_warp).
 template <int kOrder> constexpr bool kProducerWg = kOrder == 19;
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kProducerWg<kOrder>;
+// Threads of a seesaw CTA: a third warpgroup beside the consumers on an FP8 cache or in order 19.
+template <bool kFp8, int kOrder>
+constexpr int kCtaThreads = kFp8 || kProducerWg<kOrder> ? T::kThreeWgThreads : T::kThreads;
 
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
@@ -664,13 +667,11 @@ __device__ __forceinline__ void run_producer_warp(Plan& s, const DecodeParams& p
 // kFp8: the cache holds 656-byte FP8 rows (seesaw_fp8.cuh; Elem is q's bf16), and a third
 // warpgroup converts them.
 template <typename Elem, int kOrder, bool kFp8>
-__global__ void __launch_bounds__(kFp8 || seesaw::kProducerWg<kOrder> ? SeesawTraits::kThreeWgThreads
-                                                                      : SeesawTraits::kThreads, 1)
+__global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8, kOrder>, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ SeesawMaps maps) {
   using namespace seesaw;
   static_assert(!kFp8 || std::is_same_v<Elem, __nv_bfloat16>, "FP8: bf16 q");
   static_assert(!(kFp8 && kProducerWg<kOrder>), "FP8: order 15 only (its third warpgroup is the converter)");
-  static_assert(SeesawTraits::kFp8Threads == SeesawTraits::kThreeWgThreads, "one launch-bounds allocation");
   extern __shared__ char smem_raw[];
   Plan& plan = aligned_plan<Plan>(smem_raw);
 

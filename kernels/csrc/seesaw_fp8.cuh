@@ -105,6 +105,24 @@ constexpr int kRowsPerRound = 32 / 4;                      // a round: 8 rows x 
 constexpr int kRounds = kPageSize / kRowsPerRound;         // 8
 constexpr int kScaleRounds = kFp8TileBytes / (kRowsPerRound * kBlockRowBytes);  // 4: rounds >= 4 write over scales, not FP8
 
+// One round of one lane: its 16 FP8 bytes x of `row` -> the row's bf16 chunks 2 chunk and
+// 2 chunk + 1, scaled by the round's factor, the top half-word of f[3]; then f shifts up one
+// half-word for the next round.
+template <bool kFolded>
+__device__ __forceinline__ void convert_round(char* slot, int row, int chunk, const uint4& x, uint32_t (&f)[kRounds / 2]) {
+  const uint32_t factor2 = byte_perm(f[kRounds / 2 - 1], 0u, 0x3232u);
+#pragma unroll
+  for (int i = kRounds / 2 - 1; i > 0; --i) f[i] = byte_perm(f[i - 1], f[i], 0x5432u);  // (f[i] << 16) | (f[i-1] >> 16)
+  f[0] <<= 16;
+  const uint32_t words[4] = {x.x, x.y, x.z, x.w};
+  uint32_t w[8];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) dequant_e4m3x4<kFolded>(words[j], factor2, w[2 * j], w[2 * j + 1]);
+  char* dst = slot + bf16_row_offset(row);
+  *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk)) = make_uint4(w[0], w[1], w[2], w[3]);
+  *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk + 1)) = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
 // convert_tile_rows with R = T::kConverterRounds > 1 rounds an iteration (s18, on trial: more loads
 // and dequantizations in flight, more registers): round k writes bf16 rows
 // 8k..8k+7 = bytes [1024k, 1024k + 1024), i.e. FP8 rows 16k..16k+15 when k < 4, which rounds 2k and
@@ -126,18 +144,7 @@ __device__ __forceinline__ void convert_tile_rows_unrolled(char* slot, const uin
     if (k0 - R + 1 < kScaleRounds) __syncwarp();
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int row = round_row(k0 - r, lane);
-      const uint32_t factor2 = byte_perm(f[kRounds / 2 - 1], 0u, 0x3232u);  // round k0 - r's: the top half-word
-#pragma unroll
-      for (int i = kRounds / 2 - 1; i > 0; --i) f[i] = byte_perm(f[i - 1], f[i], 0x5432u);  // (f[i] << 16) | (f[i-1] >> 16)
-      f[0] <<= 16;
-      const uint32_t words[4] = {x[r].x, x[r].y, x[r].z, x[r].w};
-      uint32_t w[8];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) dequant_e4m3x4<kFolded>(words[j], factor2, w[2 * j], w[2 * j + 1]);
-      char* dst = slot + bf16_row_offset(row);
-      *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk)) = make_uint4(w[0], w[1], w[2], w[3]);
-      *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk + 1)) = make_uint4(w[4], w[5], w[6], w[7]);
+      convert_round<kFolded>(slot, round_row(k0 - r, lane), chunk, x[r], f);
     }
   }
 }
@@ -159,17 +166,7 @@ __device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&f
     const int row = round_row(k, lane);
     const uint4 x = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(row, chunk));
     if (k < kScaleRounds) __syncwarp();
-    const uint32_t factor2 = byte_perm(f[kRounds / 2 - 1], 0u, 0x3232u);  // round k's: the top half-word
-#pragma unroll
-    for (int i = kRounds / 2 - 1; i > 0; --i) f[i] = byte_perm(f[i - 1], f[i], 0x5432u);  // (f[i] << 16) | (f[i-1] >> 16)
-    f[0] <<= 16;
-    const uint32_t words[4] = {x.x, x.y, x.z, x.w};
-    uint32_t w[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) dequant_e4m3x4<kFolded>(words[j], factor2, w[2 * j], w[2 * j + 1]);
-    char* dst = slot + bf16_row_offset(row);
-    *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk)) = make_uint4(w[0], w[1], w[2], w[3]);
-    *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk + 1)) = make_uint4(w[4], w[5], w[6], w[7]);
+    convert_round<kFolded>(slot, row, chunk, x, f);
   }
 }
 

@@ -20,6 +20,23 @@ struct Segment {
   __device__ __forceinline__ int valid_rows(int page) const { return seqlen - page * kPageSize; }
 };
 
+// Sequence b's segment in its part: `first` / `final` say whether b is the part's first / last
+// sequence, field(f) returns the part's metadata field f (1 begin_page, 2 begin_split, 4 end_page),
+// read only where needed.
+template <typename Field>
+__device__ __forceinline__ Segment make_segment(const DecodeParams& p, int b, bool first, bool final, Field field) {
+  Segment s;
+  s.b = b;
+  s.seqlen = p.cache_seqlens[b];
+  s.first_page = first ? field(1) : 0;
+  s.end_page = final ? field(4) : ceil_div(s.seqlen, kPageSize);
+  const int split_base = p.num_splits[b];
+  s.num_splits = p.num_splits[b + 1] - split_base;
+  s.split_slot = split_base + (first ? field(2) : 0);
+  s.block_table = p.block_table + int64_t(b) * p.block_table_stride;
+  return s;
+}
+
 class TileScheduler {
  public:
   __device__ __forceinline__ TileScheduler(const DecodeParams& p, int part) : p_(p) {
@@ -36,16 +53,8 @@ class TileScheduler {
   __device__ __forceinline__ void next() { ++b_; }
 
   __device__ __forceinline__ Segment segment() const {
-    Segment s;
-    s.b = b_;
-    s.seqlen = p_.cache_seqlens[b_];
-    s.first_page = b_ == begin_b_ ? begin_page_ : 0;
-    s.end_page = b_ == end_b_ ? end_page_ : ceil_div(s.seqlen, kPageSize);
-    const int split_base = p_.num_splits[b_];
-    s.num_splits = p_.num_splits[b_ + 1] - split_base;
-    s.split_slot = split_base + (b_ == begin_b_ ? begin_split_ : 0);
-    s.block_table = p_.block_table + int64_t(b_) * p_.block_table_stride;
-    return s;
+    const int fields[5] = {begin_b_, begin_page_, begin_split_, end_b_, end_page_};
+    return make_segment(p_, b_, b_ == begin_b_, b_ == end_b_, [&](int f) { return fields[f]; });
   }
 
  private:
@@ -64,17 +73,7 @@ class LeanTileScheduler {
   __device__ __forceinline__ void next() { ++b_; }
 
   __device__ __forceinline__ Segment segment() const {
-    const bool first = b_ == m(0), final = b_ == m(3);
-    Segment s;
-    s.b = b_;
-    s.seqlen = p_.cache_seqlens[b_];
-    s.first_page = first ? m(1) : 0;
-    s.end_page = final ? m(4) : ceil_div(s.seqlen, kPageSize);
-    const int split_base = p_.num_splits[b_];
-    s.num_splits = p_.num_splits[b_ + 1] - split_base;
-    s.split_slot = split_base + (first ? m(2) : 0);
-    s.block_table = p_.block_table + int64_t(b_) * p_.block_table_stride;
-    return s;
+    return make_segment(p_, b_, b_ == m(0), b_ == m(3), [this](int f) { return m(f); });
   }
 
  private:

@@ -144,11 +144,10 @@ struct SeesawTraits {
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConverterThreads = kWarpgroupThreads;
-  static constexpr int kFp8Threads = kThreads + kConverterThreads;
   // Order 19 (on trial, s18): a producer warpgroup issues every refill once the consumers' per-warp
   // arrivals on `emptied` free a tile group (FA3's split: setmaxnreg 240 / 240 / 24 = 3 x 168).
-  static constexpr int kProducerThreads = kWarpgroupThreads;
-  static constexpr int kThreeWgThreads = kThreads + kProducerThreads;
+  // Either third warpgroup (FP8 converter, order-19 producer) makes the CTA this size.
+  static constexpr int kThreeWgThreads = kThreads + kWarpgroupThreads;
   static constexpr int kProducerConsumerRegs = 240;
   static constexpr int kProducerRegs = 3 * 168 - 2 * kProducerConsumerRegs;  // 24
 #ifndef KVPAGER_FP8_CONVERT_BATCH

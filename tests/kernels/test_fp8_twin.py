@@ -16,7 +16,6 @@ What this cannot see: the GPU's own instructions (tests/gpu/test_fp8_gpu.py runs
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,18 +24,14 @@ import torch
 
 from kvpager import fp8
 
-ROOT = Path(__file__).resolve().parents[2]
-CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler for the host twin")
+from host_twin import build_twin, needs_cxx  # tests/kernels is on sys.path: pytest's rootdir-relative imports
+
+pytestmark = needs_cxx
 
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    exe = tmp_path_factory.mktemp("twin") / "fp8_twin"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-                    f"-I{ROOT / 'kernels' / 'csrc'}", str(ROOT / "tests" / "kernels" / "fp8_twin.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
-    return exe
+    return build_twin("fp8_twin", tmp_path_factory.mktemp("twin"))
 
 
 def twin_dequantize(exe: Path, packed: torch.Tensor, tmp_path: Path, mode: str) -> torch.Tensor:

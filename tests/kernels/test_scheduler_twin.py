@@ -10,7 +10,6 @@ oracle. Invariants, for any batch and part count:
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 from collections import defaultdict
@@ -23,18 +22,14 @@ from hypothesis import strategies as st
 
 from kvpager.kernels.schedule import PAGE_SIZE, plan
 
-ROOT = Path(__file__).resolve().parents[2]
-CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler for the host twin")
+from host_twin import build_twin, needs_cxx  # tests/kernels is on sys.path: pytest's rootdir-relative imports
+
+pytestmark = needs_cxx
 
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    exe = tmp_path_factory.mktemp("scheduler") / "scheduler_twin"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-                    f"-I{ROOT / 'kernels' / 'csrc'}", str(ROOT / "tests" / "kernels" / "scheduler_twin.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
-    return exe
+    return build_twin("scheduler_twin", tmp_path_factory.mktemp("scheduler"))
 
 
 def walk(exe: Path, lens: list[int], parts: int) -> dict[str, list[tuple[int, ...]]]:

@@ -12,16 +12,14 @@ tail <1,1,0> + <0,0,0>, <1,0,0> or <0,0,0>; WG0 frees buffer 0 (page j0 + 2) if 
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler for the host twin")
+from host_twin import build_twin, needs_cxx  # tests/kernels is on sys.path: pytest's rootdir-relative imports
+
+pytestmark = needs_cxx
 MAX_PAGES = 40
 
 
@@ -51,10 +49,7 @@ def consumer_releases(first: int, end: int, wg: int) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def producer_refills(tmp_path_factory) -> dict[tuple[int, int, int], list[tuple[int, int]]]:
-    exe = tmp_path_factory.mktemp("refills") / "seesaw_refills_twin"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-                    f"-I{ROOT / 'kernels' / 'csrc'}", str(ROOT / "tests" / "kernels" / "seesaw_refills_twin.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
+    exe = build_twin("seesaw_refills_twin", tmp_path_factory.mktemp("refills"))
     res = subprocess.run([str(exe), str(MAX_PAGES)], check=True, capture_output=True, text=True, timeout=60)
     refills: dict[tuple[int, int, int], list[tuple[int, int]]] = defaultdict(list)
     for line in res.stdout.splitlines():
