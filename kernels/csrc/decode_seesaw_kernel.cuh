@@ -79,6 +79,7 @@ struct ConsumerSync {
 // on trial) is 15 with a producer warpgroup: the consumers only arrive on `emptied` where 15 has
 // them sync their warpgroup and issue the refill's TMA copies (run_producer_warp).
 template <int kOrder> constexpr bool kProducerWg = kOrder == 19;
+template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kProducerWg<kOrder>;
 
 // s19, on trial (-DKVPAGER_SEESAW_DESC_STEP=1): each wgmma operand's descriptor built once and
 // stepped by constants (desc_add, as the FP8 ws kernel does) instead of built from its address for
@@ -87,7 +88,7 @@ template <int kOrder> constexpr bool kProducerWg = kOrder == 19;
 #define KVPAGER_SEESAW_DESC_STEP 0
 #endif
 constexpr bool kDescStep = KVPAGER_SEESAW_DESC_STEP;
-template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kProducerWg<kOrder>;
+
 // Threads of a seesaw CTA: a third warpgroup beside the consumers on an FP8 cache or in order 19.
 template <bool kFp8, int kOrder>
 constexpr int kCtaThreads = kFp8 || kProducerWg<kOrder> ? T::kThreeWgThreads : T::kThreads;
@@ -176,7 +177,7 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk) {
-      // Q's tiles, like a buffer's, are kPageTileBytes apart.
+      static_assert(sizeof(Plan::q[0]) == kPageTileBytes, "Q's tiles, like a buffer's, are kPageTileBytes apart");
       const uint32_t at = tile * kPageTileBytes + kk * 32;
       if (kDescStep && !c.fp8)  // FP8: 8 bytes of spill at 232 registers
         gmma<typename GmmaOps<Elem>::PageScoreMma>(desc_add(q_desc, at), desc_add(page_desc, at), acc,
