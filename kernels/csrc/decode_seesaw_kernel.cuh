@@ -81,14 +81,6 @@ struct ConsumerSync {
 template <int kOrder> constexpr bool kProducerWg = kOrder == 19;
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kProducerWg<kOrder>;
 
-// s19, on trial (-DKVPAGER_SEESAW_DESC_STEP=1): each wgmma operand's descriptor built once and
-// stepped by constants (desc_add, as the FP8 ws kernel does) instead of built from its address for
-// every wgmma: 976 fewer instructions in the bf16 kernel (8 %); the descriptors are the same.
-#ifndef KVPAGER_SEESAW_DESC_STEP
-#define KVPAGER_SEESAW_DESC_STEP 0
-#endif
-constexpr bool kDescStep = KVPAGER_SEESAW_DESC_STEP;
-
 // Threads of a seesaw CTA: a third warpgroup beside the consumers on an FP8 cache or in order 19.
 template <bool kFp8, int kOrder>
 constexpr int kCtaThreads = kFp8 || kProducerWg<kOrder> ? T::kThreeWgThreads : T::kThreads;
@@ -167,8 +159,12 @@ struct Ctx {
 
 // acc (+)= Q K^T over tiles [kFirst, kLast) of buffer `buf`, each issued once its TMA copy landed
 // (the caller fences acc first).
+// Here and in the P V products each operand's descriptor is built once and stepped by constants
+// (desc_add): 976 fewer instructions than building each from its address, 1-7 % faster (s19). The
+// FP8 seesaw builds each from its address: at its 232 registers the stepped bases spill 8 bytes.
 template <typename Elem, int kFirst, int kLast, bool kZeroFirst>
 __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[T::kScoreRegs]) {
+  static_assert(sizeof(Plan::q[0]) == kPageTileBytes, "Q's tiles, like a buffer's, are kPageTileBytes apart");
   const uint32_t page = c.page(buf);
   const uint64_t q_desc = k_major_desc(c.q_tile(0), 0), page_desc = k_major_desc(page, 0);
 #pragma unroll
@@ -177,15 +173,10 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk) {
-      static_assert(sizeof(Plan::q[0]) == kPageTileBytes, "Q's tiles, like a buffer's, are kPageTileBytes apart");
       const uint32_t at = tile * kPageTileBytes + kk * 32;
-      if (kDescStep && !c.fp8)  // FP8: 8 bytes of spill at 232 registers
-        gmma<typename GmmaOps<Elem>::PageScoreMma>(desc_add(q_desc, at), desc_add(page_desc, at), acc,
-                                                   !(kZeroFirst && tile == kFirst && kk == 0));
-      else
-        gmma<typename GmmaOps<Elem>::PageScoreMma>(k_major_desc(c.q_tile(tile), kk),
-                                                   k_major_desc(page + tile * kPageTileBytes, kk), acc,
-                                                   !(kZeroFirst && tile == kFirst && kk == 0));
+      const uint64_t a = c.fp8 ? k_major_desc(c.q_tile(tile), kk) : desc_add(q_desc, at);
+      const uint64_t b = c.fp8 ? k_major_desc(page + tile * kPageTileBytes, kk) : desc_add(page_desc, at);
+      gmma<typename GmmaOps<Elem>::PageScoreMma>(a, b, acc, !(kZeroFirst && tile == kFirst && kk == 0));
     }
   }
 }
@@ -222,10 +213,8 @@ __device__ __forceinline__ void pv_local(const Ctx& c, int buf, uint32_t (&pb)[T
   cute::warpgroup_arrive();
 #pragma unroll
   for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
-    if (kDescStep && !c.fp8)
-      gmma_rs<typename GmmaOps<Elem>::OutMmaRegA>(&pb[4 * kk], desc_add(v, kk * kMmaK * kBlockRowBytes), o);
-    else
-      gmma_rs<typename GmmaOps<Elem>::OutMmaRegA>(&pb[4 * kk], v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk), o);
+    const uint64_t b = c.fp8 ? v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk) : desc_add(v, kk * kMmaK * kBlockRowBytes);
+    gmma_rs<typename GmmaOps<Elem>::OutMmaRegA>(&pb[4 * kk], b, o);
   }
   cute::warpgroup_commit_batch();
   fence_accumulators(o);
@@ -239,11 +228,9 @@ __device__ __forceinline__ void pv_remote(const Ctx& c, uint32_t p_tile, int buf
   cute::warpgroup_arrive();
 #pragma unroll
   for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
-    if (kDescStep && !c.fp8)
-      gmma<typename GmmaOps<Elem>::OutMma>(desc_add(p, kk * 32), desc_add(v, kk * kMmaK * kBlockRowBytes), o, true);
-    else
-      gmma<typename GmmaOps<Elem>::OutMma>(k_major_desc(p_tile, kk), v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk),
-                                           o, true);
+    const uint64_t a = c.fp8 ? k_major_desc(p_tile, kk) : desc_add(p, kk * 32);
+    const uint64_t b = c.fp8 ? v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk) : desc_add(v, kk * kMmaK * kBlockRowBytes);
+    gmma<typename GmmaOps<Elem>::OutMma>(a, b, o, true);
   }
   cute::warpgroup_commit_batch();
   fence_accumulators(o);
