@@ -123,13 +123,15 @@ __device__ __forceinline__ void convert_round(char* slot, int row, int chunk, co
   *reinterpret_cast<uint4*>(dst + bf16_chunk_offset(row, 2 * chunk + 1)) = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// convert_tile_rows with R = T::kConverterRounds > 1 rounds an iteration (s18, on trial: more loads
-// and dequantizations in flight, more registers): round k writes bf16 rows
-// 8k..8k+7 = bytes [1024k, 1024k + 1024), i.e. FP8 rows 16k..16k+15 when k < 4, which rounds 2k and
-// 2k + 1 read - rounds of this iteration or earlier ones, so a __syncwarp between an iteration's
-// loads and its writes is all the ordering needed. Rounds >= 4 write over the scales (read before).
+// One warp, one tile in place, R = T::kConverterRounds rounds an iteration (their loads before
+// their conversions: more in flight, more registers). Lane l converts row 8k + l / 4, bytes
+// 16 (l % 4) .. + 15 in round k, rounds from 7 down to 0: round k writes bf16 rows 8k..8k+7 = bytes
+// [1024k, 1024k + 1024), i.e. FP8 rows 16k..16k+15 when k < 4, which rounds 2k and 2k + 1 read -
+// rounds of this iteration or earlier ones, so a __syncwarp between an iteration's loads and its
+// writes is all the ordering needed. Rounds >= 4 write over the scales (read before).
+// factors[k / 2] holds round k's factor (dequant_factor, bf16) in its low (k even) or high half.
 template <bool kFolded>
-__device__ __forceinline__ void convert_tile_rows_unrolled(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
+__device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
   constexpr int R = T::kConverterRounds;
   static_assert(kRounds % R == 0, "iterations split the rounds evenly");
   const int chunk = converter_chunk(lane);  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
@@ -143,30 +145,7 @@ __device__ __forceinline__ void convert_tile_rows_unrolled(char* slot, const uin
     for (int r = 0; r < R; ++r) x[r] = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(round_row(k0 - r, lane), chunk));
     if (k0 - R + 1 < kScaleRounds) __syncwarp();
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      convert_round<kFolded>(slot, round_row(k0 - r, lane), chunk, x[r], f);
-    }
-  }
-}
-
-// One warp, one tile in place. Lane l converts row 8k + l / 4, bytes 16 (l % 4) .. + 15 in round k,
-// rounds from 7 down to 0: round k writes bf16 rows 8k..8k+7 = bytes [1024k, 1024k + 1024), i.e.
-// FP8 rows 16k..16k+15 when k < 4, which rounds > k (and this one) have read: a __syncwarp before
-// those writes is all the ordering needed. Rounds >= 4 write over the scales (read before).
-// factors[k / 2] holds round k's factor (dequant_factor, bf16) in its low (k even) or high half.
-template <bool kFolded>
-__device__ __forceinline__ void convert_tile_rows(char* slot, const uint32_t (&factors)[kRounds / 2], int lane) {
-  if constexpr (T::kConverterRounds > 1) return convert_tile_rows_unrolled<kFolded>(slot, factors, lane);
-  const int chunk = converter_chunk(lane);  // FP8 chunk = bf16 chunks 2 chunk, 2 chunk + 1 of the row
-  // One round an iteration, not unrolled (unrolled rounds need more than the converter's 40
-  // registers); the factors shift up one half-word a round instead of being indexed.
-  uint32_t f[kRounds / 2] = {factors[0], factors[1], factors[2], factors[3]};
-#pragma unroll 1
-  for (int k = kRounds - 1; k >= 0; --k) {
-    const int row = round_row(k, lane);
-    const uint4 x = *reinterpret_cast<const uint4*>(slot + fp8_src_offset(row, chunk));
-    if (k < kScaleRounds) __syncwarp();
-    convert_round<kFolded>(slot, row, chunk, x, f);
+    for (int r = 0; r < R; ++r) convert_round<kFolded>(slot, round_row(k0 - r, lane), chunk, x[r], f);
   }
 }
 

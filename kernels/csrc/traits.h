@@ -154,7 +154,7 @@ struct SeesawTraits {
 #define KVPAGER_FP8_CONVERT_BATCH 0
 #endif
 #ifndef KVPAGER_FP8_CONVERT_ROUNDS
-#define KVPAGER_FP8_CONVERT_ROUNDS 1
+#define KVPAGER_FP8_CONVERT_ROUNDS 2
 #endif
 #ifndef KVPAGER_FP8_CONSUMER_REGS
 #define KVPAGER_FP8_CONSUMER_REGS (KVPAGER_FP8_CONVERT_BATCH == 4 ? 216 : 232)
@@ -165,8 +165,9 @@ struct SeesawTraits {
   // registers of FP8 bytes) needs more converter registers: the setmaxnreg split (multiples of 8)
   // gives the converter what the consumers leave.
   static constexpr int kConverterBatch = KVPAGER_FP8_CONVERT_BATCH;
-  // The default converter's rounds an iteration (seesaw_fp8.cuh's convert_tile_rows): 1 (measured),
-  // 2 / 4 on trial (s18; KVPAGER_FP8_CONVERT_ROUNDS, with consumer registers 224 for the converter's 56).
+  // The default converter's rounds an iteration (seesaw_fp8.cuh's convert_tile_rows): 2 (s19: FP8
+  // time -3 to -4 % against 1 on the H100, 0 spills at 232 / 40); 4 needs consumer registers 224
+  // for the converter's 56 (KVPAGER_FP8_CONVERT_ROUNDS).
   static constexpr int kConverterRounds = KVPAGER_FP8_CONVERT_ROUNDS;
   static constexpr int kConsumerRegs = KVPAGER_FP8_CONSUMER_REGS;
   static constexpr int kConverterRegs = 3 * 168 - 2 * kConsumerRegs;

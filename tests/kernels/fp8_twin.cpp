@@ -7,9 +7,9 @@
 //   fp8_twin dequant-folded ... the same with the one-multiply form wherever the scale allows it.
 //   fp8_twin seesaw-slots IN OUT SCHEDULE   one page (64 rows of 656 bytes) through the seesaw kernel's
 //                               in-place converter (seesaw_fp8_layout.h's index math): the 8 latent
-//                               slots filled as TMA lands them, converted with SCHEDULE (rounds = the
-//                               default, one warp a tile in 8 rounds from the last; rounds2 / rounds4 = 2 / 4 rounds an
-//                               iteration (KVPAGER_FP8_CONVERT_ROUNDS); batch1 / batch2 /
+//                               slots filled as TMA lands them, converted with SCHEDULE (rounds = one
+//                               warp a tile in 8 rounds from the last; rounds2 (the default since s19) /
+//                               rounds4 = 2 / 4 rounds an iteration (KVPAGER_FP8_CONVERT_ROUNDS); batch1 / batch2 /
 //                               batch4 = all warps, a batch of tiles read before one barrier), then
 //                               read back through the 128-byte swizzle into 64 rows of 512 bf16 (OUT).
 //   fp8_twin fragments SEED     one page through every warp's and lane's fragments as the kernel
