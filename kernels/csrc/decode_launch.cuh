@@ -57,7 +57,7 @@ template <typename Elem, int kOrder, bool kFp8 = false>
 cudaError_t launch_seesaw_kernel(const DecodeParams& p, const SeesawMaps& maps, cudaStream_t stream) {
   auto* kernel = mla_decode_seesaw_kernel<Elem, kOrder, kFp8>;
   KVPAGER_SET_SMEM_ONCE(kernel, SeesawTraits::kSmemBytes);
-  kernel<<<decode_grid(p, SeesawTraits::kBlockM), seesaw::kCtaThreads<kFp8, kOrder>, SeesawTraits::kSmemBytes, stream>>>(
+  kernel<<<decode_grid(p, SeesawTraits::kBlockM), seesaw::kCtaThreads<kFp8>, SeesawTraits::kSmemBytes, stream>>>(
       p, maps);
   return cudaGetLastError();
 }
@@ -70,7 +70,6 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   if (err != cudaSuccess) return err;
   switch (options.seesaw_order) {
     case 11: err = launch_seesaw_kernel<Elem, 11>(p, maps, stream); break;
-    case 19: err = launch_seesaw_kernel<Elem, 19>(p, maps, stream); break;
     default: err = launch_seesaw_kernel<Elem, 15>(p, maps, stream);
   }
 #ifdef KVPAGER_TRACE

@@ -36,7 +36,6 @@
 #include "epilogue.cuh"
 #include "params.h"
 #include "seesaw_fp8.cuh"
-#include "seesaw_refills.h"
 #include "seesaw_trace.cuh"
 #include "softmax.cuh"
 #include "tile_loads.cuh"
@@ -75,15 +74,12 @@ struct ConsumerSync {
   __device__ __forceinline__ static void sync() { NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync); }
 };
 
-// Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0. Order 19 (s18,
-// on trial) is 15 with a producer warpgroup: the consumers only arrive on `emptied` where 15 has
-// them sync their warpgroup and issue the refill's TMA copies (run_producer_warp).
-template <int kOrder> constexpr bool kProducerWg = kOrder == 19;
-template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15 || kProducerWg<kOrder>;
+// Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
+template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
-// Threads of a seesaw CTA: a third warpgroup beside the consumers on an FP8 cache or in order 19.
-template <bool kFp8, int kOrder>
-constexpr int kCtaThreads = kFp8 || kProducerWg<kOrder> ? T::kThreeWgThreads : T::kThreads;
+// Threads of a seesaw CTA: on an FP8 cache a third warpgroup, the converter, beside the consumers.
+template <bool kFp8>
+constexpr int kCtaThreads = kFp8 ? T::kThreeWgThreads : T::kThreads;
 
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
@@ -92,7 +88,6 @@ struct Ctx {
   const CUtensorMap* map;
   const Fp8PageMaps* fp8_maps;   // FP8 cache (template kFp8), else nullptr
   bool fp8;                      // = fp8_maps != nullptr, a compile-time constant in every kernel
-  bool producer;                 // order 19: a producer warpgroup issues the refills (compile-time too)
   int wg, lane_in_wg, t_;
   // The lane's quad index; on an FP8 cache derived where used (no spill at setmaxnreg 232).
   __device__ __forceinline__ int t() const { return fp8 ? lane_in_wg & 3 : t_; }
@@ -109,13 +104,13 @@ struct Ctx {
 
   __device__ __forceinline__ uint32_t q_tile(int c) const { return smem_addr(s.q[c]); }
   __device__ __forceinline__ uint32_t page(int buf) const { return smem_addr(s.page[buf][0]); }
-  __device__ __forceinline__ bool issuer() const { return lane_in_wg == 0 && !producer; }
+  __device__ __forceinline__ bool issuer() const { return lane_in_wg == 0; }
   __device__ __forceinline__ void warpgroup_sync() const {
     NamedBarrier::arrive_and_wait(T::kWarpgroupThreads, T::kWarpgroupSync + wg);
   }
   // Both consumer warpgroups (the whole CTA unless an FP8 converter warpgroup runs beside them).
   __device__ __forceinline__ void consumers_sync() const {
-    if (fp8 || producer)
+    if (fp8)
       ConsumerSync::sync();
     else
       CtaSync::sync();
@@ -138,15 +133,9 @@ struct Ctx {
     load(buf, id, T::kRopeTile, kColBlocks);
   }
   // Warpgroup WG, once every one of its warps is done reading them: its issuer refills the tiles
-  // WG reads last in buffer `buf` (WG0: 0-3 and 8, WG1: 4-7) with page `id`. With a producer
-  // warpgroup each warp only says so (its wgmmas on them have completed: the caller waited).
+  // WG reads last in buffer `buf` (WG0: 0-3 and 8, WG1: 4-7) with page `id`.
   template <int WG>
   __device__ __forceinline__ void refill_after_reads(int buf, int id) const {
-    if (producer) {
-      if (lane_in_wg % 32 == 0) cutlass::arch::ClusterBarrier::arrive(&s.emptied[buf][WG]);
-      SEESAW_TRACE(*this, buf == 0 ? kEvRefill0 : kEvRefill1);
-      return;
-    }
     warpgroup_sync();
     if (!issuer()) return;
     if constexpr (WG == 0)
@@ -558,7 +547,7 @@ template <typename Elem, int kOrder, bool kFp8>
 __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p, const SeesawMaps& maps) {
   const int m_block = blockIdx.x, part = blockIdx.z;
   const int warp_in_wg = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  Ctx c{plan, p, &maps.page, kFp8 ? &maps.fp8 : nullptr, kFp8, kProducerWg<kOrder>};
+  Ctx c{plan, p, &maps.page, kFp8 ? &maps.fp8 : nullptr, kFp8};
   c.wg = threadIdx.x / T::kWarpgroupThreads;
   c.lane_in_wg = threadIdx.x % T::kWarpgroupThreads;
   c.t_ = lane % 4;
@@ -635,44 +624,11 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
     float total[2];
     c.consumers_sync();  // every pair's exchange (and every read of the page buffers) is over
-    using Sync = std::conditional_t<kFp8 || kProducerWg<kOrder>, ConsumerSync, CtaSync>;
+    using Sync = std::conditional_t<kFp8, ConsumerSync, CtaSync>;
     cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t(), sm.row_sum, total);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
-  }
-}
-
-// Order 19's producer warpgroup: warp W's lane 0 issues every refill of the tiles warpgroup W
-// reads last (WG0: 0-3 and 8, WG1: 4-7), page j + 2 into the buffer of page j, in the order that
-// warpgroup frees them (WG0: buffer 0 then 1 each pair, WG1: 1 then 0), each once its four warps
-// arrived on `emptied`. A segment's first two pages stay the consumers' (after their epilogue, which
-// stages the output in the page buffers). It walks the CTA's schedule like TileScheduler but keeps
-// only what a refill needs: 24 registers (setmaxnreg) hold no Segment. The order within a segment is
-// seesaw_refills.h's (tested on the host against the consumers' releases).
-template <int W>
-__device__ __forceinline__ void run_producer_warp(Plan& s, const DecodeParams& p, const CUtensorMap* map, int part) {
-  const int32_t* m = p.tile_metadata + part * kMetadataFields;  // TileScheduler's fields 0, 1, 3, 4
-  const int end_b = m[3];
-  int first = m[1];
-  uint32_t phase = 0;  // bit buf: parity of the next wait on emptied[buf][W]
-#pragma unroll 1
-  for (int b = m[0]; b <= end_b; ++b, first = 0) {
-    const int end = b == end_b ? m[4] : ceil_div(p.cache_seqlens[b], kPageSize);
-    const int32_t* table = p.block_table + int64_t(b) * p.block_table_stride;
-    for_each_refill<W>(first, end, [&](int buf, int page) {
-      cutlass::arch::ClusterBarrier::wait(&s.emptied[buf][W], (phase >> buf) & 1);
-      phase ^= 1u << buf;
-      const int id = table[page];
-      if constexpr (W == 0) {
-        load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, 0, T::kVTilesPerWg, p.page_cache_hint);
-        load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, T::kRopeTile, kColBlocks,
-                        p.page_cache_hint);
-      } else {
-        load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, blockIdx.y, T::kVTilesPerWg, T::kRopeTile,
-                        p.page_cache_hint);
-      }
-    });
   }
 }
 
@@ -681,11 +637,11 @@ __device__ __forceinline__ void run_producer_warp(Plan& s, const DecodeParams& p
 // kFp8: the cache holds 656-byte FP8 rows (seesaw_fp8.cuh; Elem is q's bf16), and a third
 // warpgroup converts them.
 template <typename Elem, int kOrder, bool kFp8>
-__global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8, kOrder>, 1)
+__global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8>, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ SeesawMaps maps) {
   using namespace seesaw;
   static_assert(!kFp8 || std::is_same_v<Elem, __nv_bfloat16>, "FP8: bf16 q");
-  static_assert(!(kFp8 && kProducerWg<kOrder>), "FP8: order 15 only (its third warpgroup is the converter)");
+  static_assert(!kFp8 || kOrder == 15, "FP8: order 15 only");
   extern __shared__ char smem_raw[];
   Plan& plan = aligned_plan<Plan>(smem_raw);
 
@@ -707,10 +663,6 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8, kOrder>, 1)
 #pragma unroll
         for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConvertedArrivals);
       }
-      if constexpr (kProducerWg<kOrder>) {
-#pragma unroll
-        for (int wg = 0; wg < 2; ++wg) cutlass::arch::ClusterBarrier::init(&plan.emptied[buf][wg], T::kWarpgroupThreads / 32);
-      }
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -722,17 +674,6 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8, kOrder>, 1)
     } else {
       cutlass::arch::warpgroup_reg_dealloc<T::kConverterRegs>();
       seesaw_fp8::run_converter(plan, p, blockIdx.z, (threadIdx.x / 32) % 4, threadIdx.x % 32);
-    }
-  } else if constexpr (kProducerWg<kOrder>) {
-    __syncthreads();  // the barriers are set up, for the producer too
-    if (threadIdx.x < T::kThreads) {
-      cutlass::arch::warpgroup_reg_alloc<T::kProducerConsumerRegs>();
-      run_consumers<Elem, kOrder, kFp8>(plan, p, maps);
-    } else {
-      cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
-      const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;  // lanes 0 of warps 0, 1 issue
-      if (warp == 0 && lane == 0) run_producer_warp<0>(plan, p, &maps.page, blockIdx.z);
-      if (warp == 1 && lane == 0) run_producer_warp<1>(plan, p, &maps.page, blockIdx.z);
     }
   } else {
     run_consumers<Elem, kOrder, kFp8>(plan, p, maps);

@@ -10,9 +10,8 @@ namespace kvpager {
 struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
-  // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0), 11 (s12-s14, kept
-  // for comparison) or 19 (s18, on trial: 15 with a producer warpgroup issuing the refills).
-  // decode_seesaw_kernel.cuh, docs/kernel-perf.md.
+  // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0) or 11 (s12-s14, kept
+  // for comparison). decode_seesaw_kernel.cuh, docs/kernel-perf.md.
   int seesaw_order = 15;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;

@@ -144,12 +144,8 @@ struct SeesawTraits {
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConverterThreads = kWarpgroupThreads;
-  // Order 19 (on trial, s18): a producer warpgroup issues every refill once the consumers' per-warp
-  // arrivals on `emptied` free a tile group (FA3's split: setmaxnreg 240 / 240 / 24 = 3 x 168).
-  // Either third warpgroup (FP8 converter, order-19 producer) makes the CTA this size.
+  // On an FP8 cache a third warpgroup, the converter, makes the CTA this size.
   static constexpr int kThreeWgThreads = kThreads + kWarpgroupThreads;
-  static constexpr int kProducerConsumerRegs = 240;
-  static constexpr int kProducerRegs = 3 * 168 - 2 * kProducerConsumerRegs;  // 24
 #ifndef KVPAGER_FP8_CONVERT_BATCH
 #define KVPAGER_FP8_CONVERT_BATCH 0
 #endif
@@ -197,7 +193,6 @@ struct SeesawTraits {
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
     uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (kConvertedArrivals)
-    uint64_t emptied[kNumPageBuffers][2];  // order 19: warpgroup w's last reads of its tile group done (4 warps)
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");
@@ -210,7 +205,7 @@ struct SeesawTraits {
     kP0Ready,          // WG0 stored P0 * scale1 in p0
     kP1Ready,          // WG1 stored P1 in buffer 1's rope tile and issued O_R += P0 V0R
     kWarpgroupSync,    // + warpgroup index: all 128 threads of one warpgroup (2 ids)
-    kConsumersSync = kWarpgroupSync + 2,  // both consumer warpgroups (an FP8 converter / order 19's producer takes no part)
+    kConsumersSync = kWarpgroupSync + 2,  // both consumer warpgroups (an FP8 converter takes no part)
     kConverterSync,    // FP8 cache: the converter's warps have read a group's scales / a batch's FP8 bytes
   };
 };
