@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Compile every kernels/csrc/*.cu for sm_90a on a machine without a GPU (CI): the kernel
+# Compile every kernels/csrc/*.cu (and the standalone probes in scripts/*.cu) for sm_90a on a machine without a GPU (CI): the kernel
 # translation units include no torch headers, so nvcc + the CuTe headers of the nvidia-cutlass
 # wheel are all they need. Prints per-file timings and any register spills; fails on an error.
 #
-#   scripts/compile_check.sh [file.cu ...]     (default: kernels/csrc/*.cu)
+#   scripts/compile_check.sh [file.cu ...]     (default: kernels/csrc/*.cu and the probes in scripts/*.cu)
 # Env: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), PYTHON (default python3),
 #      JOBS (default 2).
 set -euo pipefail
@@ -17,7 +17,7 @@ if [[ -z "$NVCC" ]]; then
 fi
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
 
-if [[ $# -gt 0 ]]; then files=("$@"); else shopt -s nullglob; files=(kernels/csrc/*.cu); shopt -u nullglob; fi
+if [[ $# -gt 0 ]]; then files=("$@"); else shopt -s nullglob; files=(kernels/csrc/*.cu scripts/*.cu); shopt -u nullglob; fi
 if [[ ${#files[@]} -eq 0 ]]; then
   echo "compile_check: SKIP: no kernels/csrc/*.cu to compile"
   exit 0
