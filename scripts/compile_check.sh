@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile every kernels/csrc/*.cu (and the standalone probes in scripts/*.cu) for sm_90a on a machine without a GPU (CI): the kernel
-# translation units include no torch headers, so nvcc + the CuTe headers of the nvidia-cutlass
+# Compile every kernels/csrc/*.cu (and the standalone probes in scripts/*.cu) for sm_90a on a
+# machine without a GPU (CI): the kernel translation units include no torch headers, so nvcc + the CuTe headers of the nvidia-cutlass
 # wheel are all they need. Prints per-file timings and any register spills; fails on an error.
 #
 #   scripts/compile_check.sh [file.cu ...]     (default: kernels/csrc/*.cu and the probes in scripts/*.cu)
