@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile every kernels/csrc/*.cu (and the standalone probes in scripts/*.cu) for sm_90a on a
 # machine without a GPU (CI): the kernel translation units include no torch headers, so nvcc + the
-# CuTe headers of the nvidia-cutlass wheel are all they need. Prints per-file timings and any register spills; fails on an error.
+# CuTe headers of the nvidia-cutlass wheel are all they need. Prints per-file timings and any
+# register spills; fails on an error.
 #
 #   scripts/compile_check.sh [file.cu ...]     (default: kernels/csrc/*.cu and the probes in scripts/*.cu)
 # Env: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), PYTHON (default python3),
