@@ -68,10 +68,8 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   SeesawMaps maps{};
   cudaError_t err = encode_page_tensor_map<Elem>(p, &maps.page);
   if (err != cudaSuccess) return err;
-  switch (options.seesaw_order) {
-    case 11: err = launch_seesaw_kernel<Elem, 11>(p, maps, stream); break;
-    default: err = launch_seesaw_kernel<Elem, 15>(p, maps, stream);
-  }
+  err = options.seesaw_order == 11 ? launch_seesaw_kernel<Elem, 11>(p, maps, stream)
+                                   : launch_seesaw_kernel<Elem, 15>(p, maps, stream);
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
 #endif

@@ -79,7 +79,7 @@ template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
 // Threads of a seesaw CTA: on an FP8 cache a third warpgroup, the converter, beside the consumers.
 template <bool kFp8>
-constexpr int kCtaThreads = kFp8 ? T::kThreeWgThreads : T::kThreads;
+constexpr int kCtaThreads = kFp8 ? T::kFp8Threads : T::kThreads;
 
 // What one thread knows about its place in the CTA and the current segment.
 struct Ctx {
@@ -126,6 +126,11 @@ struct Ctx {
       load_fp8_page_tiles(*fp8_maps, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
     else
       load_page_tiles(map, s.tile_ready[buf], s.page[buf][0], id, hk, first, last, p.page_cache_hint);
+  }
+  // This warpgroup's V tiles of buffer `buf` as B of P V at k-step kk: stepped by a constant from
+  // v0 (k-step 0's descriptor), or on an FP8 cache built from the address (score_tiles says why).
+  __device__ __forceinline__ uint64_t v_step(int buf, uint64_t v0, int kk) const {
+    return fp8 ? v_desc(page(buf), wg * T::kVTilesPerWg, kk) : desc_add(v0, kk * kMmaK * kBlockRowBytes);
   }
   // One thread: the tiles WG0 reads last in buffer `buf` (0-3 and the rope tile 8), page `id`.
   __device__ __forceinline__ void load_wg0_tiles(int buf, int id) const {
@@ -201,10 +206,8 @@ __device__ __forceinline__ void pv_local(const Ctx& c, int buf, uint32_t (&pb)[T
   const uint64_t v = v_desc(c.page(buf), c.wg * T::kVTilesPerWg, 0);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
-    const uint64_t b = c.fp8 ? v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk) : desc_add(v, kk * kMmaK * kBlockRowBytes);
-    gmma_rs<typename GmmaOps<Elem>::OutMmaRegA>(&pb[4 * kk], b, o);
-  }
+  for (int kk = 0; kk < kPageSize / kMmaK; ++kk)
+    gmma_rs<typename GmmaOps<Elem>::OutMmaRegA>(&pb[4 * kk], c.v_step(buf, v, kk), o);
   cute::warpgroup_commit_batch();
   fence_accumulators(o);
 }
@@ -218,8 +221,7 @@ __device__ __forceinline__ void pv_remote(const Ctx& c, uint32_t p_tile, int buf
 #pragma unroll
   for (int kk = 0; kk < kPageSize / kMmaK; ++kk) {
     const uint64_t a = c.fp8 ? k_major_desc(p_tile, kk) : desc_add(p, kk * 32);
-    const uint64_t b = c.fp8 ? v_desc(c.page(buf), c.wg * T::kVTilesPerWg, kk) : desc_add(v, kk * kMmaK * kBlockRowBytes);
-    gmma<typename GmmaOps<Elem>::OutMma>(a, b, o, true);
+    gmma<typename GmmaOps<Elem>::OutMma>(a, c.v_step(buf, v, kk), o, true);
   }
   cute::warpgroup_commit_batch();
   fence_accumulators(o);

@@ -144,8 +144,7 @@ struct SeesawTraits {
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConverterThreads = kWarpgroupThreads;
-  // On an FP8 cache a third warpgroup, the converter, makes the CTA this size.
-  static constexpr int kThreeWgThreads = kThreads + kWarpgroupThreads;
+  static constexpr int kFp8Threads = kThreads + kConverterThreads;  // FP8 cache: + the converter
 #ifndef KVPAGER_FP8_CONVERT_BATCH
 #define KVPAGER_FP8_CONVERT_BATCH 0
 #endif
