@@ -214,7 +214,7 @@ def kernel_env(variant: dict):
     """The KVPAGER_* switches of `variant` for the calls (and graph captures) inside, then restored."""
     saved = {v: os.environ.get(v) for v in ENV.values()}
     os.environ[ENV["kernel"]] = "lockstep" if variant["kernel"] == "lockstep" else "seesaw"
-    order = variant["kernel"].partition("-o")[2]  # seesaw-o20: the seesaw kernel with hand-off order 20
+    order = variant["kernel"].partition("-o")[2]  # seesaw-o11: the seesaw kernel with hand-off order 11
     if order:
         os.environ[ENV["order"]] = order
     else:

@@ -10,7 +10,7 @@
 #   STAGES="build test" PYTEST_ARGS="-k metadata" bash scripts/run_device.sh
 #   STAGES="build fp8check" bash scripts/run_device.sh   # FP8 cache vs bf16 cache on the trained
 #     model: fp8check.log + fp8check.txt (its one summary line)
-#   STAGES="build bench trace" TRACE_ARGS="--orders 15,20 --case 128,2,128,8192" bash scripts/run_device.sh
+#   STAGES="build bench trace" TRACE_ARGS="--orders 11,15 --case 128,2,128,8192" bash scripts/run_device.sh
 #     # trace: rebuilds with -DKVPAGER_TRACE (so it runs last) and prints scripts/seesaw_trace.py's
 #     # per-pair timeline into trace.txt
 #   STAGES="build racecheck": a -DKVPAGER_SYNC_HANDOFFS rebuild and racecheck of the seesaw kernel (last)

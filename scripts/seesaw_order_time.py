@@ -3,7 +3,7 @@ compute-bound bars: benchmarks/kernel.py's bench_case (CUDA-graph replays, L2 cl
 one line per case and order, with the cuBLAS ceiling measured in the same run. For a short device
 call; `kvpager bench kernel --kernels seesaw,seesaw-oN` is the full grid.
 
-    python scripts/seesaw_order_time.py [--orders 15,20]
+    python scripts/seesaw_order_time.py [--orders 11,15]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ CASES = [bench.Case(128, 2, 128, 8192, False), bench.Case(128, 1, 128, 8192, Fal
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--orders", default="15,20", help="comma-separated hand-off orders (default: %(default)s)")
+    ap.add_argument("--orders", default="11,15", help="comma-separated hand-off orders (default: %(default)s)")
     a = ap.parse_args()
     kernels_ = [f"seesaw-o{o.strip()}" for o in a.orders.split(",") if o.strip()]
     time_us, _ = bench.make_timer()

@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--case", action="append", help="b,s_q,h_q,s_k (repeatable)")
     ap.add_argument("--fp8", action="store_true", help="trace on a 656-byte FP8 cache (converter stamps too)")
     ap.add_argument("--orders", default="",
-                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 15,20")
+                    help="hand-off orders to trace (KVPAGER_SEESAW_ORDER), e.g. 11,15")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     for spec in args.case or DEFAULT_CASES:

@@ -67,11 +67,11 @@ bool aligned16(const at::Tensor& t) {
 
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
-// KVPAGER_SEESAW_ORDER=15|20 the seesaw kernel's hand-off order (launch.h),
+// KVPAGER_SEESAW_ORDER=11|15 the seesaw kernel's hand-off order (launch.h),
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
 // KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
-// kernel's L2 prefetch distance in pages, KVPAGER_COMBINE_BATCH=4|16 the combine kernel's load depth (trial).
+// kernel's L2 prefetch distance in pages.
 kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
   const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
@@ -81,7 +81,7 @@ kvpager::DecodeOptions options_from_env() {
   const char* order = std::getenv("KVPAGER_SEESAW_ORDER");
   if (order != nullptr) {
     const std::string v = order;
-    KVP_CHECK(v == "15" || v == "20", "KVPAGER_SEESAW_ORDER must be 15 or 20, got ", v);
+    KVP_CHECK(v == "11" || v == "15", "KVPAGER_SEESAW_ORDER must be 11 or 15, got ", v);
     options.seesaw_order = std::stoi(v);
   }
   const char* pdl = std::getenv("KVPAGER_PDL");
@@ -104,12 +104,6 @@ kvpager::DecodeOptions options_from_env() {
     const std::string v = fp8_prefetch;
     KVP_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '8', "KVPAGER_FP8_PREFETCH must be 0-8 (pages), got ", v);
     options.fp8_prefetch_pages = v[0] - '0';
-  }
-  const char* batch = std::getenv("KVPAGER_COMBINE_BATCH");
-  if (batch != nullptr) {
-    const std::string v = batch;
-    KVP_CHECK(v == "4" || v == "16", "KVPAGER_COMBINE_BATCH must be 4 or 16, got ", v);
-    options.combine_batch = std::stoi(v);
   }
   return options;
 }

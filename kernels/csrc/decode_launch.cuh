@@ -68,7 +68,7 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   SeesawMaps maps{};
   cudaError_t err = encode_page_tensor_map<Elem>(p, &maps.page);
   if (err != cudaSuccess) return err;
-  err = options.seesaw_order == 20 ? launch_seesaw_kernel<Elem, 20>(p, maps, stream)
+  err = options.seesaw_order == 11 ? launch_seesaw_kernel<Elem, 11>(p, maps, stream)
                                    : launch_seesaw_kernel<Elem, 15>(p, maps, stream);
 #ifdef KVPAGER_TRACE
   seesaw_trace_dump<<<1, 1, 0, stream>>>();  // scripts/seesaw_trace.py
@@ -79,8 +79,7 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
 // With pdl, the combine grid may launch while the decode grid's last CTAs finish (they signal it
 // once their last segment's main loop is done); it waits for the decode grid before reading.
 template <typename Elem>
-cudaError_t launch_combine(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
-  const bool pdl = options.pdl;
+cudaError_t launch_combine(const DecodeParams& p, bool pdl, cudaStream_t stream) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
@@ -91,8 +90,7 @@ cudaError_t launch_combine(const DecodeParams& p, const DecodeOptions& options, 
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = 1;
-  return options.combine_batch == 4 ? cudaLaunchKernelEx(&config, mla_combine_kernel<Elem, 4>, p)
-                                    : cudaLaunchKernelEx(&config, mla_combine_kernel<Elem, 16>, p);
+  return cudaLaunchKernelEx(&config, mla_combine_kernel<Elem>, p);
 }
 
 // 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma, by
@@ -109,7 +107,7 @@ cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, c
                                               : launch_lockstep<Elem>(p, stream);
   }
   if (err != cudaSuccess) return err;
-  return launch_combine<Elem>(p, options, stream);
+  return launch_combine<Elem>(p, options.pdl, stream);
 }
 
 }  // namespace kvpager

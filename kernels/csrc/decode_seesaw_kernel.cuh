@@ -74,10 +74,8 @@ struct ConsumerSync {
   __device__ __forceinline__ static void sync() { NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync); }
 };
 
-// Order 20 (s20, on trial): WG0 hands over P0 itself, not P0 * scale1, as soon as it is packed, and
-// WG1 rescales O_R twice a pair (into WG0's max before O_R += P0 V0R, into its own before O_R +=
-// P1 V1R), so O_R += P0 V0R needs nothing of WG1's softmax and buffer 0 is free ~1,000 cycles sooner.
-template <int kOrder> constexpr bool kEarlyP0 = kOrder == 20;
+// Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
+template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
 // Threads of a seesaw CTA: on an FP8 cache a third warpgroup, the converter, beside the consumers.
 template <bool kFp8>
@@ -370,18 +368,12 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       c.s.exchange.pair.scale0[c.rows[i]] = alpha[i];
     }
   }
-  if constexpr (!kEarlyP0<kOrder>) handoff(T::kScale0Ready);
+  handoff(T::kScale0Ready);
   sm.exponentiate(s, base, alpha);
-  if constexpr (!kEarlyP0<kOrder>) rescale_output(o, alpha);
+  rescale_output(o, alpha);
   uint32_t pb[T::kScoreRegs / 2];
   const float one[2] = {1.f, 1.f};
   pack_fragment<Elem>(s, pb, one);
-  if constexpr (kEarlyP0<kOrder>) {  // P0 (with row_max and scale0) for WG1's O_R += P0 V0R
-    store_packed(c.s.p0, kBlockRowBytes, c.rows, 0, c.t(), pb);
-    fence_async_proxy();
-    handoff(T::kP0Ready);
-    rescale_output(o, alpha);
-  }
   SEESAW_TRACE(c, kEvP);
 
   // O_L += P0 V0L.
@@ -390,23 +382,15 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvPvIssued);
   // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
   // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
-  float sc1[2] = {1.f, 1.f};
-  if constexpr (!kEarlyP0<kOrder>) {
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
-    SEESAW_TRACE(c, kEvScaleIn);
-    hand_over_p0<Elem>(c, s, sc1);
-  }
+  float sc1[2];
+  NamedBarrier::arrive_and_wait(T::kThreads, T::kScale1Ready);
+  SEESAW_TRACE(c, kEvScaleIn);
+  hand_over_p0<Elem>(c, s, sc1);
   cute::warpgroup_wait<0>();
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvPvDone);
   // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
   if constexpr (kNext0) c.refill_after_reads<0>(0, id0);
-  if constexpr (kEarlyP0<kOrder> && kHas1) {  // scale1 comes with P1
-    NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
-    SEESAW_TRACE(c, kEvPIn);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) sc1[i] = c.s.exchange.pair.scale1[c.rows[i]];
-  }
   rescale_output(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
@@ -414,10 +398,8 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 
   if constexpr (kHas1) {
     // O_L += P1 V1L (P1 in buffer 1's rope tile).
-    if constexpr (!kEarlyP0<kOrder>) {
-      NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
-      SEESAW_TRACE(c, kEvPIn);
-    }
+    NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
+    SEESAW_TRACE(c, kEvPIn);
     if constexpr (!kNext0) zero_v_tail(c, 1, j1);
     pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
     SEESAW_TRACE(c, kEvRemoteIssued);
@@ -427,12 +409,19 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
       SEESAW_TRACE(c, kEvRemoteDone);
       if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
     };
-    // Refill before the next S0, whose tile waits (TMA latency) would otherwise hold the refill back.
-    cute::warpgroup_wait<0>();
-    refill_buffer1();
+    if constexpr (kRefillBeforeS0<kOrder> || !kNext0) {
+      // 15 (and a tail pair): refill before the next S0, whose tile waits (TMA latency) would
+      // otherwise hold the refill back.
+      cute::warpgroup_wait<0>();
+      refill_buffer1();
+    }
     if constexpr (kNext0) {
       issue_s0_early<Elem>(c, s);
       SEESAW_TRACE(c, kEvSEarly);
+      if constexpr (!kRefillBeforeS0<kOrder>) {  // 11: S0's first tiles queue behind O_L += P1 V1L
+        cute::warpgroup_wait<1>();
+        refill_buffer1();
+      }
       issue_s0_late<Elem>(c, s);
       SEESAW_TRACE(c, kEvSIssued);
       cute::warpgroup_wait<0>();
@@ -525,84 +514,6 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvPair);
 }
 
-// WG1, order 20. On entry nothing is in flight and buffer 1 holds (or is loading) page j1; S1 is
-// issued here, and O_R += P0 V0R right after it, before WG1's own softmax.
-template <typename Elem, bool kHas1, bool kNext0, bool kNext1>
-__device__ __forceinline__ void wg1_pair_early_p0(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
-                                                  OnlineSoftmax& sm) {
-  const int j1 = j0 + 1;
-  const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
-  const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
-  if constexpr (kHas1) issue_s1<Elem>(c, s);
-
-  // O_R into the frame of WG0's max (scale0), then O_R += P0 V0R. S1 is complete first: O_R's rescale
-  // while it runs would make ptxas inject that wait anyway, and the tensor pipe runs S1 first either way.
-  NamedBarrier::arrive_and_wait(T::kThreads, T::kP0Ready);
-  SEESAW_TRACE(c, kEvPIn);
-  if constexpr (kHas1) {
-    cute::warpgroup_wait<0>();
-    fence_accumulators(s);
-    c.phase ^= 1;
-  }
-  float sc0[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    sc0[i] = c.s.exchange.pair.scale0[c.rows[i]];
-    sm.row_sum[i] *= sc0[i];
-  }
-  rescale_output(o, sc0);
-  if constexpr (!kHas1) zero_v_tail(c, 0, j0);
-  pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
-  SEESAW_TRACE(c, kEvRemoteIssued);
-
-  // Softmax of S1 against WG0's max while O_R += P0 V0R runs; WG0 picks up P1 and scale1.
-  float alpha[2] = {1.f, 1.f};
-  uint32_t pb[T::kScoreRegs / 2];
-  if constexpr (kHas1) {
-    float page_max[2], base[2];
-    OnlineSoftmax::to_log2(s, c.p.scale_log2, (j1 + 1) * kPageSize > c.min_limit, j1 * kPageSize, c.t(), c.limit,
-                           page_max);
-    SEESAW_TRACE(c, kEvMax);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) sm.row_max[i] = c.s.row_max[c.rows[i]];
-    sm.advance(page_max, alpha, base);
-    __syncwarp();
-    if (c.t() == 0) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        c.s.row_max[c.rows[i]] = sm.row_max[i];
-        c.s.exchange.pair.scale1[c.rows[i]] = alpha[i];
-      }
-    }
-    sm.exponentiate(s, base, alpha);
-    const float one[2] = {1.f, 1.f};
-    pack_fragment<Elem>(s, pb, one);
-    store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t(), pb);
-    fence_async_proxy();
-    handoff(T::kP1Ready);
-    SEESAW_TRACE(c, kEvP);
-  }
-
-  // Buffer 0's tiles 4-7 are free once O_R += P0 V0R is done.
-  cute::warpgroup_wait<0>();
-  fence_accumulators(o);
-  SEESAW_TRACE(c, kEvRemoteDone);
-  if constexpr (kNext0) c.refill_after_reads<1>(0, id0);
-
-  if constexpr (kHas1) {
-    // O_R into WG1's max, then O_R += P1 V1R; then buffer 1's tiles 4-7 are free.
-    rescale_output(o, alpha);
-    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
-    pv_local<Elem>(c, 1, pb, o);
-    SEESAW_TRACE(c, kEvPvIssued);
-    cute::warpgroup_wait<0>();
-    fence_accumulators(o);
-    SEESAW_TRACE(c, kEvPvDone);
-    if constexpr (kNext1) c.refill_after_reads<1>(1, id1);
-  }
-  SEESAW_TRACE(c, kEvPair);
-}
-
 // All pairs of the segment [ps, pe) for warpgroup WG: the steady state, then the tail shape.
 template <typename Elem, int kOrder, int WG>
 __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
@@ -611,8 +522,6 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
   auto pair = [&](auto has1, auto next0, auto next1, int j0) {
     if constexpr (WG == 0)
       wg0_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
-    else if constexpr (kEarlyP0<kOrder>)
-      wg1_pair_early_p0<Elem, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
     else
       wg1_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
   };
@@ -698,7 +607,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
       SEESAW_TRACE(c, kEvFirstS);
       run_pairs<Elem, kOrder, 0>(c, s, o, sm);
     } else {
-      if (!kEarlyP0<kOrder> && ps + 1 < pe) {  // order 20 issues S1 inside the pair
+      if (ps + 1 < pe) {
         issue_s1<Elem>(c, s);
         cute::warpgroup_wait<0>();
         fence_accumulators(s);
@@ -734,7 +643,6 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8>, 1)
     mla_decode_seesaw_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ SeesawMaps maps) {
   using namespace seesaw;
   static_assert(!kFp8 || std::is_same_v<Elem, __nv_bfloat16>, "FP8: bf16 q");
-  static_assert(kOrder == 15 || kOrder == 20, "hand-off orders: 15, 20");
   static_assert(!kFp8 || kOrder == 15, "FP8: order 15 only");
   extern __shared__ char smem_raw[];
   Plan& plan = aligned_plan<Plan>(smem_raw);

@@ -10,8 +10,8 @@ namespace kvpager {
 struct DecodeOptions {
   bool seesaw = true;  // 64-row blocks on the seesaw kernel (false: the lockstep wgmma kernel)
   bool pdl = true;     // launch the combine kernel as a programmatic dependent launch
-  // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0) or 20 (s20, on trial: P0
-  // handed over before WG1's softmax). decode_seesaw_kernel.cuh, docs/kernel-perf.md.
+  // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0) or 11 (s12-s14, kept
+  // for comparison). decode_seesaw_kernel.cuh, docs/kernel-perf.md.
   int seesaw_order = 15;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
@@ -20,8 +20,6 @@ struct DecodeOptions {
   // FP8 ws kernel: L2 prefetch of page L + this while page L is loaded (0: off; 1 measured best on
   // the H100, docs/fp8-cache.md).
   int fp8_prefetch_pages = 1;
-  // combine kernel: partial rows a warp requests at once (16; 4 on trial, s20: the old depth).
-  int combine_batch = 16;
 };
 
 // Split-KV schedule for a batch (one CTA, no host synchronisation).

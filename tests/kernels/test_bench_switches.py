@@ -12,7 +12,7 @@ from kvpager.benchmarks import kernel as bench
 
 @pytest.mark.parametrize("name, expected", [
     ("seesaw", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": None}),
-    ("seesaw-o20", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": "20"}),
+    ("seesaw-o11", {"KVPAGER_MLA_KERNEL": "seesaw", "KVPAGER_SEESAW_ORDER": "11"}),
     ("lockstep", {"KVPAGER_MLA_KERNEL": "lockstep", "KVPAGER_SEESAW_ORDER": None}),
 ])
 def test_kernel_name_sets_its_switches_and_restores_them(name, expected, monkeypatch) -> None:
