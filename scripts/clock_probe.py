@@ -41,9 +41,8 @@ def sample(name: str, fn, seconds: float = 3.0) -> None:
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    n = 0
-    while time.perf_counter() - start < 0.5:  # warm the clocks up first
-        fn(); n += 1
+    while time.perf_counter() - start < 0.5:  # let the clock settle under this load first
+        fn()
     torch.cuda.synchronize()
     smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", "-lms", "100"],
                            stdout=subprocess.PIPE, text=True)
