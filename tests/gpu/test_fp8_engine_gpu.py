@@ -1,6 +1,7 @@
 """The DeepSeek example on an FP8 latent cache on the GPU: the engine's decode steps (and, with the
 64-row FP8 blocks on, its prefills) run the fused FP8 decode, and the CUDA-graph decode
-(examples/deepseek/cuda_graph.py) replays it with the same tokens as eager decoding. (The trained-model agreement figure is run_device.sh's fp8check stage.)"""
+(examples/deepseek/cuda_graph.py) replays it with the same tokens as eager decoding. (The
+trained-model agreement figure is run_device.sh's fp8check stage.)"""
 from __future__ import annotations
 
 import pytest
