@@ -25,8 +25,8 @@ def mla_path(device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "au
              decode_rows: int | None = None) -> str:
     """Which MLA implementation kvpager.mla dispatches to for this cache, in words. With
     kv_cache_dtype='fp8', decode_rows (s_q * h_q // h_kv of a decode step) says whether the
-    fused FP8 decode covers the decode steps (prefill chunks, with more rows, run on the
-    reference)."""
+    fused FP8 decode covers the decode steps; prefill chunks (more than 32 rows) take its 64-row
+    blocks when KVPAGER_FP8_SEESAW is on (the default), else the reference."""
     if not kernels.available():
         return f"CUDA kernel not available ({kernels.unavailable_reason()}); using the PyTorch reference MLA"
     if not kernels.supports_device(device):
@@ -38,10 +38,13 @@ def mla_path(device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "au
         return f"CUDA kernel kvpager.kernels ({gpu})"
     if not kernels.supports_fp8_kvcache(decode_rows):
         why = kernels.fp8_unavailable_reason() or \
-            f"{decode_rows} query rows per kv head, it covers <= {kernels.FP8_MAX_ROWS}"
+            f"{decode_rows} query rows per kv head with {kernels.FP8_SEESAW_ENV} off; it covers <= " \
+            f"{kernels.FP8_MMA_SYNC_MAX_ROWS}"
         return f"FP8 cache: fused FP8 decode not used ({why}); using the PyTorch reference MLA"
+    if kernels.fp8_seesaw_on():
+        return f"FP8 cache: fused FP8 decode kvpager.kernels ({gpu}) for decode steps and prefill chunks"
     return (f"FP8 cache: fused FP8 decode kvpager.kernels ({gpu}) for decode steps, the PyTorch "
-            f"reference for prefill chunks of more than {kernels.FP8_MAX_ROWS} query rows")
+            f"reference for prefill chunks of more than {kernels.FP8_MMA_SYNC_MAX_ROWS} query rows")
 
 
 def build_engine(model: DeepseekV3, max_batch: int, max_model_len: int, dtype: torch.dtype,
