@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute on one decode call per case: headline sections (speed of light, scheduler, warp
-# states, pipes) and the per-SASS-line stall samples of the decode kernel, as text under $OUT.
+# states, pipes) and the per-SASS-line stall samples of the decode kernel, as text in $OUT/ncu.tgz.
 #   NCU_CASES="fp8:128,1,16,8192 bf16:128,1,16,8192 bf16:128,2,128,8192" bash scripts/ncu_profile.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +23,5 @@ for spec in $CASES; do
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Registers Per|Executed Ipc A" \
     "$OUT/ncu/$name-details.txt" | head -12
 done
+# The device tool brings back only a few files a call (s20 lost four reports that way): one tarball.
+tar czf "$OUT/ncu.tgz" -C "$OUT" ncu && rm -rf "$OUT/ncu" && echo "ncu_profile: reports in $OUT/ncu.tgz"
