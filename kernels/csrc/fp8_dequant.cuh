@@ -22,13 +22,10 @@
 #include <cstdint>
 #include <cstring>
 
-#include "config.h"
+#include "config.h"  // KVPAGER_HD: host and device, or host only for the twins
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
-#define KVPAGER_HD __host__ __device__ __forceinline__
-#else
-#define KVPAGER_HD inline
 #endif
 
 namespace kvpager {
