@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Device machine: build the extension once per FP8 converter variant (KVPAGER_FP8_CONVERT_BATCH:
-# 0 = the default per-warp tiles, 1/2/4 = the batched converter on trial; consumer registers of the
-# setmaxnreg split; optionally KVPAGER_FP8_CONVERT_ROUNDS, the default converter's rounds an
-# iteration, 1 unless given; traits.h) and time each with scripts/fp8_seesaw_time.py against the bf16 kernel;
-# the last variant stays installed (rebuild the default before other stages). Logs under $OUT:
-# variants.txt (timings), spills-<variant>.txt (where the FP8 seesaw kernel spills, sass_spills.py).
-#   VARIANTS="0:232 4:216 0:232:2" bash scripts/fp8_converter_variants.sh   # batch:consumer registers[:rounds]
+# Device machine: the FP8 seesaw's converter variants (traits.h: KVPAGER_FP8_CONVERT_BATCH 0 = one
+# warp a tile, the default / 1, 2, 4 = all warps on a batch of tiles; KVPAGER_FP8_CONSUMER_REGS, the
+# setmaxnreg split; KVPAGER_FP8_CONVERT_ROUNDS, the default converter's rounds an iteration),
+# built side by side (scripts/build_variants.sh) and timed one after another, twice in alternating
+# order, with scripts/fp8_seesaw_time.py against the bf16 kernel on the same values. Logs under $OUT:
+# variants.txt (timings, the spilling kernels), spills-<tag>.txt (sass_spills.py of the FP8 seesaw).
+#   VARIANTS="base=;b4r216=-DKVPAGER_FP8_CONVERT_BATCH=4 -DKVPAGER_FP8_CONSUMER_REGS=216" \
+#     bash scripts/fp8_converter_variants.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-for v in ${VARIANTS:-0:232 4:216 4:224 2:232}; do
-  IFS=: read -r batch regs rounds <<<"$v"
-  rounds=${rounds:-1}
-  echo "==== variant batch $batch consumer regs $regs rounds $rounds ====" | tee -a "$OUT/variants.txt"
-  if ! KVPAGER_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-      KVPAGER_NVCC_EXTRA="-DKVPAGER_FP8_CONVERT_BATCH=$batch -DKVPAGER_FP8_CONSUMER_REGS=$regs -DKVPAGER_FP8_CONVERT_ROUNDS=$rounds" \
-      timeout 200 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >/tmp/variant-build.log 2>&1; then
-    tail -5 /tmp/variant-build.log | tee -a "$OUT/variants.txt"
-    continue
-  fi
-  timeout 120 "$PY" scripts/fp8_seesaw_time.py --label "b$batch/r$regs/k$rounds" 2>&1 | tee -a "$OUT/variants.txt"
-  timeout 60 "$PY" scripts/sass_spills.py "Lb1E" 3 >"$OUT/spills-b$batch-r$regs-k$rounds.txt" 2>&1
-  grep -cE "\b(STL|LDL)\b" "$OUT/spills-b$batch-r$regs-k$rounds.txt" | sed "s/^/  local-memory instructions in the FP8 seesaw: /" | tee -a "$OUT/variants.txt"
+VARIANTS=${VARIANTS:-"base=;b4r216=-DKVPAGER_FP8_CONVERT_BATCH=4 -DKVPAGER_FP8_CONSUMER_REGS=216;b2r232=-DKVPAGER_FP8_CONVERT_BATCH=2 -DKVPAGER_FP8_CONSUMER_REGS=232"}
+export VARIANTS
+KVPAGER_BUILD_CUDA=0 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 ||
+  { tail -5 /tmp/editable.log; exit 1; }
+bash scripts/build_variants.sh 2>&1 | tee -a "$OUT/variants.txt"
+IFS=';' read -r -a specs <<<"$VARIANTS"
+tags=()
+for spec in "${specs[@]}"; do [[ -f /tmp/variants/${spec%%=*}.so ]] && tags+=("${spec%%=*}"); done
+for round in 1 2; do
+  order=("${tags[@]}")
+  if [[ $round == 2 ]]; then order=(); for ((i = ${#tags[@]} - 1; i >= 0; i--)); do order+=("${tags[i]}"); done; fi
+  for tag in "${order[@]}"; do
+    bash scripts/use_variant.sh "$tag"
+    timeout 150 "$PY" scripts/fp8_seesaw_time.py --label "$tag (round $round)" 2>&1 | tee -a "$OUT/variants.txt"
+    if [[ $round == 1 ]] && command -v cuobjdump >/dev/null; then
+      timeout 60 "$PY" scripts/sass_spills.py "Lb1E" 3 >"$OUT/spills-$tag.txt" 2>&1
+      grep -cE "\b(STL|LDL)\b" "$OUT/spills-$tag.txt" | sed "s/^/  $tag: local-memory instructions in the FP8 seesaw: /" | tee -a "$OUT/variants.txt"
+    fi
+  done
 done
