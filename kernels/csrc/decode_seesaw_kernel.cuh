@@ -324,25 +324,33 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   fence_async_proxy();  // the next segment's TMA loads overwrite the staging tile
 }
 
-// Before this segment's epilogue, once every read of Q and of the page buffers is over: start the
-// next segment's Q (cp.async, all threads) and its first page (buffer 0; and its second, buffer 1,
-// when this segment is split: only an unsplit output is staged there), so that they land while this
-// segment's output is written instead of after it. Returns which of them it issued
-// (bit 0: Q, bit 1: buffer 0, bit 2: buffer 1) for the next segment's start to skip.
+// Segment `seg`'s first loads of the mask `loads` (SegmentLoad, tile_scheduler.cuh): its first
+// page into buffer 0 and its second into buffer 1 by TMA (thread 0), Q by cp.async (all threads;
+// any strides, rows past the last query zero). The pages go first: issuing Q first made the first
+// S later (s15, docs/kernel-perf.md).
+template <typename Elem>
+__device__ __forceinline__ void issue_first_loads(const Ctx& c, const Segment& seg, uint32_t loads, int m_block) {
+  if (threadIdx.x == 0) {
+    if (loads & kLoadPage0) c.load(0, seg.block_table[seg.first_page], 0, kColBlocks);
+    if (loads & kLoadPage1) c.load(1, seg.block_table[seg.first_page + 1], 0, kColBlocks);
+  }
+  if (loads & kLoadQ) load_q_tile<Elem, T::kBlockM, BlockSwizzled>(c.p, c.s.q[0], seg.b, c.hk, m_block);
+  cute::cp_async_fence();
+}
+
+// Before this segment's epilogue, once every read of Q and of the page buffers is over: the next
+// segment's early loads (early_loads: Q, its first page and, when this segment is split, its
+// second), so that they land while this segment's output is written instead of after it. Returns
+// the mask issued, for the next segment's start to skip.
 template <typename Elem, typename Scheduler>
 __device__ __forceinline__ uint32_t prefetch_next_segment(const Ctx& c, const Scheduler& sched, int m_block) {
   if (sched.last()) return 0;
   Scheduler peek = sched;
   peek.next();
-  const Segment nx = peek.segment();
-  const bool both = c.seg.num_splits > 1;
-  if (threadIdx.x == 0) {
-    if (nx.first_page < nx.end_page) c.load(0, nx.block_table[nx.first_page], 0, kColBlocks);
-    if (both && nx.first_page + 1 < nx.end_page) c.load(1, nx.block_table[nx.first_page + 1], 0, kColBlocks);
-  }
-  load_q_tile<Elem, T::kBlockM, BlockSwizzled>(c.p, c.s.q[0], nx.b, c.hk, m_block);
-  cute::cp_async_fence();
-  return 1u | 2u | (both ? 4u : 0u);
+  const Segment next = peek.segment();
+  const uint32_t early = early_loads(c.seg, next);
+  issue_first_loads<Elem>(c, next, early, m_block);
+  return early;
 }
 
 // O (this warpgroup's half) *= its rows' factors, skipped when every factor of the warp is 1 (the
@@ -599,14 +607,18 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     c.consumers_sync();  // the previous segment is done with every buffer (and the barriers are set up)
     SEESAW_TRACE(c, kEvSegment);
 
-    // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
-    // The pages go first: issuing Q first made the first S later (s15, docs/kernel-perf.md).
+#if KVPAGER_SEGMENT_PREFETCH
+    issue_first_loads<Elem>(c, c.seg, first_loads(c.seg) & ~prefetched, m_block);
+#else
+    // The shipped code until the prefetch is measured (the same loads; this keeps its machine code
+    // byte-identical to s20's, which the GPU suite last ran).
     if (threadIdx.x == 0) {
-      if (!(prefetched & 2u) && ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
-      if (!(prefetched & 4u) && ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
+      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     }
-    if (!(prefetched & 1u)) load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
+    load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
+#endif
     if (threadIdx.x < T::kBlockM) plan.row_max[threadIdx.x] = -CUDART_INF_F;
 #pragma unroll
     for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);
