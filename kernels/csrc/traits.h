@@ -95,9 +95,9 @@ struct Fp8WsTraits {
 #ifndef KVPAGER_FP8_WS_OVERLAP
 #define KVPAGER_FP8_WS_OVERLAP 0
 #endif
-  // 1 (on trial since s21): page n + 1's softmax runs while the second half of page n's PV product
-  // is on the tensor cores (decode_fp8_ws_kernel.cuh, consume), which needs P twice; 0: one P, the
-  // softmax after the whole PV product (s10-s20).
+  // 1 (on trial since s21): page n + 1's softmax runs while the second half of page n's PV
+  // product is on the tensor cores (decode_fp8_ws_kernel.cuh, consume_overlapped), which needs
+  // P twice; 0: one P, the softmax after the whole PV product (s10-s20).
   static constexpr bool kOverlapSoftmax = KVPAGER_FP8_WS_OVERLAP != 0;
   static constexpr int kPBuffers = kOverlapSoftmax ? 2 : 1;
 
