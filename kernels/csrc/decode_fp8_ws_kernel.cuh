@@ -419,33 +419,110 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
   }
 }
 
-__device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  int cols[4];  // this lane's query rows (S^T / O^T columns), by col_slot
+// What a consumer lane keeps of the segment's online softmax (per query row = S^T column, by col_slot).
+struct RowStats {
+  float max[4], sum[4];
+};
+
+// Online softmax over page `page`'s scores (acc = S^T, CTA page n), per query row (S^T column): P ->
+// ring slot n % kPBuffers as [16 rows][64 keys] bf16, 128-byte swizzle (K-major B of O^T += V^T
+// P^T), the running max and sum updated; alpha = the factor O^T must be rescaled by before this
+// page's PV product. before_fence(alpha) runs once the sums are updated, before P is fenced and
+// published (the default consumer rescales O^T there; the overlapped one later).
+template <typename BeforeFence>
+__device__ __forceinline__ void page_softmax(Plan& s, const DecodeParams& p, uint32_t n, int page, bool mask,
+                                             const int (&cols)[4], const int (&limit)[4], float (&acc)[T::kScoreRegs],
+                                             RowStats& st, float (&alpha)[4], BeforeFence&& before_fence) {
+  const int tid = threadIdx.x, warp = tid / 32, g = (tid % 32) / 4;
+  float page_max[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+  for (int i = 0; i < T::kScoreRegs; ++i) {
+    const int key = page * kPageSize + warp * 16 + g + 8 * ((i >> 1) & 1);
+    float v = acc[i] * p.scale_log2;
+    if (mask && key >= limit[col_slot(i)]) v = -CUDART_INF_F;
+    acc[i] = v;
+    page_max[col_slot(i)] = fmaxf(page_max[col_slot(i)], v);
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 4));
+    page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 8));
+    page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 16));
+  }
+  if (g == 0)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = page_max[c];
+  consumer_sync();
+  FP8WS_TRACE(0, n, 4);
+  float base[4], sum[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    float m = st.max[c];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m = fmaxf(m, s.row_exchange[w][cols[c]]);
+    base[c] = m == -CUDART_INF_F ? 0.f : m;
+    alpha[c] = exp2f(st.max[c] - base[c]);
+    st.max[c] = m;
+    sum[c] = 0.f;
+  }
+  char* pt = s.p[n % T::kPBuffers];
+#pragma unroll
+  for (int i = 0; i < T::kScoreRegs; ++i) {
+    const float e = exp2f(acc[i] - base[col_slot(i)]);
+    sum[col_slot(i)] += e;
+    const int key = warp * 16 + g + 8 * ((i >> 1) & 1), row = cols[col_slot(i)];
+    *reinterpret_cast<Bf16*>(pt + row * kBlockRowBytes + (((key / 8) ^ (row & 7)) * kChunkBytes) + (key % 8) * 2) =
+        __float2bfloat16_rn(e);
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) st.sum[c] = st.sum[c] * alpha[c] + sum[c];
+  before_fence(alpha);
+  fence_async_proxy();
+  FP8WS_TRACE(0, n, 5);
+  consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
+  FP8WS_TRACE(0, n, 2);
+}
+
+// A segment's start, for either consumer: Q in shared memory (published to wgmma), the key limit of
+// each of this lane's query rows (cols) and of the row block, O^T and the row statistics at zero.
+__device__ __forceinline__ void begin_segment(Plan& s, const DecodeParams& p, const Segment& seg, int hk, int m_block,
+                                              int tid, const int (&cols)[4], int (&limit)[4], int& min_limit,
+                                              float (&o)[T::kOutBlocks][T::kScoreRegs], RowStats& st) {
+  load_q(s, p, seg.b, hk, m_block, tid);
+  fence_async_proxy();
+  consumer_sync();
+#pragma unroll
+  for (int c = 0; c < 4; ++c) limit[c] = row_limit(p, seg.seqlen, m_block * T::kBlockM + cols[c]);
+  min_limit = row_limit(p, seg.seqlen, m_block * T::kBlockM);
+#pragma unroll
+  for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+    for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] = 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) st.max[c] = -CUDART_INF_F, st.sum[c] = 0.f;
+}
+
+// This lane's query rows (S^T / O^T columns), by col_slot.
+__device__ __forceinline__ void lane_query_rows(int tid, int (&cols)[4]) {
+  const int t = (tid % 32) % 4;
 #pragma unroll
   for (int c = 0; c < 4; ++c) cols[c] = 8 * (c >> 1) + 2 * t + (c & 1);
+}
+
+__device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
+  const int tid = threadIdx.x;
+  int cols[4];
+  lane_query_rows(tid, cols);
   uint32_t n = 0;  // CTA page counter (the converters count the same way)
   const Descriptors d(s);
 
   for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
     const Segment seg = sched.segment();
     const int ps = seg.first_page, pe = seg.end_page;
-    load_q(s, p, seg.b, hk, m_block, tid);
-    fence_async_proxy();
-    consumer_sync();
-
-    int limit[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) limit[c] = row_limit(p, seg.seqlen, m_block * T::kBlockM + cols[c]);
-    const int min_limit = row_limit(p, seg.seqlen, m_block * T::kBlockM);
+    int limit[4], min_limit;
     float o[T::kOutBlocks][T::kScoreRegs];
-#pragma unroll
-    for (int m = 0; m < T::kOutBlocks; ++m)
-#pragma unroll
-      for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] = 0.f;
-    float row_max[4], row_sum[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) row_max[c] = -CUDART_INF_F, row_sum[c] = 0.f;
+    RowStats st;
+    begin_segment(s, p, seg, hk, m_block, tid, cols, limit, min_limit, o, st);
 
     float acc[T::kScoreRegs];
 #pragma unroll
@@ -457,66 +534,21 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
       fence_accumulators(acc);
     }
     for (int page = ps; page < pe; ++page, ++n) {
-      // Online softmax over the page's keys (S^T rows), per query row (column).
-      const bool mask = (page + 1) * kPageSize > min_limit;
-      float page_max[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
+      float alpha[4];
+      page_softmax(s, p, n, page, (page + 1) * kPageSize > min_limit, cols, limit, acc, st, alpha,
+                   [&](const float (&a)[4]) {
 #pragma unroll
-      for (int i = 0; i < T::kScoreRegs; ++i) {
-        const int key = page * kPageSize + warp * 16 + g + 8 * ((i >> 1) & 1);
-        float v = acc[i] * p.scale_log2;
-        if (mask && key >= limit[col_slot(i)]) v = -CUDART_INF_F;
-        acc[i] = v;
-        page_max[col_slot(i)] = fmaxf(page_max[col_slot(i)], v);
-      }
+                     for (int m = 0; m < T::kOutBlocks; ++m)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 4));
-        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 8));
-        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 16));
-      }
-      if (g == 0)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = page_max[c];
-      consumer_sync();
-      FP8WS_TRACE(0, n, 4);
-      float base[4], alpha[4], sum[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float m = row_max[c];
-#pragma unroll
-        for (int w = 0; w < 4; ++w) m = fmaxf(m, s.row_exchange[w][cols[c]]);
-        base[c] = m == -CUDART_INF_F ? 0.f : m;
-        alpha[c] = exp2f(row_max[c] - base[c]);
-        row_max[c] = m;
-        sum[c] = 0.f;
-      }
-      // P -> shared memory as [16 rows][64 keys] bf16, 128-byte swizzle (K-major B of O^T += V^T P^T).
-#pragma unroll
-      for (int i = 0; i < T::kScoreRegs; ++i) {
-        const float e = exp2f(acc[i] - base[col_slot(i)]);
-        sum[col_slot(i)] += e;
-        const int key = warp * 16 + g + 8 * ((i >> 1) & 1), row = cols[col_slot(i)];
-        *reinterpret_cast<Bf16*>(s.p[0] + row * kBlockRowBytes + (((key / 8) ^ (row & 7)) * kChunkBytes) + (key % 8) * 2) =
-            __float2bfloat16_rn(e);
-      }
-#pragma unroll
-      for (int c = 0; c < 4; ++c) row_sum[c] = row_sum[c] * alpha[c] + sum[c];
-#pragma unroll
-      for (int m = 0; m < T::kOutBlocks; ++m)
-#pragma unroll
-        for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] *= alpha[col_slot(i)];
-      fence_async_proxy();
-      FP8WS_TRACE(0, n, 5);
-      consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
-      FP8WS_TRACE(0, n, 2);
-
+                       for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] *= a[col_slot(i)];
+                   });
       if (page + 1 < pe)
         finish_page<true>(s, d, n, o, acc);
       else
         finish_page<false>(s, d, n, o, acc);
     }
     if (sched.last()) allow_dependent_launch();
-    store_output(s, p, seg, hk, m_block, tid, o, cols, row_max, row_sum);
+    store_output(s, p, seg, hk, m_block, tid, o, cols, st.max, st.sum);
   }
 }
 
