@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# One device call for the compile-time trials (written in s21, when no machine could be started):
-# builds the VARIANTS side by side (scripts/build_variants.sh), then runs the named stages, each
-# skipped once DEADLINE seconds have passed. Log: $OUT/s21.txt, ptxas reports: $OUT/ptxas.tgz.
+# One device call for the compile-time trials: builds the VARIANTS side by side
+# (scripts/build_variants.sh), then runs the named stages, each skipped once DEADLINE seconds have
+# passed. Log: $OUT/trial.txt, ptxas reports: $OUT/ptxas.tgz.
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
-#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base ws1 base ws1)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base pf)
-#   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base b4r216 k4r224)
+#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base rs2 rs1 base rs2 rs1)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base)
+#   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base)
+#   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
+#                    tbase trs2, -DKVPAGER_TRACE builds)
 # Device call (carry [".whl"]):
-#   DEADLINE=420 bash scripts/trial_call.sh build tests:combo ws bf16 fp8seesaw
+#   DEADLINE=420 bash scripts/trial_call.sh build tests:rs2 ws fp8trace
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/s21.txt
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
-python3 -c "import kvpager" 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;pf=-DKVPAGER_SEGMENT_PREFETCH=1;ws1=-DKVPAGER_FP8_WS_OVERLAP=1;combo=-DKVPAGER_SEGMENT_PREFETCH=1 -DKVPAGER_FP8_WS_OVERLAP=1;b4r216=-DKVPAGER_FP8_CONVERT_BATCH=4 -DKVPAGER_FP8_CONSUMER_REGS=216;k4r224=-DKVPAGER_FP8_CONVERT_ROUNDS=4 -DKVPAGER_FP8_CONSUMER_REGS=224"}
+(cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
+export VARIANTS=${VARIANTS:-"base=;rs2=-DKVPAGER_FP8_WS_PV_RS=1;rs1=-DKVPAGER_FP8_WS_PV_RS=1 -DKVPAGER_FP8_WS_PV_GROUP=1;tbase=-DKVPAGER_TRACE;trs2=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_PV_RS=1"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -24,20 +26,27 @@ for stage in "$@"; do
   build) t build; bash scripts/build_variants.sh 2>&1 | tee -a "$LOG"
     tar -czf "$OUT/ptxas.tgz" -C /tmp/variants $(cd /tmp/variants && ls *-ptxas.txt) ;;
   fp8seesaw) t fp8seesaw
-    for tag in ${SEESAW_TAGS:-base b4r216 k4r224}; do
+    for tag in ${SEESAW_TAGS:-base}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   ws) t ws
-    for tag in ${WS_TAGS:-base ws1 base ws1}; do
+    for tag in ${WS_TAGS:-base rs2 rs1 base rs2 rs1}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base pf}; do
+    for tag in ${BF16_TAGS:-base}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
+    done ;;
+  fp8trace) t fp8trace
+    for tag in ${TRACE_TAGS:-tbase trs2}; do
+      [[ -f /tmp/variants/$tag.so ]] || continue
+      bash scripts/use_variant.sh $tag
+      echo "-- $tag" | tee -a "$LOG"
+      timeout 100 python3 scripts/fp8_trace.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
     timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;

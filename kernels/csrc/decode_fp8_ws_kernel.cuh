@@ -46,6 +46,7 @@ using PageBarrier = cutlass::arch::ClusterBarrier;
 using NamedBarrier = cutlass::arch::NamedBarrier;
 using ScoreMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::MN, cute::SM90::GMMA::Major::K>;
+using OutMmaRegA = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 
 // Timeline of one CTA (a -DKVPAGER_TRACE build; scripts/fp8_trace.py reads it): clock64() at named
 // points of each of its first kTracePages pages, for the consumer and for converter warps 0 and 7.
@@ -288,7 +289,7 @@ struct Descriptors {
         page_v(gmma_desc(smem_addr(s.page[0][0]), kPageTileBytes, kAtomBytes)),
         rope(gmma_desc(smem_addr(s.rope[0]), 16, kAtomBytes)),
         q(gmma_desc(smem_addr(s.q[0]), 16, kAtomBytes)),
-        p(gmma_desc(smem_addr(s.p[0]), 16, kAtomBytes)) {}
+        p(gmma_desc(smem_addr(s.p), 16, kAtomBytes)) {}
 };
 constexpr uint32_t kBufferBytes = sizeof(Plan::page[0]);
 
@@ -324,6 +325,55 @@ __device__ __forceinline__ void issue_pv(const Descriptors& d, int buf, float (&
   cute::warpgroup_commit_batch();
 }
 
+// Where this lane's ldmatrix.x4.trans reads inside a latent tile, at k-step 0, for the register-A
+// fragment of V^T (wgmma m64k16 A: warp w holds rows 16 w .. + 15 = features, columns = 16 keys, in
+// mma.m16n8k16's A layout). Matrix q = lane / 8 of the four is keys 8 (q / 2) .. + 7 at features
+// 16 w + 8 (q % 2) .. + 7: stored as 8 key rows of one 16-byte chunk, so .trans hands lane l the two
+// keys 2 (l % 4), + 1 of feature l / 4, which is the A fragment. 8 rows, 8 swizzles: conflict-free.
+__device__ __forceinline__ uint32_t vt_lane_offset(int tid) {
+  const int warp = tid / 32, lane = tid % 32, q = lane / 8, key = lane % 8 + 8 * (q / 2);
+  return key * kBlockRowBytes + (((2 * warp + q % 2) ^ (key & 7)) * kChunkBytes);
+}
+
+// O^T += V^T P^T over buffer buf with V^T from registers, in groups of kPvGroupSteps k-steps of one
+// 64-feature block (one commit group each). The fragments live in two register sets, so group
+// g + 1's ldmatrix runs while group g is on the tensor cores; a set is reloaded only once the group
+// that read it has completed (register A is read asynchronously).
+__device__ __forceinline__ void issue_pv_from_registers(Plan& s, const Descriptors& d, int buf,
+                                                        float (&o)[T::kOutBlocks][T::kScoreRegs]) {
+  constexpr int kSteps = T::kPvGroupSteps, kGroups = T::kOutBlocks * T::kPvKSteps / kSteps;
+  const uint32_t page = smem_addr(s.page[buf][0]) + vt_lane_offset(threadIdx.x);
+  auto load = [&](int g, uint32_t (&a)[kSteps][4]) {
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      const int kk = (g * kSteps + i) % T::kPvKSteps, m = g * kSteps / T::kPvKSteps;
+      ldsm_x4_trans(page + m * kPageTileBytes + kk * kMmaK * kBlockRowBytes, a[i]);
+    }
+  };
+  uint32_t a[2][kSteps][4];
+  load(0, a[0]);
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    const int m = g * kSteps / T::kPvKSteps;
+    fence_accumulators(o[m]);
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) fence_fragment(a[g % 2][i]);
+    cute::warpgroup_arrive();  // the fragments were written by ldmatrix: wgmma.fence before reading them
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      const int kk = (g * kSteps + i) % T::kPvKSteps;
+      gmma_rs<OutMmaRegA>(a[g % 2][i], desc_add(d.p, kk * 32), o[m]);
+    }
+    cute::warpgroup_commit_batch();
+    if (g + 1 < kGroups) {
+      if (g >= 1) cute::warpgroup_wait<1>();  // group g - 1 is done with set (g + 1) % 2
+#pragma unroll
+      for (int i = 0; i < kSteps; ++i) fence_fragment(a[(g + 1) % 2][i]);
+      load(g + 1, a[(g + 1) % 2]);
+    }
+  }
+}
+
 // O^T += V^T P^T for CTA page n, then (kNext) S^T of page n + 1, which overlaps it; the buffer goes
 // back to the converters as soon as the PV product is done (wgmma groups complete in order). A template, so that no branch separates a wgmma from its wait
 // (ptxas serializes every wgmma of the kernel otherwise).
@@ -331,7 +381,10 @@ template <bool kNext>
 __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint32_t n,
                                             float (&o)[T::kOutBlocks][T::kScoreRegs], float (&acc)[T::kScoreRegs]) {
   const int buf = n % kNumPageBuffers;
-  issue_pv(d, buf, o);
+  if constexpr (T::kPvFromRegisters)
+    issue_pv_from_registers(s, d, buf, o);
+  else
+    issue_pv(d, buf, o);
   if constexpr (kNext) {
     issue_scores(s, d, n + 1, acc);
     cute::warpgroup_wait<1>();  // the PV product is done with buffer n % 2: release it early
@@ -419,110 +472,33 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
   }
 }
 
-// What a consumer lane keeps of the segment's online softmax (per query row = S^T column, by col_slot).
-struct RowStats {
-  float max[4], sum[4];
-};
-
-// Online softmax over page `page`'s scores (acc = S^T, CTA page n), per query row (S^T column): P ->
-// ring slot n % kPBuffers as [16 rows][64 keys] bf16, 128-byte swizzle (K-major B of O^T += V^T
-// P^T), the running max and sum updated; alpha = the factor O^T must be rescaled by before this
-// page's PV product. before_fence(alpha) runs once the sums are updated, before P is fenced and
-// published (the default consumer rescales O^T there; the overlapped one later).
-template <typename BeforeFence>
-__device__ __forceinline__ void page_softmax(Plan& s, const DecodeParams& p, uint32_t n, int page, bool mask,
-                                             const int (&cols)[4], const int (&limit)[4], float (&acc)[T::kScoreRegs],
-                                             RowStats& st, float (&alpha)[4], BeforeFence&& before_fence) {
-  const int tid = threadIdx.x, warp = tid / 32, g = (tid % 32) / 4;
-  float page_max[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-  for (int i = 0; i < T::kScoreRegs; ++i) {
-    const int key = page * kPageSize + warp * 16 + g + 8 * ((i >> 1) & 1);
-    float v = acc[i] * p.scale_log2;
-    if (mask && key >= limit[col_slot(i)]) v = -CUDART_INF_F;
-    acc[i] = v;
-    page_max[col_slot(i)] = fmaxf(page_max[col_slot(i)], v);
-  }
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 4));
-    page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 8));
-    page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 16));
-  }
-  if (g == 0)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = page_max[c];
-  consumer_sync();
-  FP8WS_TRACE(0, n, 4);
-  float base[4], sum[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    float m = st.max[c];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) m = fmaxf(m, s.row_exchange[w][cols[c]]);
-    base[c] = m == -CUDART_INF_F ? 0.f : m;
-    alpha[c] = exp2f(st.max[c] - base[c]);
-    st.max[c] = m;
-    sum[c] = 0.f;
-  }
-  char* pt = s.p[n % T::kPBuffers];
-#pragma unroll
-  for (int i = 0; i < T::kScoreRegs; ++i) {
-    const float e = exp2f(acc[i] - base[col_slot(i)]);
-    sum[col_slot(i)] += e;
-    const int key = warp * 16 + g + 8 * ((i >> 1) & 1), row = cols[col_slot(i)];
-    *reinterpret_cast<Bf16*>(pt + row * kBlockRowBytes + (((key / 8) ^ (row & 7)) * kChunkBytes) + (key % 8) * 2) =
-        __float2bfloat16_rn(e);
-  }
-#pragma unroll
-  for (int c = 0; c < 4; ++c) st.sum[c] = st.sum[c] * alpha[c] + sum[c];
-  before_fence(alpha);
-  fence_async_proxy();
-  FP8WS_TRACE(0, n, 5);
-  consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
-  FP8WS_TRACE(0, n, 2);
-}
-
-// A segment's start, for either consumer: Q in shared memory (published to wgmma), the key limit of
-// each of this lane's query rows (cols) and of the row block, O^T and the row statistics at zero.
-__device__ __forceinline__ void begin_segment(Plan& s, const DecodeParams& p, const Segment& seg, int hk, int m_block,
-                                              int tid, const int (&cols)[4], int (&limit)[4], int& min_limit,
-                                              float (&o)[T::kOutBlocks][T::kScoreRegs], RowStats& st) {
-  load_q(s, p, seg.b, hk, m_block, tid);
-  fence_async_proxy();
-  consumer_sync();
-#pragma unroll
-  for (int c = 0; c < 4; ++c) limit[c] = row_limit(p, seg.seqlen, m_block * T::kBlockM + cols[c]);
-  min_limit = row_limit(p, seg.seqlen, m_block * T::kBlockM);
-#pragma unroll
-  for (int m = 0; m < T::kOutBlocks; ++m)
-#pragma unroll
-    for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] = 0.f;
-#pragma unroll
-  for (int c = 0; c < 4; ++c) st.max[c] = -CUDART_INF_F, st.sum[c] = 0.f;
-}
-
-// This lane's query rows (S^T / O^T columns), by col_slot.
-__device__ __forceinline__ void lane_query_rows(int tid, int (&cols)[4]) {
-  const int t = (tid % 32) % 4;
+__device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  int cols[4];  // this lane's query rows (S^T / O^T columns), by col_slot
 #pragma unroll
   for (int c = 0; c < 4; ++c) cols[c] = 8 * (c >> 1) + 2 * t + (c & 1);
-}
-
-__device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
-  const int tid = threadIdx.x;
-  int cols[4];
-  lane_query_rows(tid, cols);
   uint32_t n = 0;  // CTA page counter (the converters count the same way)
   const Descriptors d(s);
 
   for (TileScheduler sched(p, part); sched.valid(); sched.next()) {
     const Segment seg = sched.segment();
     const int ps = seg.first_page, pe = seg.end_page;
-    int limit[4], min_limit;
+    load_q(s, p, seg.b, hk, m_block, tid);
+    fence_async_proxy();
+    consumer_sync();
+
+    int limit[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) limit[c] = row_limit(p, seg.seqlen, m_block * T::kBlockM + cols[c]);
+    const int min_limit = row_limit(p, seg.seqlen, m_block * T::kBlockM);
     float o[T::kOutBlocks][T::kScoreRegs];
-    RowStats st;
-    begin_segment(s, p, seg, hk, m_block, tid, cols, limit, min_limit, o, st);
+#pragma unroll
+    for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+      for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] = 0.f;
+    float row_max[4], row_sum[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) row_max[c] = -CUDART_INF_F, row_sum[c] = 0.f;
 
     float acc[T::kScoreRegs];
 #pragma unroll
@@ -534,31 +510,70 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
       fence_accumulators(acc);
     }
     for (int page = ps; page < pe; ++page, ++n) {
-      float alpha[4];
-      page_softmax(s, p, n, page, (page + 1) * kPageSize > min_limit, cols, limit, acc, st, alpha,
-                   [&](const float (&a)[4]) {
+      // Online softmax over the page's keys (S^T rows), per query row (column).
+      const bool mask = (page + 1) * kPageSize > min_limit;
+      float page_max[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
-                     for (int m = 0; m < T::kOutBlocks; ++m)
+      for (int i = 0; i < T::kScoreRegs; ++i) {
+        const int key = page * kPageSize + warp * 16 + g + 8 * ((i >> 1) & 1);
+        float v = acc[i] * p.scale_log2;
+        if (mask && key >= limit[col_slot(i)]) v = -CUDART_INF_F;
+        acc[i] = v;
+        page_max[col_slot(i)] = fmaxf(page_max[col_slot(i)], v);
+      }
 #pragma unroll
-                       for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] *= a[col_slot(i)];
-                   });
+      for (int c = 0; c < 4; ++c) {
+        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 4));
+        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 8));
+        page_max[c] = fmaxf(page_max[c], __shfl_xor_sync(0xffffffffu, page_max[c], 16));
+      }
+      if (g == 0)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s.row_exchange[warp][cols[c]] = page_max[c];
+      consumer_sync();
+      FP8WS_TRACE(0, n, 4);
+      float base[4], alpha[4], sum[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float m = row_max[c];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) m = fmaxf(m, s.row_exchange[w][cols[c]]);
+        base[c] = m == -CUDART_INF_F ? 0.f : m;
+        alpha[c] = exp2f(row_max[c] - base[c]);
+        row_max[c] = m;
+        sum[c] = 0.f;
+      }
+      // P -> shared memory as [16 rows][64 keys] bf16, 128-byte swizzle (K-major B of O^T += V^T P^T).
+#pragma unroll
+      for (int i = 0; i < T::kScoreRegs; ++i) {
+        const float e = exp2f(acc[i] - base[col_slot(i)]);
+        sum[col_slot(i)] += e;
+        const int key = warp * 16 + g + 8 * ((i >> 1) & 1), row = cols[col_slot(i)];
+        *reinterpret_cast<Bf16*>(s.p + row * kBlockRowBytes + (((key / 8) ^ (row & 7)) * kChunkBytes) + (key % 8) * 2) =
+            __float2bfloat16_rn(e);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) row_sum[c] = row_sum[c] * alpha[c] + sum[c];
+#pragma unroll
+      for (int m = 0; m < T::kOutBlocks; ++m)
+#pragma unroll
+        for (int i = 0; i < T::kScoreRegs; ++i) o[m][i] *= alpha[col_slot(i)];
+      fence_async_proxy();
+      FP8WS_TRACE(0, n, 5);
+      consumer_sync();  // P complete (and the row maxima read: row_exchange may be rewritten)
+      FP8WS_TRACE(0, n, 2);
+
       if (page + 1 < pe)
         finish_page<true>(s, d, n, o, acc);
       else
         finish_page<false>(s, d, n, o, acc);
     }
     if (sched.last()) allow_dependent_launch();
-    store_output(s, p, seg, hk, m_block, tid, o, cols, st.max, st.sum);
+    store_output(s, p, seg, hk, m_block, tid, o, cols, row_max, row_sum);
   }
 }
 
 }  // namespace fp8ws
-}  // namespace kvpager
-
-// The consumer on trial since s21 (KVPAGER_FP8_WS_OVERLAP=1): it reuses the pieces above.
-#include "fp8_ws_overlap.cuh"
-
-namespace kvpager {
 
 __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p) {
   using T = Fp8WsTraits;
@@ -574,12 +589,8 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
-  if (wg == 0) {
-    if constexpr (T::kOverlapSoftmax)
-      fp8ws::consume_overlapped(s, p, part, hk, m_block);
-    else
-      fp8ws::consume(s, p, part, hk, m_block);
-  }
+  if (wg == 0)
+    fp8ws::consume(s, p, part, hk, m_block);
   else
     fp8ws::convert(s, p, part, hk);
 }

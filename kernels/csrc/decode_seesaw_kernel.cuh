@@ -77,12 +77,6 @@ struct ConsumerSync {
 // Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
-// 1 (on trial since s21, not yet run on a GPU): the next segment's Q and first page(s) are issued
-// before this one's epilogue (prefetch_next_segment); 0, the default: after it, as until s20.
-#ifndef KVPAGER_SEGMENT_PREFETCH
-#define KVPAGER_SEGMENT_PREFETCH 0
-#endif
-
 // Threads of a seesaw CTA: on an FP8 cache a third warpgroup, the converter, beside the consumers.
 template <bool kFp8>
 constexpr int kCtaThreads = kFp8 ? T::kFp8Threads : T::kThreads;
@@ -266,10 +260,9 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   const DecodeParams& p = c.p;
   const Segment& seg = c.seg;
   const bool split = seg.num_splits > 1;
-  // Buffer 1: buffer 0 may already be loading the next segment's first page (prefetch_next_segment).
-  char* stage = c.s.page[KVPAGER_SEGMENT_PREFETCH ? 1 : 0][0];
-  static_assert(T::kBlockM * kHeadDimV * sizeof(Elem) <= kColBlocks * kPageTileBytes,
-                "the staging tile must fit in one page buffer");
+  char* stage = c.s.page[0][0];
+  static_assert(T::kBlockM * kHeadDimV * sizeof(Elem) <= kNumPageBuffers * kColBlocks * kPageTileBytes,
+                "the staging tile must fit in the page buffers");
   float inv[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -322,35 +315,6 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
     }
   }
   fence_async_proxy();  // the next segment's TMA loads overwrite the staging tile
-}
-
-// Segment `seg`'s first loads of the mask `loads` (SegmentLoad, tile_scheduler.cuh): its first
-// page into buffer 0 and its second into buffer 1 by TMA (thread 0), Q by cp.async (all threads;
-// any strides, rows past the last query zero). The pages go first: issuing Q first made the first
-// S later (s15, docs/kernel-perf.md).
-template <typename Elem>
-__device__ __forceinline__ void issue_first_loads(const Ctx& c, const Segment& seg, uint32_t loads, int m_block) {
-  if (threadIdx.x == 0) {
-    if (loads & kLoadPage0) c.load(0, seg.block_table[seg.first_page], 0, kColBlocks);
-    if (loads & kLoadPage1) c.load(1, seg.block_table[seg.first_page + 1], 0, kColBlocks);
-  }
-  if (loads & kLoadQ) load_q_tile<Elem, T::kBlockM, BlockSwizzled>(c.p, c.s.q[0], seg.b, c.hk, m_block);
-  cute::cp_async_fence();
-}
-
-// Before this segment's epilogue, once every read of Q and of the page buffers is over: the next
-// segment's early loads (early_loads: Q, its first page and, when this segment is split, its
-// second), so that they land while this segment's output is written instead of after it. Returns
-// the mask issued, for the next segment's start to skip.
-template <typename Elem, typename Scheduler>
-__device__ __forceinline__ uint32_t prefetch_next_segment(const Ctx& c, const Scheduler& sched, int m_block) {
-  if (sched.last()) return 0;
-  Scheduler peek = sched;
-  peek.next();
-  const Segment next = peek.segment();
-  const uint32_t early = early_loads(c.seg, next);
-  issue_first_loads<Elem>(c, next, early, m_block);
-  return early;
 }
 
 // O (this warpgroup's half) *= its rows' factors, skipped when every factor of the warp is 1 (the
@@ -600,25 +564,20 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
   SEESAW_TRACE(c, kEvStart);
 
   using Scheduler = std::conditional_t<kFp8, LeanTileScheduler, TileScheduler>;  // FP8: 232 registers
-  uint32_t prefetched = 0;  // what the previous segment already issued of this one (prefetch_next_segment)
   for (Scheduler sched(p, part); sched.valid(); sched.next()) {
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
     c.consumers_sync();  // the previous segment is done with every buffer (and the barriers are set up)
     SEESAW_TRACE(c, kEvSegment);
 
-#if KVPAGER_SEGMENT_PREFETCH
-    issue_first_loads<Elem>(c, c.seg, first_loads(c.seg) & ~prefetched, m_block);
-#else
-    // The shipped code until the prefetch is measured (the same loads; this keeps its machine code
-    // byte-identical to s20's, which the GPU suite last ran).
+    // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
+    // The pages go first: issuing Q first made the first S later (s15, docs/kernel-perf.md).
     if (threadIdx.x == 0) {
       if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
       if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
-#endif
     if (threadIdx.x < T::kBlockM) plan.row_max[threadIdx.x] = -CUDART_INF_F;
 #pragma unroll
     for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);
@@ -667,8 +626,6 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
     float total[2];
     c.consumers_sync();  // every pair's exchange (and every read of the page buffers) is over
-    // Not on an FP8 cache: at the consumers' 232 registers the peeked segment spills 24 bytes.
-    if constexpr (!kFp8 && KVPAGER_SEGMENT_PREFETCH) prefetched = prefetch_next_segment<Elem>(c, sched, m_block);
     using Sync = std::conditional_t<kFp8, ConsumerSync, CtaSync>;
     cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t(), sm.row_sum, total);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};

@@ -84,20 +84,6 @@ class LeanTileScheduler {
   int part_, b_;
 };
 
-// A seesaw segment's first loads (Q, its first page into buffer 0, its second into buffer 1), as a
-// mask of those it has. With KVPAGER_SEGMENT_PREFETCH (decode_seesaw_kernel.cuh) the previous
-// segment of the part issues early_loads of them before its epilogue and the segment itself the
-// rest; since the epilogue of an unsplit segment stages its output in buffer 1, page 1 waits for
-// it then. tests/kernels/test_scheduler_twin.py checks that every buffer still receives the same
-// pages in the same order.
-enum SegmentLoad : uint32_t { kLoadQ = 1, kLoadPage0 = 2, kLoadPage1 = 4 };
-__device__ __forceinline__ uint32_t first_loads(const Segment& s) {
-  return kLoadQ | (s.first_page < s.end_page ? kLoadPage0 : 0u) | (s.first_page + 1 < s.end_page ? kLoadPage1 : 0u);
-}
-__device__ __forceinline__ uint32_t early_loads(const Segment& current, const Segment& next) {
-  return first_loads(next) & (current.num_splits > 1 ? ~0u : ~uint32_t(kLoadPage1));
-}
-
 // Lets the dependent grid (the combine kernel, launched with programmatic stream serialization)
 // start its launch; it still waits for this grid's completion before reading any result.
 __device__ __forceinline__ void allow_dependent_launch() {

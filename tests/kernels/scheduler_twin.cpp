@@ -4,11 +4,7 @@
 // LeanTileScheduler (the FP8 seesaw's consumers since s18), for tests/kernels/test_scheduler_twin.py.
 //   scheduler_twin FILE   FILE: int32 batch, num_parts, cache_seqlens[batch], metadata[num_parts * 8],
 //                         num_splits[batch + 1]
-//   -> lines "full|lean part b seqlen first_page end_page split_slot num_splits", and the seesaw's
-//      first loads of each segment with the segment prefetch (first_loads / early_loads):
-//      "load part segment when what b page staged": when 0 = at the segment's own start, 1 = before
-//      the previous segment's epilogue; what 0 = Q, 1 = page into buffer 0, 2 = page into buffer 1;
-//      staged = 1 when that epilogue stages its output in buffer 1 (an unsplit segment)
+//   -> lines "full|lean part b seqlen first_page end_page split_slot num_splits"
 #define __device__
 #define __forceinline__ inline
 #include <cstdint>
@@ -23,33 +19,6 @@ void print_segments(const char* name, const kvpager::DecodeParams& p, int part) 
     const kvpager::Segment s = sched.segment();
     std::printf("%s %d %d %d %d %d %d %d\n", name, part, s.b, s.seqlen, s.first_page, s.end_page, s.split_slot,
                 s.num_splits);
-  }
-}
-
-void print_load(int part, int index, int when, uint32_t loads, const kvpager::Segment& s, bool staged) {
-  const kvpager::SegmentLoad kinds[3] = {kvpager::kLoadQ, kvpager::kLoadPage0, kvpager::kLoadPage1};
-  for (int what = 0; what < 3; ++what)
-    if (loads & kinds[what])
-      std::printf("load %d %d %d %d %d %d %d\n", part, index, when, what, s.b, what == 0 ? -1 : s.first_page + what - 1,
-                  staged ? 1 : 0);
-}
-
-// The seesaw consumers' walk (decode_seesaw_kernel.cuh, KVPAGER_SEGMENT_PREFETCH=1): a segment
-// issues what the previous one did not, and before its epilogue the next segment's early loads.
-void print_loads(const kvpager::DecodeParams& p, int part) {
-  uint32_t prefetched = 0;
-  int index = 0;
-  for (kvpager::TileScheduler sched(p, part); sched.valid(); sched.next(), ++index) {
-    const kvpager::Segment seg = sched.segment();
-    print_load(part, index, 0, kvpager::first_loads(seg) & ~prefetched, seg, false);
-    prefetched = 0;
-    if (!sched.last()) {
-      kvpager::TileScheduler peek = sched;
-      peek.next();
-      const kvpager::Segment next = peek.segment();
-      prefetched = kvpager::early_loads(seg, next);
-      print_load(part, index + 1, 1, prefetched, next, seg.num_splits <= 1);
-    }
   }
 }
 
@@ -79,7 +48,6 @@ int main(int argc, char** argv) {
   for (int part = 0; part < parts; ++part) {
     print_segments<kvpager::TileScheduler>("full", p, part);
     print_segments<kvpager::LeanTileScheduler>("lean", p, part);
-    print_loads(p, part);
   }
   return 0;
 }

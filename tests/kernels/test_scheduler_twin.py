@@ -6,10 +6,7 @@ oracle. Invariants, for any batch and part count:
 - every page of every sequence lies in exactly one segment of one part, and a sequence without
   pages appears once (its part writes out = 0, lse = +inf);
 - a sequence's segments use its split slots num_splits[b] .. num_splits[b + 1] - 1, each once, and
-  that count is its number of segments;
-- with the seesaw's segment prefetch (first_loads / early_loads, KVPAGER_SEGMENT_PREFETCH), each
-  page buffer still receives the same pages in the same order and every segment its Q once, and
-  buffer 1 is never loaded while an unsplit segment's epilogue stages its output there.
+  that count is its number of segments.
 """
 from __future__ import annotations
 
@@ -80,33 +77,3 @@ def test_a_split_sequence_is_seen_by_several_parts(twin) -> None:
     got = walk(twin, [64 * 100], 8)
     parts = {row[0] for row in got["full"]}
     assert len(parts) > 1 and got["lean"] == got["full"]
-
-
-@settings(max_examples=80, deadline=None)
-@given(lens=st.lists(st.integers(0, 2500), min_size=1, max_size=20), parts=st.integers(1, 48))
-def test_segment_prefetch_keeps_every_buffers_loads(twin, lens: list[int], parts: int) -> None:
-    got = walk(twin, lens, parts)
-    segments: dict[int, list[tuple[int, ...]]] = defaultdict(list)
-    for part, b, _seqlen, first, end, _slot, _n in got["full"]:
-        segments[part].append((b, first, end))
-    loads: dict[int, list[tuple[int, ...]]] = defaultdict(list)
-    for part, index, when, what, b, page, staged in got["load"]:
-        loads[part].append((index, when, what, b, page, staged))
-    for part, segs in segments.items():
-        # Without the prefetch: each segment at its start, page 0 -> buffer 0, page 1 -> buffer 1, Q.
-        expected = {1: [], 2: []}
-        for b, first, end in segs:
-            for buf in (1, 2):
-                if first + buf - 1 < end:
-                    expected[buf].append((b, first + buf - 1))
-        seen = {1: [], 2: []}
-        q_of = [0] * len(segs)
-        for index, when, what, b, page, staged in loads[part]:
-            assert segs[index][0] == b
-            assert not (when == 1 and what == 2 and staged), "buffer 1 loaded under a staged output"
-            if what == 0:
-                q_of[index] += 1
-            else:
-                seen[what].append((b, page))
-        assert seen == expected
-        assert q_of == [1] * len(segs)
