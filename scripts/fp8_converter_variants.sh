@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# Device machine: the FP8 seesaw's converter variants (traits.h: KVPAGER_FP8_CONVERT_BATCH 0 = one
-# warp a tile, the default / 1, 2, 4 = all warps on a batch of tiles; KVPAGER_FP8_CONSUMER_REGS, the
-# setmaxnreg split; KVPAGER_FP8_CONVERT_ROUNDS, the default converter's rounds an iteration),
+# Device machine: the FP8 seesaw's converter variants (traits.h: KVPAGER_FP8_CONVERT_ROUNDS, the
+# converter's rounds an iteration; KVPAGER_FP8_CONSUMER_REGS, the setmaxnreg split),
 # built side by side (scripts/build_variants.sh) and timed one after another, twice in alternating
 # order, with scripts/fp8_seesaw_time.py against the bf16 kernel on the same values. Logs under $OUT:
 # variants.txt (timings, the spilling kernels), spills-<tag>.txt (sass_spills.py of the FP8 seesaw).
-#   VARIANTS="base=;b4r216=-DKVPAGER_FP8_CONVERT_BATCH=4 -DKVPAGER_FP8_CONSUMER_REGS=216" \
+#   VARIANTS="base=;k4r224=-DKVPAGER_FP8_CONVERT_ROUNDS=4 -DKVPAGER_FP8_CONSUMER_REGS=224" \
 #     bash scripts/fp8_converter_variants.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-"base=;b4r216=-DKVPAGER_FP8_CONVERT_BATCH=4 -DKVPAGER_FP8_CONSUMER_REGS=216;b2r232=-DKVPAGER_FP8_CONVERT_BATCH=2 -DKVPAGER_FP8_CONSUMER_REGS=232"}
+VARIANTS=${VARIANTS:-"base=;k4r224=-DKVPAGER_FP8_CONVERT_ROUNDS=4 -DKVPAGER_FP8_CONSUMER_REGS=224"}
 export VARIANTS
 KVPAGER_BUILD_CUDA=0 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 ||
   { tail -5 /tmp/editable.log; exit 1; }

@@ -23,7 +23,6 @@
 #include "config.h"
 #include "fp8_dequant.cuh"
 #include "params.h"
-#include "seesaw_fp8_batch.cuh"
 #include "seesaw_fp8_layout.h"
 #include "seesaw_trace.cuh"
 #include "tile_ops.h"
@@ -219,10 +218,7 @@ __device__ __forceinline__ void run_converter(Plan& s, const DecodeParams& p, in
       const bool lone = 2 * (g / 4) + 1 == pages;
       const int buf = lone ? 0 : step % 2;
       const int first = (lone ? step == 1 : step == 1 || step == 2) ? T::kVTilesPerWg : 0;
-      if constexpr (T::kConverterBatch > 0)
-        convert_group_batched(s, buf, first, (phases >> buf) & 1, warp, lane, tr, step);
-      else
-        convert_group(s, buf, first, (phases >> buf) & 1, warp, lane, tr, step);
+      convert_group(s, buf, first, (phases >> buf) & 1, warp, lane, tr, step);
       SEESAW_TRACE(tr, seesaw::kEvCvDone + step);
       if (lone ? step == 1 : step >= 2) phases ^= 1u << buf;  // the buffer's page is done
     }

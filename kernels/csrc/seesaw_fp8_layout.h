@@ -1,5 +1,5 @@
 // Where the seesaw kernel's FP8 converter reads and writes inside an 8 KB page-tile slot
-// (seesaw_fp8.cuh, seesaw_fp8_batch.cuh): host-compilable, so tests/kernels/fp8_twin.cpp runs the
+// (seesaw_fp8.cuh): host-compilable, so tests/kernels/fp8_twin.cpp runs the
 // converters' schedules on the host with the same index math (tests/kernels/test_fp8_twin.py).
 //   - TMA lands latent tile t's FP8 bytes unswizzled in the slot's first half: row r, bytes
 //     16 c .. 16 c + 15 of the tile's 64 (c = 0..3) at fp8_src_offset(r, c);
@@ -27,7 +27,5 @@ KVPAGER_HD int fp8_scale_group(int tile) { return tile * kBlockCols / kFp8GroupS
 KVPAGER_HD int converter_chunk(int lane) { return lane % 4; }
 // The default converter (one warp a tile, seesaw_fp8.cuh): row of round k (0-7).
 KVPAGER_HD int round_row(int k, int lane) { return 8 * k + lane / 4; }
-// The batched converter (all four warps on each tile, seesaw_fp8_batch.cuh): warp w's r-th row (r = 0, 1).
-KVPAGER_HD int batched_row(int warp, int lane, int r) { return 16 * warp + lane / 4 + 8 * r; }
 
 }  // namespace kvpager

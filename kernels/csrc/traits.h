@@ -157,30 +157,20 @@ struct SeesawTraits {
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConverterThreads = kWarpgroupThreads;
   static constexpr int kFp8Threads = kThreads + kConverterThreads;  // FP8 cache: + the converter
-#ifndef KVPAGER_FP8_CONVERT_BATCH
-#define KVPAGER_FP8_CONVERT_BATCH 0
-#endif
 #ifndef KVPAGER_FP8_CONVERT_ROUNDS
 #define KVPAGER_FP8_CONVERT_ROUNDS 2
 #endif
 #ifndef KVPAGER_FP8_CONSUMER_REGS
-#define KVPAGER_FP8_CONSUMER_REGS (KVPAGER_FP8_CONVERT_BATCH == 4 ? 216 : 232)
+#define KVPAGER_FP8_CONSUMER_REGS 232
 #endif
-  // The converter (seesaw_fp8.cuh): 0 = each warp converts one tile of a group (the default,
-  // measured); 1 / 2 / 4 = all warps convert a batch of that many tiles read into registers before
-  // one barrier (seesaw_fp8_batch.cuh, on trial, not yet run on a GPU). A whole group (4: 32
-  // registers of FP8 bytes) needs more converter registers: the setmaxnreg split (multiples of 8)
-  // gives the converter what the consumers leave.
-  static constexpr int kConverterBatch = KVPAGER_FP8_CONVERT_BATCH;
   // The default converter's rounds an iteration (seesaw_fp8.cuh's convert_tile_rows): 2 (s19: FP8
   // time -3 to -4 % against 1 on the H100, 0 spills at 232 / 40); 4 needs consumer registers 224
   // for the converter's 56 (KVPAGER_FP8_CONVERT_ROUNDS).
   static constexpr int kConverterRounds = KVPAGER_FP8_CONVERT_ROUNDS;
   static constexpr int kConsumerRegs = KVPAGER_FP8_CONSUMER_REGS;
   static constexpr int kConverterRegs = 3 * 168 - 2 * kConsumerRegs;
-  // Arrivals that complete a tile's `converted` barrier: every lane of the converting warp, or one
-  // per converter warp (batched).
-  static constexpr int kConvertedArrivals = kConverterBatch > 0 ? kConverterThreads / 32 : 32;
+  // Arrivals that complete a tile's `converted` barrier: every lane of the converting warp.
+  static constexpr int kConvertedArrivals = 32;
   static_assert(2 * kConsumerRegs + kConverterRegs == 3 * 168, "setmaxnreg must not ask for more than launched");
   static constexpr int kColsPerWg = kHeadDimV / 2;                 // 256
   static constexpr int kVTilesPerWg = kColsPerWg / kBlockCols;     // 4: V tiles [4w, 4w + 4)

@@ -9,8 +9,7 @@
 //                               in-place converter (seesaw_fp8_layout.h's index math): the 8 latent
 //                               slots filled as TMA lands them, converted with SCHEDULE (rounds = one
 //                               warp a tile in 8 rounds from the last; rounds2 (the default since s19) /
-//                               rounds4 = 2 / 4 rounds an iteration (KVPAGER_FP8_CONVERT_ROUNDS); batch1 / batch2 /
-//                               batch4 = all warps, a batch of tiles read before one barrier), then
+//                               rounds4 = 2 / 4 rounds an iteration (KVPAGER_FP8_CONVERT_ROUNDS)), then
 //                               read back through the 128-byte swizzle into 64 rows of 512 bf16 (OUT).
 //   fp8_twin fragments SEED     one page through every warp's and lane's fragments as the kernel
 //                               builds them (Fp8Lane, k_step_b, dequant_16), with mma.m16n8k16 and
@@ -295,7 +294,7 @@ int run_fragments(unsigned seed) {
 }
 
 
-// ---- the seesaw kernel's in-place converter (seesaw_fp8.cuh, seesaw_fp8_batch.cuh) ---------------
+// ---- the seesaw kernel's in-place converter (seesaw_fp8.cuh) ----------------------------------------
 
 constexpr int kLatentTiles = kHeadDimV / kBlockCols;  // 8
 
@@ -358,39 +357,6 @@ void convert_rounds(std::vector<uint8_t>& slots, int first, int per_iter) {
   }
 }
 
-// Batched: all 128 threads read their rows' scales, then per batch of `batch` tiles read every
-// tile's bytes before any writes (the kernel's one named barrier a batch).
-void convert_batched(std::vector<uint8_t>& slots, int first, int batch) {
-  constexpr int kThreads = 4 * kLanes;
-  float scale[kThreads][2][2];  // [thread][row r][group first / 2 + g]
-  bool folds[4];
-  for (int w = 0; w < 4; ++w) {
-    std::vector<float> used;
-    for (int lane = 0; lane < kLanes; ++lane)
-      for (int r = 0; r < 2; ++r)
-        for (int g = 0; g < 2; ++g) {
-          const float v = scale_at(slots, first, batched_row(w, lane, r), fp8_scale_group(first) + g);
-          scale[w * kLanes + lane][r][g] = v;
-          used.push_back(v);
-        }
-    folds[w] = warp_folds(used);
-  }
-  for (int t0 = 0; t0 < 4; t0 += batch) {
-    std::vector<uint32_t> x(size_t(kThreads) * batch * 2 * 4);
-    auto at = [&](int th, int i, int r) { return reinterpret_cast<uint32_t(*)[4]>(&x[((size_t(th) * batch + i) * 2 + r) * 4]); };
-    for (int th = 0; th < kThreads; ++th)
-      for (int i = 0; i < batch; ++i)
-        for (int r = 0; r < 2; ++r)
-          read_lane(&slots[size_t(first + t0 + i) * kPageTileBytes], batched_row(th / kLanes, th % kLanes, r),
-                    converter_chunk(th % kLanes), *at(th, i, r));
-    for (int th = 0; th < kThreads; ++th)
-      for (int i = 0; i < batch; ++i)
-        for (int r = 0; r < 2; ++r)
-          convert_lane(&slots[size_t(first + t0 + i) * kPageTileBytes], batched_row(th / kLanes, th % kLanes, r),
-                       converter_chunk(th % kLanes), *at(th, i, r), scale[th][r][(t0 + i) / 2], folds[th / kLanes]);
-  }
-}
-
 int run_seesaw_slots(const char* in_path, const char* out_path, const char* schedule) {
   std::vector<uint8_t> page(size_t(kPageSize) * kFp8TokenBytes);
   FILE* f = std::fopen(in_path, "rb");
@@ -412,8 +378,6 @@ int run_seesaw_slots(const char* in_path, const char* out_path, const char* sche
       convert_rounds(slots, first, 1);
     else if (sched == "rounds2" || sched == "rounds4")
       convert_rounds(slots, first, sched.back() - '0');
-    else if (sched == "batch1" || sched == "batch2" || sched == "batch4")
-      convert_batched(slots, first, sched.back() - '0');
     else
       return 2;
   }
@@ -440,6 +404,6 @@ int main(int argc, char** argv) {
   if (argc == 5 && std::strcmp(argv[1], "seesaw-slots") == 0) return run_seesaw_slots(argv[2], argv[3], argv[4]);
   std::fprintf(stderr,
                "usage: fp8_twin dequant|dequant-folded IN OUT N | fp8_twin fragments SEED | "
-               "fp8_twin seesaw-slots IN OUT rounds|rounds2|rounds4|batch1|batch2|batch4\n");
+               "fp8_twin seesaw-slots IN OUT rounds|rounds2|rounds4\n");
   return 2;
 }
