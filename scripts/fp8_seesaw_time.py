@@ -3,7 +3,7 @@ that decide issue 14's compute-bound bar: benchmarks/kernel_fp8.py's bench_case 
 L2 cleared before each), one line per case. For comparing builds of converter variants quickly;
 `--set ws` times the warp-specialized kernel's cases (16 rows a kv head) instead.
 
-    python scripts/fp8_seesaw_time.py [--label NAME] [--set seesaw|ws|all]
+    python scripts/fp8_seesaw_time.py [--label NAME] [--set seesaw|ws|all] [--read-ceiling]
 """
 from __future__ import annotations
 
@@ -25,9 +25,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", default="", help="printed in front of every line")
     ap.add_argument("--set", default="seesaw", choices=[*CASES, "all"], help="which cases (default: %(default)s)")
+    ap.add_argument("--read-ceiling", action="store_true", help="measure the read ceiling first (GB/s / it = x read)")
     a = ap.parse_args()
     time_us, _ = bench.make_timer()
     ceilings = {"read_gbps": 1.0, "matmul_tflops": 1.0}  # ratios only: the ceilings are not measured here
+    if a.read_ceiling:
+        read = bench.read_ceiling_gbps(time_us)
+        print(f"{a.label} read ceiling {read:.0f} GB/s (bf16 sum of 2 GiB, this process)", flush=True)
     for case in [c for name, cs in CASES.items() if a.set in (name, "all") for c in cs]:
         r = kernel_fp8.bench_case(case, 0, time_us, ceilings)
         shape = f"b={case.b} s_q={case.s_q} h_q={case.h_q} s_k={case.s_k}{' varlen' if case.varlen else ''}"

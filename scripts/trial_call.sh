@@ -34,9 +34,11 @@ for stage in "$@"; do
       timeout 100 python3 scripts/fp8_seesaw_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   ws) t ws
+    ceiling=--read-ceiling  # measured once, in the first process
     for tag in ${WS_TAGS:-base rs2 rs1 base rs2 rs1}; do
       bash scripts/use_variant.sh $tag
-      timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
+      timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" $ceiling 2>&1 | grep -v Warning | tee -a "$LOG"
+      ceiling=
     done ;;
   bf16) t bf16
     for tag in ${BF16_TAGS:-base}; do
