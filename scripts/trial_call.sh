@@ -9,10 +9,12 @@
 #   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base)
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
+#   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py) on variant tbase, b 64 s_k 1024
+#                    and h_q 128 s_q 2: the segment starts
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
 #                    tbase trs2, -DKVPAGER_TRACE builds)
 # Device call (carry [".whl"]):
-#   DEADLINE=420 bash scripts/trial_call.sh build tests:rs2 ws fp8trace sanitize:rs2
+#   DEADLINE=420 bash scripts/trial_call.sh build tests:rs2 ws fp8trace sanitize:rs2 seesawtrace
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -55,6 +57,8 @@ for stage in "$@"; do
   sanitize:*) tag=${stage#sanitize:}; t "sanitize on $tag"; bash scripts/use_variant.sh $tag
     CASES_ARGS=--fp8 KERNEL_FILTER=${SAN_FILTER:-fp8_ws} TOOLS=${SAN_TOOLS:-"memcheck racecheck"} \
       timeout 200 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL" | tail -12 | tee -a "$LOG" ;;
+  seesawtrace) t seesawtrace; bash scripts/use_variant.sh tbase
+    timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
     timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
   esac
