@@ -29,6 +29,7 @@
 #include "config.h"
 #include "epilogue.cuh"
 #include "fp8_dequant.cuh"
+#include "fp8_ws_layout.h"
 #include "params.h"
 #include "tile_scheduler.cuh"
 #include "tile_ops.h"
@@ -325,16 +326,6 @@ __device__ __forceinline__ void issue_pv(const Descriptors& d, int buf, float (&
   cute::warpgroup_commit_batch();
 }
 
-// Where this lane's ldmatrix.x4.trans reads inside a latent tile, at k-step 0, for the register-A
-// fragment of V^T (wgmma m64k16 A: warp w holds rows 16 w .. + 15 = features, columns = 16 keys, in
-// mma.m16n8k16's A layout). Matrix q = lane / 8 of the four is keys 8 (q / 2) .. + 7 at features
-// 16 w + 8 (q % 2) .. + 7: stored as 8 key rows of one 16-byte chunk, so .trans hands lane l the two
-// keys 2 (l % 4), + 1 of feature l / 4, which is the A fragment. 8 rows, 8 swizzles: conflict-free.
-__device__ __forceinline__ uint32_t vt_lane_offset(int tid) {
-  const int warp = tid / 32, lane = tid % 32, q = lane / 8, key = lane % 8 + 8 * (q / 2);
-  return key * kBlockRowBytes + (((2 * warp + q % 2) ^ (key & 7)) * kChunkBytes);
-}
-
 // O^T += V^T P^T over buffer buf with V^T from registers, in groups of kPvGroupSteps k-steps of one
 // 64-feature block (one commit group each). The fragments live in two register sets, so group
 // g + 1's ldmatrix runs while group g is on the tensor cores; a set is reloaded only once the group
@@ -342,7 +333,7 @@ __device__ __forceinline__ uint32_t vt_lane_offset(int tid) {
 __device__ __forceinline__ void issue_pv_from_registers(Plan& s, const Descriptors& d, int buf,
                                                         float (&o)[T::kOutBlocks][T::kScoreRegs]) {
   constexpr int kSteps = T::kPvGroupSteps, kGroups = T::kOutBlocks * T::kPvKSteps / kSteps;
-  const uint32_t page = smem_addr(s.page[buf][0]) + vt_lane_offset(threadIdx.x);
+  const uint32_t page = smem_addr(s.page[buf][0]) + uint32_t(vt_lane_offset(threadIdx.x));
   auto load = [&](int g, uint32_t (&a)[kSteps][4]) {
 #pragma unroll
     for (int i = 0; i < kSteps; ++i) {
