@@ -153,6 +153,7 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
     if events.get(2):
         print("  converter: " + converter_cells(events[2], pairs[0], first, n))
     print("  segment start (cycles): " + " | ".join(f"wg{wg} {start_spans(events[wg])}" for wg in (0, 1)))
+    print("  segment whole (cycles): " + " | ".join(f"wg{wg} {whole_spans(events[wg])}" for wg in (0, 1)))
 
 
 def converter_cells(evs: list[tuple[int, int]], wg0_pairs: list, first: int, n: int) -> str:
@@ -191,6 +192,19 @@ def start_spans(events: list[tuple[int, int]]) -> str:
         stamps.setdefault(NAMES[e], c)
     names = [n for n in ("start", "segment", "Q", "first-S") if n in stamps]
     return ", ".join(f"{a}->{b} {stamps[b] - stamps[a]}" for a, b in zip(names, names[1:]))
+
+
+def whole_spans(events: list[tuple[int, int]]) -> str:
+    """The first segment end to end: kernel start -> first S done -> pair loop over -> output
+    stored, so the CTA's life can be set against the kernel's measured time."""
+    stamps: dict[str, int] = {}
+    for e, c in events:
+        stamps.setdefault(NAMES[e], c)
+        if NAMES[e] == "epilogue":
+            break
+    names = [n for n in ("start", "first-S", "loop-end", "epilogue") if n in stamps]
+    spans = ", ".join(f"{a}->{b} {stamps[b] - stamps[a]}" for a, b in zip(names, names[1:]))
+    return f"{spans}, total {stamps[names[-1]] - stamps[names[0]]}" if len(names) > 1 else "(no stamps)"
 
 
 def main() -> None:

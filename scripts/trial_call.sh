@@ -4,24 +4,24 @@
 # passed. Log: $OUT/trial.txt, ptxas reports: $OUT/ptxas.tgz.
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
-#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base rs2 rs1 base rs2 rs1)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base)
+#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base st1 st2 base st1 st2)
 #   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base)
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
-#   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py) on variant tbase, b 64 s_k 1024
-#                    and h_q 128 s_q 2: the segment starts
+#   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024 and h_q 128
+#                    s_q 2: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase tst1)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
-#                    tbase trs2, -DKVPAGER_TRACE builds)
+#                    tbase, a -DKVPAGER_TRACE build)
 # Device call (carry [".whl"]):
-#   DEADLINE=420 bash scripts/trial_call.sh build tests:rs2 ws fp8trace sanitize:rs2 seesawtrace
+#   DEADLINE=420 bash scripts/trial_call.sh build tests:st1 bf16 seesawtrace
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;rs2=-DKVPAGER_FP8_WS_PV_RS=1;rs1=-DKVPAGER_FP8_WS_PV_RS=1 -DKVPAGER_FP8_WS_PV_GROUP=1;tbase=-DKVPAGER_TRACE;trs2=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_PV_RS=1"}
+export VARIANTS=${VARIANTS:-"base=;st1=-DKVPAGER_SEESAW_START=1;st2=-DKVPAGER_SEESAW_START=2;tbase=-DKVPAGER_TRACE;tst1=-DKVPAGER_TRACE -DKVPAGER_SEESAW_START=1"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -37,18 +37,18 @@ for stage in "$@"; do
     done ;;
   ws) t ws
     ceiling=--read-ceiling  # measured once, in the first process
-    for tag in ${WS_TAGS:-base rs2 rs1 base rs2 rs1}; do
+    for tag in ${WS_TAGS:-base}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" $ceiling 2>&1 | grep -v Warning | tee -a "$LOG"
       ceiling=
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base}; do
+    for tag in ${BF16_TAGS:-base st1 st2 base st1 st2}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   fp8trace) t fp8trace
-    for tag in ${TRACE_TAGS:-tbase trs2}; do
+    for tag in ${TRACE_TAGS:-tbase}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"
@@ -57,8 +57,13 @@ for stage in "$@"; do
   sanitize:*) tag=${stage#sanitize:}; t "sanitize on $tag"; bash scripts/use_variant.sh $tag
     CASES_ARGS=--fp8 KERNEL_FILTER=${SAN_FILTER:-fp8_ws} TOOLS=${SAN_TOOLS:-"memcheck racecheck"} \
       timeout 200 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL" | tail -12 | tee -a "$LOG" ;;
-  seesawtrace) t seesawtrace; bash scripts/use_variant.sh tbase
-    timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 2>&1 | grep -v Warning | tee -a "$LOG" ;;
+  seesawtrace) t seesawtrace
+    for tag in ${SEESAWTRACE_TAGS:-tbase tst1}; do
+      [[ -f /tmp/variants/$tag.so ]] || continue
+      bash scripts/use_variant.sh $tag
+      echo "-- $tag" | tee -a "$LOG"
+      timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 2>&1 | grep -v Warning | tee -a "$LOG"
+    done ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
     timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
   esac

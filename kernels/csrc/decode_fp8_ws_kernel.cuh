@@ -29,7 +29,6 @@
 #include "config.h"
 #include "epilogue.cuh"
 #include "fp8_dequant.cuh"
-#include "fp8_ws_layout.h"
 #include "params.h"
 #include "tile_scheduler.cuh"
 #include "tile_ops.h"
@@ -47,7 +46,6 @@ using PageBarrier = cutlass::arch::ClusterBarrier;
 using NamedBarrier = cutlass::arch::NamedBarrier;
 using ScoreMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::MN, cute::SM90::GMMA::Major::K>;
-using OutMmaRegA = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 
 // Timeline of one CTA (a -DKVPAGER_TRACE build; scripts/fp8_trace.py reads it): clock64() at named
 // points of each of its first kTracePages pages, for the consumer and for converter warps 0 and 7.
@@ -326,45 +324,6 @@ __device__ __forceinline__ void issue_pv(const Descriptors& d, int buf, float (&
   cute::warpgroup_commit_batch();
 }
 
-// O^T += V^T P^T over buffer buf with V^T from registers, in groups of kPvGroupSteps k-steps of one
-// 64-feature block (one commit group each). The fragments live in two register sets, so group
-// g + 1's ldmatrix runs while group g is on the tensor cores; a set is reloaded only once the group
-// that read it has completed (register A is read asynchronously).
-__device__ __forceinline__ void issue_pv_from_registers(Plan& s, const Descriptors& d, int buf,
-                                                        float (&o)[T::kOutBlocks][T::kScoreRegs]) {
-  constexpr int kSteps = T::kPvGroupSteps, kGroups = T::kOutBlocks * T::kPvKSteps / kSteps;
-  const uint32_t page = smem_addr(s.page[buf][0]) + uint32_t(vt_lane_offset(threadIdx.x));
-  auto load = [&](int g, uint32_t (&a)[kSteps][4]) {
-#pragma unroll
-    for (int i = 0; i < kSteps; ++i) {
-      const int kk = (g * kSteps + i) % T::kPvKSteps, m = g * kSteps / T::kPvKSteps;
-      ldsm_x4_trans(page + m * kPageTileBytes + kk * kMmaK * kBlockRowBytes, a[i]);
-    }
-  };
-  uint32_t a[2][kSteps][4];
-  load(0, a[0]);
-#pragma unroll
-  for (int g = 0; g < kGroups; ++g) {
-    const int m = g * kSteps / T::kPvKSteps;
-    fence_accumulators(o[m]);
-#pragma unroll
-    for (int i = 0; i < kSteps; ++i) fence_fragment(a[g % 2][i]);
-    cute::warpgroup_arrive();  // the fragments were written by ldmatrix: wgmma.fence before reading them
-#pragma unroll
-    for (int i = 0; i < kSteps; ++i) {
-      const int kk = (g * kSteps + i) % T::kPvKSteps;
-      gmma_rs<OutMmaRegA>(a[g % 2][i], desc_add(d.p, kk * 32), o[m]);
-    }
-    cute::warpgroup_commit_batch();
-    if (g + 1 < kGroups) {
-      if (g >= 1) cute::warpgroup_wait<1>();  // group g - 1 is done with set (g + 1) % 2
-#pragma unroll
-      for (int i = 0; i < kSteps; ++i) fence_fragment(a[(g + 1) % 2][i]);
-      load(g + 1, a[(g + 1) % 2]);
-    }
-  }
-}
-
 // O^T += V^T P^T for CTA page n, then (kNext) S^T of page n + 1, which overlaps it; the buffer goes
 // back to the converters as soon as the PV product is done (wgmma groups complete in order). A template, so that no branch separates a wgmma from its wait
 // (ptxas serializes every wgmma of the kernel otherwise).
@@ -372,10 +331,7 @@ template <bool kNext>
 __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint32_t n,
                                             float (&o)[T::kOutBlocks][T::kScoreRegs], float (&acc)[T::kScoreRegs]) {
   const int buf = n % kNumPageBuffers;
-  if constexpr (T::kPvFromRegisters)
-    issue_pv_from_registers(s, d, buf, o);
-  else
-    issue_pv(d, buf, o);
+  issue_pv(d, buf, o);
   if constexpr (kNext) {
     issue_scores(s, d, n + 1, acc);
     cute::warpgroup_wait<1>();  // the PV product is done with buffer n % 2: release it early

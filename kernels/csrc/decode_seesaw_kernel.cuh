@@ -74,6 +74,14 @@ struct ConsumerSync {
   __device__ __forceinline__ static void sync() { NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync); }
 };
 
+// A segment's start (on trial since s23, off by default): 0 issues both pages of the first pair
+// with Q; 1 issues the second page once Q has landed, on the CTA's first segment (where every CTA
+// starts at once and the burst is bandwidth-bound); 2 does that on every segment.
+#ifndef KVPAGER_SEESAW_START
+#define KVPAGER_SEESAW_START 0
+#endif
+constexpr int kSeesawStart = KVPAGER_SEESAW_START;
+
 // Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
@@ -564,6 +572,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
   SEESAW_TRACE(c, kEvStart);
 
   using Scheduler = std::conditional_t<kFp8, LeanTileScheduler, TileScheduler>;  // FP8: 232 registers
+  bool first_segment = true;
   for (Scheduler sched(p, part); sched.valid(); sched.next()) {
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
@@ -572,9 +581,13 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 
     // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
     // The pages go first: issuing Q first made the first S later (s15, docs/kernel-perf.md).
+    // Trial (KVPAGER_SEESAW_START): the second page only once Q has landed, so that Q and the
+    // first page are not queued behind it when every CTA starts at once.
+    const bool page1_late = !kFp8 && (kSeesawStart == 2 || (kSeesawStart == 1 && first_segment));
+    first_segment = false;
     if (threadIdx.x == 0) {
       if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
-      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      if (ps + 1 < pe && !page1_late) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     }
     load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
@@ -583,6 +596,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);
     c.min_limit = row_limit(p, c.seg.seqlen, m_block * T::kBlockM);
     cute::cp_async_wait<0>();
+    if (page1_late && threadIdx.x == 0 && ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     fence_async_proxy();  // Q was written through the generic proxy; wgmma reads it through the async one
     c.consumers_sync();
     SEESAW_TRACE(c, kEvQ);

@@ -92,18 +92,6 @@ struct Fp8WsTraits {
   static constexpr int kRopeSlots = 4;   // RoPE tiles of pages n - 2 .. n + 1 (convert_page: why 4)
   static constexpr int kLatentTiles = kColBlocks - 1;
   static_assert(kHeadDimV / 32 == kChunkBytes, "a converter lane reads 16 latent bytes of a row");
-#ifndef KVPAGER_FP8_WS_PV_RS
-#define KVPAGER_FP8_WS_PV_RS 0
-#endif
-  // 1 (on trial since s22): the PV product takes V^T from registers (ldmatrix.trans, register-A
-  // wgmma), 0: V^T as an MN-major shared-memory operand (s10-s21).
-  static constexpr bool kPvFromRegisters = KVPAGER_FP8_WS_PV_RS != 0;
-  static constexpr int kPvKSteps = kPageSize / 16;  // k16 steps of the PV product: 4
-#ifndef KVPAGER_FP8_WS_PV_GROUP
-#define KVPAGER_FP8_WS_PV_GROUP 2
-#endif
-  static constexpr int kPvGroupSteps = KVPAGER_FP8_WS_PV_GROUP;  // k-steps a commit group (1, 2, 4)
-  static_assert(kPvKSteps % kPvGroupSteps == 0, "a commit group stays inside one 64-feature block");
 
   struct SharedMemoryPlan {  // every tile in the wgmma block layout, 1024-byte aligned
     alignas(1024) char page[kNumPageBuffers][kLatentTiles][kPageTileBytes];  // dequantized latents (2 x 64 KB)

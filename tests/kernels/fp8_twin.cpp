@@ -11,8 +11,6 @@
 //                               warp a tile in 8 rounds from the last; rounds2 (the default since s19) /
 //                               rounds4 = 2 / 4 rounds an iteration (KVPAGER_FP8_CONVERT_ROUNDS)), then
 //                               read back through the 128-byte swizzle into 64 rows of 512 bf16 (OUT).
-//   fp8_twin vt-fragments       the ws kernel's ldmatrix.trans of V^T (fp8_ws_layout.h) emulated on one
-//                               tile: every lane must get wgmma's register-A fragment. Prints "ok".
 //   fp8_twin fragments SEED     one page through every warp's and lane's fragments as the kernel
 //                               builds them (Fp8Lane, k_step_b, dequant_16), with mma.m16n8k16 and
 //                               movmatrix emulated from the PTX ISA's fragment layouts; checks S and
@@ -28,7 +26,6 @@
 
 #include "fp8_dequant.cuh"
 #include "fp8_lane.h"
-#include "fp8_ws_layout.h"
 #include "seesaw_fp8_layout.h"
 
 using namespace kvpager;
@@ -398,44 +395,6 @@ int run_seesaw_slots(const char* in_path, const char* out_path, const char* sche
   return 0;
 }
 
-// ---- the ws kernel's V^T fragments (fp8_ws_layout.h, KVPAGER_FP8_WS_PV_RS) ------------------------
-
-// One 64 x 64 latent tile as the ws converters store it (key rows of 128 bytes, 16-byte chunk c at
-// c ^ (key % 8)), each value naming its own (key, feature); then every consumer lane's
-// ldmatrix.x4.trans at every k-step, emulated from the PTX ISA's definition (lanes 8q .. 8q + 7 give
-// matrix q's row addresses; .trans hands lane l elements (2 (l % 4) + e, l / 4) of each matrix),
-// must give wgmma's register-A fragment of V^T (fp8_ws_layout.h's header). Prints "ok" or the first
-// mismatch.
-int run_vt_fragments() {
-  std::vector<uint8_t> tile(kPageTileBytes, 0);
-  for (int key = 0; key < kPageSize; ++key)
-    for (int f = 0; f < kBlockCols; ++f) {
-      const uint16_t v = uint16_t(key * kBlockCols + f);
-      std::memcpy(&tile[key * kBlockRowBytes + (((f / 8) ^ (key & 7)) * kChunkBytes) + (f % 8) * 2], &v, 2);
-    }
-  for (int warp = 0; warp < 4; ++warp)
-    for (int kk = 0; kk < kPageSize / kMmaK; ++kk)
-      for (int lane = 0; lane < kLanes; ++lane) {
-        const int g = lane / 4, t = lane % 4;
-        for (int q = 0; q < 4; ++q)
-          for (int e = 0; e < 2; ++e) {
-            // element (row 2t + e, column g) of matrix q: row 2t + e's address came from lane 8q + 2t + e
-            const int src = 8 * q + 2 * t + e;
-            const int at = vt_lane_offset(warp * kLanes + src) + kk * kMmaK * kBlockRowBytes + g * 2;
-            uint16_t got;
-            std::memcpy(&got, &tile[at], 2);
-            // register q of the A fragment: row (feature) 16 warp + g + 8 (q % 2), column (key) 2t + e + 8 (q / 2)
-            const int want_f = 16 * warp + g + 8 * (q % 2), want_key = kk * kMmaK + 2 * t + e + 8 * (q / 2);
-            if (got != uint16_t(want_key * kBlockCols + want_f)) {
-              std::printf("warp %d k-step %d lane %d register %d half %d: key %d feature %d, want key %d feature %d\n",
-                          warp, kk, lane, q, e, got / kBlockCols, got % kBlockCols, want_key, want_f);
-              return 1;
-            }
-          }
-      }
-  std::printf("ok\n");
-  return 0;
-}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -443,10 +402,9 @@ int main(int argc, char** argv) {
   if (argc == 5 && std::strcmp(argv[1], "dequant-folded") == 0)
     return run_dequant(argv[2], argv[3], std::atol(argv[4]), true);
   if (argc == 3 && std::strcmp(argv[1], "fragments") == 0) return run_fragments(unsigned(std::atol(argv[2])));
-  if (argc == 2 && std::strcmp(argv[1], "vt-fragments") == 0) return run_vt_fragments();
   if (argc == 5 && std::strcmp(argv[1], "seesaw-slots") == 0) return run_seesaw_slots(argv[2], argv[3], argv[4]);
   std::fprintf(stderr,
                "usage: fp8_twin dequant|dequant-folded IN OUT N | fp8_twin fragments SEED | "
-               "fp8_twin seesaw-slots IN OUT rounds|rounds2|rounds4 | fp8_twin vt-fragments\n");
+               "fp8_twin seesaw-slots IN OUT rounds|rounds2|rounds4\n");
   return 2;
 }
