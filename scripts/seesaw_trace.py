@@ -126,7 +126,8 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
     print(f"b={case.b} s_q={case.s_q} h_q={case.h_q} s_k={case.s_k}: {len(pairs[0])} pairs in the traced "
           f"segment; steady pairs {first}..{n - 1}; cycles after the end of WG0's previous pair")
     if n - first < 3:
-        print("  (too few pairs)")
+        print("  (too few pairs for the steady state)")
+        print_segment_spans(events)
         return
     periods = [pairs[0][k][-1][1] - pairs[0][k - 1][-1][1] for k in range(first, n)]
     for wg in (0, 1):
@@ -152,6 +153,10 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
               + " | ".join(f"{name} {statistics.median(v):.0f}" for name, v in issue.items()))
     if events.get(2):
         print("  converter: " + converter_cells(events[2], pairs[0], first, n))
+    print_segment_spans(events)
+
+
+def print_segment_spans(events: dict[int, list[tuple[int, int]]]) -> None:
     print("  segment start (cycles): " + " | ".join(f"wg{wg} {start_spans(events[wg])}" for wg in (0, 1)))
     print("  segment whole (cycles): " + " | ".join(f"wg{wg} {whole_spans(events[wg])}" for wg in (0, 1)))
 

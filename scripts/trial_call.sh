@@ -9,8 +9,8 @@
 #   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base)
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
-#   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024 and h_q 128
-#                    s_q 2: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase tst1)
+#   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024, h_q 128 s_q 2
+#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase tst1)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
 #                    tbase, a -DKVPAGER_TRACE build)
 # Device call (carry [".whl"]):
@@ -62,7 +62,7 @@ for stage in "$@"; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"
-      timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 2>&1 | grep -v Warning | tee -a "$LOG"
+      timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 --case 1,1,128,4096 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
     timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
