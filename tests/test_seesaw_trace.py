@@ -64,7 +64,20 @@ def test_too_short_a_segment_is_said_not_averaged(trace, capsys) -> None:
     from kvpager.benchmarks import kernel as bench
 
     trace.report(bench.Case(1, 1, 128, 128, False), synthetic(trace, pairs=2, period=6000, wg1_shift=0))
-    assert "(too few pairs)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "(too few pairs for the steady state)" in text
+    assert "period median" not in text
+    # ... but the segment's start and its whole span still print (the second segment is not counted)
+    assert "segment start (cycles): wg0 start->segment 10, segment->Q 490, Q->first-S 500 | wg1 " in text
+    assert "segment whole (cycles): wg0 start->first-S 1000, first-S->loop-end 12050, total 13050 | wg1 " in text
+
+
+def test_whole_span_ends_at_the_first_segments_epilogue(trace) -> None:
+    ev = {name: i for i, name in enumerate(trace.NAMES)}
+    events = [(ev["start"], 0), (ev["segment"], 10), (ev["first-S"], 900), (ev["pair"], 5000),
+              (ev["loop-end"], 9000), (ev["epilogue"], 9800), (ev["segment"], 9900), (ev["epilogue"], 20000)]
+    assert trace.whole_spans(events) == "start->first-S 900, first-S->loop-end 8100, loop-end->epilogue 800, total 9800"
+    assert trace.whole_spans([]) == "(no stamps)"
 
 
 def test_reload_spans_run_from_the_reloader_to_the_readers_s_issue(trace) -> None:
