@@ -74,14 +74,6 @@ struct ConsumerSync {
   __device__ __forceinline__ static void sync() { NamedBarrier::arrive_and_wait(T::kThreads, T::kConsumersSync); }
 };
 
-// A segment's start (on trial since s23, off by default): 0 issues both pages of the first pair
-// with Q; 1 issues the second page once Q has landed, on the CTA's first segment (where every CTA
-// starts at once and the burst is bandwidth-bound); 2 does that on every segment.
-#ifndef KVPAGER_SEESAW_START
-#define KVPAGER_SEESAW_START 0
-#endif
-constexpr int kSeesawStart = KVPAGER_SEESAW_START;
-
 // Order 15 (s15) on top of 11: WG0 refills buffer 1 before it issues its next S0.
 template <int kOrder> constexpr bool kRefillBeforeS0 = kOrder == 15;
 
@@ -105,6 +97,9 @@ struct Ctx {
   int hk;
   Segment seg;
   uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
+#if KVPAGER_SEESAW_START == 3
+  uint32_t q_phase;  // parity of the current segment's Q copies (q_ready)
+#endif
 #ifdef KVPAGER_TRACE
   bool trace;
   mutable int trace_n;
@@ -164,7 +159,7 @@ struct Ctx {
 // Here and in the P V products each operand's descriptor is built once and stepped by constants
 // (desc_add): 976 fewer instructions than building each from its address, 1-7 % faster (s19). The
 // FP8 seesaw builds each from its address: at its 232 registers the stepped bases spill 8 bytes.
-template <typename Elem, int kFirst, int kLast, bool kZeroFirst>
+template <typename Elem, int kFirst, int kLast, bool kZeroFirst, bool kWaitQ = false>
 __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[T::kScoreRegs]) {
   static_assert(sizeof(Plan::q[0]) == kPageTileBytes, "Q's tiles, like a buffer's, are kPageTileBytes apart");
   const uint32_t page = c.page(buf);
@@ -172,6 +167,9 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
 #pragma unroll
   for (int tile = kFirst; tile < kLast; ++tile) {
     TileBarrier::wait(c.tile_barrier(buf, tile), c.phase);
+#if KVPAGER_SEESAW_START == 3
+    if constexpr (kWaitQ) TileBarrier::wait(&c.s.q_ready[tile], c.q_phase);  // a segment's first S GEMMs
+#endif
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk) {
@@ -184,26 +182,45 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
 }
 
 // The S GEMM of WG0 (buffer 0): tiles 0-3 and the rope tile first (reloaded early), then 4-7.
-template <typename Elem>
+// kWaitQ: a segment's first S GEMMs, whose Q tiles may still be landing (kSeesawStart 3).
+template <typename Elem, bool kWaitQ = false>
 __device__ __forceinline__ void issue_s0_early(const Ctx& c, float (&s)[T::kScoreRegs]) {
   fence_accumulators(s);
-  score_tiles<Elem, 0, T::kVTilesPerWg, true>(c, 0, s);
-  score_tiles<Elem, T::kRopeTile, kColBlocks, false>(c, 0, s);
+  score_tiles<Elem, 0, T::kVTilesPerWg, true, kWaitQ>(c, 0, s);
+  score_tiles<Elem, T::kRopeTile, kColBlocks, false, kWaitQ>(c, 0, s);
   cute::warpgroup_commit_batch();
 }
-template <typename Elem>
+template <typename Elem, bool kWaitQ = false>
 __device__ __forceinline__ void issue_s0_late(const Ctx& c, float (&s)[T::kScoreRegs]) {
-  score_tiles<Elem, T::kVTilesPerWg, T::kRopeTile, false>(c, 0, s);
+  score_tiles<Elem, T::kVTilesPerWg, T::kRopeTile, false, kWaitQ>(c, 0, s);
   cute::warpgroup_commit_batch();
 }
 // The S GEMM of WG1 (buffer 1): tiles 4-7 first (reloaded by WG1 itself), then 8 and 0-3.
-template <typename Elem>
+template <typename Elem, bool kWaitQ = false>
 __device__ __forceinline__ void issue_s1(const Ctx& c, float (&s)[T::kScoreRegs]) {
   fence_accumulators(s);
-  score_tiles<Elem, T::kVTilesPerWg, kColBlocks, true>(c, 1, s);
-  score_tiles<Elem, 0, T::kVTilesPerWg, false>(c, 1, s);
+  score_tiles<Elem, T::kVTilesPerWg, kColBlocks, true, kWaitQ>(c, 1, s);
+  score_tiles<Elem, 0, T::kVTilesPerWg, false, kWaitQ>(c, 1, s);
   cute::warpgroup_commit_batch();
 }
+
+#if KVPAGER_SEESAW_START == 3
+// One thread, at a segment's start: Q's tiles of row block m_block by TMA (tile t completing on
+// q_ready[t]), each followed by the same tile of the first page (page_id < 0: none), so that the
+// copies land in the order the first S GEMM reads them.
+__device__ __forceinline__ void load_q_with_first_page(const Ctx& c, const SeesawMaps& maps, int m_block, int page_id) {
+  const int row0 = m_block * T::kBlockM;
+  const int head0 = c.hk * c.p.groups + row0 % c.p.groups, sq0 = row0 / c.p.groups;
+  const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+#pragma unroll 1
+  for (int tile = 0; tile < kColBlocks; ++tile) {
+    TileBarrier::arrive_and_expect_tx(&c.s.q_ready[tile], T::kBlockM * kBlockRowBytes);
+    cute::SM90_TMA_LOAD_4D::copy(&maps.q, &c.s.q_ready[tile], hint, c.s.q[tile], tile * kBlockCols, head0, sq0,
+                                 c.seg.b);
+    if (page_id >= 0) c.load(0, page_id, tile, tile + 1);
+  }
+}
+#endif
 
 // O_half += P V_half with P from registers (the packed S fragment), V = this warpgroup's 4 tiles.
 template <typename Elem>
@@ -565,6 +582,9 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
   c.phase = 0;
+#if KVPAGER_SEESAW_START == 3
+  c.q_phase = 0;
+#endif
 #ifdef KVPAGER_TRACE
   c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
   c.trace_n = 0;
@@ -585,11 +605,23 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     // first page are not queued behind it when every CTA starts at once.
     const bool page1_late = !kFp8 && (kSeesawStart == 2 || (kSeesawStart == 1 && first_segment));
     first_segment = false;
+    // Trial 3: Q by TMA, interleaved with the first page's tiles (where q's strides allow a map).
+    constexpr bool kQByTma = !kFp8 && kSeesawStart == 3;
+    bool q_tma = false;
+#if KVPAGER_SEESAW_START == 3
+    q_tma = kQByTma && maps.q_by_tma;
+#endif
     if (threadIdx.x == 0) {
-      if (ps < pe) c.load(0, c.seg.block_table[ps], 0, kColBlocks);
+#if KVPAGER_SEESAW_START == 3
+      if (q_tma)
+        load_q_with_first_page(c, maps, m_block, ps < pe ? c.seg.block_table[ps] : -1);
+      else
+#endif
+      if (ps < pe)
+        c.load(0, c.seg.block_table[ps], 0, kColBlocks);
       if (ps + 1 < pe && !page1_late) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     }
-    load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
+    if (!q_tma) load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
     if (threadIdx.x < T::kBlockM) plan.row_max[threadIdx.x] = -CUDART_INF_F;
 #pragma unroll
@@ -599,6 +631,16 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     if (page1_late && threadIdx.x == 0 && ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     fence_async_proxy();  // Q was written through the generic proxy; wgmma reads it through the async one
     c.consumers_sync();
+#if KVPAGER_SEESAW_START == 3
+    if constexpr (kQByTma) {
+      // Q by cp.async (landed: the sync above): complete q_ready's phase by hand for the waits below.
+      if (!q_tma && threadIdx.x == 0)
+        for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::arrive(&plan.q_ready[tile]);
+      // No S GEMM waits for Q in a segment without pages: wait here, before the next segment's copies.
+      if (ps >= pe)
+        for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::wait(&plan.q_ready[tile], c.q_phase);
+    }
+#endif
     SEESAW_TRACE(c, kEvQ);
 
     float o[T::kOutRegs];
@@ -612,8 +654,8 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
 
     if (c.wg == 0) {
       if (ps < pe) {
-        issue_s0_early<Elem>(c, s);
-        issue_s0_late<Elem>(c, s);
+        issue_s0_early<Elem, kQByTma>(c, s);
+        issue_s0_late<Elem, kQByTma>(c, s);
         cute::warpgroup_wait<0>();
         fence_accumulators(s);
         c.phase ^= 1;
@@ -622,7 +664,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
       run_pairs<Elem, kOrder, 0>(c, s, o, sm);
     } else {
       if (ps + 1 < pe) {
-        issue_s1<Elem>(c, s);
+        issue_s1<Elem, kQByTma>(c, s);
         cute::warpgroup_wait<0>();
         fence_accumulators(s);
         c.phase ^= 1;
@@ -645,6 +687,9 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
+#if KVPAGER_SEESAW_START == 3
+    c.q_phase ^= 1;  // every q_ready barrier completed once this segment
+#endif
   }
 }
 
@@ -670,6 +715,9 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8>, 1)
       }
     } else {
       cute::prefetch_tma_descriptor(&maps.page);
+#if KVPAGER_SEESAW_START == 3
+      if (maps.q_by_tma) cute::prefetch_tma_descriptor(&maps.q);
+#endif
     }
 #pragma unroll
     for (int buf = 0; buf < kNumPageBuffers; ++buf) {
@@ -680,6 +728,10 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8>, 1)
         for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConvertedArrivals);
       }
     }
+#if KVPAGER_SEESAW_START == 3
+#pragma unroll
+    for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.q_ready[tile], 1);
+#endif
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (kFp8) {
