@@ -65,7 +65,7 @@ for stage in "$@"; do
       timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 --case 1,1,128,4096 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
-    timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
+    timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
   esac
 done
 t done
