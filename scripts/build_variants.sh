@@ -6,7 +6,7 @@
 # `scripts/use_variant.sh <tag>` then puts it in place of kernels/_C*.so of an editable install of
 # this checkout, so the next Python process runs it.
 #
-#   VARIANTS="base=;st1=-DKVPAGER_SEESAW_START=1" \
+#   VARIANTS="base=;sync=-DKVPAGER_SYNC_HANDOFFS" \
 #     bash scripts/build_variants.sh
 # Env: VARIANTS (tag=nvcc flags, ';'-separated), VDIR (default /tmp/variants), PYTHON, JOBS_EACH
 # (ninja jobs a variant, default 16 / number of variants, at least 4).

@@ -5,23 +5,30 @@
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
 #   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base st1 st3 base st1 st3)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base)
+#   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
+#                    tma cp.async tma cp.async)
+#   seesawsan        compute-sanitizer on the bf16 / fp16 kernels (scripts/sanitize_cases.py, all
+#                    cases, kernels named *seesaw*): memcheck on base, racecheck on variant sync
+#                    (-DKVPAGER_SYNC_HANDOFFS: racecheck does not model bar.arrive)
+#   benchissue       `kvpager bench kernel --set issue` on base (issue 9's grid with its ceilings):
+#                    $OUT/bench-issue.json
 #   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base)
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
 #   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024, h_q 128 s_q 2
-#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase tst1 tst3)
+#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
 #                    tbase, a -DKVPAGER_TRACE build)
 # Device call (carry [".whl"]):
-#   DEADLINE=420 bash scripts/trial_call.sh build tests:st3 tests:st1 bf16 seesawtrace
+#   DEADLINE=420 bash scripts/trial_call.sh build tests:base qmodes seesawsan benchissue
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;st1=-DKVPAGER_SEESAW_START=1;st3=-DKVPAGER_SEESAW_START=3;tbase=-DKVPAGER_TRACE;tst1=-DKVPAGER_TRACE -DKVPAGER_SEESAW_START=1;tst3=-DKVPAGER_TRACE -DKVPAGER_SEESAW_START=3"}
+export VARIANTS=${VARIANTS:-"base=;sync=-DKVPAGER_SYNC_HANDOFFS;tbase=-DKVPAGER_TRACE"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -43,10 +50,21 @@ for stage in "$@"; do
       ceiling=
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base st1 st3 base st1 st3}; do
+    for tag in ${BF16_TAGS:-base}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
+  qmodes) t qmodes; bash scripts/use_variant.sh base
+    for mode in ${Q_MODES:-tma cp.async tma cp.async}; do
+      KVPAGER_SEESAW_Q=$mode timeout 100 python3 scripts/variant_time.py --label "q=$mode" 2>&1 | grep -v Warning | tee -a "$LOG"
+    done ;;
+  seesawsan) t seesawsan
+    bash scripts/use_variant.sh base
+    KERNEL_FILTER=seesaw TOOLS=memcheck timeout 150 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL|==" | tail -8 | tee -a "$LOG"
+    bash scripts/use_variant.sh sync
+    KERNEL_FILTER=seesaw TOOLS=racecheck timeout 150 bash scripts/sanitize.sh 2>&1 | grep -E "RACECHECK SUMMARY|sanitize|error|FAIL|==" | tail -8 | tee -a "$LOG" ;;
+  benchissue) t benchissue; bash scripts/use_variant.sh base
+    timeout 240 python3 -m kvpager.cli bench kernel --set issue --plain --out "$OUT/bench-issue.json" 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   fp8trace) t fp8trace
     for tag in ${TRACE_TAGS:-tbase}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
@@ -58,7 +76,7 @@ for stage in "$@"; do
     CASES_ARGS=--fp8 KERNEL_FILTER=${SAN_FILTER:-fp8_ws} TOOLS=${SAN_TOOLS:-"memcheck racecheck"} \
       timeout 200 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL" | tail -12 | tee -a "$LOG" ;;
   seesawtrace) t seesawtrace
-    for tag in ${SEESAWTRACE_TAGS:-tbase tst1 tst3}; do
+    for tag in ${SEESAWTRACE_TAGS:-tbase}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"

@@ -68,6 +68,7 @@ bool aligned16(const at::Tensor& t) {
 // Run-time switches, read on every call so one process can compare them (and a CUDA graph keeps
 // the ones it was captured with): KVPAGER_MLA_KERNEL=seesaw|lockstep picks the 64-row kernel,
 // KVPAGER_SEESAW_ORDER=11|15 the seesaw kernel's hand-off order (launch.h),
+// KVPAGER_SEESAW_Q=tma|cp.async how it loads Q,
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
 // KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
@@ -83,6 +84,12 @@ kvpager::DecodeOptions options_from_env() {
     const std::string v = order;
     KVP_CHECK(v == "11" || v == "15", "KVPAGER_SEESAW_ORDER must be 11 or 15, got ", v);
     options.seesaw_order = std::stoi(v);
+  }
+  const char* q_load = std::getenv("KVPAGER_SEESAW_Q");
+  if (q_load != nullptr) {
+    const std::string v = q_load;
+    KVP_CHECK(v == "tma" || v == "cp.async", "KVPAGER_SEESAW_Q must be tma or cp.async, got ", v);
+    options.seesaw_q_by_tma = v == "tma";
   }
   const char* pdl = std::getenv("KVPAGER_PDL");
   options.pdl = !(pdl && std::string(pdl) == "0");

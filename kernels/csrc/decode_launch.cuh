@@ -68,9 +68,7 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   SeesawMaps maps{};
   cudaError_t err = encode_page_tensor_map<Elem>(p, &maps.page);
   if (err != cudaSuccess) return err;
-#if KVPAGER_SEESAW_START == 3
-  maps.q_by_tma = encode_q_tensor_map<Elem>(p, &maps.q) ? 1 : 0;
-#endif
+  maps.q_by_tma = options.seesaw_q_by_tma && encode_q_tensor_map<Elem>(p, &maps.q) ? 1 : 0;
   err = options.seesaw_order == 11 ? launch_seesaw_kernel<Elem, 11>(p, maps, stream)
                                    : launch_seesaw_kernel<Elem, 15>(p, maps, stream);
 #ifdef KVPAGER_TRACE

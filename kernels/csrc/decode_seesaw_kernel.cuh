@@ -97,9 +97,7 @@ struct Ctx {
   int hk;
   Segment seg;
   uint32_t phase;  // parity of the next load of this warpgroup's S buffer (buffer wg)
-#if KVPAGER_SEESAW_START == 3
-  uint32_t q_phase;  // parity of the current segment's Q copies (q_ready)
-#endif
+  uint32_t q_phase;  // parity of the current segment's Q tiles (q_ready)
 #ifdef KVPAGER_TRACE
   bool trace;
   mutable int trace_n;
@@ -167,9 +165,7 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
 #pragma unroll
   for (int tile = kFirst; tile < kLast; ++tile) {
     TileBarrier::wait(c.tile_barrier(buf, tile), c.phase);
-#if KVPAGER_SEESAW_START == 3
     if constexpr (kWaitQ) TileBarrier::wait(&c.s.q_ready[tile], c.q_phase);  // a segment's first S GEMMs
-#endif
     cute::warpgroup_arrive();  // after the wait loop (divergent to ptxas): else every wgmma gets serialized
 #pragma unroll
     for (int kk = 0; kk < kBlockCols / kMmaK; ++kk) {
@@ -182,7 +178,7 @@ __device__ __forceinline__ void score_tiles(const Ctx& c, int buf, float (&acc)[
 }
 
 // The S GEMM of WG0 (buffer 0): tiles 0-3 and the rope tile first (reloaded early), then 4-7.
-// kWaitQ: a segment's first S GEMMs, whose Q tiles may still be landing (kSeesawStart 3).
+// kWaitQ: a segment's first S GEMMs, whose Q tiles may still be landing.
 template <typename Elem, bool kWaitQ = false>
 __device__ __forceinline__ void issue_s0_early(const Ctx& c, float (&s)[T::kScoreRegs]) {
   fence_accumulators(s);
@@ -204,7 +200,6 @@ __device__ __forceinline__ void issue_s1(const Ctx& c, float (&s)[T::kScoreRegs]
   cute::warpgroup_commit_batch();
 }
 
-#if KVPAGER_SEESAW_START == 3
 // One thread, at a segment's start: Q's tiles of row block m_block by TMA (tile t completing on
 // q_ready[t]), each followed by the same tile of the first page (page_id < 0: none), so that the
 // copies land in the order the first S GEMM reads them.
@@ -220,7 +215,6 @@ __device__ __forceinline__ void load_q_with_first_page(const Ctx& c, const Seesa
     if (page_id >= 0) c.load(0, page_id, tile, tile + 1);
   }
 }
-#endif
 
 // O_half += P V_half with P from registers (the packed S fragment), V = this warpgroup's 4 tiles.
 template <typename Elem>
@@ -582,9 +576,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
   c.rows[1] = c.rows[0] + 8;
   c.hk = blockIdx.y;
   c.phase = 0;
-#if KVPAGER_SEESAW_START == 3
   c.q_phase = 0;
-#endif
 #ifdef KVPAGER_TRACE
   c.trace = m_block == 0 && part == p.num_parts / 2 && c.lane_in_wg == 0;
   c.trace_n = 0;
@@ -592,34 +584,24 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
   SEESAW_TRACE(c, kEvStart);
 
   using Scheduler = std::conditional_t<kFp8, LeanTileScheduler, TileScheduler>;  // FP8: 232 registers
-  bool first_segment = true;
   for (Scheduler sched(p, part); sched.valid(); sched.next()) {
     c.seg = sched.segment();
     const int ps = c.seg.first_page, pe = c.seg.end_page;
     c.consumers_sync();  // the previous segment is done with every buffer (and the barriers are set up)
     SEESAW_TRACE(c, kEvSegment);
 
-    // Both pages of the first pair by TMA, Q by cp.async (any strides; rows past the last query zero).
-    // The pages go first: issuing Q first made the first S later (s15, docs/kernel-perf.md).
-    // Trial (KVPAGER_SEESAW_START): the second page only once Q has landed, so that Q and the
-    // first page are not queued behind it when every CTA starts at once.
-    const bool page1_late = !kFp8 && (kSeesawStart == 2 || (kSeesawStart == 1 && first_segment));
-    first_segment = false;
-    // Trial 3: Q by TMA, interleaved with the first page's tiles (where q's strides allow a map).
-    constexpr bool kQByTma = !kFp8 && kSeesawStart == 3;
-    bool q_tma = false;
-#if KVPAGER_SEESAW_START == 3
-    q_tma = kQByTma && maps.q_by_tma;
-#endif
+    // The first pair's pages by TMA. Q by TMA too where q suits a tensor map (s23): tile by tile,
+    // each followed by the first page's same tile, so the first S GEMMs run behind the copies as
+    // they land (b 1: -1.2 us, docs/kernel-perf.md). Else (and on an FP8 cache) by cp.async, any
+    // strides, after the pages (issuing it first made the first S later, s15).
+    constexpr bool kQByTma = !kFp8;  // FP8: no registers to spare for it at setmaxnreg 232
+    const bool q_tma = kQByTma && maps.q_by_tma;
     if (threadIdx.x == 0) {
-#if KVPAGER_SEESAW_START == 3
       if (q_tma)
         load_q_with_first_page(c, maps, m_block, ps < pe ? c.seg.block_table[ps] : -1);
-      else
-#endif
-      if (ps < pe)
+      else if (ps < pe)
         c.load(0, c.seg.block_table[ps], 0, kColBlocks);
-      if (ps + 1 < pe && !page1_late) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
+      if (ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     }
     if (!q_tma) load_q_tile<Elem, T::kBlockM, BlockSwizzled>(p, plan.q[0], c.seg.b, c.hk, m_block);
     cute::cp_async_fence();
@@ -628,10 +610,8 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     for (int i = 0; i < 2; ++i) c.limit[i] = row_limit(p, c.seg.seqlen, m_block * T::kBlockM + c.rows[i]);
     c.min_limit = row_limit(p, c.seg.seqlen, m_block * T::kBlockM);
     cute::cp_async_wait<0>();
-    if (page1_late && threadIdx.x == 0 && ps + 1 < pe) c.load(1, c.seg.block_table[ps + 1], 0, kColBlocks);
     fence_async_proxy();  // Q was written through the generic proxy; wgmma reads it through the async one
     c.consumers_sync();
-#if KVPAGER_SEESAW_START == 3
     if constexpr (kQByTma) {
       // Q by cp.async (landed: the sync above): complete q_ready's phase by hand for the waits below.
       if (!q_tma && threadIdx.x == 0)
@@ -640,7 +620,6 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
       if (ps >= pe)
         for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::wait(&plan.q_ready[tile], c.q_phase);
     }
-#endif
     SEESAW_TRACE(c, kEvQ);
 
     float o[T::kOutRegs];
@@ -687,9 +666,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
-#if KVPAGER_SEESAW_START == 3
-    c.q_phase ^= 1;  // every q_ready barrier completed once this segment
-#endif
+    if constexpr (kQByTma) c.q_phase ^= 1;  // every q_ready barrier completed once this segment
   }
 }
 
@@ -715,9 +692,7 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8>, 1)
       }
     } else {
       cute::prefetch_tma_descriptor(&maps.page);
-#if KVPAGER_SEESAW_START == 3
       if (maps.q_by_tma) cute::prefetch_tma_descriptor(&maps.q);
-#endif
     }
 #pragma unroll
     for (int buf = 0; buf < kNumPageBuffers; ++buf) {
@@ -728,10 +703,10 @@ __global__ void __launch_bounds__(seesaw::kCtaThreads<kFp8>, 1)
         for (int tile = 0; tile < kColBlocks - 1; ++tile) TileBarrier::init(&plan.converted[buf][tile], T::kConvertedArrivals);
       }
     }
-#if KVPAGER_SEESAW_START == 3
+    if constexpr (!kFp8) {  // Q's tiles (the FP8 seesaw loads Q by cp.async only)
 #pragma unroll
-    for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.q_ready[tile], 1);
-#endif
+      for (int tile = 0; tile < kColBlocks; ++tile) TileBarrier::init(&plan.q_ready[tile], 1);
+    }
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (kFp8) {

@@ -13,6 +13,9 @@ struct DecodeOptions {
   // seesaw hand-off order: 15 (s15: WG0 refills buffer 1 before its next S0) or 11 (s12-s14, kept
   // for comparison). decode_seesaw_kernel.cuh, docs/kernel-perf.md.
   int seesaw_order = 15;
+  // seesaw: Q by TMA, tile by tile, wherever q's layout suits a tensor map (s23; false: by cp.async,
+  // the way before, which the kernel also takes where q does not suit).
+  bool seesaw_q_by_tma = true;
   // seesaw: L2 eviction priority of page loads (evict-first measured best: docs/kernel-perf.md).
   enum class CacheHint { kFirst, kNormal, kLast } page_cache_hint = CacheHint::kFirst;
   // FP8 cache, 16-row blocks: the warp-specialized kernel (false: the split-K mma.sync kernel).

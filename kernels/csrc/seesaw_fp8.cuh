@@ -43,10 +43,8 @@ struct Fp8PageMaps {
 struct SeesawMaps {
   CUtensorMap page;  // bf16 / fp16 cache: one 64 x 64 tile a copy
   Fp8PageMaps fp8;   // FP8 cache
-#if KVPAGER_SEESAW_START == 3
   CUtensorMap q;     // bf16 / fp16 q, one 64-column tile of a row block a copy (encode_q_tensor_map)
-  int q_by_tma;      // 0: q's strides do not suit TMA, so Q goes by cp.async as before
-#endif
+  int q_by_tma;      // 0 (q does not suit a map, an FP8 cache, or switched off): Q by cp.async
 };
 
 

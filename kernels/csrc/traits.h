@@ -139,16 +139,6 @@ struct LockstepTraits {
 // On an FP8 cache (seesaw_fp8.cuh) a third warpgroup, the converter, dequantizes each latent tile in
 // place after its FP8 bytes land; the two consumer warpgroups then run exactly as on bf16. The
 // register file is split with setmaxnreg: 2 x 232 + 40 = 3 x 168 (the launch-bounds allocation).
-// The seesaw's segment start (on trial since s23, off by default): 0 issues both pages of the first
-// pair with Q (by cp.async); 1 issues the second page once Q has landed, on the CTA's first segment
-// (where every CTA starts at once and the burst is bandwidth-bound); 2 does that on every segment;
-// 3 loads Q by TMA, tile by tile with a barrier each, interleaved with the first page's tiles and
-// ahead of the second page's, so that the first S GEMMs run behind the copies as they land.
-#ifndef KVPAGER_SEESAW_START
-#define KVPAGER_SEESAW_START 0
-#endif
-constexpr int kSeesawStart = KVPAGER_SEESAW_START;
-
 struct SeesawTraits {
   static constexpr int kBlockM = kWgmmaBlockM;
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
@@ -192,9 +182,7 @@ struct SeesawTraits {
     } exchange;
     uint64_t tile_ready[kNumPageBuffers][kColBlocks];  // TMA mbarriers, one per page tile
     uint64_t converted[kNumPageBuffers][kColBlocks - 1];  // FP8 cache: latent tile dequantized (kConvertedArrivals)
-#if KVPAGER_SEESAW_START == 3
-    uint64_t q_ready[kColBlocks];  // Q's tiles by TMA, a phase a segment (kSeesawStart 3)
-#endif
+    uint64_t q_ready[kColBlocks];  // Q's tiles (by TMA, or by hand after cp.async), a phase a segment
   };
   static constexpr int kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + base alignment
   static_assert(kSmemBytes <= kMaxSmemBytes, "shared memory over the sm_90 per-block limit");

@@ -3,8 +3,9 @@
 The pairwise grid covers h_q in {64, 96, 128} x s_q in {1, 2, 3} x varlen with sequence lengths
 around page and pair boundaries (odd and even page counts, partial last pages), NaN in every slot
 no sequence owns and zero-length rows (tests/gpu/test_kernel.py's make_batch). The lockstep
-kernel (KVPAGER_MLA_KERNEL=lockstep) and the combine launch without PDL (KVPAGER_PDL=0) are run
-on the same inputs, since the benchmark compares them.
+kernel (KVPAGER_MLA_KERNEL=lockstep), the combine launch without PDL (KVPAGER_PDL=0) and Q by
+cp.async instead of TMA (KVPAGER_SEESAW_Q=cp.async) are run on the same inputs, since the benchmark
+compares them.
 """
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ def test_pdl_inside_a_cuda_graph(monkeypatch) -> None:
 @pytest.mark.parametrize("name, value, error, message", [
     ("KVPAGER_MLA_KERNEL", "fast", Exception, "KVPAGER_MLA_KERNEL"),
     ("KVPAGER_SEESAW_ORDER", "16", InvalidArgument, "KVPAGER_SEESAW_ORDER must be 11 or 15, got 16"),
+    ("KVPAGER_SEESAW_Q", "dma", InvalidArgument, "KVPAGER_SEESAW_Q must be tma or cp.async, got dma"),
 ])
 def test_bad_switch_value_is_an_error(name, value, error, message, monkeypatch) -> None:
     monkeypatch.setenv(name, value)
@@ -148,6 +150,49 @@ def test_order_11_matches_reference(c: dict, monkeypatch) -> None:
     monkeypatch.setenv("KVPAGER_SEESAW_ORDER", "11")
     (q, k_cache, block_table, seqlens), out, lse = run(c)
     assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, c["causal"]), seqlens)
+
+
+def q_in_layout(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as q [b, s_q, h_q, 576], held another way: heads 1280 bytes apart (a slice
+    of wider rows), positions inside heads (a transposed [b, h_q, s_q, 576]), or one row of q
+    broadcast over the batch (stride 0: no tensor map takes it)."""
+    if layout == "contiguous":
+        return q
+    if layout == "wide-rows":
+        wide = torch.full((*q.shape[:3], 640), float("nan"), dtype=q.dtype, device=q.device)
+        wide[..., :q.shape[3]] = q
+        return wide[..., :q.shape[3]]
+    if layout == "transposed":
+        return q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert layout == "broadcast"
+    return q[:1].expand(q.shape)
+
+
+# (s_q, h_q, h_kv): a row block of one position's 64 heads (groups 128, 64), of 2 positions x 32
+# heads, 4 x 16 with the last position past s_q (rows 48: zero-filled by the copy), kv head 1's
+# heads (h_kv 2), and groups 96 (a row block would mix positions: Q by cp.async).
+Q_SHAPES = [(1, 128, 1), (2, 64, 1), (2, 32, 1), (3, 16, 1), (1, 128, 2), (1, 96, 1)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "wide-rows", "transposed", "broadcast"])
+@pytest.mark.parametrize("shape", Q_SHAPES, ids=lambda s: f"sq{s[0]}-hq{s[1]}-hkv{s[2]}")
+def test_q_by_tma_and_by_cp_async_agree_bit_for_bit(shape, layout: str, monkeypatch) -> None:
+    """KVPAGER_SEESAW_Q=tma (the default: Q's tiles by TMA where q suits a tensor map) lands the
+    same Q tiles as cp.async, so out and lse are equal bit for bit; both match the reference.
+    Sequences of 0, 1, 65 and 700 tokens: an empty segment, a one-page one, splits."""
+    s_q, h_q, h_kv = shape
+    torch.manual_seed(31)
+    lens = torch.tensor([700, 0, 65, 1], dtype=torch.int32)
+    q, k_cache, block_table, seqlens = make_batch(4, s_q, h_q, h_kv, lens, torch.bfloat16)
+    q = q_in_layout(q, layout)
+    meta, splits = metadata(q, k_cache, seqlens)
+    results = {}
+    for mode in ("tma", "cp.async"):
+        monkeypatch.setenv("KVPAGER_SEESAW_Q", mode)
+        results[mode] = kernels.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, DV, meta, splits)
+    (out, lse), (old_out, old_lse) = results["tma"], results["cp.async"]
+    assert torch.equal(out, old_out) and torch.equal(lse, old_lse)
+    assert_matches_reference(out, lse, *reference(q, k_cache, block_table, seqlens, False), seqlens)
 
 
 @pytest.mark.parametrize("h_kv", [1, 2])
