@@ -324,6 +324,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
             ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
       }
     c.consumers_sync();
+    SEESAW_TRACE(c, kEvEpiStaged);
     constexpr int kChunks = kRowBytes16 / kChunkBytes;  // 64 per row
     for (int i = threadIdx.x; i < valid_rows * kChunks; i += T::kThreads) {
       const int r = i / kChunks, chunk = i % kChunks, mrow = m_block * T::kBlockM + r;
@@ -661,8 +662,10 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     // Epilogue: both warpgroups' row sums (same frame: the final row_max), then each writes its half.
     float total[2];
     c.consumers_sync();  // every pair's exchange (and every read of the page buffers) is over
+    SEESAW_TRACE(c, kEvEpiSync);
     using Sync = std::conditional_t<kFp8, ConsumerSync, CtaSync>;
     cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t(), sm.row_sum, total);
+    SEESAW_TRACE(c, kEvEpiRowSum);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
     store_output<Elem>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);

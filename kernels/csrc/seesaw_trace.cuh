@@ -27,6 +27,9 @@ enum TraceEvent {
   kEvRefill1,      // same, buffer 1
   kEvCvLanded,     // converter: + step (0-3) of the pair's groups: the group's first tile has landed
   kEvCvDone = kEvCvLanded + 4,  // converter: + step: the group's last tile is converted
+  kEvEpiSync = kEvCvDone + 4,   // epilogue: both warpgroups past the pairs (the first sync)
+  kEvEpiRowSum,                 // epilogue: the row sums exchanged
+  kEvEpiStaged,                 // epilogue: the output tile staged in shared memory (after its sync)
 };
 constexpr int kTraceStreams = 3;  // WG0, WG1, the converter (as "wg 2")
 
