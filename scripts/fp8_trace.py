@@ -13,7 +13,10 @@ Per page n, in cycles (medians over the steady-state pages 4..44, with min / max
   converter data-wait  V0(n) - V3(n-1)  this thread's latent bytes (and scales) not yet landed
             empty-wait V1(n) - V0(n)    buffer n % 2 not yet released (PV of page n - 2)
             convert    V2(n) - V1(n)    dequantize + store + fence + arrive
-            issue      V3(n) - V2(n)    loads of page n + 2
+            issue      V3(n) - V2(n)    loads of page n + 2, split (builds since s23) into
+              prefetch V4(n) - V2(n)  the L2 prefetch (warp 0's first lane) and the page's address
+              latent   V5(n) - V4(n)  its eight 16-byte register loads issued
+              side     V3(n) - V5(n)  its scale and RoPE cp.async issued
 """
 from __future__ import annotations
 
@@ -75,12 +78,16 @@ def report(roles: dict[int, list[list[int]]], first: int = 4, last: int = 44) ->
             summary("empty-wait", [v[n][1] - v[n][0] for n in pages]),
             summary("convert", [v[n][2] - v[n][1] for n in pages]),
             summary("issue", [v[n][3] - v[n][2] for n in pages]),
-        ]))
+        ] + ([
+            summary("prefetch", [v[n][4] - v[n][2] for n in pages]),
+            summary("latent", [v[n][5] - v[n][4] for n in pages]),
+            summary("side", [v[n][3] - v[n][5] for n in pages]),
+        ] if all(v[n][4] > 0 and v[n][5] > 0 for n in pages) else [])))
     print("  full arrives before the consumer waits (V2(n) - C2(n-1), < 0 = early): " +
           summary("", [roles[1][n][2] - c[n - 1][2] for n in pages]))
-    print("  raw pages 8-11 (C0..C5 | V0 V1 V2 V3 of warp 0):")
+    print("  raw pages 8-11 (C0..C5 | V0..V5 of warp 0):")
     for n in range(8, 12):
-        print(f"    {n:2d}: {c[n]} | {roles[1][n][:4]}")
+        print(f"    {n:2d}: {c[n]} | {roles[1][n]}")
 
 
 def main() -> None:

@@ -51,7 +51,9 @@ using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::M
 // points of each of its first kTracePages pages, for the consumer and for converter warps 0 and 7.
 // Consumer: 0 full(n) waited, 1 S^T(n) done, 2 softmax(n) done (PV issued next), 3 PV(n) done,
 // 4 page maxima exchanged, 5 P stored and fenced. Converter: 0 data of page n in registers,
-// 1 empty waited, 2 full arrived, 3 loads of page n + 2 issued.
+// 1 empty waited, 2 full arrived, 4 page n + 2's L2 prefetch and address done, 5 its latent
+// register loads issued, 3 its scale and RoPE copies issued.
+constexpr uint32_t kTraceNone = 0xffffffffu;  // no page: FP8WS_TRACE records nothing
 #ifdef KVPAGER_TRACE
 constexpr int kTracePages = 48;
 __device__ unsigned long long g_trace[3][kTracePages][6];
@@ -134,11 +136,9 @@ __device__ __forceinline__ int latent_row(int warp, int lane, int j) {
 }
 
 // A page's latent bytes for this thread, loaded two pages ahead of their conversion. Rows past the
-// sequence end read as zeros. By cp.async, zero-filled past the end: the scales of the warp's rows
-// into `scales` (lanes 0-7, one 16-byte chunk a row; scale 0 dequantizes to 0, never NaN), and
-// this thread's 2 of the page's 512 RoPE chunks into the RoPE tile `rope`.
-__device__ __forceinline__ void load_page(const DecodeParams& p, const PageRef& ref, int ct,
-                                          uint4 (&latent)[T::kRowsPerWarp], float (*scales)[4], char* rope) {
+// sequence end read as zeros.
+__device__ __forceinline__ void load_latent(const DecodeParams& p, const PageRef& ref, int ct,
+                                            uint4 (&latent)[T::kRowsPerWarp]) {
   const int warp = ct / 32, lane = ct % 32;
 #pragma unroll
   for (int j = 0; j < T::kRowsPerWarp; ++j) {
@@ -147,6 +147,14 @@ __device__ __forceinline__ void load_page(const DecodeParams& p, const PageRef& 
                                                                            lane * kChunkBytes))
                                    : make_uint4(0, 0, 0, 0);
   }
+}
+
+// The same page's side bytes, by cp.async, zero-filled past the end: the scales of the warp's rows
+// into `scales` (lanes 0-7, one 16-byte chunk a row; scale 0 dequantizes to 0, never NaN), and this
+// thread's 2 of the page's 512 RoPE chunks into the RoPE tile `rope`; one commit group.
+__device__ __forceinline__ void load_scales_and_rope(const DecodeParams& p, const PageRef& ref, int ct,
+                                                     float (*scales)[4], char* rope) {
+  const int warp = ct / 32, lane = ct % 32;
   if (lane < T::kRowsPerWarp) {  // the scales of this warp's own rows: no other warp reads them
     const int r = warp * T::kRowsPerWarp + lane;
     const bool valid = r < ref.valid_rows;
@@ -232,7 +240,8 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   const int distance = ct == 0 ? p.fp8_prefetch_pages : 0;
   PageCursor far = ahead;
   for (int i = 0; i < distance && far.more; ++i) far.next();
-  auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp]) {
+  // n: the page just converted (trace stamps 4 and 5 split its "issue" span), or kTraceNone.
+  auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp], uint32_t n) {
     if (distance > 0 && far.more) {
       const PageRef page(p, far, hk);
       prefetch_l2_bulk(page.base, uint32_t((kPageSize - 1) * p.k_token_stride + kFp8TokenBytes));
@@ -242,19 +251,23 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
       cute::cp_async_fence();  // an empty group, so convert_page's wait<1> always leaves page n + 1's
       return;
     }
-    load_page(p, PageRef(p, ahead, hk), ct, latent, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
+    const PageRef ref(p, ahead, hk);
+    FP8WS_TRACE(1 + ct / 224, n, 4);
+    load_latent(p, ref, ct, latent);
+    FP8WS_TRACE(1 + ct / 224, n, 5);
+    load_scales_and_rope(p, ref, ct, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
     ++loaded;
     ahead.next();
   };
-  load_next(latent0);
-  load_next(latent1);
+  load_next(latent0, kTraceNone);
+  load_next(latent1, kTraceNone);
   for (uint32_t n = 0; n < loaded; n += 2) {
     convert_page(s, p, ct, n, latent0);
-    load_next(latent0);
+    load_next(latent0, n);
     FP8WS_TRACE(1 + ct / 224, n, 3);
     if (n + 1 == loaded) break;
     convert_page(s, p, ct, n + 1, latent1);
-    load_next(latent1);
+    load_next(latent1, n + 1);
     FP8WS_TRACE(1 + ct / 224, n + 1, 3);
   }
 }
