@@ -273,6 +273,27 @@ __device__ __forceinline__ void zero_v_tail(const Ctx& c, int buf, int page) {
 // write half sectors: measured 7.9 µs for a 64-row block's output on the H200); in the staging
 // tile a row's 16-byte chunk k sits at chunk k ^ (row % 8), so the fragment stores hit 32
 // distinct banks. Split, the fp32 partial is stored directly (a quad's float2s fill a sector).
+#if KVPAGER_SEESAW_OUT_TMA
+// The kernel's maps, from Ctx's page map (their first member: no register for another pointer).
+static_assert(offsetof(SeesawMaps, page) == 0, "maps_of: the page map opens SeesawMaps");
+__device__ __forceinline__ const SeesawMaps& maps_of(const Ctx& c) { return *reinterpret_cast<const SeesawMaps*>(c.map); }
+
+// Trial (KVPAGER_SEESAW_OUT_TMA): one thread stores an unsplit row block's 8 staged output tiles
+// (wgmma block layout: the 128-byte swizzle the map stores with) by TMA and waits until they are
+// read out of the stage (page buffer 0, which the next segment's copies refill). Rows past the last
+// query fall outside s_q and are dropped by the store.
+__device__ __forceinline__ void store_output_tiles(const Ctx& c, int m_block, const char* stage) {
+  const int row0 = m_block * T::kBlockM;
+  const int head0 = c.hk * c.p.groups + row0 % c.p.groups, sq0 = row0 / c.p.groups;
+#pragma unroll 1
+  for (int tile = 0; tile < kHeadDimV / kBlockCols; ++tile)
+    cute::SM90_TMA_STORE_4D::copy(&maps_of(c).out, stage + tile * kPageTileBytes, tile * kBlockCols, head0, sq0,
+                                  c.seg.b);
+  cute::tma_store_arrive();
+  cute::tma_store_wait<0>();
+}
+#endif
+
 template <typename Elem>
 __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&o)[T::kOutRegs],
                                              const float (&row_max)[2], const float (&total)[2]) {
@@ -314,17 +335,30 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
             make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
     }
   } else {
+#if KVPAGER_SEESAW_OUT_TMA
+    const bool by_tma = !c.fp8 && maps_of(c).out_by_tma;
+#else
+    constexpr bool by_tma = false;
+#endif
     constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
 #pragma unroll
     for (int n = 0; n < T::kOutRegs / 4; ++n)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int chunk = c.wg * (T::kColsPerWg / kChunkElems) + n;
-        *reinterpret_cast<uint32_t*>(stage + c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes) + 4 * c.t()) =
-            ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
+        const uint32_t at = by_tma ? blocked_offset(T::kBlockM, c.rows[i], chunk)
+                                   : c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes);
+        *reinterpret_cast<uint32_t*>(stage + at + 4 * c.t()) = ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
       }
+    if (by_tma) fence_async_proxy();  // each thread's stores -> visible to the TMA store's reads
     c.consumers_sync();
     SEESAW_TRACE(c, kEvEpiStaged);
+#if KVPAGER_SEESAW_OUT_TMA
+    if (by_tma) {
+      if (threadIdx.x == 0) store_output_tiles(c, m_block, stage);
+      return;  // the stage's generic writes were fenced above
+    }
+#endif
     constexpr int kChunks = kRowBytes16 / kChunkBytes;  // 64 per row
     for (int i = threadIdx.x; i < valid_rows * kChunks; i += T::kThreads) {
       const int r = i / kChunks, chunk = i % kChunks, mrow = m_block * T::kBlockM + r;
