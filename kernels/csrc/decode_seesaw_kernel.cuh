@@ -398,6 +398,38 @@ __device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::k
   handoff(T::kP0Ready);
 }
 
+#if KVPAGER_SEESAW_L2_LINES
+// Trial (KVPAGER_SEESAW_L2_LINES = d pairs ahead, off by default): the warpgroup's 128 threads
+// prefetch into L2, line by line (prefetch.global.L2: the LSU's path, not the TMA unit's, which
+// s14's bulk prefetch queued ahead of the tile loads), the page its buffer's TMA refill will load
+// d pairs from now, so that refill reads L2 instead of DRAM and more bytes are in flight per SM.
+constexpr int kPrefetchPairs = KVPAGER_SEESAW_L2_LINES;
+#ifndef KVPAGER_SEESAW_L2_WG
+#define KVPAGER_SEESAW_L2_WG 2  // which warpgroups prefetch their buffer's pages: 0, 1 or 2 (both)
+#endif
+constexpr int kLinesPerRow = kRowBytes / 128;  // 9 lines of 128 bytes a 576-wide bf16 row
+// Block-table id of the page to prefetch for a buffer whose current page is j (-1: none), read at a
+// pair's start so its latency hides behind the pair's first GEMMs.
+__device__ __forceinline__ int prefetch_id(const Ctx& c, int j) {
+  const int page = j + 2 + 2 * kPrefetchPairs;
+  return !c.fp8 && page < c.seg.end_page ? c.seg.block_table[page] : -1;  // bf16 / fp16 rows only
+}
+template <typename Elem>
+__device__ __forceinline__ void prefetch_page_lines(const Ctx& c, int id) {
+  static_assert(kLinesPerRow == 9 && T::kWarpgroupThreads == 2 * kPageSize, "two threads a row: lines 0-4, 5-8");
+  if (id < 0) return;  // uniform across the warpgroup
+  const int row = c.lane_in_wg / 2, half = c.lane_in_wg % 2;
+  const char* line = static_cast<const char*>(c.p.k_cache) +
+                     (int64_t(id) * c.p.k_page_stride + int64_t(row) * c.p.k_token_stride +
+                      int64_t(c.hk) * c.p.k_head_stride) * int64_t(sizeof(Elem)) + half * 5 * 128;
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+  asm volatile("prefetch.global.L2 [%0+128];" ::"l"(line));
+  asm volatile("prefetch.global.L2 [%0+256];" ::"l"(line));
+  asm volatile("prefetch.global.L2 [%0+384];" ::"l"(line));
+  if (half == 0) asm volatile("prefetch.global.L2 [%0+512];" ::"l"(line));
+}
+#endif
+
 // ---- one pair of pages, per warpgroup --------------------------------------------------------
 // The pair's shape is a template so no branch separates a wgmma from its wait (ptxas serializes
 // every wgmma of the kernel otherwise): kHas1 = page j1 exists, kNext0 / kNext1 = pages j0 + 2 /
@@ -413,6 +445,9 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+#if KVPAGER_SEESAW_L2_LINES
+  const int prefetch = kNext1 && KVPAGER_SEESAW_L2_WG != 1 ? prefetch_id(c, j0) : -1;
+#endif
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
@@ -442,6 +477,9 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_local<Elem>(c, 0, pb, o);
   SEESAW_TRACE(c, kEvPvIssued);
+#if KVPAGER_SEESAW_L2_LINES
+  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);  // while the P V product runs
+#endif
   // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
   // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
   float sc1[2];
@@ -501,6 +539,9 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const int j1 = j0 + 1;
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+#if KVPAGER_SEESAW_L2_LINES
+  const int prefetch = kNext1 && KVPAGER_SEESAW_L2_WG != 0 ? prefetch_id(c, j1) : -1;
+#endif
 
   float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
   if constexpr (kHas1)
@@ -554,6 +595,9 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
   if constexpr (kHas1) handoff(T::kP1Ready);
   SEESAW_TRACE(c, kEvRemoteIssued);
+#if KVPAGER_SEESAW_L2_LINES
+  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);  // while the P V products run
+#endif
 
   // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
   if constexpr (kNext1) {
