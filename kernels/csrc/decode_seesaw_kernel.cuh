@@ -398,12 +398,14 @@ __device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::k
   handoff(T::kP0Ready);
 }
 
-#if KVPAGER_SEESAW_L2_LINES
-// Trial (KVPAGER_SEESAW_L2_LINES = d pairs ahead, off by default): the warpgroup's 128 threads
-// prefetch into L2, line by line (prefetch.global.L2: the LSU's path, not the TMA unit's, which
-// s14's bulk prefetch queued ahead of the tile loads), the page its buffer's TMA refill will load
-// d pairs from now, so that refill reads L2 instead of DRAM and more bytes are in flight per SM.
-constexpr int kPrefetchPairs = KVPAGER_SEESAW_L2_LINES;
+#ifdef KVPAGER_SEESAW_L2_AHEAD
+// Trial (-DKVPAGER_SEESAW_L2_AHEAD=d, off by default): the warpgroup's 128 threads prefetch into
+// L2, line by line (prefetch.global.L2: the LSU's path, not the TMA unit's, which s14's bulk
+// prefetch queued ahead of the tile loads), the page its buffer's TMA refill loads d pairs after
+// this one (d = 0: this pair's refill, ~2,000-3,000 cycles before its TMA issue), right after the
+// warpgroup's first hand-off of the pair. s24 measured d = 1 and 2 issued after the P V issue: 7-22 %
+// slower (the L2 footprint of 2-3 pairs of pages a CTA).
+constexpr int kPrefetchPairs = KVPAGER_SEESAW_L2_AHEAD;
 #ifndef KVPAGER_SEESAW_L2_WG
 #define KVPAGER_SEESAW_L2_WG 2  // which warpgroups prefetch their buffer's pages: 0, 1 or 2 (both)
 #endif
@@ -445,7 +447,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
-#if KVPAGER_SEESAW_L2_LINES
+#ifdef KVPAGER_SEESAW_L2_AHEAD
   const int prefetch = kNext1 && KVPAGER_SEESAW_L2_WG != 1 ? prefetch_id(c, j0) : -1;
 #endif
 
@@ -466,6 +468,9 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
   }
   handoff(T::kScale0Ready);
+#ifdef KVPAGER_SEESAW_L2_AHEAD
+  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);
+#endif
   sm.exponentiate(s, base, alpha);
   rescale_output(o, alpha);
   uint32_t pb[T::kScoreRegs / 2];
@@ -477,9 +482,6 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   if constexpr (!kHas1) zero_v_tail(c, 0, j0);
   pv_local<Elem>(c, 0, pb, o);
   SEESAW_TRACE(c, kEvPvIssued);
-#if KVPAGER_SEESAW_L2_LINES
-  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);  // while the P V product runs
-#endif
   // P0' = P0 * scale1 for WG1's O_R += P0' V0R, stored from the fp32 S while O_L += P0 V0L runs
   // (pb stays untouched: it is that wgmma's A operand), so WG1 can issue it right after its own.
   float sc1[2];
@@ -539,7 +541,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const int j1 = j0 + 1;
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
-#if KVPAGER_SEESAW_L2_LINES
+#ifdef KVPAGER_SEESAW_L2_AHEAD
   const int prefetch = kNext1 && KVPAGER_SEESAW_L2_WG != 0 ? prefetch_id(c, j1) : -1;
 #endif
 
@@ -568,6 +570,9 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
   }
   handoff(T::kScale1Ready);
+#ifdef KVPAGER_SEESAW_L2_AHEAD
+  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);
+#endif
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
   rescale_output(o, scale_o);
 
@@ -595,9 +600,6 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   pv_remote<Elem>(c, smem_addr(c.s.p0), 0, o);
   if constexpr (kHas1) handoff(T::kP1Ready);
   SEESAW_TRACE(c, kEvRemoteIssued);
-#if KVPAGER_SEESAW_L2_LINES
-  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);  // while the P V products run
-#endif
 
   // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
   if constexpr (kNext1) {
