@@ -37,7 +37,7 @@ from kvpager.benchmarks import kernel as bench
 NAMES = ["start", "segment", "Q", "first-S", "pair", "loop-end", "epilogue", "end", "max", "scale-in", "P",
          "pv-issued", "pv-done", "P-stored", "P-in", "remote-iss", "S-early", "remote-done", "S-issued",
          "refill-b0", "refill-b1"] + [f"cv-landed-{k}" for k in range(4)] + [f"cv-done-{k}" for k in range(4)] + [
-    "epi-sync", "epi-rowsum", "epi-staged"]
+    "epi-sync", "epi-rowsum", "epi-staged", "epi-scaled", "epi-pass-0", "epi-pass-1"]
 CV_LANDED, CV_DONE = NAMES.index("cv-landed-0"), NAMES.index("cv-done-0")
 PAIR = NAMES.index("pair")
 LINE = re.compile(r"SEESAW wg (\d) #(\d+) event (\d+) cycle (\d+)")
@@ -208,8 +208,8 @@ def whole_spans(events: list[tuple[int, int]]) -> str:
         stamps.setdefault(NAMES[e], c)
         if NAMES[e] == "epilogue":
             break
-    names = [n for n in ("start", "first-S", "loop-end", "epi-sync", "epi-rowsum", "epi-staged", "epilogue")
-             if n in stamps]
+    names = [n for n in ("start", "first-S", "loop-end", "epi-sync", "epi-rowsum", "epi-scaled", "epi-pass-0",
+                         "epi-pass-1", "epi-staged", "epilogue") if n in stamps]
     spans = ", ".join(f"{a}->{b} {stamps[b] - stamps[a]}" for a, b in zip(names, names[1:]))
     return f"{spans}, total {stamps[names[-1]] - stamps[names[0]]}" if len(names) > 1 else "(no stamps)"
 

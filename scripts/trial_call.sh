@@ -5,7 +5,7 @@
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
 #   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base otma base otma)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base base)
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
 #                    tma cp.async tma cp.async)
 #   seesawsan        compute-sanitizer on the bf16 / fp16 kernels (scripts/sanitize_cases.py, all
@@ -17,11 +17,12 @@
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
 #   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024, h_q 128 s_q 2
-#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase)
+#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase t2; t2 writes
+#                    the output twice, -DKVPAGER_TRACE_EPILOGUE_TWICE)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
 #                    tbase, a -DKVPAGER_TRACE build)
 # Device call (carry [".whl"]):
-#   DEADLINE=300 bash scripts/trial_call.sh build tests:otma bf16 seesawtrace fp8trace
+#   DEADLINE=200 bash scripts/trial_call.sh build seesawtrace
 # (seesawsan needs VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -29,7 +30,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;otma=-DKVPAGER_SEESAW_OUT_TMA=1;tbase=-DKVPAGER_TRACE"}
+export VARIANTS=${VARIANTS:-"base=;tbase=-DKVPAGER_TRACE;t2=-DKVPAGER_TRACE -DKVPAGER_TRACE_EPILOGUE_TWICE"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -51,7 +52,7 @@ for stage in "$@"; do
       ceiling=
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base otma base otma}; do
+    for tag in ${BF16_TAGS:-base base}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
@@ -77,7 +78,7 @@ for stage in "$@"; do
     CASES_ARGS=--fp8 KERNEL_FILTER=${SAN_FILTER:-fp8_ws} TOOLS=${SAN_TOOLS:-"memcheck racecheck"} \
       timeout 200 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL" | tail -12 | tee -a "$LOG" ;;
   seesawtrace) t seesawtrace
-    for tag in ${SEESAWTRACE_TAGS:-tbase}; do
+    for tag in ${SEESAWTRACE_TAGS:-tbase t2}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"

@@ -237,27 +237,14 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   uint32_t loaded = 0;
   // L2 prefetch (one thread, one bulk prefetch a page): while page L is loaded into registers, page
   // L + fp8_prefetch_pages goes into L2, so that its own loads hit L2 (0: off).
-#ifdef KVPAGER_FP8_WS_SPREAD_PREFETCH
-  // Trial: lane 0 of every converter warp prefetches an eighth of the page, so that no one warp
-  // (before: warp 0, ~230 cycles a page longer in the s24 trace) holds back `full`.
-  const int distance = ct % 32 == 0 ? p.fp8_prefetch_pages : 0;
-#else
   const int distance = ct == 0 ? p.fp8_prefetch_pages : 0;
-#endif
   PageCursor far = ahead;
   for (int i = 0; i < distance && far.more; ++i) far.next();
   // n: the page just converted (trace stamps 4 and 5 split its "issue" span), or kTraceNone.
   auto load_next = [&](uint4 (&latent)[T::kRowsPerWarp], uint32_t n) {
     if (distance > 0 && far.more) {
       const PageRef page(p, far, hk);
-#ifdef KVPAGER_FP8_WS_SPREAD_PREFETCH
-      constexpr int kWarps = T::kConverterThreads / 32;
-      const uint32_t span = uint32_t((kPageSize - 1) * p.k_token_stride + kFp8TokenBytes);
-      const uint32_t slice = (span / kWarps + 15) / 16 * 16, first = (ct / 32) * slice;  // 16-byte multiples
-      if (first < span) prefetch_l2_bulk(page.base + first, min(slice, span - first));
-#else
       prefetch_l2_bulk(page.base, uint32_t((kPageSize - 1) * p.k_token_stride + kFp8TokenBytes));
-#endif
       far.next();
     }
     if (!ahead.more) {

@@ -69,9 +69,6 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   cudaError_t err = encode_page_tensor_map<Elem>(p, &maps.page);
   if (err != cudaSuccess) return err;
   maps.q_by_tma = options.seesaw_q_by_tma && encode_q_tensor_map<Elem>(p, &maps.q) ? 1 : 0;
-#if KVPAGER_SEESAW_OUT_TMA
-  maps.out_by_tma = encode_out_tensor_map<Elem>(p, &maps.out) ? 1 : 0;
-#endif
   err = options.seesaw_order == 11 ? launch_seesaw_kernel<Elem, 11>(p, maps, stream)
                                    : launch_seesaw_kernel<Elem, 15>(p, maps, stream);
 #ifdef KVPAGER_TRACE

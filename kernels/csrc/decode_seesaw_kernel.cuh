@@ -282,24 +282,14 @@ __device__ __forceinline__ void zero_v_tail(const Ctx& c, int buf, int page) {
 // write half sectors: measured 7.9 µs for a 64-row block's output on the H200); in the staging
 // tile a row's 16-byte chunk k sits at chunk k ^ (row % 8), so the fragment stores hit 32
 // distinct banks. Split, the fp32 partial is stored directly (a quad's float2s fill a sector).
-#if KVPAGER_SEESAW_OUT_TMA
-// The kernel's maps, from Ctx's page map (their first member: no register for another pointer).
-static_assert(offsetof(SeesawMaps, page) == 0, "maps_of: the page map opens SeesawMaps");
-__device__ __forceinline__ const SeesawMaps& maps_of(const Ctx& c) { return *reinterpret_cast<const SeesawMaps*>(c.map); }
-
-// Trial (KVPAGER_SEESAW_OUT_TMA): one thread stores an unsplit row block's 8 staged output tiles
-// (wgmma block layout: the 128-byte swizzle the map stores with) by TMA and waits until they are
-// read out of the stage (page buffer 0, which the next segment's copies refill). Rows past the last
-// query fall outside s_q and are dropped by the store.
-__device__ __forceinline__ void store_output_tiles(const Ctx& c, int m_block, const char* stage) {
-  const RowBlockOrigin at = row_block_origin(c, m_block);
-#pragma unroll 1
-  for (int tile = 0; tile < kHeadDimV / kBlockCols; ++tile)
-    cute::SM90_TMA_STORE_4D::copy(&maps_of(c).out, stage + tile * kPageTileBytes, tile * kBlockCols, at.head, at.sq,
-                                  c.seg.b);
-  cute::tma_store_arrive();
-  cute::tma_store_wait<0>();
-}
+// A -DKVPAGER_TRACE_EPILOGUE_TWICE trace build writes the output twice (the same bytes to the same
+// places), stamping each pass: a second pass much faster than the first says the first waited on
+// cold instruction fetch, not on the stores (the s24 trace put ~4,600 cycles on 64 shared stores a
+// thread at b 64 s_k 1024).
+#ifdef KVPAGER_TRACE_EPILOGUE_TWICE
+constexpr int kEpiPasses = 2;
+#else
+constexpr int kEpiPasses = 1;
 #endif
 
 template <typename Elem>
@@ -328,45 +318,41 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
     }
   }
   OnlineSoftmax::rescale(o, inv);
+  SEESAW_TRACE(c, kEvEpiScaled);
   const int valid_rows = min(T::kBlockM, p.rows - m_block * T::kBlockM);
   const int swz[2] = {c.rows[0] & 7, c.rows[1] & 7};
   if (split) {  // float2 stores of a quad already fill whole 32-byte sectors: no staging
     float(&o_tiles)[T::kOutRegs / 4][4] = reinterpret_cast<float(&)[T::kOutRegs / 4][4]>(o);
     float* acc = p.out_accum + (int64_t(seg.split_slot) * p.h_kv + c.hk) * p.rows * kHeadDimV;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int mrow = m_block * T::kBlockM + c.rows[i];
-      if (mrow >= p.rows) continue;
-#pragma unroll
-      for (int n = 0; n < T::kOutRegs / 4; ++n)
-        *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN + 2 * c.t()) =
-            make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
-    }
-  } else {
-#if KVPAGER_SEESAW_OUT_TMA
-    const bool by_tma = !c.fp8 && maps_of(c).out_by_tma;
-#else
-    constexpr bool by_tma = false;
-#endif
-    constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
-#pragma unroll
-    for (int n = 0; n < T::kOutRegs / 4; ++n)
+#pragma unroll 1
+    for (int pass = 0; pass < kEpiPasses; ++pass) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int chunk = c.wg * (T::kColsPerWg / kChunkElems) + n;
-        const uint32_t at = by_tma ? blocked_offset(T::kBlockM, c.rows[i], chunk)
-                                   : c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes);
-        *reinterpret_cast<uint32_t*>(stage + at + 4 * c.t()) = ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
+        const int mrow = m_block * T::kBlockM + c.rows[i];
+        if (mrow >= p.rows) continue;
+#pragma unroll
+        for (int n = 0; n < T::kOutRegs / 4; ++n)
+          *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN + 2 * c.t()) =
+              make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
       }
-    if (by_tma) fence_async_proxy();  // each thread's stores -> visible to the TMA store's reads
+      SEESAW_TRACE(c, kEvEpiPass + pass);
+    }
+  } else {
+    constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
+#pragma unroll 1
+    for (int pass = 0; pass < kEpiPasses; ++pass) {
+#pragma unroll
+      for (int n = 0; n < T::kOutRegs / 4; ++n)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int chunk = c.wg * (T::kColsPerWg / kChunkElems) + n;
+          const uint32_t at = c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes);
+          *reinterpret_cast<uint32_t*>(stage + at + 4 * c.t()) = ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
+        }
+      SEESAW_TRACE(c, kEvEpiPass + pass);
+    }
     c.consumers_sync();
     SEESAW_TRACE(c, kEvEpiStaged);
-#if KVPAGER_SEESAW_OUT_TMA
-    if (by_tma) {
-      if (threadIdx.x == 0) store_output_tiles(c, m_block, stage);
-      return;  // the stage's generic writes were fenced above
-    }
-#endif
     constexpr int kChunks = kRowBytes16 / kChunkBytes;  // 64 per row
     for (int i = threadIdx.x; i < valid_rows * kChunks; i += T::kThreads) {
       const int r = i / kChunks, chunk = i % kChunks, mrow = m_block * T::kBlockM + r;
@@ -398,40 +384,6 @@ __device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::k
   handoff(T::kP0Ready);
 }
 
-#ifdef KVPAGER_SEESAW_L2_AHEAD
-// Trial (-DKVPAGER_SEESAW_L2_AHEAD=d, off by default): the warpgroup's 128 threads prefetch into
-// L2, line by line (prefetch.global.L2: the LSU's path, not the TMA unit's, which s14's bulk
-// prefetch queued ahead of the tile loads), the page its buffer's TMA refill loads d pairs after
-// this one (d = 0: this pair's refill, ~2,000-3,000 cycles before its TMA issue), right after the
-// warpgroup's first hand-off of the pair. s24 measured d = 1 and 2 issued after the P V issue: 7-22 %
-// slower (the L2 footprint of 2-3 pairs of pages a CTA).
-constexpr int kPrefetchPairs = KVPAGER_SEESAW_L2_AHEAD;
-#ifndef KVPAGER_SEESAW_L2_WG
-#define KVPAGER_SEESAW_L2_WG 2  // which warpgroups prefetch their buffer's pages: 0, 1 or 2 (both)
-#endif
-constexpr int kLinesPerRow = kRowBytes / 128;  // 9 lines of 128 bytes a 576-wide bf16 row
-// Block-table id of the page to prefetch for a buffer whose current page is j (-1: none), read at a
-// pair's start so its latency hides behind the pair's first GEMMs.
-__device__ __forceinline__ int prefetch_id(const Ctx& c, int j) {
-  const int page = j + 2 + 2 * kPrefetchPairs;
-  return !c.fp8 && page < c.seg.end_page ? c.seg.block_table[page] : -1;  // bf16 / fp16 rows only
-}
-template <typename Elem>
-__device__ __forceinline__ void prefetch_page_lines(const Ctx& c, int id) {
-  static_assert(kLinesPerRow == 9 && T::kWarpgroupThreads == 2 * kPageSize, "two threads a row: lines 0-4, 5-8");
-  if (id < 0) return;  // uniform across the warpgroup
-  const int row = c.lane_in_wg / 2, half = c.lane_in_wg % 2;
-  const char* line = static_cast<const char*>(c.p.k_cache) +
-                     (int64_t(id) * c.p.k_page_stride + int64_t(row) * c.p.k_token_stride +
-                      int64_t(c.hk) * c.p.k_head_stride) * int64_t(sizeof(Elem)) + half * 5 * 128;
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-  asm volatile("prefetch.global.L2 [%0+128];" ::"l"(line));
-  asm volatile("prefetch.global.L2 [%0+256];" ::"l"(line));
-  asm volatile("prefetch.global.L2 [%0+384];" ::"l"(line));
-  if (half == 0) asm volatile("prefetch.global.L2 [%0+512];" ::"l"(line));
-}
-#endif
-
 // ---- one pair of pages, per warpgroup --------------------------------------------------------
 // The pair's shape is a template so no branch separates a wgmma from its wait (ptxas serializes
 // every wgmma of the kernel otherwise): kHas1 = page j1 exists, kNext0 / kNext1 = pages j0 + 2 /
@@ -447,9 +399,6 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
-#ifdef KVPAGER_SEESAW_L2_AHEAD
-  const int prefetch = kNext1 && KVPAGER_SEESAW_L2_WG != 1 ? prefetch_id(c, j0) : -1;
-#endif
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
@@ -468,9 +417,6 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
   }
   handoff(T::kScale0Ready);
-#ifdef KVPAGER_SEESAW_L2_AHEAD
-  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);
-#endif
   sm.exponentiate(s, base, alpha);
   rescale_output(o, alpha);
   uint32_t pb[T::kScoreRegs / 2];
@@ -541,9 +487,6 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   const int j1 = j0 + 1;
   const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
   const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
-#ifdef KVPAGER_SEESAW_L2_AHEAD
-  const int prefetch = kNext1 && KVPAGER_SEESAW_L2_WG != 0 ? prefetch_id(c, j1) : -1;
-#endif
 
   float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
   if constexpr (kHas1)
@@ -570,9 +513,6 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     }
   }
   handoff(T::kScale1Ready);
-#ifdef KVPAGER_SEESAW_L2_AHEAD
-  if constexpr (kNext1) prefetch_page_lines<Elem>(c, prefetch);
-#endif
   const float scale_o[2] = {sc0[0] * alpha[0], sc0[1] * alpha[1]};
   rescale_output(o, scale_o);
 

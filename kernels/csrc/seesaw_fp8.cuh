@@ -45,10 +45,6 @@ struct SeesawMaps {
   Fp8PageMaps fp8;   // FP8 cache
   CUtensorMap q;     // bf16 / fp16 q, one 64-column tile of a row block a copy (encode_q_tensor_map)
   int q_by_tma;      // 0 (q does not suit a map, an FP8 cache, or switched off): Q by cp.async
-#if KVPAGER_SEESAW_OUT_TMA
-  CUtensorMap out;   // out, one 64-column tile of a row block a store (encode_out_tensor_map)
-  int out_by_tma;    // 0: 16-byte stores by every thread (out does not suit, or an FP8 cache)
-#endif
 };
 
 

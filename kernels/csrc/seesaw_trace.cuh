@@ -30,6 +30,9 @@ enum TraceEvent {
   kEvEpiSync = kEvCvDone + 4,   // epilogue: both warpgroups past the pairs (the first sync)
   kEvEpiRowSum,                 // epilogue: the row sums exchanged
   kEvEpiStaged,                 // epilogue: the output tile staged in shared memory (after its sync)
+  kEvEpiScaled,                 // epilogue: lse stored, O normalised
+  kEvEpiPass,                   // epilogue: + pass (0, 1): this thread's output stores issued (staged
+                                // or, split, the fp32 partial); two passes in an EPILOGUE_TWICE build
 };
 constexpr int kTraceStreams = 3;  // WG0, WG1, the converter (as "wg 2")
 

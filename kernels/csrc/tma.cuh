@@ -96,13 +96,6 @@ bool encode_q_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   return encode_row_block_map<Elem>(p, p.q, kHeadDim, p.q_head_stride, p.q_seq_stride, p.q_batch_stride, map);
 }
 
-// out [batch, s_q, h_q, 512] (contiguous) for TMA stores of the seesaw's output tiles.
-template <typename Elem>
-bool encode_out_tensor_map(const DecodeParams& p, CUtensorMap* map) {
-  const int64_t h_q = int64_t(p.h_kv) * p.groups, s_q = p.rows / p.groups;
-  return encode_row_block_map<Elem>(p, p.out, kHeadDimV, kHeadDimV, h_q * kHeadDimV, s_q * h_q * kHeadDimV, map);
-}
-
 // One thread: tiles [first, last) of page `page_id` (kv head hk) into `tiles` (kPageTileBytes each,
 // 1024-byte aligned), tile c completing on ready[c]; cache_hint is the L2 policy operand
 // (cute::TMA::CacheHintSm90).

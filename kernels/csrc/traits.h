@@ -139,11 +139,6 @@ struct LockstepTraits {
 // On an FP8 cache (seesaw_fp8.cuh) a third warpgroup, the converter, dequantizes each latent tile in
 // place after its FP8 bytes land; the two consumer warpgroups then run exactly as on bf16. The
 // register file is split with setmaxnreg: 2 x 232 + 40 = 3 x 168 (the launch-bounds allocation).
-// On trial since s23, off by default: the seesaw writes an unsplit segment's output tile by TMA
-// stores (one thread, 8 tiles) instead of 16-byte stores by every thread (docs/kernel-perf.md "s23").
-#ifndef KVPAGER_SEESAW_OUT_TMA
-#define KVPAGER_SEESAW_OUT_TMA 0
-#endif
 
 struct SeesawTraits {
   static constexpr int kBlockM = kWgmmaBlockM;
