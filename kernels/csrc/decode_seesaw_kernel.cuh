@@ -31,6 +31,7 @@
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+#include <cute/arch/copy_sm90.hpp>
 
 #include "config.h"
 #include "epilogue.cuh"
@@ -320,7 +321,6 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   OnlineSoftmax::rescale(o, inv);
   SEESAW_TRACE(c, kEvEpiScaled);
   const int valid_rows = min(T::kBlockM, p.rows - m_block * T::kBlockM);
-  const int swz[2] = {c.rows[0] & 7, c.rows[1] & 7};
   if (split) {  // float2 stores of a quad already fill whole 32-byte sectors: no staging
     float(&o_tiles)[T::kOutRegs / 4][4] = reinterpret_cast<float(&)[T::kOutRegs / 4][4]>(o);
     float* acc = p.out_accum + (int64_t(seg.split_slot) * p.h_kv + c.hk) * p.rows * kHeadDimV;
@@ -341,6 +341,24 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
     constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
 #pragma unroll 1
     for (int pass = 0; pass < kEpiPasses; ++pass) {
+#ifdef KVPAGER_SEESAW_STSM
+      // Trial: 16 stmatrix.x4 a thread instead of 64 four-byte stores. Matrices 0-3 of a store are
+      // (rows 0-7 of the warp's 16, block n), (rows 8-15, n), (0-7, n + 1), (8-15, n + 1): exactly
+      // the fragment's registers; lane l gives the address of row l % 8 of matrix l / 8. With
+      // n = 8a + 2b, chunk ^ (row % 8) = 32 wg + 8a + ((2b + l / 16) ^ (l % 8)): four offsets a lane.
+      const int lane = c.lane_in_wg % 32, q = lane % 8, m = lane / 8;
+      char* row_base = stage + ((c.lane_in_wg / 32) * kMmaM + q + 8 * (m % 2)) * kRowBytes16 + c.wg * T::kColsPerWg * 2;
+      uint32_t off[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) off[b] = ((2 * b + m / 2) ^ q) * kChunkBytes;
+#pragma unroll
+      for (int n = 0; n < T::kOutRegs / 4; n += 2)
+        cute::SM90_U32x4_STSM_N::copy(
+            ElemOps<Elem>::pack(o[4 * n], o[4 * n + 1]), ElemOps<Elem>::pack(o[4 * n + 2], o[4 * n + 3]),
+            ElemOps<Elem>::pack(o[4 * n + 4], o[4 * n + 5]), ElemOps<Elem>::pack(o[4 * n + 6], o[4 * n + 7]),
+            *reinterpret_cast<cute::uint128_t*>(row_base + (n / 8) * 128 + off[(n % 8) / 2]));
+#else
+      const int swz[2] = {c.rows[0] & 7, c.rows[1] & 7};
 #pragma unroll
       for (int n = 0; n < T::kOutRegs / 4; ++n)
 #pragma unroll
@@ -349,6 +367,7 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
           const uint32_t at = c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes);
           *reinterpret_cast<uint32_t*>(stage + at + 4 * c.t()) = ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
         }
+#endif
       SEESAW_TRACE(c, kEvEpiPass + pass);
     }
     c.consumers_sync();
