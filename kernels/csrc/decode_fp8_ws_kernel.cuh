@@ -34,6 +34,9 @@
 #include "tile_ops.h"
 #include "traits.h"
 #include "wgmma_ops.h"
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+#include "seesaw_fp8.cuh"  // Fp8PageMaps
+#endif
 
 namespace kvpager {
 
@@ -272,6 +275,10 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   }
 }
 
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+#include "fp8_ws_tma_latent.cuh"
+#endif
+
 // ---- consumer ----------------------------------------------------------------------------------
 
 // Q rows of row block m_block into the 9 Q tiles (rows past the last query are zeros).
@@ -367,6 +374,51 @@ __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint3
 // col_slot(i) numbers them 0..3.
 __device__ __forceinline__ int col_slot(int i) { return (i >> 2) * 2 + (i & 1); }
 
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+// The trial's output stage (fp8_ws_tma_latent.cuh: the fp32 stage's 32 KB hold the latent stage):
+// the Q tiles, free once the segment's last S^T is done (the next segment's Q is loaded after
+// this), half of the columns at a time ([16 rows][256] fp32 is 16 KB of Q's 18).
+__device__ __forceinline__ void store_output_through_q(Plan& s, const DecodeParams& p, const Segment& seg, int hk,
+                                                       int m_block, int tid,
+                                                       const float (&o)[T::kOutBlocks][T::kScoreRegs],
+                                                       const int (&cols)[4], const float (&inv)[4]) {
+  constexpr int kStageCols = kHeadDimV / 2, kBlocksPerHalf = T::kOutBlocks / 2;
+  static_assert(sizeof(float) * T::kBlockM * kStageCols <= sizeof(Plan::q), "half the output fits in Q");
+  auto& stage = *reinterpret_cast<float(*)[T::kBlockM][kStageCols]>(s.q[0]);
+  const int warp = tid / 32, g = (tid % 32) / 4;
+  const bool split = seg.num_splits > 1;
+  const int valid_rows = min(T::kBlockM, p.rows - m_block * T::kBlockM);
+  constexpr int kChunks = kStageCols / kChunkElems;  // 32 chunks of 8 columns a staged row
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int m = 0; m < kBlocksPerHalf; ++m)
+#pragma unroll
+      for (int i = 0; i < T::kScoreRegs; ++i)
+        stage[cols[col_slot(i)]][m * kBlockCols + warp * 16 + g + 8 * ((i >> 1) & 1)] =
+            o[half * kBlocksPerHalf + m][i] * inv[col_slot(i)];
+    consumer_sync();
+    for (int i = tid; i < valid_rows * kChunks; i += T::kWarpgroupThreads) {
+      const int r = i / kChunks, at = (i % kChunks) * kChunkElems, col = half * kStageCols + at;
+      const int mrow = m_block * T::kBlockM + r;
+      const float4 a = *reinterpret_cast<const float4*>(&stage[r][at]);
+      const float4 b = *reinterpret_cast<const float4*>(&stage[r][at + 4]);
+      if (split) {
+        float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
+        *reinterpret_cast<float4*>(acc) = a;
+        *reinterpret_cast<float4*>(acc + 4) = b;
+      } else {
+        const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
+        Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
+        *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
+                                                    ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
+      }
+    }
+    consumer_sync();  // read out before the next half (or the next segment's Q) overwrites it
+  }
+}
+#endif
+
 // The segment's output: O^T / row sums -> out_stage (transposed), then whole rows to global memory.
 __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, const Segment& seg, int hk, int m_block,
                                              int tid, const float (&o)[T::kOutBlocks][T::kScoreRegs],
@@ -407,6 +459,9 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
       }
     }
   }
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+  store_output_through_q(s, p, seg, hk, m_block, tid, o, cols, inv);
+#else
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m)
 #pragma unroll
@@ -430,6 +485,7 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
                                                   ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
     }
   }
+#endif
 }
 
 __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
@@ -535,7 +591,12 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 
 }  // namespace fp8ws
 
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+__global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1)
+    mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ Fp8PageMaps maps) {
+#else
 __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p) {
+#endif
   using T = Fp8WsTraits;
   extern __shared__ char smem_raw[];
   auto& s = aligned_plan<T::SharedMemoryPlan>(smem_raw);
@@ -546,13 +607,22 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
       fp8ws::PageBarrier::init(&s.full[b], T::kConverterThreads);
       fp8ws::PageBarrier::init(&s.empty[b], T::kWarpgroupThreads);
     }
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+    TileBarrier::init(&s.stage_full, 1);
+    fp8ws::PageBarrier::init(&s.stage_empty, T::kConverterThreads);
+    if (p.num_pages > 0) cute::prefetch_tma_descriptor(&maps.latent);
+#endif
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
   if (wg == 0)
     fp8ws::consume(s, p, part, hk, m_block);
   else
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+    fp8ws::convert_staged(s, p, maps, part, hk);
+#else
     fp8ws::convert(s, p, part, hk);
+#endif
 }
 
 #ifdef KVPAGER_TRACE

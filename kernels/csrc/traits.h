@@ -98,7 +98,14 @@ struct Fp8WsTraits {
     alignas(1024) char rope[kRopeSlots][kPageTileBytes];  // RoPE tiles, bf16 in the cache: cp.async
     alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];            // Q, 9 blocks of 16 x 64
     alignas(1024) char p[kBlockM * kBlockRowBytes];                        // P: 16 rows x 64 keys
+#ifdef KVPAGER_FP8_WS_TMA_LATENT
+    // Trial: the next page's FP8 latent bytes, 8 TMA tiles of 64 tokens x 64 bytes (the output is
+    // staged in the Q tiles instead; fp8_ws_tma_latent.cuh).
+    alignas(1024) uint8_t latent_stage[kLatentTiles][kPageSize][kBlockCols];
+    uint64_t stage_full, stage_empty;
+#else
     float out_stage[kBlockM][kHeadDimV];  // the segment's normalised output rows
+#endif
     float row_exchange[4][kBlockM];       // per consumer warp: page maxima, then row sums
     alignas(16) float scales[kScaleSlots][kPageSize][4];  // pages' scales, staged by cp.async
     uint64_t full[kNumPageBuffers];       // converters -> consumer: page in buffer b
