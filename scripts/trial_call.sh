@@ -4,8 +4,8 @@
 # passed. Log: $OUT/trial.txt, ptxas reports: $OUT/ptxas.tgz.
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
-#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base base)
+#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base wstma base wstma)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base stm base stm)
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
 #                    tma cp.async tma cp.async)
 #   seesawsan        compute-sanitizer on the bf16 / fp16 kernels (scripts/sanitize_cases.py, all
@@ -20,9 +20,10 @@
 #                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase t2; t2 writes
 #                    the output twice, -DKVPAGER_TRACE_EPILOGUE_TWICE)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
-#                    tbase, a -DKVPAGER_TRACE build)
+#                    tbase twst: -DKVPAGER_TRACE builds of the default and of the TMA-stage trial)
 # Device call (carry [".whl"]):
-#   DEADLINE=200 bash scripts/trial_call.sh build seesawtrace
+#   DEADLINE=330 bash scripts/trial_call.sh build bf16 ws seesawtrace fp8trace tests:stm tests:wstma
+# (the s24 trials: docs/kernel-perf.md and docs/fp8-cache.md, "s24")
 # (seesawsan needs VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -30,7 +31,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;tbase=-DKVPAGER_TRACE;t2=-DKVPAGER_TRACE -DKVPAGER_TRACE_EPILOGUE_TWICE"}
+export VARIANTS=${VARIANTS:-"base=;stm=-DKVPAGER_SEESAW_STSM;wstma=-DKVPAGER_FP8_WS_TMA_LATENT;tbase=-DKVPAGER_TRACE;t2=-DKVPAGER_TRACE -DKVPAGER_TRACE_EPILOGUE_TWICE;twst=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_TMA_LATENT"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -46,13 +47,13 @@ for stage in "$@"; do
     done ;;
   ws) t ws
     ceiling=--read-ceiling  # measured once, in the first process
-    for tag in ${WS_TAGS:-base}; do
+    for tag in ${WS_TAGS:-base wstma base wstma}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" $ceiling 2>&1 | grep -v Warning | tee -a "$LOG"
       ceiling=
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base base}; do
+    for tag in ${BF16_TAGS:-base stm base stm}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
@@ -68,7 +69,7 @@ for stage in "$@"; do
   benchissue) t benchissue; bash scripts/use_variant.sh base
     timeout 240 python3 -m kvpager.cli bench kernel --set issue --plain --out "$OUT/bench-issue.json" 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   fp8trace) t fp8trace
-    for tag in ${TRACE_TAGS:-tbase}; do
+    for tag in ${TRACE_TAGS:-tbase twst}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"
