@@ -4,8 +4,9 @@
 # passed. Log: $OUT/trial.txt, ptxas reports: $OUT/ptxas.tgz.
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
-#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base wstma base wstma)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base stm base stm)
+#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base wstma cmb base wstma cmb;
+#                    its bf16 column times b 8 and b 2 at h_q 16, the combine trial's cases)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base stm cmb base stm cmb)
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
 #                    tma cp.async tma cp.async)
 #   seesawsan        compute-sanitizer on the bf16 / fp16 kernels (scripts/sanitize_cases.py, all
@@ -22,7 +23,7 @@
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
 #                    tbase twst: -DKVPAGER_TRACE builds of the default and of the TMA-stage trial)
 # Device call (carry [".whl"]):
-#   DEADLINE=330 bash scripts/trial_call.sh build bf16 ws seesawtrace fp8trace tests:stm tests:wstma
+#   DEADLINE=360 bash scripts/trial_call.sh build bf16 ws seesawtrace fp8trace tests:stm tests:wstma tests:cmb
 # (the s24 trials: docs/kernel-perf.md and docs/fp8-cache.md, "s24")
 # (seesawsan needs VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
 set -uo pipefail
@@ -31,7 +32,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;stm=-DKVPAGER_SEESAW_STSM;wstma=-DKVPAGER_FP8_WS_TMA_LATENT;tbase=-DKVPAGER_TRACE;t2=-DKVPAGER_TRACE -DKVPAGER_TRACE_EPILOGUE_TWICE;twst=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_TMA_LATENT"}
+export VARIANTS=${VARIANTS:-"base=;stm=-DKVPAGER_SEESAW_STSM;wstma=-DKVPAGER_FP8_WS_TMA_LATENT;cmb=-DKVPAGER_COMBINE_SHFL_WEIGHTS;tbase=-DKVPAGER_TRACE;t2=-DKVPAGER_TRACE -DKVPAGER_TRACE_EPILOGUE_TWICE;twst=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_TMA_LATENT"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -47,13 +48,13 @@ for stage in "$@"; do
     done ;;
   ws) t ws
     ceiling=--read-ceiling  # measured once, in the first process
-    for tag in ${WS_TAGS:-base wstma base wstma}; do
+    for tag in ${WS_TAGS:-base wstma cmb base wstma cmb}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" $ceiling 2>&1 | grep -v Warning | tee -a "$LOG"
       ceiling=
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base stm base stm}; do
+    for tag in ${BF16_TAGS:-base stm cmb base stm cmb}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
