@@ -374,6 +374,21 @@ __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint3
 // col_slot(i) numbers them 0..3.
 __device__ __forceinline__ int col_slot(int i) { return (i >> 2) * 2 + (i & 1); }
 
+// Eight output columns [col, col + 8) of row mrow: the fp32 partial (split) or the bf16 output.
+__device__ __forceinline__ void write_output_chunk(const DecodeParams& p, const Segment& seg, int hk, int mrow, int col,
+                                                   bool split, const float4& a, const float4& b) {
+  if (split) {
+    float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
+    *reinterpret_cast<float4*>(acc) = a;
+    *reinterpret_cast<float4*>(acc + 4) = b;
+  } else {
+    const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
+    Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
+    *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
+                                                ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
+  }
+}
+
 #ifdef KVPAGER_FP8_WS_TMA_LATENT
 // The trial's output stage (fp8_ws_tma_latent.cuh: the fp32 stage's 32 KB hold the latent stage):
 // the Q tiles, free once the segment's last S^T is done (the next segment's Q is loaded after
@@ -403,16 +418,7 @@ __device__ __forceinline__ void store_output_through_q(Plan& s, const DecodePara
       const int mrow = m_block * T::kBlockM + r;
       const float4 a = *reinterpret_cast<const float4*>(&stage[r][at]);
       const float4 b = *reinterpret_cast<const float4*>(&stage[r][at + 4]);
-      if (split) {
-        float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
-        *reinterpret_cast<float4*>(acc) = a;
-        *reinterpret_cast<float4*>(acc + 4) = b;
-      } else {
-        const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
-        Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
-        *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
-                                                    ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
-      }
+      write_output_chunk(p, seg, hk, mrow, col, split, a, b);
     }
     consumer_sync();  // read out before the next half (or the next segment's Q) overwrites it
   }
@@ -474,16 +480,7 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
     const int r = i / kChunks, col = (i % kChunks) * kChunkElems, mrow = m_block * T::kBlockM + r;
     const float4 a = *reinterpret_cast<const float4*>(&s.out_stage[r][col]);
     const float4 b = *reinterpret_cast<const float4*>(&s.out_stage[r][col + 4]);
-    if (split) {
-      float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
-      *reinterpret_cast<float4*>(acc) = a;
-      *reinterpret_cast<float4*>(acc + 4) = b;
-    } else {
-      const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
-      Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
-      *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
-                                                  ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
-    }
+    write_output_chunk(p, seg, hk, mrow, col, split, a, b);
   }
 #endif
 }
