@@ -59,11 +59,11 @@ cudaError_t encode_page_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// A [batch, s_q, h_q, width] tensor (q: width 576, out: 512; strides in elements) as a 4-D tensor
+// A [batch, s_q, h_q, width] tensor (q: width 576; strides in elements) as a 4-D tensor
 // (width, h_q, s_q, batch), copied in boxes of 64 columns x one row block (64 query rows: bh heads x
 // bs query positions, bh = min(groups, 64)) with the 128-byte swizzle, so a box is one tile of the
 // wgmma block layout with rows in row-block order (s * groups + head). Rows past the last query
-// fall outside s_q: zero-filled by a load, dropped by a store. False (and no map) where the tensor
+// fall outside s_q: zero-filled by the load. False (and no map) where the tensor
 // does not suit: an unaligned base or stride, a broadcast stride, or groups neither a multiple nor a
 // divisor of 64 (a row block would mix kv heads); the kernel then takes its thread-copy path.
 template <typename Elem>

@@ -146,7 +146,6 @@ struct LockstepTraits {
 // On an FP8 cache (seesaw_fp8.cuh) a third warpgroup, the converter, dequantizes each latent tile in
 // place after its FP8 bytes land; the two consumer warpgroups then run exactly as on bf16. The
 // register file is split with setmaxnreg: 2 x 232 + 40 = 3 x 168 (the launch-bounds allocation).
-
 struct SeesawTraits {
   static constexpr int kBlockM = kWgmmaBlockM;
   static constexpr int kThreads = 256;  // the two consumer warpgroups (= the CTA on a bf16 cache)
