@@ -4,35 +4,39 @@
 # passed. Log: $OUT/trial.txt, ptxas reports: $OUT/ptxas.tgz.
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
-#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base wstma cmb base wstma cmb;
-#                    its bf16 column times b 8 and b 2 at h_q 16, the combine trial's cases)
-#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base stm cmb base stm cmb)
+#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base cw4 base cw4;
+#                    its bf16 column times b 8 and b 2 at h_q 16 too)
+#   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base base)
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
 #                    tma cp.async tma cp.async)
 #   seesawsan        compute-sanitizer on the bf16 / fp16 kernels (scripts/sanitize_cases.py, all
 #                    cases, kernels named *seesaw*): memcheck on base, racecheck on variant sync
 #                    (-DKVPAGER_SYNC_HANDOFFS: racecheck does not model bar.arrive)
+#   fp8seesawsan     the same on the FP8 cases (the seesaw with a converter warpgroup)
 #   benchissue       `kvpager bench kernel --set issue` on base (issue 9's grid with its ceilings):
 #                    $OUT/bench-issue.json
+#   fp8bench:<tag>   `kvpager bench kernel --kv-cache-dtype fp8 --quick` on variant <tag>:
+#                    $OUT/bench-fp8-<tag>.json (issue 14's grid)
 #   fp8seesaw        FP8 seesaw cases, SEESAW_TAGS (default: base)
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
 #   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024, h_q 128 s_q 2
-#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase t2; t2 writes
-#                    the output twice, -DKVPAGER_TRACE_EPILOGUE_TWICE)
+#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase; a
+#                    -DKVPAGER_TRACE_EPILOGUE_TWICE build writes the output twice, each pass stamped)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
-#                    tbase twst: -DKVPAGER_TRACE builds of the default and of the TMA-stage trial)
-# Device call (carry [".whl"]):
-#   DEADLINE=360 bash scripts/trial_call.sh build bf16 ws seesawtrace fp8trace tests:stm tests:wstma tests:cmb
-# (the s24 trials: docs/kernel-perf.md and docs/fp8-cache.md, "s24")
-# (seesawsan needs VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
+#                    tbase tcw4: -DKVPAGER_TRACE builds of the default and of the 16-converter-warp trial;
+#                    its "conv w7" line is warp 15 there)
+# Device call (carry [".whl"]; s25: the FP8 ws kernel with 4 converter warpgroups, docs/fp8-cache.md):
+#   DEADLINE=420 bash scripts/trial_call.sh build tests:base ws fp8trace seesawsan fp8seesawsan \
+#     sanitize:cw4 benchissue fp8bench:base fp8bench:cw4 tests:cw4 seesawtrace
+# (seesawsan and fp8seesawsan need VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;stm=-DKVPAGER_SEESAW_STSM;wstma=-DKVPAGER_FP8_WS_TMA_LATENT;cmb=-DKVPAGER_COMBINE_SHFL_WEIGHTS;tbase=-DKVPAGER_TRACE;t2=-DKVPAGER_TRACE -DKVPAGER_TRACE_EPILOGUE_TWICE;twst=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_TMA_LATENT"}
+export VARIANTS=${VARIANTS:-"base=;sync=-DKVPAGER_SYNC_HANDOFFS;cw4=-DKVPAGER_FP8_WS_CONVERTER_WGS=4;tbase=-DKVPAGER_TRACE;tcw4=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_CONVERTER_WGS=4"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -48,13 +52,13 @@ for stage in "$@"; do
     done ;;
   ws) t ws
     ceiling=--read-ceiling  # measured once, in the first process
-    for tag in ${WS_TAGS:-base wstma cmb base wstma cmb}; do
+    for tag in ${WS_TAGS:-base cw4 base cw4}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" $ceiling 2>&1 | grep -v Warning | tee -a "$LOG"
       ceiling=
     done ;;
   bf16) t bf16
-    for tag in ${BF16_TAGS:-base stm cmb base stm cmb}; do
+    for tag in ${BF16_TAGS:-base base}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
@@ -70,17 +74,26 @@ for stage in "$@"; do
   benchissue) t benchissue; bash scripts/use_variant.sh base
     timeout 240 python3 -m kvpager.cli bench kernel --set issue --plain --out "$OUT/bench-issue.json" 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   fp8trace) t fp8trace
-    for tag in ${TRACE_TAGS:-tbase twst}; do
+    for tag in ${TRACE_TAGS:-tbase tcw4}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"
       timeout 100 python3 scripts/fp8_trace.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
+  fp8seesawsan) t fp8seesawsan  # the FP8 seesaw (64-row blocks on an FP8 cache): memcheck on base, racecheck on sync
+    for run in "base memcheck" "sync racecheck"; do set -- $run
+      bash scripts/use_variant.sh $1
+      CASES_ARGS=--fp8 KERNEL_FILTER=seesaw TOOLS=$2 timeout 200 bash scripts/sanitize.sh 2>&1 |
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize|error|FAIL" | tail -6 | tee -a "$LOG"
+    done ;;
+  fp8bench:*) tag=${stage#fp8bench:}; t "fp8 bench on $tag"; bash scripts/use_variant.sh $tag
+    timeout 240 python3 -m kvpager.cli bench kernel --kv-cache-dtype fp8 --quick --plain --out "$OUT/bench-fp8-$tag.json" 2>&1 |
+      grep -v Warning | tee -a "$LOG" ;;
   sanitize:*) tag=${stage#sanitize:}; t "sanitize on $tag"; bash scripts/use_variant.sh $tag
     CASES_ARGS=--fp8 KERNEL_FILTER=${SAN_FILTER:-fp8_ws} TOOLS=${SAN_TOOLS:-"memcheck racecheck"} \
       timeout 200 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL" | tail -12 | tee -a "$LOG" ;;
   seesawtrace) t seesawtrace
-    for tag in ${SEESAWTRACE_TAGS:-tbase t2}; do
+    for tag in ${SEESAWTRACE_TAGS:-tbase}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"

@@ -54,35 +54,6 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int col = quarter * (kHeadDimV / kCombineColSplits) + lane * 4;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   if (!empty) {
-#ifdef KVPAGER_COMBINE_SHFL_WEIGHTS
-    // Trial (off by default): lane k computes the weight of split i0 + k once, and the accumulation
-    // takes it by shuffle, so the loop's only loads are the partials (8 in flight, no lse load
-    // ahead of each FMA). For the small batches' combine (b 8 h_q 16: ~16 splits a sequence).
-    for (int i0 = 0; i0 < n; i0 += 32) {
-      const int mine = i0 + lane, chunk = min(32, n - i0);
-      const float w_mine = mine < n ? __expf(p.lse_accum[slot_row(mine)] - lse) : 0.f;
-      constexpr int kDepth = 8;  // partials loaded before the first FMA of a round
-      for (int k0 = 0; k0 < chunk; k0 += kDepth) {
-        float4 v[kDepth];
-        float w[kDepth];
-#pragma unroll
-        for (int u = 0; u < kDepth; ++u) {
-          const int k = k0 + u;  // uniform across the warp
-          const float wk = __shfl_sync(0xffffffffu, w_mine, k % 32);
-          w[u] = k < chunk ? wk : 0.f;
-          v[u] = k < chunk ? *reinterpret_cast<const float4*>(p.out_accum + slot_row(i0 + k) * kHeadDimV + col)
-                           : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < kDepth; ++u) {
-          acc.x += w[u] * v[u].x;
-          acc.y += w[u] * v[u].y;
-          acc.z += w[u] * v[u].z;
-          acc.w += w[u] * v[u].w;
-        }
-      }
-    }
-#else
 #pragma unroll 4
     for (int i = 0; i < n; ++i) {
       const float w = __expf(p.lse_accum[slot_row(i)] - lse);
@@ -92,7 +63,6 @@ __global__ void __launch_bounds__(kCombineThreads)
       acc.z += w * v.z;
       acc.w += w * v.w;
     }
-#endif
   }
   const int s = mrow / p.groups;
   const int head = hk * p.groups + mrow % p.groups;

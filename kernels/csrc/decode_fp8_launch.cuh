@@ -25,16 +25,7 @@ inline cudaError_t launch_fp8_ws(DecodeParams p, const DecodeOptions& options, c
   p.fp8_prefetch_pages = options.fp8_prefetch_pages;
   auto* kernel = mla_decode_fp8_ws_kernel;
   KVPAGER_SET_SMEM_ONCE(kernel, Traits::kSmemBytes);
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-  Fp8PageMaps maps{};
-  if (p.num_pages > 0) {
-    const cudaError_t err = encode_fp8_page_maps(p, &maps);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<decode_grid(p, Traits::kBlockM), Traits::kThreads, Traits::kSmemBytes, stream>>>(p, maps);
-#else
   kernel<<<decode_grid(p, Traits::kBlockM), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-#endif
 #ifdef KVPAGER_TRACE
   fp8_ws_trace_dump<<<1, 1, 0, stream>>>();  // scripts/fp8_trace.py
 #endif

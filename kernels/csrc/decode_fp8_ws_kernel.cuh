@@ -25,6 +25,7 @@
 #include <math_constants.h>
 
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include "config.h"
 #include "epilogue.cuh"
@@ -34,9 +35,6 @@
 #include "tile_ops.h"
 #include "traits.h"
 #include "wgmma_ops.h"
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-#include "seesaw_fp8.cuh"  // Fp8PageMaps
-#endif
 
 namespace kvpager {
 
@@ -51,7 +49,7 @@ using ScoreMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA:
 using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::MN, cute::SM90::GMMA::Major::K>;
 
 // Timeline of one CTA (a -DKVPAGER_TRACE build; scripts/fp8_trace.py reads it): clock64() at named
-// points of each of its first kTracePages pages, for the consumer and for converter warps 0 and 7.
+// points of each of its first kTracePages pages, for the consumer and for the first and last converter warps (0 and 7).
 // Consumer: 0 full(n) waited, 1 S^T(n) done, 2 softmax(n) done (PV issued next), 3 PV(n) done,
 // 4 page maxima exchanged, 5 P stored and fenced. Converter: 0 data of page n in registers,
 // 1 empty waited, 2 full arrived, 4 page n + 2's L2 prefetch and address done, 5 its latent
@@ -63,7 +61,7 @@ __device__ unsigned long long g_trace[3][kTracePages][6];
 __device__ __forceinline__ bool traced_cta() { return blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == gridDim.z / 2; }
 #define FP8WS_TRACE(role, n, ev)                                                                  \
   do {                                                                                            \
-    if (traced_cta() && threadIdx.x == ((role) == 0 ? 0 : 128 + ((role) - 1) * 224) && (n) < kTracePages) \
+    if (traced_cta() && threadIdx.x == ((role) == 0 ? 0 : 128 + ((role) - 1) * (T::kConverterThreads - 32)) && (n) < kTracePages) \
       g_trace[role][n][ev] = clock64();                                                           \
   } while (0)
 #else
@@ -131,9 +129,10 @@ struct PageRef {
         valid_rows(at.seg.valid_rows(at.page)) {}
 };
 
-// Converter thread ct (0-255) owns latent rows 8 (ct / 32) .. + 7, 16 bytes (one scale group) at
-// lane * 16 of each. Lane l handles row (j + l / 4) % 8 of them at step j, so that one store
-// instruction of the warp hits 8 different rows (8 different swizzles: conflict-free).
+// Converter thread ct owns latent rows R (ct / 32) .. + R - 1 (R = kRowsPerWarp: 8, or 4 with 16
+// converter warps), 16 bytes (one scale group) at lane * 16 of each. Lane l handles row
+// (j + l / 4) % R of them at step j, so that each 8-lane phase of a store instruction hits two rows
+// of different parity (different swizzles: conflict-free).
 __device__ __forceinline__ int latent_row(int warp, int lane, int j) {
   return warp * T::kRowsPerWarp + ((j + lane / 4) % T::kRowsPerWarp);
 }
@@ -217,16 +216,16 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int
     asm volatile("" ::"r"(all));
   }
 #endif
-  FP8WS_TRACE(1 + warp / 7, n, 0);
+  FP8WS_TRACE(1 + warp / (T::kConverterWarps - 1), n, 0);
   PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
-  FP8WS_TRACE(1 + warp / 7, n, 1);
+  FP8WS_TRACE(1 + warp / (T::kConverterWarps - 1), n, 1);
   if (__all_sync(0xffffffffu, folds))
     store_latent<true>(s.page[buf][0], latent, scale, warp, lane);
   else
     store_latent<false>(s.page[buf][0], latent, scale, warp, lane);
   fence_async_proxy();  // generic-proxy stores and the landed RoPE copies -> visible to wgmma
   PageBarrier::arrive(&s.full[buf]);
-  FP8WS_TRACE(1 + warp / 7, n, 2);
+  FP8WS_TRACE(1 + warp / (T::kConverterWarps - 1), n, 2);
 }
 
 // Both converter warpgroups together, every page, with the next two pages' latent bytes in flight
@@ -255,9 +254,9 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
       return;
     }
     const PageRef ref(p, ahead, hk);
-    FP8WS_TRACE(1 + ct / 224, n, 4);
+    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n, 4);
     load_latent(p, ref, ct, latent);
-    FP8WS_TRACE(1 + ct / 224, n, 5);
+    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n, 5);
     load_scales_and_rope(p, ref, ct, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
     ++loaded;
     ahead.next();
@@ -267,17 +266,13 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   for (uint32_t n = 0; n < loaded; n += 2) {
     convert_page(s, p, ct, n, latent0);
     load_next(latent0, n);
-    FP8WS_TRACE(1 + ct / 224, n, 3);
+    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n, 3);
     if (n + 1 == loaded) break;
     convert_page(s, p, ct, n + 1, latent1);
     load_next(latent1, n + 1);
-    FP8WS_TRACE(1 + ct / 224, n + 1, 3);
+    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n + 1, 3);
   }
 }
-
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-#include "fp8_ws_tma_latent.cuh"
-#endif
 
 // ---- consumer ----------------------------------------------------------------------------------
 
@@ -374,57 +369,6 @@ __device__ __forceinline__ void finish_page(Plan& s, const Descriptors& d, uint3
 // col_slot(i) numbers them 0..3.
 __device__ __forceinline__ int col_slot(int i) { return (i >> 2) * 2 + (i & 1); }
 
-// Eight output columns [col, col + 8) of row mrow: the fp32 partial (split) or the bf16 output.
-__device__ __forceinline__ void write_output_chunk(const DecodeParams& p, const Segment& seg, int hk, int mrow, int col,
-                                                   bool split, const float4& a, const float4& b) {
-  if (split) {
-    float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
-    *reinterpret_cast<float4*>(acc) = a;
-    *reinterpret_cast<float4*>(acc + 4) = b;
-  } else {
-    const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
-    Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
-    *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
-                                                ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
-  }
-}
-
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-// The trial's output stage (fp8_ws_tma_latent.cuh: the fp32 stage's 32 KB hold the latent stage):
-// the Q tiles, free once the segment's last S^T is done (the next segment's Q is loaded after
-// this), half of the columns at a time ([16 rows][256] fp32 is 16 KB of Q's 18).
-__device__ __forceinline__ void store_output_through_q(Plan& s, const DecodeParams& p, const Segment& seg, int hk,
-                                                       int m_block, int tid,
-                                                       const float (&o)[T::kOutBlocks][T::kScoreRegs],
-                                                       const int (&cols)[4], const float (&inv)[4]) {
-  constexpr int kStageCols = kHeadDimV / 2, kBlocksPerHalf = T::kOutBlocks / 2;
-  static_assert(sizeof(float) * T::kBlockM * kStageCols <= sizeof(Plan::q), "half the output fits in Q");
-  auto& stage = *reinterpret_cast<float(*)[T::kBlockM][kStageCols]>(s.q[0]);
-  const int warp = tid / 32, g = (tid % 32) / 4;
-  const bool split = seg.num_splits > 1;
-  const int valid_rows = min(T::kBlockM, p.rows - m_block * T::kBlockM);
-  constexpr int kChunks = kStageCols / kChunkElems;  // 32 chunks of 8 columns a staged row
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-#pragma unroll
-    for (int m = 0; m < kBlocksPerHalf; ++m)
-#pragma unroll
-      for (int i = 0; i < T::kScoreRegs; ++i)
-        stage[cols[col_slot(i)]][m * kBlockCols + warp * 16 + g + 8 * ((i >> 1) & 1)] =
-            o[half * kBlocksPerHalf + m][i] * inv[col_slot(i)];
-    consumer_sync();
-    for (int i = tid; i < valid_rows * kChunks; i += T::kWarpgroupThreads) {
-      const int r = i / kChunks, at = (i % kChunks) * kChunkElems, col = half * kStageCols + at;
-      const int mrow = m_block * T::kBlockM + r;
-      const float4 a = *reinterpret_cast<const float4*>(&stage[r][at]);
-      const float4 b = *reinterpret_cast<const float4*>(&stage[r][at + 4]);
-      write_output_chunk(p, seg, hk, mrow, col, split, a, b);
-    }
-    consumer_sync();  // read out before the next half (or the next segment's Q) overwrites it
-  }
-}
-#endif
-
 // The segment's output: O^T / row sums -> out_stage (transposed), then whole rows to global memory.
 __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, const Segment& seg, int hk, int m_block,
                                              int tid, const float (&o)[T::kOutBlocks][T::kScoreRegs],
@@ -465,9 +409,6 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
       }
     }
   }
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-  store_output_through_q(s, p, seg, hk, m_block, tid, o, cols, inv);
-#else
 #pragma unroll
   for (int m = 0; m < T::kOutBlocks; ++m)
 #pragma unroll
@@ -480,9 +421,17 @@ __device__ __forceinline__ void store_output(Plan& s, const DecodeParams& p, con
     const int r = i / kChunks, col = (i % kChunks) * kChunkElems, mrow = m_block * T::kBlockM + r;
     const float4 a = *reinterpret_cast<const float4*>(&s.out_stage[r][col]);
     const float4 b = *reinterpret_cast<const float4*>(&s.out_stage[r][col + 4]);
-    write_output_chunk(p, seg, hk, mrow, col, split, a, b);
+    if (split) {
+      float* acc = p.out_accum + ((int64_t(seg.split_slot) * p.h_kv + hk) * p.rows + mrow) * kHeadDimV + col;
+      *reinterpret_cast<float4*>(acc) = a;
+      *reinterpret_cast<float4*>(acc + 4) = b;
+    } else {
+      const int sq = mrow / p.groups, head = hk * p.groups + mrow % p.groups;
+      Bf16* dst = static_cast<Bf16*>(p.out) + (int64_t(seg.b * p.s_q + sq) * p.h_q + head) * kHeadDimV + col;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(ElemOps<Bf16>::pack(a.x, a.y), ElemOps<Bf16>::pack(a.z, a.w),
+                                                  ElemOps<Bf16>::pack(b.x, b.y), ElemOps<Bf16>::pack(b.z, b.w));
+    }
   }
-#endif
 }
 
 __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part, int hk, int m_block) {
@@ -588,12 +537,7 @@ __device__ __forceinline__ void consume(Plan& s, const DecodeParams& p, int part
 
 }  // namespace fp8ws
 
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-__global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1)
-    mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ Fp8PageMaps maps) {
-#else
 __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_kernel(const __grid_constant__ DecodeParams p) {
-#endif
   using T = Fp8WsTraits;
   extern __shared__ char smem_raw[];
   auto& s = aligned_plan<T::SharedMemoryPlan>(smem_raw);
@@ -604,20 +548,23 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
       fp8ws::PageBarrier::init(&s.full[b], T::kConverterThreads);
       fp8ws::PageBarrier::init(&s.empty[b], T::kWarpgroupThreads);
     }
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-    TileBarrier::init(&s.stage_full, 1);
-    fp8ws::PageBarrier::init(&s.stage_empty, T::kConverterThreads);
-    if (p.num_pages > 0) cute::prefetch_tma_descriptor(&maps.latent);
-#endif
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+#ifdef KVPAGER_FP8_WS_CONVERTER_WGS
+  // Trial (traits.h): 640 threads launch at 96 registers; the consumer takes 128 and the 16
+  // converter warps keep 88 (61,440 in all, the launch's; both spill-free, 80 for the converters spills).
+  if (wg == 0) {
+    cutlass::arch::warpgroup_reg_alloc<128>();
+    fp8ws::consume(s, p, part, hk, m_block);
+  } else {
+    cutlass::arch::warpgroup_reg_dealloc<88>();
+    fp8ws::convert(s, p, part, hk);
+  }
+#else
   if (wg == 0)
     fp8ws::consume(s, p, part, hk, m_block);
   else
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-    fp8ws::convert_staged(s, p, maps, part, hk);
-#else
     fp8ws::convert(s, p, part, hk);
 #endif
 }

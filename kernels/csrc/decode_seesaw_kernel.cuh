@@ -278,15 +278,15 @@ __device__ __forceinline__ void zero_v_tail(const Ctx& c, int buf, int page) {
 }
 
 // The segment's output. Each lane holds columns 256 wg + 8n + {2t, 2t+1} of its two rows. Unsplit,
-// the Elem rows of `out` are staged through the page buffers (free once the pairs are done), so
-// global memory sees whole 16-byte chunks of consecutive columns (a quad's 4-byte stores would
-// write half sectors: measured 7.9 µs for a 64-row block's output on the H200); in the staging
-// tile a row's 16-byte chunk k sits at chunk k ^ (row % 8), so the fragment stores hit 32
-// distinct banks. Split, the fp32 partial is stored directly (a quad's float2s fill a sector).
+// the Elem rows of `out` are staged through the page buffers (free once the pairs are done) by
+// stmatrix, so global memory sees whole 16-byte chunks of consecutive columns (a quad's 4-byte
+// stores would write half sectors: measured 7.9 µs for a 64-row block's output on the H200); in the
+// staging tile a row's 16-byte chunk k sits at chunk k ^ (row % 8), so the stores hit 32 distinct
+// banks. Split, the fp32 partial is stored directly (a quad's float2s fill a sector).
 // A -DKVPAGER_TRACE_EPILOGUE_TWICE trace build writes the output twice (the same bytes to the same
 // places), stamping each pass: a second pass much faster than the first says the first waited on
-// cold instruction fetch, not on the stores (the s24 trace put ~4,600 cycles on 64 shared stores a
-// thread at b 64 s_k 1024).
+// cold instruction fetch, not on the stores (s25, H100, b 64 s_k 1024 with 64 shared stores a
+// thread: 3,184 cycles for the first pass, 540 for the second).
 #ifdef KVPAGER_TRACE_EPILOGUE_TWICE
 constexpr int kEpiPasses = 2;
 #else
@@ -341,8 +341,8 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
     constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
 #pragma unroll 1
     for (int pass = 0; pass < kEpiPasses; ++pass) {
-#ifdef KVPAGER_SEESAW_STSM
-      // Trial: 16 stmatrix.x4 a thread instead of 64 four-byte stores. Matrices 0-3 of a store are
+      // 16 stmatrix.x4 a thread (64 four-byte stores before s25: -1.1 µs at b 64 s_k 1024, the code
+      // is shorter and runs cold once a segment). Matrices 0-3 of a store are
       // (rows 0-7 of the warp's 16, block n), (rows 8-15, n), (0-7, n + 1), (8-15, n + 1): exactly
       // the fragment's registers; lane l gives the address of row l % 8 of matrix l / 8. With
       // n = 8a + 2b, chunk ^ (row % 8) = 32 wg + 8a + ((2b + l / 16) ^ (l % 8)): four offsets a lane.
@@ -357,17 +357,6 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
             ElemOps<Elem>::pack(o[4 * n], o[4 * n + 1]), ElemOps<Elem>::pack(o[4 * n + 2], o[4 * n + 3]),
             ElemOps<Elem>::pack(o[4 * n + 4], o[4 * n + 5]), ElemOps<Elem>::pack(o[4 * n + 6], o[4 * n + 7]),
             *reinterpret_cast<cute::uint128_t*>(row_base + (n / 8) * 128 + off[(n % 8) / 2]));
-#else
-      const int swz[2] = {c.rows[0] & 7, c.rows[1] & 7};
-#pragma unroll
-      for (int n = 0; n < T::kOutRegs / 4; ++n)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int chunk = c.wg * (T::kColsPerWg / kChunkElems) + n;
-          const uint32_t at = c.rows[i] * kRowBytes16 + ((chunk ^ swz[i]) * kChunkBytes);
-          *reinterpret_cast<uint32_t*>(stage + at + 4 * c.t()) = ElemOps<Elem>::pack(o[4 * n + 2 * i], o[4 * n + 2 * i + 1]);
-        }
-#endif
       SEESAW_TRACE(c, kEvEpiPass + pass);
     }
     c.consumers_sync();

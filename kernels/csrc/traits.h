@@ -82,12 +82,18 @@ struct Fp8Traits {
 struct Fp8WsTraits {
   static constexpr int kBlockM = 16;
   static constexpr int kWarpgroupThreads = 128;
+  // Converter warpgroups: 2 (on trial, s25: -DKVPAGER_FP8_WS_CONVERTER_WGS=4, 16 warps of 4 rows a page).
+#ifdef KVPAGER_FP8_WS_CONVERTER_WGS
+  static constexpr int kConverterThreads = KVPAGER_FP8_WS_CONVERTER_WGS * kWarpgroupThreads;
+#else
   static constexpr int kConverterThreads = 2 * kWarpgroupThreads;
+#endif
+  static constexpr int kConverterWarps = kConverterThreads / 32;
   static constexpr int kThreads = kWarpgroupThreads + kConverterThreads;
   static constexpr int kScoreRegs = kPageSize * kBlockM / kWarpgroupThreads;  // 8: S^T is 64 keys x 16 rows
   static constexpr int kOutBlocks = kHeadDimV / kBlockCols;                   // 8 blocks of 64 features of O^T
-  static constexpr int kRowsPerWarp = kPageSize / (kConverterThreads / 32);   // 8 latent rows a converter warp
-  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2
+  static constexpr int kRowsPerWarp = kPageSize / kConverterWarps;             // 8 latent rows a converter warp (4 of 16)
+  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2 (1 of 512 threads)
   static constexpr int kScaleSlots = 4;  // staged scales of pages n .. n + 2 (convert: why 4 suffice)
   static constexpr int kRopeSlots = 4;   // RoPE tiles of pages n - 2 .. n + 1 (convert_page: why 4)
   static constexpr int kLatentTiles = kColBlocks - 1;
@@ -98,14 +104,7 @@ struct Fp8WsTraits {
     alignas(1024) char rope[kRopeSlots][kPageTileBytes];  // RoPE tiles, bf16 in the cache: cp.async
     alignas(1024) char q[kColBlocks][kBlockM * kBlockRowBytes];            // Q, 9 blocks of 16 x 64
     alignas(1024) char p[kBlockM * kBlockRowBytes];                        // P: 16 rows x 64 keys
-#ifdef KVPAGER_FP8_WS_TMA_LATENT
-    // Trial: the next page's FP8 latent bytes, 8 TMA tiles of 64 tokens x 64 bytes (the output is
-    // staged in the Q tiles instead; fp8_ws_tma_latent.cuh).
-    alignas(1024) uint8_t latent_stage[kLatentTiles][kPageSize][kBlockCols];
-    uint64_t stage_full, stage_empty;
-#else
     float out_stage[kBlockM][kHeadDimV];  // the segment's normalised output rows
-#endif
     float row_exchange[4][kBlockM];       // per consumer warp: page maxima, then row sums
     alignas(16) float scales[kScaleSlots][kPageSize][4];  // pages' scales, staged by cp.async
     uint64_t full[kNumPageBuffers];       // converters -> consumer: page in buffer b
