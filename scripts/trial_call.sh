@@ -4,7 +4,7 @@
 # passed. Log: $OUT/trial.txt, ptxas reports: $OUT/ptxas.tgz.
 #   build            all variants (base = the default build)
 #   tests:<tag>      the GPU suite (tests/gpu) on variant <tag>
-#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base cw4 base cw4;
+#   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base base;
 #                    its bf16 column times b 8 and b 2 at h_q 16 too)
 #   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base base)
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
@@ -24,11 +24,11 @@
 #                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase; a
 #                    -DKVPAGER_TRACE_EPILOGUE_TWICE build writes the output twice, each pass stamped)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
-#                    tbase tcw4: -DKVPAGER_TRACE builds of the default and of the 16-converter-warp trial;
-#                    its "conv w7" line is warp 15 there)
-# Device call (carry [".whl"]; s25: the FP8 ws kernel with 4 converter warpgroups, docs/fp8-cache.md):
-#   DEADLINE=420 bash scripts/trial_call.sh build tests:base ws fp8trace seesawsan fp8seesawsan \
-#     sanitize:cw4 benchissue fp8bench:base fp8bench:cw4 tests:cw4 seesawtrace
+#                    tbase, the -DKVPAGER_TRACE build of the default)
+# A trial adds its tag=flags to VARIANTS and its tag to the stages' tag lists. s25's validation call
+# (carry [".whl"]; add a trial's tag where wanted):
+#   DEADLINE=370 bash scripts/trial_call.sh build ws tests:base seesawsan fp8seesawsan benchissue \
+#     fp8trace fp8bench:base
 # (seesawsan and fp8seesawsan need VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -36,7 +36,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"; LOG=$OUT/trial.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee -a "$LOG"
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
-export VARIANTS=${VARIANTS:-"base=;sync=-DKVPAGER_SYNC_HANDOFFS;cw4=-DKVPAGER_FP8_WS_CONVERTER_WGS=4;tbase=-DKVPAGER_TRACE;tcw4=-DKVPAGER_TRACE -DKVPAGER_FP8_WS_CONVERTER_WGS=4"}
+export VARIANTS=${VARIANTS:-"base=;sync=-DKVPAGER_SYNC_HANDOFFS;tbase=-DKVPAGER_TRACE"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 T0=$SECONDS
 for stage in "$@"; do
@@ -52,7 +52,7 @@ for stage in "$@"; do
     done ;;
   ws) t ws
     ceiling=--read-ceiling  # measured once, in the first process
-    for tag in ${WS_TAGS:-base cw4 base cw4}; do
+    for tag in ${WS_TAGS:-base base}; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/fp8_seesaw_time.py --set ws --label "$tag" $ceiling 2>&1 | grep -v Warning | tee -a "$LOG"
       ceiling=
@@ -74,7 +74,7 @@ for stage in "$@"; do
   benchissue) t benchissue; bash scripts/use_variant.sh base
     timeout 240 python3 -m kvpager.cli bench kernel --set issue --plain --out "$OUT/bench-issue.json" 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   fp8trace) t fp8trace
-    for tag in ${TRACE_TAGS:-tbase tcw4}; do
+    for tag in ${TRACE_TAGS:-tbase}; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"

@@ -25,7 +25,6 @@
 #include <math_constants.h>
 
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "config.h"
 #include "epilogue.cuh"
@@ -49,7 +48,7 @@ using ScoreMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA:
 using OutMma = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::MN, cute::SM90::GMMA::Major::K>;
 
 // Timeline of one CTA (a -DKVPAGER_TRACE build; scripts/fp8_trace.py reads it): clock64() at named
-// points of each of its first kTracePages pages, for the consumer and for the first and last converter warps (0 and 7).
+// points of each of its first kTracePages pages, for the consumer and for converter warps 0 and 7.
 // Consumer: 0 full(n) waited, 1 S^T(n) done, 2 softmax(n) done (PV issued next), 3 PV(n) done,
 // 4 page maxima exchanged, 5 P stored and fenced. Converter: 0 data of page n in registers,
 // 1 empty waited, 2 full arrived, 4 page n + 2's L2 prefetch and address done, 5 its latent
@@ -61,7 +60,7 @@ __device__ unsigned long long g_trace[3][kTracePages][6];
 __device__ __forceinline__ bool traced_cta() { return blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == gridDim.z / 2; }
 #define FP8WS_TRACE(role, n, ev)                                                                  \
   do {                                                                                            \
-    if (traced_cta() && threadIdx.x == ((role) == 0 ? 0 : 128 + ((role) - 1) * (T::kConverterThreads - 32)) && (n) < kTracePages) \
+    if (traced_cta() && threadIdx.x == ((role) == 0 ? 0 : 128 + ((role) - 1) * 224) && (n) < kTracePages) \
       g_trace[role][n][ev] = clock64();                                                           \
   } while (0)
 #else
@@ -129,10 +128,9 @@ struct PageRef {
         valid_rows(at.seg.valid_rows(at.page)) {}
 };
 
-// Converter thread ct owns latent rows R (ct / 32) .. + R - 1 (R = kRowsPerWarp: 8, or 4 with 16
-// converter warps), 16 bytes (one scale group) at lane * 16 of each. Lane l handles row
-// (j + l / 4) % R of them at step j, so that each 8-lane phase of a store instruction hits two rows
-// of different parity (different swizzles: conflict-free).
+// Converter thread ct (0-255) owns latent rows 8 (ct / 32) .. + 7, 16 bytes (one scale group) at
+// lane * 16 of each. Lane l handles row (j + l / 4) % 8 of them at step j, so that one store
+// instruction of the warp hits 8 different rows (8 different swizzles: conflict-free).
 __device__ __forceinline__ int latent_row(int warp, int lane, int j) {
   return warp * T::kRowsPerWarp + ((j + lane / 4) % T::kRowsPerWarp);
 }
@@ -216,16 +214,16 @@ __device__ __forceinline__ void convert_page(Plan& s, const DecodeParams& p, int
     asm volatile("" ::"r"(all));
   }
 #endif
-  FP8WS_TRACE(1 + warp / (T::kConverterWarps - 1), n, 0);
+  FP8WS_TRACE(1 + warp / 7, n, 0);
   PageBarrier::wait(&s.empty[buf], ((n / 2) & 1) ^ 1);
-  FP8WS_TRACE(1 + warp / (T::kConverterWarps - 1), n, 1);
+  FP8WS_TRACE(1 + warp / 7, n, 1);
   if (__all_sync(0xffffffffu, folds))
     store_latent<true>(s.page[buf][0], latent, scale, warp, lane);
   else
     store_latent<false>(s.page[buf][0], latent, scale, warp, lane);
   fence_async_proxy();  // generic-proxy stores and the landed RoPE copies -> visible to wgmma
   PageBarrier::arrive(&s.full[buf]);
-  FP8WS_TRACE(1 + warp / (T::kConverterWarps - 1), n, 2);
+  FP8WS_TRACE(1 + warp / 7, n, 2);
 }
 
 // Both converter warpgroups together, every page, with the next two pages' latent bytes in flight
@@ -254,9 +252,9 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
       return;
     }
     const PageRef ref(p, ahead, hk);
-    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n, 4);
+    FP8WS_TRACE(1 + ct / 224, n, 4);
     load_latent(p, ref, ct, latent);
-    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n, 5);
+    FP8WS_TRACE(1 + ct / 224, n, 5);
     load_scales_and_rope(p, ref, ct, s.scales[loaded % T::kScaleSlots], s.rope[loaded % T::kRopeSlots]);
     ++loaded;
     ahead.next();
@@ -266,11 +264,11 @@ __device__ __forceinline__ void convert(Plan& s, const DecodeParams& p, int part
   for (uint32_t n = 0; n < loaded; n += 2) {
     convert_page(s, p, ct, n, latent0);
     load_next(latent0, n);
-    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n, 3);
+    FP8WS_TRACE(1 + ct / 224, n, 3);
     if (n + 1 == loaded) break;
     convert_page(s, p, ct, n + 1, latent1);
     load_next(latent1, n + 1);
-    FP8WS_TRACE(1 + ct / (T::kConverterThreads - 32), n + 1, 3);
+    FP8WS_TRACE(1 + ct / 224, n + 1, 3);
   }
 }
 
@@ -551,22 +549,10 @@ __global__ void __launch_bounds__(Fp8WsTraits::kThreads, 1) mla_decode_fp8_ws_ke
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
-#ifdef KVPAGER_FP8_WS_CONVERTER_WGS
-  // Trial (traits.h): 640 threads launch at 96 registers; the consumer takes 128 and the 16
-  // converter warps keep 88 (61,440 in all, the launch's; both spill-free, 80 for the converters spills).
-  if (wg == 0) {
-    cutlass::arch::warpgroup_reg_alloc<128>();
-    fp8ws::consume(s, p, part, hk, m_block);
-  } else {
-    cutlass::arch::warpgroup_reg_dealloc<88>();
-    fp8ws::convert(s, p, part, hk);
-  }
-#else
   if (wg == 0)
     fp8ws::consume(s, p, part, hk, m_block);
   else
     fp8ws::convert(s, p, part, hk);
-#endif
 }
 
 #ifdef KVPAGER_TRACE

@@ -82,18 +82,12 @@ struct Fp8Traits {
 struct Fp8WsTraits {
   static constexpr int kBlockM = 16;
   static constexpr int kWarpgroupThreads = 128;
-  // Converter warpgroups: 2 (on trial, s25: -DKVPAGER_FP8_WS_CONVERTER_WGS=4, 16 warps of 4 rows a page).
-#ifdef KVPAGER_FP8_WS_CONVERTER_WGS
-  static constexpr int kConverterThreads = KVPAGER_FP8_WS_CONVERTER_WGS * kWarpgroupThreads;
-#else
   static constexpr int kConverterThreads = 2 * kWarpgroupThreads;
-#endif
-  static constexpr int kConverterWarps = kConverterThreads / 32;
   static constexpr int kThreads = kWarpgroupThreads + kConverterThreads;
   static constexpr int kScoreRegs = kPageSize * kBlockM / kWarpgroupThreads;  // 8: S^T is 64 keys x 16 rows
   static constexpr int kOutBlocks = kHeadDimV / kBlockCols;                   // 8 blocks of 64 features of O^T
-  static constexpr int kRowsPerWarp = kPageSize / kConverterWarps;             // 8 latent rows a converter warp (4 of 16)
-  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2 (1 of 512 threads)
+  static constexpr int kRowsPerWarp = kPageSize / (kConverterThreads / 32);   // 8 latent rows a converter warp
+  static constexpr int kRopeChunks = kPageSize * kRopeDim * 2 / kChunkBytes / kConverterThreads;  // 2
   static constexpr int kScaleSlots = 4;  // staged scales of pages n .. n + 2 (convert: why 4 suffice)
   static constexpr int kRopeSlots = 4;   // RoPE tiles of pages n - 2 .. n + 1 (convert_page: why 4)
   static constexpr int kLatentTiles = kColBlocks - 1;
