@@ -201,26 +201,17 @@ __device__ __forceinline__ void issue_s1(const Ctx& c, float (&s)[T::kScoreRegs]
   cute::warpgroup_commit_batch();
 }
 
-// Where row block m_block of kv head c.hk starts in a [batch, s_q, h_q, width] tensor: the origin
-// of its box in a row-block map (encode_row_block_map).
-struct RowBlockOrigin {
-  int head, sq;
-};
-__device__ __forceinline__ RowBlockOrigin row_block_origin(const Ctx& c, int m_block) {
-  const int row0 = m_block * T::kBlockM;
-  return {c.hk * c.p.groups + row0 % c.p.groups, row0 / c.p.groups};
-}
-
 // One thread, at a segment's start: Q's tiles of row block m_block by TMA (tile t completing on
 // q_ready[t]), each followed by the same tile of the first page (page_id < 0: none), so that the
 // copies land in the order the first S GEMM reads them.
 __device__ __forceinline__ void load_q_with_first_page(const Ctx& c, const SeesawMaps& maps, int m_block, int page_id) {
-  const RowBlockOrigin at = row_block_origin(c, m_block);
+  const int row0 = m_block * T::kBlockM;
+  const int head0 = c.hk * c.p.groups + row0 % c.p.groups, sq0 = row0 / c.p.groups;
   const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
 #pragma unroll 1
   for (int tile = 0; tile < kColBlocks; ++tile) {
     TileBarrier::arrive_and_expect_tx(&c.s.q_ready[tile], T::kBlockM * kBlockRowBytes);
-    cute::SM90_TMA_LOAD_4D::copy(&maps.q, &c.s.q_ready[tile], hint, c.s.q[tile], tile * kBlockCols, at.head, at.sq,
+    cute::SM90_TMA_LOAD_4D::copy(&maps.q, &c.s.q_ready[tile], hint, c.s.q[tile], tile * kBlockCols, head0, sq0,
                                  c.seg.b);
     if (page_id >= 0) c.load(0, page_id, tile, tile + 1);
   }

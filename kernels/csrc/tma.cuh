@@ -59,41 +59,33 @@ cudaError_t encode_page_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// A [batch, s_q, h_q, width] tensor (q: width 576; strides in elements) as a 4-D tensor
-// (width, h_q, s_q, batch), copied in boxes of 64 columns x one row block (64 query rows: bh heads x
-// bs query positions, bh = min(groups, 64)) with the 128-byte swizzle, so a box is one tile of the
-// wgmma block layout with rows in row-block order (s * groups + head). Rows past the last query
-// fall outside s_q: zero-filled by the load. False (and no map) where the tensor
-// does not suit: an unaligned base or stride, a broadcast stride, or groups neither a multiple nor a
-// divisor of 64 (a row block would mix kv heads); the kernel then takes its thread-copy path.
+// q [batch, s_q, h_q, 576] as a 4-D tensor (576, h_q, s_q, batch), copied in boxes of 64 columns x
+// one row block (64 query rows: bh heads x bs query positions, bh = min(groups, 64)) with the
+// 128-byte swizzle, so a box lands as one Q tile of the wgmma block layout, rows in row-block order
+// (s * groups + head). Rows past the last query fall outside s_q and are zero-filled. False (and no
+// map) where q does not suit: an unaligned base or stride, a broadcast stride, or groups neither a
+// multiple nor a divisor of 64 (a row block would mix kv heads); the kernel then loads Q by cp.async.
 template <typename Elem>
-bool encode_row_block_map(const DecodeParams& p, const void* base, int64_t width, int64_t head_stride,
-                          int64_t seq_stride, int64_t batch_stride, CUtensorMap* map) {
+bool encode_q_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   constexpr int64_t kElemBytes = sizeof(Elem);
   const int s_q = p.rows / p.groups, bh = p.groups < 64 ? p.groups : 64;
-  const int64_t h_q = int64_t(p.h_kv) * p.groups, row_bytes = width * kElemBytes;
-  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0 && (head_stride * kElemBytes) % 16 == 0 &&
-                       (seq_stride * kElemBytes) % 16 == 0 && (batch_stride * kElemBytes) % 16 == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && (p.q_head_stride * kElemBytes) % 16 == 0 &&
+                       (p.q_seq_stride * kElemBytes) % 16 == 0 && (p.q_batch_stride * kElemBytes) % 16 == 0;
   if (encode == nullptr || !aligned || (p.groups % 64 != 0 && 64 % p.groups != 0)) return false;
   // A stride of a size-1 dim is never used to address; give it any legal value.
-  const cuuint64_t head = h_q > 1 ? head_stride * kElemBytes : row_bytes;
-  const cuuint64_t seq = s_q > 1 ? seq_stride * kElemBytes : h_q * row_bytes;
-  const cuuint64_t batch = p.batch > 1 ? batch_stride * kElemBytes : s_q * h_q * row_bytes;
-  if (head == 0 || seq == 0 || batch == 0) return false;  // broadcast
-  const cuuint64_t dims[4] = {cuuint64_t(width), cuuint64_t(h_q), cuuint64_t(s_q), cuuint64_t(p.batch)};
-  const cuuint64_t strides[3] = {head, seq, batch};
+  const int64_t h_q = int64_t(p.h_kv) * p.groups;
+  const cuuint64_t head_stride = h_q > 1 ? p.q_head_stride * kElemBytes : kRowBytes;
+  const cuuint64_t seq_stride = s_q > 1 ? p.q_seq_stride * kElemBytes : h_q * kRowBytes;
+  const cuuint64_t batch_stride = p.batch > 1 ? p.q_batch_stride * kElemBytes : s_q * h_q * kRowBytes;
+  if (head_stride == 0 || seq_stride == 0 || batch_stride == 0) return false;  // broadcast q: cp.async
+  const cuuint64_t dims[4] = {kHeadDim, cuuint64_t(h_q), cuuint64_t(s_q), cuuint64_t(p.batch)};
+  const cuuint64_t strides[3] = {head_stride, seq_stride, batch_stride};
   const cuuint32_t box[4] = {kBlockCols, cuuint32_t(bh), cuuint32_t(64 / bh), 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  return encode(map, TmaElem<Elem>::kType, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+  return encode(map, TmaElem<Elem>::kType, 4, const_cast<void*>(p.q), dims, strides, box, elem_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// q for the seesaw's Q tiles (cp.async where it does not suit).
-template <typename Elem>
-bool encode_q_tensor_map(const DecodeParams& p, CUtensorMap* map) {
-  return encode_row_block_map<Elem>(p, p.q, kHeadDim, p.q_head_stride, p.q_seq_stride, p.q_batch_stride, map);
 }
 
 // One thread: tiles [first, last) of page `page_id` (kv head hk) into `tiles` (kPageTileBytes each,

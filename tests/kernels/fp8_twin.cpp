@@ -394,6 +394,7 @@ int run_seesaw_slots(const char* in_path, const char* out_path, const char* sche
   std::fclose(f);
   return 0;
 }
+
 }  // namespace
 
 int main(int argc, char** argv) {
