@@ -7,6 +7,13 @@
 #   ws               FP8 ws kernel cases (16 rows), WS_TAGS in turn (default: base base;
 #                    its bf16 column times b 8 and b 2 at h_q 16 too)
 #   bf16             bf16 64-row cases (scripts/variant_time.py), BF16_TAGS (default: base base)
+#   combine          the combine kernel's run-time modes (KVPAGER_COMBINE_GRID x _LOADS) alternated
+#                    on base, case by case (scripts/combine_time.py; COMBINE_MODES to change)
+#   combinesan       compute-sanitizer memcheck of the combine kernel on base, in each
+#                    COMBINE_SAN_MODES (default: wave:4 wave:8; bf16 / fp16 and FP8 cases)
+#   latency          scripts/latency_probe.py (decode / combine durations and their gap), under
+#                    each KVPAGER_COMBINE_GRID of LATENCY_GRIDS (default: unit wave)
+#   ncu              Nsight Compute on base (scripts/ncu_profile.sh; NCU_CASES): $OUT/ncu.tgz
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
 #                    tma cp.async tma cp.async)
 #   seesawsan        compute-sanitizer on the bf16 / fp16 kernels (scripts/sanitize_cases.py, all
@@ -62,6 +69,23 @@ for stage in "$@"; do
       bash scripts/use_variant.sh $tag
       timeout 100 python3 scripts/variant_time.py --label "$tag" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
+  combine) t combine; bash scripts/use_variant.sh base
+    timeout 200 python3 scripts/combine_time.py ${COMBINE_MODES:+--modes $COMBINE_MODES} 2>&1 | grep -v Warning | tee -a "$LOG" ;;
+  combinesan) t combinesan; bash scripts/use_variant.sh base
+    for mode in ${COMBINE_SAN_MODES:-wave:4 wave:8}; do
+      for cases in "" --fp8; do
+        echo "-- $mode $cases" | tee -a "$LOG"
+        KVPAGER_COMBINE_GRID=${mode%:*} KVPAGER_COMBINE_LOADS=${mode#*:} CASES_ARGS=$cases KERNEL_FILTER=combine TOOLS=memcheck \
+          timeout 150 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL|==" | tail -4 | tee -a "$LOG"
+      done
+    done ;;
+  latency) t latency; bash scripts/use_variant.sh base
+    for grid in ${LATENCY_GRIDS:-unit wave}; do
+      echo "-- KVPAGER_COMBINE_GRID=$grid" | tee -a "$LOG"
+      KVPAGER_COMBINE_GRID=$grid timeout 120 python3 scripts/latency_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
+    done ;;
+  ncu) t ncu; bash scripts/use_variant.sh base
+    OUT=$OUT timeout 300 bash scripts/ncu_profile.sh 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   qmodes) t qmodes; bash scripts/use_variant.sh base
     for mode in ${Q_MODES:-tma cp.async tma cp.async}; do
       KVPAGER_SEESAW_Q=$mode timeout 100 python3 scripts/variant_time.py --label "q=$mode" 2>&1 | grep -v Warning | tee -a "$LOG"

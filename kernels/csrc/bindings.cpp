@@ -72,9 +72,11 @@ bool aligned16(const at::Tensor& t) {
 // KVPAGER_PDL=0 launches the combine kernel without programmatic dependent launch,
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
 // KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
-// kernel's L2 prefetch distance in pages.
+// kernel's L2 prefetch distance in pages, KVPAGER_COMBINE_GRID=wave|unit the combine kernel's grid
+// and KVPAGER_COMBINE_LOADS=4|8 its partial loads (launch.h). Called under the call's device guard.
 kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
+  options.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const char* kernel = std::getenv("KVPAGER_MLA_KERNEL");
   const std::string name = kernel ? kernel : "seesaw";
   KVP_CHECK(name == "seesaw" || name == "lockstep", "KVPAGER_MLA_KERNEL must be seesaw or lockstep, got ", name);
@@ -111,6 +113,18 @@ kvpager::DecodeOptions options_from_env() {
     const std::string v = fp8_prefetch;
     KVP_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '8', "KVPAGER_FP8_PREFETCH must be 0-8 (pages), got ", v);
     options.fp8_prefetch_pages = v[0] - '0';
+  }
+  const char* combine_grid = std::getenv("KVPAGER_COMBINE_GRID");
+  if (combine_grid != nullptr) {
+    const std::string v = combine_grid;
+    KVP_CHECK(v == "wave" || v == "unit", "KVPAGER_COMBINE_GRID must be wave or unit, got ", v);
+    options.combine_one_wave = v == "wave";
+  }
+  const char* combine_loads = std::getenv("KVPAGER_COMBINE_LOADS");
+  if (combine_loads != nullptr) {
+    const std::string v = combine_loads;
+    KVP_CHECK(v == "4" || v == "8", "KVPAGER_COMBINE_LOADS must be 4 or 8, got ", v);
+    options.combine_loads = std::stoi(v);
   }
   return options;
 }

@@ -56,7 +56,7 @@ inline cudaError_t launch_decode_fp8(const DecodeParams& p, const DecodeOptions&
                           : options.fp8_warp_specialized    ? launch_fp8_ws(p, options, stream)
                                                             : launch_fp8_block<16>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_combine<__nv_bfloat16>(p, options.pdl, stream);
+  return launch_combine<__nv_bfloat16>(p, options, stream);
 }
 
 }  // namespace kvpager

@@ -1,6 +1,8 @@
 // Launch of the decode kernels for one dtype: the kernel for the row-block size, then the combine
 // kernel (as a programmatic dependent launch unless switched off).
 #pragma once
+#include <algorithm>
+
 #include "combine_kernel.cuh"
 #include "decode_kernel.cuh"
 #include "decode_lockstep_kernel.cuh"
@@ -77,21 +79,43 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   return err;
 }
 
+// Blocks of the combine kernel that fit on the GPU at once (its occupancy, queried once).
+template <typename Elem, int kLoads>
+int combine_wave_blocks(int sm_count) {
+  static const int per_sm = [] {
+    int n = 0;
+    const cudaError_t err =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mla_combine_kernel<Elem, kLoads>, kCombineThreads, 0);
+    return err == cudaSuccess && n > 0 ? n : 1;
+  }();
+  return per_sm * sm_count;
+}
+
 // With pdl, the combine grid may launch while the decode grid's last CTAs finish (they signal it
 // once their last segment's main loop is done); it waits for the decode grid before reading.
-template <typename Elem>
-cudaError_t launch_combine(const DecodeParams& p, bool pdl, cudaStream_t stream) {
+template <typename Elem, int kLoads>
+cudaError_t launch_combine_kernel(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
+  const int units = p.batch * combine_units_per_sequence(p);
+  const int blocks = options.combine_one_wave && options.sm_count > 0
+                         ? std::min(units, combine_wave_blocks<Elem, kLoads>(options.sm_count))
+                         : units;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  attr[0].val.programmaticStreamSerializationAllowed = options.pdl ? 1 : 0;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits, p.h_kv, p.batch);
+  config.gridDim = dim3(blocks);
   config.blockDim = dim3(kCombineThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, mla_combine_kernel<Elem>, p);
+  return cudaLaunchKernelEx(&config, mla_combine_kernel<Elem, kLoads>, p);
+}
+
+template <typename Elem>
+cudaError_t launch_combine(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
+  return options.combine_loads == 8 ? launch_combine_kernel<Elem, 8>(p, options, stream)
+                                    : launch_combine_kernel<Elem, 4>(p, options, stream);
 }
 
 // 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma, by
@@ -108,7 +132,7 @@ cudaError_t launch_decode(const DecodeParams& p, const DecodeOptions& options, c
                                               : launch_lockstep<Elem>(p, stream);
   }
   if (err != cudaSuccess) return err;
-  return launch_combine<Elem>(p, options.pdl, stream);
+  return launch_combine<Elem>(p, options, stream);
 }
 
 }  // namespace kvpager
