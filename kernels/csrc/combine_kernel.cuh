@@ -1,16 +1,18 @@
 // Merges the fp32 partials of split sequences by their lse: out = sum_i exp(lse_i - lse) o_i,
 // lse = log(sum_i exp(lse_i)). A unit of work is (sequence, kv head, block of 8 query rows,
 // quarter of the 512 columns): one warp per row, so even a batch of one spreads over many SMs.
-// Sequences with a single split were finished by the decode kernel and are skipped.
-// Launched as a programmatic dependent of the decode kernel (decode_launch.cuh), so its launch
-// overlaps the decode grid's tail. The grid is either one block per unit or capped at one wave of
-// blocks that walk the units (DecodeOptions::combine_one_wave): the decode CTAs use every
-// register of their SM, so no combine block starts before they exit, and at b 64 the 4,096 units,
-// nearly all of them empty, would otherwise drain in several waves of block launches.
+// Sequences with a single split were finished by the decode kernel and are skipped. Launched as a
+// programmatic dependent of the decode kernel (decode_launch.cuh), so its launch overlaps the
+// decode grid's tail.
+// Two kernels (DecodeOptions::combine_one_wave): the default has one block per unit; the trial
+// (s26, unmeasured) caps the grid at one wave of blocks that walk the units. The decode CTAs use
+// every register of their SM, so no combine block starts before they exit, and at b 64 the 4,096
+// units, nearly all of them unsplit, drain in several waves of block launches.
 #pragma once
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include "combine_units.h"
 #include "config.h"
 #include "params.h"
 #include "tile_ops.h"
@@ -28,19 +30,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Units of one sequence: kv heads x 8-row blocks x column quarters.
-__host__ __device__ inline int combine_units_per_sequence(const DecodeParams& p) {
-  return p.h_kv * ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits;
-}
-
-// Accumulates w_i * o_i over the n splits of one row into acc (lane: 4 columns).
+// Adds w_i * o_i over the n splits of one row to acc (lane: 4 columns).
 // kLoads 4: each split's weight from its own lse load, 4 splits unrolled. kLoads 8: lane k computes
 // the weight of split k once and the loop takes it by shuffle, so its only loads are the partials,
 // 8 in flight before the first FMA (more registers: fewer blocks an SM).
 template <int kLoads, typename SlotRow>
-__device__ __forceinline__ float4 combine_row(const DecodeParams& p, SlotRow slot_row, int n, float lse, int col,
-                                              int lane) {
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+__device__ __forceinline__ void combine_row(const DecodeParams& p, SlotRow slot_row, int n, float lse, int col,
+                                            int lane, float4& acc) {
   if constexpr (kLoads == 4) {
 #pragma unroll 4
     for (int i = 0; i < n; ++i) {
@@ -76,23 +72,12 @@ __device__ __forceinline__ float4 combine_row(const DecodeParams& p, SlotRow slo
       }
     }
   }
-  return acc;
 }
 
-// One unit: this warp's row of it (rows past p.rows have nothing to do).
+// This warp's row mrow of sequence b, kv head hk, column quarter `quarter`, merged from its n splits.
 template <typename Elem, int kLoads>
-__device__ __forceinline__ void combine_unit(const DecodeParams& p, int unit, int units_per_sequence) {
-  const int b = unit / units_per_sequence;
-  const int in_seq = unit % units_per_sequence;
-  const int per_head = units_per_sequence / p.h_kv;
-  const int hk = in_seq / per_head;
-  const int quarter = in_seq % kCombineColSplits;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int mrow = (in_seq % per_head) / kCombineColSplits * kCombineRowsPerBlock + warp;
-  if (mrow >= p.rows) return;
-  const int first = p.num_splits[b];
-  const int n = p.num_splits[b + 1] - first;
-
+__device__ __forceinline__ void combine_row_out(const DecodeParams& p, int b, int hk, int mrow, int quarter,
+                                                int first, int n, int lane) {
   auto slot_row = [&](int i) { return (int64_t(first + i) * p.h_kv + hk) * p.rows + mrow; };
   float mx = -CUDART_INF_F;
   for (int i = lane; i < n; i += 32) mx = fmaxf(mx, p.lse_accum[slot_row(i)]);
@@ -106,7 +91,8 @@ __device__ __forceinline__ void combine_unit(const DecodeParams& p, int unit, in
 
   // Lane owns 4 consecutive columns of this warp's quarter: one float4 per split, coalesced.
   const int col = quarter * (kHeadDimV / kCombineColSplits) + lane * 4;
-  const float4 acc = empty ? make_float4(0.f, 0.f, 0.f, 0.f) : combine_row<kLoads>(p, slot_row, n, lse, col, lane);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (!empty) combine_row<kLoads>(p, slot_row, n, lse, col, lane, acc);
   const int s = mrow / p.groups;
   const int head = hk * p.groups + mrow % p.groups;
   Elem* out = static_cast<Elem*>(p.out) + (int64_t(b * p.s_q + s) * p.h_q + head) * kHeadDimV;
@@ -117,17 +103,48 @@ __device__ __forceinline__ void combine_unit(const DecodeParams& p, int unit, in
   if (lane == 0 && quarter == 0) p.lse[(int64_t(b) * p.h_q + head) * p.s_q + s] = lse;
 }
 
-// Block i walks units i, i + grid, i + 2 grid, ...: 32 of them at a time, lane k of every warp
-// looking up unit k's split count, so a block whose units are all unsplit costs one load round.
-template <typename Elem, int kLoads>
+// The default: block (rows / 8 x 4, h_kv, batch) is one unit.
+template <typename Elem>
 __global__ void __launch_bounds__(kCombineThreads)
     mla_combine_kernel(const __grid_constant__ DecodeParams p) {
-  const int per_sequence = combine_units_per_sequence(p);
+  const int b = blockIdx.z, hk = blockIdx.y;
+  // num_splits comes from the metadata kernel, finished before the decode grid started; the
+  // decode grid's partials are read only after griddepcontrol.wait (a no-op without PDL).
+  const int first = p.num_splits[b];
+  const int n = p.num_splits[b + 1] - first;
+  if (n <= 1) return;
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quarter = blockIdx.x % kCombineColSplits;
+  const int mrow = (blockIdx.x / kCombineColSplits) * kCombineRowsPerBlock + warp;
+  if (mrow >= p.rows) return;
+  combine_row_out<Elem, 4>(p, b, hk, mrow, quarter, first, n, lane);
+}
+
+// One unit of the walk: this warp's row of it (rows past p.rows have nothing to do).
+template <typename Elem, int kLoads>
+__device__ __forceinline__ void combine_unit(const DecodeParams& p, int unit, int units_per_sequence) {
+  const CombineUnit u = combine_unit_at(unit, units_per_sequence, p.h_kv);
+  const int mrow = u.row_block * kCombineRowsPerBlock + threadIdx.x / 32;
+  if (mrow >= p.rows) return;
+  const int first = p.num_splits[u.b];
+  combine_row_out<Elem, kLoads>(p, u.b, u.hk, mrow, u.quarter, first, p.num_splits[u.b + 1] - first,
+                                threadIdx.x % 32);
+}
+
+// Block i walks units i, i + grid, i + 2 grid, ... (combine_walk_unit): 32 of them a round, lane k
+// of every warp looking up the k-th one's split count, so a block whose units are all unsplit costs
+// one load round. (Min. blocks 1: without it ptxas holds the 4-load kernel at 40 registers and
+// spills 4 bytes; with it, 64 registers and no spill.)
+template <typename Elem, int kLoads>
+__global__ void __launch_bounds__(kCombineThreads, 1)
+    mla_combine_walk_kernel(const __grid_constant__ DecodeParams p) {
+  const int per_sequence = combine_units_per_sequence(p.h_kv, p.rows);
   const int units = p.batch * per_sequence;
   const int lane = threadIdx.x % 32;
   bool waited = false;
-  for (int base = blockIdx.x; base < units; base += 32 * gridDim.x) {
-    const int mine = base + lane * gridDim.x;
+  for (int round = 0; combine_walk_unit(blockIdx.x, gridDim.x, round, 0) < units; ++round) {
+    const int mine = combine_walk_unit(blockIdx.x, gridDim.x, round, lane);
     // num_splits comes from the metadata kernel, finished before the decode grid started.
     int n = 0;
     if (mine < units) {
@@ -143,7 +160,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     while (todo != 0) {
       const int k = __ffs(todo) - 1;
       todo &= todo - 1;
-      combine_unit<Elem, kLoads>(p, base + k * gridDim.x, per_sequence);
+      combine_unit<Elem, kLoads>(p, combine_walk_unit(blockIdx.x, gridDim.x, round, k), per_sequence);
     }
   }
 }

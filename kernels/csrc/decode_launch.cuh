@@ -79,13 +79,13 @@ cudaError_t launch_seesaw(DecodeParams p, const DecodeOptions& options, cudaStre
   return err;
 }
 
-// Blocks of the combine kernel that fit on the GPU at once (its occupancy, queried once).
+// Blocks of the walking combine kernel that fit on the GPU at once (its occupancy, queried once).
 template <typename Elem, int kLoads>
 int combine_wave_blocks(int sm_count) {
   static const int per_sm = [] {
     int n = 0;
-    const cudaError_t err =
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mla_combine_kernel<Elem, kLoads>, kCombineThreads, 0);
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mla_combine_walk_kernel<Elem, kLoads>,
+                                                                          kCombineThreads, 0);
     return err == cudaSuccess && n > 0 ? n : 1;
   }();
   return per_sm * sm_count;
@@ -93,29 +93,39 @@ int combine_wave_blocks(int sm_count) {
 
 // With pdl, the combine grid may launch while the decode grid's last CTAs finish (they signal it
 // once their last segment's main loop is done); it waits for the decode grid before reading.
-template <typename Elem, int kLoads>
-cudaError_t launch_combine_kernel(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
-  const int units = p.batch * combine_units_per_sequence(p);
-  const int blocks = options.combine_one_wave && options.sm_count > 0
-                         ? std::min(units, combine_wave_blocks<Elem, kLoads>(options.sm_count))
-                         : units;
+template <typename Kernel>
+cudaError_t launch_combine_grid(Kernel kernel, dim3 grid, const DecodeParams& p, bool pdl, cudaStream_t stream) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = options.pdl ? 1 : 0;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
+  config.gridDim = grid;
   config.blockDim = dim3(kCombineThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, mla_combine_kernel<Elem, kLoads>, p);
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
+// The walking kernel with a grid of one wave (or one block per unit without combine_one_wave).
+template <typename Elem, int kLoads>
+cudaError_t launch_combine_walk(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
+  const int units = p.batch * combine_units_per_sequence(p.h_kv, p.rows);
+  const int blocks = options.combine_one_wave && options.sm_count > 0
+                         ? std::min(units, combine_wave_blocks<Elem, kLoads>(options.sm_count))
+                         : units;
+  return launch_combine_grid(mla_combine_walk_kernel<Elem, kLoads>, dim3(blocks), p, options.pdl, stream);
+}
+
+// Default: one block per unit. KVPAGER_COMBINE_GRID=wave / KVPAGER_COMBINE_LOADS=8: the walking
+// kernel (s26 trial).
 template <typename Elem>
 cudaError_t launch_combine(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
-  return options.combine_loads == 8 ? launch_combine_kernel<Elem, 8>(p, options, stream)
-                                    : launch_combine_kernel<Elem, 4>(p, options, stream);
+  if (options.combine_loads == 8) return launch_combine_walk<Elem, 8>(p, options, stream);
+  if (options.combine_one_wave) return launch_combine_walk<Elem, 4>(p, options, stream);
+  const dim3 grid(ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits, p.h_kv, p.batch);
+  return launch_combine_grid(mla_combine_kernel<Elem>, grid, p, options.pdl, stream);
 }
 
 // 16- and 32-row blocks (h_q * s_q <= 32: memory-bound) on mma.sync; 64-row blocks on wgmma, by

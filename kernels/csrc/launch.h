@@ -23,10 +23,11 @@ struct DecodeOptions {
   // FP8 ws kernel: L2 prefetch of page L + this while page L is loaded (0: off; 1 measured best on
   // the H100, docs/fp8-cache.md).
   int fp8_prefetch_pages = 1;
-  // Combine kernel: a grid of one wave of blocks walking the units (false: one block per unit) and
-  // how a row's partials are loaded (4: an lse load per split; 8: weights by shuffle, 8 partials in
-  // flight). combine_kernel.cuh; docs/kernel-perf.md "s26".
-  bool combine_one_wave = true;
+  // Combine kernel (combine_kernel.cuh; s26 trial, docs/kernel-perf.md "s26"): the walking kernel
+  // with a grid of one wave (false: the default kernel, one block per unit), and how the walking
+  // kernel loads a row's partials (4: an lse load per split; 8: weights by shuffle, 8 partials in
+  // flight; with combine_one_wave false, 8 runs it with one block per unit).
+  bool combine_one_wave = false;
   int combine_loads = 4;
   int sm_count = 0;  // the device's SMs (the binding fills it; 0: one block per unit)
 };

@@ -1,7 +1,7 @@
-"""The combine kernel's two grids (one block per unit, or one wave of blocks walking the units:
-KVPAGER_COMBINE_GRID=unit|wave) and its two ways of loading a row's partials
-(KVPAGER_COMBINE_LOADS=4|8) do the same arithmetic in the same order, so every mode's output is
-bit-identical to the others', and right against the reference. The batches mix split, unsplit and
+"""The combine kernels: the default (one block per unit, KVPAGER_COMBINE_GRID=unit) and the s26
+trial that walks the units (KVPAGER_COMBINE_GRID=wave: one wave of blocks; KVPAGER_COMBINE_LOADS=8:
+weights by shuffle, 8 partials in flight, with either grid) do the same arithmetic in the same
+order, so every mode's output is bit-identical to the default's, and right against the reference. The batches mix split, unsplit and
 empty sequences, and are large enough that a wave's blocks each walk several units; one sequence
 has more than 32 splits (the loads-8 path's lane-per-split chunks)."""
 from __future__ import annotations
