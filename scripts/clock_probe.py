@@ -1,7 +1,9 @@
 """The SM clock and board power while one kernel runs back to back (s20): is the compute-bound decode
 power-capped, and at what clock, against cuBLAS and a memory-bound decode? Samples nvidia-smi every
 100 ms over ~3 s of CUDA-graph replays (no L2 clear: the steady state), and prints each workload's
-median clock, power and the active clock-throttle reasons.
+median clock, power and the active clock-throttle reasons. Since s26 also the FP8 cache's decodes
+(the ws kernel at h_q 16, the seesaw with its converter at h_q 128 s_q 2): does dequantization's
+ALU work cost clock under the power cap where the bf16 memory-bound decode runs at the maximum?
     python scripts/clock_probe.py
 """
 import statistics
@@ -10,20 +12,22 @@ import time
 
 import torch
 
-from kvpager import kernels
+from kvpager import fp8, kernels
 from kvpager.benchmarks import kernel as bench
 
 QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
 
 
-def decode_graph(case: bench.Case):
+def decode_graph(case: bench.Case, fp8_cache: bool = False):
     x = bench.make_inputs(case, torch.bfloat16, 0)
+    if fp8_cache:
+        x["k_cache"] = fp8.quantize(x["k_cache"])
     rows = case.s_q * case.h_q // case.h_kv
     meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv)
 
     def call():
         return kernels.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"],
-                                              bench.DV, meta, splits, causal=True)
+                                              bench.DV, meta, splits, causal=True, is_fp8_kvcache=fp8_cache)
     call()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -75,6 +79,9 @@ def main() -> None:
     for case in (bench.Case(128, 2, 128, 8192, False), bench.Case(128, 1, 128, 8192, False),
                  bench.Case(128, 1, 16, 8192, False)):
         sample(f"decode b={case.b} s_q={case.s_q} h_q={case.h_q} s_k={case.s_k}", decode_graph(case))
+    if kernels.supports_fp8_kvcache():
+        for case in (bench.Case(128, 1, 16, 8192, False), bench.Case(128, 2, 128, 8192, False)):
+            sample(f"fp8 decode b={case.b} s_q={case.s_q} h_q={case.h_q} s_k={case.s_k}", decode_graph(case, True))
 
 
 if __name__ == "__main__":

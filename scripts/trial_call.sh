@@ -13,6 +13,8 @@
 #                    COMBINE_SAN_MODES (default: wave:4 wave:8; bf16 / fp16 and FP8 cases)
 #   latency          scripts/latency_probe.py (decode / combine durations and their gap), under
 #                    each KVPAGER_COMBINE_GRID of LATENCY_GRIDS (default: unit wave)
+#   clock            scripts/clock_probe.py on base: SM clock, power and throttle reasons of cuBLAS and
+#                    of the bf16 and FP8 decodes run back to back
 #   ncu              Nsight Compute on base (scripts/ncu_profile.sh; NCU_CASES): $OUT/ncu.tgz
 #   qmodes           the same cases on base with KVPAGER_SEESAW_Q alternated, Q_MODES (default:
 #                    tma cp.async tma cp.async)
@@ -84,6 +86,8 @@ for stage in "$@"; do
       echo "-- KVPAGER_COMBINE_GRID=$grid" | tee -a "$LOG"
       KVPAGER_COMBINE_GRID=$grid timeout 120 python3 scripts/latency_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
+  clock) t clock; bash scripts/use_variant.sh base
+    timeout 120 python3 scripts/clock_probe.py 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   ncu) t ncu; bash scripts/use_variant.sh base
     OUT=$OUT timeout 300 bash scripts/ncu_profile.sh 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   qmodes) t qmodes; bash scripts/use_variant.sh base
