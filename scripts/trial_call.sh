@@ -10,7 +10,7 @@
 #   combine          the combine kernel's run-time modes (KVPAGER_COMBINE_GRID x _LOADS) alternated
 #                    on base, case by case (scripts/combine_time.py; COMBINE_MODES to change)
 #   combinesan       compute-sanitizer memcheck of the combine kernel on base, in each
-#                    COMBINE_SAN_MODES (default: wave:4 wave:8; bf16 / fp16 and FP8 cases)
+#                    COMBINE_SAN_MODES (default: wave:4 wave:8 wave:16; bf16 / fp16 and FP8 cases)
 #   latency          scripts/latency_probe.py (decode / combine durations and their gap), under
 #                    each KVPAGER_COMBINE_GRID of LATENCY_GRIDS (default: unit wave)
 #   clock            scripts/clock_probe.py on base: SM clock, power and throttle reasons of cuBLAS and
@@ -74,7 +74,7 @@ for stage in "$@"; do
   combine) t combine; bash scripts/use_variant.sh base
     timeout 200 python3 scripts/combine_time.py ${COMBINE_MODES:+--modes $COMBINE_MODES} 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   combinesan) t combinesan; bash scripts/use_variant.sh base
-    for mode in ${COMBINE_SAN_MODES:-wave:4 wave:8}; do
+    for mode in ${COMBINE_SAN_MODES:-wave:4 wave:8 wave:16}; do
       for cases in "" --fp8; do
         echo "-- $mode $cases" | tee -a "$LOG"
         KVPAGER_COMBINE_GRID=${mode%:*} KVPAGER_COMBINE_LOADS=${mode#*:} CASES_ARGS=$cases KERNEL_FILTER=combine TOOLS=memcheck \

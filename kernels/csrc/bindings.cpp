@@ -73,7 +73,7 @@ bool aligned16(const at::Tensor& t) {
 // KVPAGER_TMA_HINT=first|normal|last the L2 eviction priority of its page loads,
 // KVPAGER_FP8_DECODE=ws|split the FP8 kernel of 16-row blocks, KVPAGER_FP8_PREFETCH=0-8 the ws
 // kernel's L2 prefetch distance in pages, KVPAGER_COMBINE_GRID=wave|unit the combine kernel's grid
-// and KVPAGER_COMBINE_LOADS=4|8 its partial loads (launch.h). Called under the call's device guard.
+// and KVPAGER_COMBINE_LOADS=4|8|16 its partial loads (launch.h). Called under the call's device guard.
 kvpager::DecodeOptions options_from_env() {
   kvpager::DecodeOptions options;
   options.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -123,7 +123,7 @@ kvpager::DecodeOptions options_from_env() {
   const char* combine_loads = std::getenv("KVPAGER_COMBINE_LOADS");
   if (combine_loads != nullptr) {
     const std::string v = combine_loads;
-    KVP_CHECK(v == "4" || v == "8", "KVPAGER_COMBINE_LOADS must be 4 or 8, got ", v);
+    KVP_CHECK(v == "4" || v == "8" || v == "16", "KVPAGER_COMBINE_LOADS must be 4, 8 or 16, got ", v);
     options.combine_loads = std::stoi(v);
   }
   return options;

@@ -118,10 +118,11 @@ cudaError_t launch_combine_walk(const DecodeParams& p, const DecodeOptions& opti
   return launch_combine_grid(mla_combine_walk_kernel<Elem, kLoads>, dim3(blocks), p, options.pdl, stream);
 }
 
-// Default: one block per unit. KVPAGER_COMBINE_GRID=wave / KVPAGER_COMBINE_LOADS=8: the walking
+// Default: one block per unit. KVPAGER_COMBINE_GRID=wave / KVPAGER_COMBINE_LOADS=8|16: the walking
 // kernel (s26 trial).
 template <typename Elem>
 cudaError_t launch_combine(const DecodeParams& p, const DecodeOptions& options, cudaStream_t stream) {
+  if (options.combine_loads == 16) return launch_combine_walk<Elem, 16>(p, options, stream);
   if (options.combine_loads == 8) return launch_combine_walk<Elem, 8>(p, options, stream);
   if (options.combine_one_wave) return launch_combine_walk<Elem, 4>(p, options, stream);
   const dim3 grid(ceil_div(p.rows, kCombineRowsPerBlock) * kCombineColSplits, p.h_kv, p.batch);

@@ -25,8 +25,9 @@ struct DecodeOptions {
   int fp8_prefetch_pages = 1;
   // Combine kernel (combine_kernel.cuh; s26 trial, docs/kernel-perf.md "s26"): the walking kernel
   // with a grid of one wave (false: the default kernel, one block per unit), and how the walking
-  // kernel loads a row's partials (4: an lse load per split; 8: weights by shuffle, 8 partials in
-  // flight; with combine_one_wave false, 8 runs it with one block per unit).
+  // kernel loads a row's partials (4: an lse load per split, the default's way; 8 or 16: that many
+  // partials in flight, the first ones before the lse, weights by shuffle; with combine_one_wave
+  // false, 8 and 16 run the walking kernel with one block per unit).
   bool combine_one_wave = false;
   int combine_loads = 4;
   int sm_count = 0;  // the device's SMs (the binding fills it; 0: one block per unit)
