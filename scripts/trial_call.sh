@@ -13,6 +13,8 @@
 #                    COMBINE_SAN_MODES (default: wave:4 wave:8 wave:16; bf16 / fp16 and FP8 cases)
 #   latency          scripts/latency_probe.py (decode / combine durations and their gap), under
 #                    each KVPAGER_COMBINE_GRID of LATENCY_GRIDS (default: unit wave)
+#   coldcode         scripts/cold_code_probe.py on base: each short case timed right after the L2
+#                    clear (cold) and after a warm-up call of its shape on other pages (warm code)
 #   clock            scripts/clock_probe.py on base: SM clock, power and throttle reasons of cuBLAS and
 #                    of the bf16 and FP8 decodes run back to back
 #   ncu              Nsight Compute on base (scripts/ncu_profile.sh; NCU_CASES): $OUT/ncu.tgz
@@ -86,6 +88,8 @@ for stage in "$@"; do
       echo "-- KVPAGER_COMBINE_GRID=$grid" | tee -a "$LOG"
       KVPAGER_COMBINE_GRID=$grid timeout 120 python3 scripts/latency_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
+  coldcode) t coldcode; bash scripts/use_variant.sh base
+    timeout 150 python3 scripts/cold_code_probe.py 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   clock) t clock; bash scripts/use_variant.sh base
     timeout 120 python3 scripts/clock_probe.py 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   ncu) t ncu; bash scripts/use_variant.sh base
