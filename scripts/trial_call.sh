@@ -13,8 +13,9 @@
 #                    COMBINE_SAN_MODES (default: wave:4 wave:8 wave:16; bf16 / fp16 and FP8 cases)
 #   latency          scripts/latency_probe.py (decode / combine durations and their gap), under
 #                    each KVPAGER_COMBINE_GRID of LATENCY_GRIDS (default: unit wave)
-#   coldcode         scripts/cold_code_probe.py on base: each short case timed right after the L2
-#                    clear (cold) and after a warm-up call of its shape on other pages (warm code)
+#   coldcode         scripts/cold_code_probe.py on each of COLD_TAGS (default: base): each short case
+#                    timed right after the L2 clear (cold) and after a warm-up call of its shape on
+#                    other pages (warm code)
 #   clock            scripts/clock_probe.py on base: SM clock, power and throttle reasons of cuBLAS and
 #                    of the bf16 and FP8 decodes run back to back
 #   ncu              Nsight Compute on base (scripts/ncu_profile.sh; NCU_CASES): $OUT/ncu.tgz
@@ -40,7 +41,8 @@
 # (carry [".whl"]; add a trial's tag where wanted):
 #   DEADLINE=370 bash scripts/trial_call.sh build ws tests:base seesawsan fp8seesawsan benchissue \
 #     fp8trace fp8bench:base
-# (seesawsan and fp8seesawsan need VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS)
+# (seesawsan and fp8seesawsan need VARIANTS to hold base and sync=-DKVPAGER_SYNC_HANDOFFS, or the tags
+# named by SAN_MEMCHECK_TAG / SAN_RACECHECK_TAG: a trial and its -DKVPAGER_SYNC_HANDOFFS build)
 set -uo pipefail
 [[ -d /tmp/site/pydantic ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -88,8 +90,13 @@ for stage in "$@"; do
       echo "-- KVPAGER_COMBINE_GRID=$grid" | tee -a "$LOG"
       KVPAGER_COMBINE_GRID=$grid timeout 120 python3 scripts/latency_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
-  coldcode) t coldcode; bash scripts/use_variant.sh base
-    timeout 150 python3 scripts/cold_code_probe.py 2>&1 | grep -v Warning | tee -a "$LOG" ;;
+  coldcode) t coldcode
+    for tag in ${COLD_TAGS:-base}; do
+      [[ -f /tmp/variants/$tag.so ]] || continue
+      bash scripts/use_variant.sh $tag
+      echo "-- $tag" | tee -a "$LOG"
+      timeout 150 python3 scripts/cold_code_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
+    done ;;
   clock) t clock; bash scripts/use_variant.sh base
     timeout 120 python3 scripts/clock_probe.py 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   ncu) t ncu; bash scripts/use_variant.sh base
@@ -98,10 +105,10 @@ for stage in "$@"; do
     for mode in ${Q_MODES:-tma cp.async tma cp.async}; do
       KVPAGER_SEESAW_Q=$mode timeout 100 python3 scripts/variant_time.py --label "q=$mode" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
-  seesawsan) t seesawsan
-    bash scripts/use_variant.sh base
+  seesawsan) t "seesawsan (memcheck on ${SAN_MEMCHECK_TAG:-base}, racecheck on ${SAN_RACECHECK_TAG:-sync})"
+    bash scripts/use_variant.sh ${SAN_MEMCHECK_TAG:-base}
     KERNEL_FILTER=seesaw TOOLS=memcheck timeout 150 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL|==" | tail -8 | tee -a "$LOG"
-    bash scripts/use_variant.sh sync
+    bash scripts/use_variant.sh ${SAN_RACECHECK_TAG:-sync}
     KERNEL_FILTER=seesaw TOOLS=racecheck timeout 150 bash scripts/sanitize.sh 2>&1 | grep -E "RACECHECK SUMMARY|sanitize|error|FAIL|==" | tail -8 | tee -a "$LOG" ;;
   benchissue) t benchissue; bash scripts/use_variant.sh base
     timeout 240 python3 -m kvpager.cli bench kernel --set issue --plain --out "$OUT/bench-issue.json" 2>&1 | grep -v Warning | tee -a "$LOG" ;;
@@ -113,7 +120,7 @@ for stage in "$@"; do
       timeout 100 python3 scripts/fp8_trace.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   fp8seesawsan) t fp8seesawsan  # the FP8 seesaw (64-row blocks on an FP8 cache): memcheck on base, racecheck on sync
-    for run in "base memcheck" "sync racecheck"; do set -- $run
+    for run in "${SAN_MEMCHECK_TAG:-base} memcheck" "${SAN_RACECHECK_TAG:-sync} racecheck"; do set -- $run
       bash scripts/use_variant.sh $1
       CASES_ARGS=--fp8 KERNEL_FILTER=seesaw TOOLS=$2 timeout 200 bash scripts/sanitize.sh 2>&1 |
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize|error|FAIL" | tail -6 | tee -a "$LOG"

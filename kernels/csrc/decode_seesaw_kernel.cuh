@@ -391,13 +391,14 @@ __device__ __forceinline__ void hand_over_p0(const Ctx& c, const float (&s)[T::k
 // WG0. On entry s holds S0 = Q K_j0^T (raw scores); on exit, S0 of the next pair if there is one.
 template <typename Elem, int kOrder, bool kHas1, bool kNext0, bool kNext1>
 __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
-                                         OnlineSoftmax& sm) {
+                                         OnlineSoftmax& sm, bool next0_here = true, bool next1_here = true) {
   static_assert(kHas1 || !kNext0, "a next pair needs this one complete");
   static_assert(kNext0 || !kNext1, "page j1 + 2 comes after j0 + 2");
+  const bool next0 = kNext0 && next0_here, next1 = kNext1 && next1_here;  // see run_pairs
   const int j1 = j0 + 1;
   // Block-table ids of the pages this warpgroup will load, fetched early (only its issuer uses them).
-  const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
-  const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+  const int id0 = next0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
+  const int id1 = next1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
 
   // Softmax of S0 against the running max; WG1 picks up row_max and scale0.
   float page_max[2], alpha[2], base[2];
@@ -437,7 +438,7 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvPvDone);
   // Every WG0 warp is done with buffer 0's tiles 0-3 and 8 -> reload them.
-  if constexpr (kNext0) c.refill_after_reads<0>(0, id0);
+  if (next0) c.refill_after_reads<0>(0, id0);
   rescale_output(o, sc1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) sm.row_sum[i] *= sc1[i];
@@ -447,22 +448,22 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     // O_L += P1 V1L (P1 in buffer 1's rope tile).
     NamedBarrier::arrive_and_wait(T::kThreads, T::kP1Ready);
     SEESAW_TRACE(c, kEvPIn);
-    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+    if (!next0) zero_v_tail(c, 1, j1);
     pv_remote<Elem>(c, smem_addr(c.s.page[1][T::kRopeTile]), 1, o);
     SEESAW_TRACE(c, kEvRemoteIssued);
     // Buffer 1's tiles 0-3 and 8 are free once O_L += P1 V1L is done; WG1's next S1 reads them last.
     auto refill_buffer1 = [&] {
       fence_accumulators(o);
       SEESAW_TRACE(c, kEvRemoteDone);
-      if constexpr (kNext1) c.refill_after_reads<0>(1, id1);
+      if (next1) c.refill_after_reads<0>(1, id1);
     };
-    if constexpr (kRefillBeforeS0<kOrder> || !kNext0) {
+    if (kRefillBeforeS0<kOrder> || !next0) {
       // 15 (and a tail pair): refill before the next S0, whose tile waits (TMA latency) would
       // otherwise hold the refill back.
       cute::warpgroup_wait<0>();
       refill_buffer1();
     }
-    if constexpr (kNext0) {
+    if (next0) {
       issue_s0_early<Elem>(c, s);
       SEESAW_TRACE(c, kEvSEarly);
       if constexpr (!kRefillBeforeS0<kOrder>) {  // 11: S0's first tiles queue behind O_L += P1 V1L
@@ -482,10 +483,11 @@ __device__ __forceinline__ void wg0_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 // WG1. On entry s holds S1 = Q K_j1^T if page j1 exists; on exit, S1 of the next pair if any.
 template <typename Elem, int kOrder, bool kHas1, bool kNext0, bool kNext1>
 __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
-                                         OnlineSoftmax& sm) {
+                                         OnlineSoftmax& sm, bool next0_here = true, bool next1_here = true) {
+  const bool next0 = kNext0 && next0_here, next1 = kNext1 && next1_here;  // see run_pairs
   const int j1 = j0 + 1;
-  const int id0 = kNext0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
-  const int id1 = kNext1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
+  const int id0 = next0 && c.issuer() ? c.seg.block_table[j0 + 2] : 0;
+  const int id1 = next1 && c.issuer() ? c.seg.block_table[j1 + 2] : 0;
 
   float page_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
   if constexpr (kHas1)
@@ -524,7 +526,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
     store_packed(c.s.page[1][T::kRopeTile], kBlockRowBytes, c.rows, 0, c.t(), pb);
     fence_async_proxy();
     SEESAW_TRACE(c, kEvP);
-    if constexpr (!kNext0) zero_v_tail(c, 1, j1);
+    if (!next0) zero_v_tail(c, 1, j1);
     pv_local<Elem>(c, 1, pb, o);
     SEESAW_TRACE(c, kEvPvIssued);
   } else {
@@ -541,7 +543,7 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   SEESAW_TRACE(c, kEvRemoteIssued);
 
   // Reload buffer 1's tiles 4-7 once O_R += P1 V1R is done, buffer 0's 4-7 after O_R += P0' V0R.
-  if constexpr (kNext1) {
+  if (next1) {
     cute::warpgroup_wait<1>();
     fence_accumulators(o);
     SEESAW_TRACE(c, kEvPvDone);
@@ -550,8 +552,8 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
   cute::warpgroup_wait<0>();
   fence_accumulators(o);
   SEESAW_TRACE(c, kEvRemoteDone);
-  if constexpr (kNext0) c.refill_after_reads<1>(0, id0);
-  if constexpr (kNext1) {
+  if (next0) c.refill_after_reads<1>(0, id0);
+  if (next1) {
     issue_s1<Elem>(c, s);
     SEESAW_TRACE(c, kEvSIssued);
     cute::warpgroup_wait<0>();
@@ -562,19 +564,34 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 }
 
 // All pairs of the segment [ps, pe) for warpgroup WG: the steady state, then the tail shape.
+// Trial (-DKVPAGER_SEESAW_RUNTIME_TAIL, s26): every full pair, the last ones included, runs the
+// steady shape's code with the next pages' refills and S GEMMs switched by runtime flags (the
+// wgmmas and their wait stay in one branch arm), so a short segment runs no tail-pair code that
+// its steady pairs have not already brought into the instruction cache; only a lone last page keeps
+// its own shape. Order 15 only.
 template <typename Elem, int kOrder, int WG>
 __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
                                           OnlineSoftmax& sm) {
   const int pe = c.seg.end_page;
-  auto pair = [&](auto has1, auto next0, auto next1, int j0) {
+  auto pair = [&](auto has1, auto next0, auto next1, int j0, bool next0_here = true, bool next1_here = true) {
     if constexpr (WG == 0)
-      wg0_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
+      wg0_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(
+          c, j0, s, o, sm, next0_here, next1_here);
     else
-      wg1_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(c, j0, s, o, sm);
+      wg1_pair<Elem, kOrder, decltype(has1)::value, decltype(next0)::value, decltype(next1)::value>(
+          c, j0, s, o, sm, next0_here, next1_here);
   };
   using Y = std::true_type;
   using N = std::false_type;
   int j0 = c.seg.first_page;
+#ifdef KVPAGER_SEESAW_RUNTIME_TAIL
+  if constexpr (kRefillBeforeS0<kOrder>) {  // order 11 (kept for comparison) would serialize (C7518)
+#pragma unroll 1
+    for (; j0 + 1 < pe; j0 += 2) pair(Y{}, Y{}, Y{}, j0, j0 + 2 < pe, j0 + 3 < pe);
+    if (j0 < pe) pair(N{}, N{}, N{}, j0);
+    return;
+  }
+#endif
 #pragma unroll 1
   for (; j0 + 3 < pe; j0 += 2) pair(Y{}, Y{}, Y{}, j0);
   if (j0 + 2 < pe) {  // three pages left: a full pair, then a lone page
