@@ -2,9 +2,9 @@
 (L2 cleared before each call, CUDA-graph replay) in two ways, alternated: cold, right after the
 clear, as `kvpager bench kernel` times it; and warm, with a warm-up call of the same shape between
 the clear and the timed call. The warm-up reads a separate pool of 64 pages (its block table is the
-case's, its page ids taken modulo 64), so it runs the same schedule, kernels and code paths on every
-SM, but leaves none of the timed call's data in L2: what it warms is the instruction caches (each
-SM's and L2's), the TMA descriptor caches and the clocks. warm - cold is then the cost of cold code
+case's, its page ids taken modulo 64) and copies of every other input, schedule included, so it runs
+the same schedule, kernels and code paths on every SM but leaves none of the timed call's data in
+L2: what it warms is the instruction caches (each SM's and L2's) and the clocks. warm - cold is then the cost of cold code
 (and those) in one call; the kernels' code is ~12 KB (combine) to ~178 KB (seesaw).
 
     python scripts/cold_code_probe.py [--reps 50]
@@ -45,10 +45,13 @@ def main() -> None:
         x = bench.make_inputs(case, torch.bfloat16, i)
         rows = case.s_q * case.h_q // case.h_kv
         meta, splits = kernels.get_mla_metadata(x["cache_seqlens"], rows, case.h_kv)
-        warm = dict(x, block_table=x["block_table"] % WARM_POOL_PAGES, q=x["q"].clone(),
+        # Every tensor of the warm-up is its own copy (the schedule's too), so none of the timed call's
+        # loads can hit in L2 because of it.
+        warm = dict(block_table=x["block_table"] % WARM_POOL_PAGES, q=x["q"].clone(),
+                    cache_seqlens=x["cache_seqlens"].clone(),
                     k_cache=torch.randn(WARM_POOL_PAGES, *x["k_cache"].shape[1:], dtype=x["k_cache"].dtype,
                                         device="cuda"))
-        timed, warm_up = graph_of(x, meta, splits), graph_of(warm, meta, splits)
+        timed, warm_up = graph_of(x, meta, splits), graph_of(warm, meta.clone(), splits.clone())
         times = {"cold": [], "warm": []}
         for _ in range(a.reps):
             for mode in times:
