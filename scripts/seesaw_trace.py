@@ -160,6 +160,32 @@ def report(case: bench.Case, events: dict[int, list[tuple[int, int]]], first: in
 def print_segment_spans(events: dict[int, list[tuple[int, int]]]) -> None:
     print("  segment start (cycles): " + " | ".join(f"wg{wg} {start_spans(events[wg])}" for wg in (0, 1)))
     print("  segment whole (cycles): " + " | ".join(f"wg{wg} {whole_spans(events[wg])}" for wg in (0, 1)))
+    for wg in (0, 1):
+        rows = segment_rows(events[wg])
+        if len(rows) > 1:
+            print(f"  segments of wg{wg} (cycles; as far as the trace buffer reaches): " + " | ".join(rows))
+
+
+def segment_rows(events: list[tuple[int, int]]) -> list[str]:
+    """Every segment the trace holds (s26): from the previous segment's output stored to this one's first
+    S done (for the first: from the kernel start), its pairs (first S -> loop end) and its epilogue (loop
+    end -> output stored). Later segments run warm code and start out of step with other CTAs, so their
+    start against the first's separates the start burst and cold code from a segment's own cost."""
+    rows, mark, seg = [], {}, -1
+    for e, c in events:
+        name = NAMES[e]
+        if name == "start":
+            mark["prev"] = c
+        elif name == "segment":
+            seg += 1
+            mark = {"prev": mark.get("prev", c)}
+        elif name in ("first-S", "loop-end", "epilogue"):
+            mark[name] = c
+            if name == "epilogue" and {"first-S", "loop-end"} <= mark.keys():
+                rows.append(f"#{seg} start {mark['first-S'] - mark['prev']}, pairs {mark['loop-end'] - mark['first-S']}, "
+                            f"epilogue {c - mark['loop-end']}")
+                mark = {"prev": c}
+    return rows
 
 
 def converter_cells(evs: list[tuple[int, int]], wg0_pairs: list, first: int, n: int) -> str:

@@ -33,7 +33,8 @@
 #   sanitize:<tag>   compute-sanitizer memcheck + racecheck of the FP8 cases on variant <tag>
 #                    (kernels named *fp8_ws* instrumented; SAN_FILTER, SAN_TOOLS to change)
 #   seesawtrace      the seesaw's timeline (scripts/seesaw_trace.py), b 64 s_k 1024, h_q 128 s_q 2
-#                    and b 1: the segment starts and ends, SEESAWTRACE_TAGS (default: tbase; a
+#                    and b 1 (SEESAWTRACE_CASES="--case b,s_q,h_q,s_k ..." to change): the segment
+#                    starts and ends, every traced segment's start / pairs / epilogue, SEESAWTRACE_TAGS (default: tbase; a
 #                    -DKVPAGER_TRACE_EPILOGUE_TWICE build writes the output twice, each pass stamped)
 #   fp8trace         the ws kernel's per-page timeline (scripts/fp8_trace.py), TRACE_TAGS (default:
 #                    tbase, the -DKVPAGER_TRACE build of the default)
@@ -136,7 +137,7 @@ for stage in "$@"; do
       [[ -f /tmp/variants/$tag.so ]] || continue
       bash scripts/use_variant.sh $tag
       echo "-- $tag" | tee -a "$LOG"
-      timeout 120 python3 scripts/seesaw_trace.py --case 64,1,128,1024 --case 128,2,128,8192 --case 1,1,128,4096 2>&1 | grep -v Warning | tee -a "$LOG"
+      timeout 120 python3 scripts/seesaw_trace.py ${SEESAWTRACE_CASES:---case 64,1,128,1024 --case 128,2,128,8192 --case 1,1,128,4096} 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
     timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
