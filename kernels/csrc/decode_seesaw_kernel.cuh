@@ -284,7 +284,13 @@ constexpr int kEpiPasses = 2;
 constexpr int kEpiPasses = 1;
 #endif
 
-template <typename Elem>
+#ifdef KVPAGER_SEESAW_SPLIT_BULK
+constexpr bool kSplitBulk = true;  // bf16 / fp16 only: on the FP8 seesaw (232 registers) it spills 4 bytes
+#else
+constexpr bool kSplitBulk = false;
+#endif
+
+template <typename Elem, bool kBulk = false>
 __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&o)[T::kOutRegs],
                                              const float (&row_max)[2], const float (&total)[2]) {
   const DecodeParams& p = c.p;
@@ -315,18 +321,47 @@ __device__ __forceinline__ void store_output(const Ctx& c, int m_block, float (&
   if (split) {  // float2 stores of a quad already fill whole 32-byte sectors: no staging
     float(&o_tiles)[T::kOutRegs / 4][4] = reinterpret_cast<float(&)[T::kOutRegs / 4][4]>(o);
     float* acc = p.out_accum + (int64_t(seg.split_slot) * p.h_kv + c.hk) * p.rows * kHeadDimV;
-#pragma unroll 1
-    for (int pass = 0; pass < kEpiPasses; ++pass) {
+    if constexpr (kBulk) {
+      // Trial (s26, -DKVPAGER_SEESAW_SPLIT_BULK): the fp32 partial staged in the page buffers (rows
+      // 520 floats apart: a half-warp's float2 stores hit 32 distinct banks) and written by one 2 KB
+      // bulk copy a row, so the 64 register stores a thread become shared-memory stores and the
+      // global writes drain while the next segment starts; only the copies' reads of the staging
+      // tile are waited for (the next segment's first sync orders that before its TMA loads).
+      constexpr int kStageStride = kHeadDimV + 8;
+      static_assert(T::kBlockM * kStageStride * sizeof(float) <= kNumPageBuffers * kColBlocks * kPageTileBytes,
+                    "the fp32 staging tile must fit in the page buffers");
+      float* stage_f = reinterpret_cast<float*>(c.s.page[0][0]);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int mrow = m_block * T::kBlockM + c.rows[i];
-        if (mrow >= p.rows) continue;
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int n = 0; n < T::kOutRegs / 4; ++n)
-          *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN + 2 * c.t()) =
-              make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
+          *reinterpret_cast<float2*>(stage_f + c.rows[i] * kStageStride + c.wg * T::kColsPerWg + n * kMmaN +
+                                     2 * c.t()) = make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
+      fence_async_proxy();  // generic stores, read by the bulk copies (async proxy)
+      c.consumers_sync();
+      SEESAW_TRACE(c, kEvEpiStaged);
+      if (threadIdx.x < valid_rows) {
+        const int mrow = m_block * T::kBlockM + threadIdx.x;
+        cute::SM90_BULK_COPY_S2G::copy(stage_f + threadIdx.x * kStageStride, acc + int64_t(mrow) * kHeadDimV,
+                                       kHeadDimV * sizeof(float));
+        cute::tma_store_arrive();
+        cute::tma_store_wait<0>();
       }
-      SEESAW_TRACE(c, kEvEpiPass + pass);
+      SEESAW_TRACE(c, kEvEpiPass);
+    } else {
+#pragma unroll 1
+      for (int pass = 0; pass < kEpiPasses; ++pass) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int mrow = m_block * T::kBlockM + c.rows[i];
+          if (mrow >= p.rows) continue;
+#pragma unroll
+          for (int n = 0; n < T::kOutRegs / 4; ++n)
+            *reinterpret_cast<float2*>(acc + int64_t(mrow) * kHeadDimV + c.wg * T::kColsPerWg + n * kMmaN +
+                                       2 * c.t()) = make_float2(o_tiles[n][2 * i], o_tiles[n][2 * i + 1]);
+        }
+        SEESAW_TRACE(c, kEvEpiPass + pass);
+      }
     }
   } else {
     constexpr int kRowBytes16 = kHeadDimV * 2;  // 1024
@@ -568,7 +603,12 @@ __device__ __forceinline__ void wg1_pair(Ctx& c, int j0, float (&s)[T::kScoreReg
 // steady shape's code with the next pages' refills and S GEMMs switched by runtime flags (the
 // wgmmas and their wait stay in one branch arm), so a short segment runs no tail-pair code that
 // its steady pairs have not already brought into the instruction cache; only a lone last page keeps
-// its own shape. Order 15 only.
+// its own shape. Order 15 only: order 11 (kept for comparison) would serialize its wgmmas (C7518).
+#ifdef KVPAGER_SEESAW_RUNTIME_TAIL
+template <int kOrder> constexpr bool kRuntimeTail = kRefillBeforeS0<kOrder>;
+#else
+template <int kOrder> constexpr bool kRuntimeTail = false;
+#endif
 template <typename Elem, int kOrder, int WG>
 __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], float (&o)[T::kOutRegs],
                                           OnlineSoftmax& sm) {
@@ -584,23 +624,21 @@ __device__ __forceinline__ void run_pairs(Ctx& c, float (&s)[T::kScoreRegs], flo
   using Y = std::true_type;
   using N = std::false_type;
   int j0 = c.seg.first_page;
-#ifdef KVPAGER_SEESAW_RUNTIME_TAIL
-  if constexpr (kRefillBeforeS0<kOrder>) {  // order 11 (kept for comparison) would serialize (C7518)
+  if constexpr (kRuntimeTail<kOrder>) {
 #pragma unroll 1
     for (; j0 + 1 < pe; j0 += 2) pair(Y{}, Y{}, Y{}, j0, j0 + 2 < pe, j0 + 3 < pe);
     if (j0 < pe) pair(N{}, N{}, N{}, j0);
-    return;
-  }
-#endif
+  } else {
 #pragma unroll 1
-  for (; j0 + 3 < pe; j0 += 2) pair(Y{}, Y{}, Y{}, j0);
-  if (j0 + 2 < pe) {  // three pages left: a full pair, then a lone page
-    pair(Y{}, Y{}, N{}, j0);
-    pair(N{}, N{}, N{}, j0 + 2);
-  } else if (j0 + 1 < pe) {
-    pair(Y{}, N{}, N{}, j0);
-  } else if (j0 < pe) {
-    pair(N{}, N{}, N{}, j0);
+    for (; j0 + 3 < pe; j0 += 2) pair(Y{}, Y{}, Y{}, j0);
+    if (j0 + 2 < pe) {  // three pages left: a full pair, then a lone page
+      pair(Y{}, Y{}, N{}, j0);
+      pair(N{}, N{}, N{}, j0 + 2);
+    } else if (j0 + 1 < pe) {
+      pair(Y{}, N{}, N{}, j0);
+    } else if (j0 < pe) {
+      pair(N{}, N{}, N{}, j0);
+    }
   }
 }
 
@@ -711,7 +749,7 @@ __device__ __forceinline__ void run_consumers(Plan& plan, const DecodeParams& p,
     cta_row_sum<Sync>(&plan.exchange.row_sum[0][0], c.wg, 2, T::kBlockM, c.rows, c.t(), sm.row_sum, total);
     SEESAW_TRACE(c, kEvEpiRowSum);
     const float row_max[2] = {plan.row_max[c.rows[0]], plan.row_max[c.rows[1]]};
-    store_output<Elem>(c, m_block, o, row_max, total);
+    store_output<Elem, kSplitBulk && !kFp8>(c, m_block, o, row_max, total);
     SEESAW_TRACE(c, kEvEpilogue);
     if constexpr (kQByTma) c.q_phase ^= 1;  // every q_ready barrier completed once this segment
   }
