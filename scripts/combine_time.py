@@ -16,10 +16,8 @@ import torch
 from kvpager import kernels
 from kvpager.benchmarks import kernel as bench
 
-CASES = [bench.Case(64, 1, 128, 1024, False), bench.Case(32, 1, 128, 2048, True),
-         bench.Case(64, 1, 128, 4096, False), bench.Case(8, 1, 128, 4096, False),
-         bench.Case(1, 1, 128, 4096, False), bench.Case(8, 1, 16, 2048, False),
-         bench.Case(2, 1, 16, 32768, False), bench.Case(128, 1, 128, 8192, False)]
+# The benchmark's mid and small batches, b 8 h_q 128 (8 splits) and one long case.
+CASES = bench.MID + [bench.Case(8, 1, 128, 4096, False)] + bench.SMALL + [bench.Case(128, 1, 128, 8192, False)]
 
 
 def main() -> None:

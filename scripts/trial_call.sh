@@ -52,6 +52,16 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | te
 (cd /tmp && python3 -c "import kvpager.kernels") 2>/dev/null || KVPAGER_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/editable.log 2>&1 || { tail -5 /tmp/editable.log; exit 1; }
 export VARIANTS=${VARIANTS:-"base=;sync=-DKVPAGER_SYNC_HANDOFFS;tbase=-DKVPAGER_TRACE"}
 t() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
+# For each built variant of TAGS ($1): swap it in, name it in the log, run the rest of the line.
+for_tags() {
+  local tags=$1; shift
+  for tag in $tags; do
+    [[ -f /tmp/variants/$tag.so ]] || continue
+    bash scripts/use_variant.sh $tag
+    echo "-- $tag" | tee -a "$LOG"
+    "$@" 2>&1 | grep -v Warning | tee -a "$LOG"
+  done
+}
 T0=$SECONDS
 for stage in "$@"; do
   if ((SECONDS - T0 > ${DEADLINE:-470})); then t "skipped $stage: past the deadline"; continue; fi
@@ -91,13 +101,7 @@ for stage in "$@"; do
       echo "-- KVPAGER_COMBINE_GRID=$grid" | tee -a "$LOG"
       KVPAGER_COMBINE_GRID=$grid timeout 120 python3 scripts/latency_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
-  coldcode) t coldcode
-    for tag in ${COLD_TAGS:-base}; do
-      [[ -f /tmp/variants/$tag.so ]] || continue
-      bash scripts/use_variant.sh $tag
-      echo "-- $tag" | tee -a "$LOG"
-      timeout 150 python3 scripts/cold_code_probe.py 2>&1 | grep -v Warning | tee -a "$LOG"
-    done ;;
+  coldcode) t coldcode; for_tags "${COLD_TAGS:-base}" timeout 150 python3 scripts/cold_code_probe.py ;;
   clock) t clock; bash scripts/use_variant.sh base
     timeout 120 python3 scripts/clock_probe.py 2>&1 | grep -v Warning | tee -a "$LOG" ;;
   ncu) t ncu; bash scripts/use_variant.sh base
@@ -113,13 +117,7 @@ for stage in "$@"; do
     KERNEL_FILTER=seesaw TOOLS=racecheck timeout 150 bash scripts/sanitize.sh 2>&1 | grep -E "RACECHECK SUMMARY|sanitize|error|FAIL|==" | tail -8 | tee -a "$LOG" ;;
   benchissue) t benchissue; bash scripts/use_variant.sh base
     timeout 240 python3 -m kvpager.cli bench kernel --set issue --plain --out "$OUT/bench-issue.json" 2>&1 | grep -v Warning | tee -a "$LOG" ;;
-  fp8trace) t fp8trace
-    for tag in ${TRACE_TAGS:-tbase}; do
-      [[ -f /tmp/variants/$tag.so ]] || continue
-      bash scripts/use_variant.sh $tag
-      echo "-- $tag" | tee -a "$LOG"
-      timeout 100 python3 scripts/fp8_trace.py 2>&1 | grep -v Warning | tee -a "$LOG"
-    done ;;
+  fp8trace) t fp8trace; for_tags "${TRACE_TAGS:-tbase}" timeout 100 python3 scripts/fp8_trace.py ;;
   fp8seesawsan) t fp8seesawsan  # the FP8 seesaw (64-row blocks on an FP8 cache): memcheck on base, racecheck on sync
     for run in "${SAN_MEMCHECK_TAG:-base} memcheck" "${SAN_RACECHECK_TAG:-sync} racecheck"; do set -- $run
       bash scripts/use_variant.sh $1
@@ -133,12 +131,8 @@ for stage in "$@"; do
     CASES_ARGS=--fp8 KERNEL_FILTER=${SAN_FILTER:-fp8_ws} TOOLS=${SAN_TOOLS:-"memcheck racecheck"} \
       timeout 200 bash scripts/sanitize.sh 2>&1 | grep -E "ERROR SUMMARY|sanitize|error|FAIL" | tail -12 | tee -a "$LOG" ;;
   seesawtrace) t seesawtrace
-    for tag in ${SEESAWTRACE_TAGS:-tbase}; do
-      [[ -f /tmp/variants/$tag.so ]] || continue
-      bash scripts/use_variant.sh $tag
-      echo "-- $tag" | tee -a "$LOG"
-      timeout 120 python3 scripts/seesaw_trace.py ${SEESAWTRACE_CASES:---case 64,1,128,1024 --case 128,2,128,8192 --case 1,1,128,4096} 2>&1 | grep -v Warning | tee -a "$LOG"
-    done ;;
+    for_tags "${SEESAWTRACE_TAGS:-tbase}" timeout 120 python3 scripts/seesaw_trace.py \
+      ${SEESAWTRACE_CASES:---case 64,1,128,1024 --case 128,2,128,8192 --case 1,1,128,4096} ;;
   tests:*) tag=${stage#tests:}; t "tests on $tag"; bash scripts/use_variant.sh $tag
     timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15 | tee -a "$LOG" ;;
   esac
